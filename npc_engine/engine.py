@@ -1,0 +1,352 @@
+"""The batched generation engine: admission, chunked prefill with a persona prefix cache, and the
+speculative step shared by every active request (plain decoding is the K = 0 case).
+
+One `step()` advances all active requests together: the drafter proposes up to K tokens per row,
+the target verifies K+1 positions of every row in one forward, and each row keeps its own accepted
+length. Rows live in fixed KV-cache slots; rolling back a rejected draft is just a shorter length.
+"""
+import json
+import random
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from npc_engine.loading import load_model, parse_dtype
+from npc_engine.model import KVCache, Transformer
+from npc_engine.sampling import SamplingParams, params_tensors, probs_from_logits
+from npc_engine.speculative import K_MAX, ModelDrafter, NgramDrafter, NoDrafter, choose_k, kv_bucket, verify
+from npc_engine.tokenizer import Tokenizer
+
+PREFILL_CHUNK = 16
+PROBE_AFTER = 32  # steps with speculation off before a request tries K = 1 again
+
+
+@dataclass
+class RequestStats:
+    drafted: int = 0
+    accepted: int = 0
+    target_forwards: int = 0
+    prefill_tokens: int = 0
+    cached_prefix_tokens: int = 0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens emitted per target verify forward."""
+        return 0.0 if not self.target_forwards else (self.accepted + self.target_forwards) / self.target_forwards
+
+
+@dataclass
+class StepEvent:
+    rid: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    stats: RequestStats | None = None
+
+
+@dataclass
+class Request:
+    rid: str
+    prompt: list[int]
+    params: SamplingParams
+    prefix_len: int
+    generator: torch.Generator
+    ids: list[int] = field(default_factory=list)
+    slot: int = -1
+    generated: int = 0
+    k: int = 0
+    accept_hits: float = 0.0
+    accept_trials: float = 0.0
+    off_steps: int = 0
+    cancelled: bool = False
+    stats: RequestStats = field(default_factory=RequestStats)
+
+    @property
+    def alpha(self) -> float:
+        return self.accept_hits / self.accept_trials if self.accept_trials else 0.0
+
+
+class PrefixCache:
+    """KV of stable prompt prefixes (persona blocks), LRU-evicted under a byte cap; copied into a slot on use."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple[int, ...]):
+        kv = self.entries.get(key)
+        if kv is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self.entries.move_to_end(key)
+        return kv
+
+    def put(self, key: tuple[int, ...], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        size = sum(2 * k.numel() * k.element_size() for k, _ in kv)
+        if size > self.max_bytes or key in self.entries:
+            return
+        while self.bytes + size > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= sum(2 * k.numel() * k.element_size() for k, _ in old)
+        self.entries[key] = kv
+        self.bytes += size
+
+
+class Engine:
+    def __init__(self, target: Transformer, drafter, tokenizer: Tokenizer, device="cpu", max_batch: int = 16,
+                 max_seq: int = 1024, fixed_k: int | None = None, prefix_cache_mb: float = 256):
+        self.target, self.drafter, self.tokenizer = target, drafter, tokenizer
+        self.device = torch.device(device)
+        self.dtype = next(target.parameters()).dtype
+        self.max_batch, self.max_seq, self.fixed_k = max_batch, max_seq, fixed_k
+        self.cache = KVCache(target.args, max_batch, max_seq, self.device, self.dtype)
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20))
+        self.stop_ids = set(tokenizer.stop_ids)
+        self.free_slots = list(range(max_batch - 1, -1, -1))
+        self.waiting: deque[Request] = deque()
+        self.waiting_ids: set[str] = set()
+        self.active: dict[str, Request] = {}
+        self.pending_events: list[StepEvent] = []
+        self.seed_source = random.Random()
+        self.draft_cost, self.verify_cost_per_token = self.measure_costs() if drafter.name != "none" else (1.0, 0.0)
+
+    @classmethod
+    def load(cls, model_dir: str | Path, draft: str = "auto", device: str = "cpu", dtype=None, **kwargs) -> "Engine":
+        """draft: "none", "ngram", a model folder, or "auto" (the folder named by npc_engine.json's
+        "draft" key in the model folder, else n-gram lookup)."""
+        model_dir = Path(model_dir)
+        dtype = parse_dtype(dtype, device)
+        target = load_model(model_dir, device, dtype)
+        tokenizer = Tokenizer.from_dir(model_dir)
+        if draft == "auto":
+            hint = model_dir / "npc_engine.json"
+            draft = str(model_dir / json.loads(hint.read_text())["draft"]) if hint.is_file() else "ngram"
+        max_batch, max_seq = kwargs.get("max_batch", 16), kwargs.get("max_seq", 1024)
+        if draft == "none":
+            drafter = NoDrafter()
+        elif draft == "ngram":
+            drafter = NgramDrafter(target.args.vocab_size, device)
+        else:
+            draft_model = load_model(draft, device, dtype)
+            if draft_model.args.vocab_size != target.args.vocab_size:
+                raise ValueError(f"draft model {draft} has vocabulary size {draft_model.args.vocab_size}, the target "
+                                 f"{model_dir} has {target.args.vocab_size}: they must share one tokenizer")
+            drafter = ModelDrafter(draft_model, max_batch, max_seq, device, dtype)
+        return cls(target, drafter, tokenizer, device, **kwargs)
+
+    # ---- public API -------------------------------------------------------------------------
+    def submit(self, rid: str, prompt_ids: list[int], params: SamplingParams, prefix_len: int = 0) -> None:
+        if rid in self.active or rid in self.waiting_ids:
+            raise ValueError(f"request id {rid!r} is already in use")
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        if len(prompt_ids) > self.max_prompt_len():
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens; this engine takes at most {self.max_prompt_len()}")
+        bad = [t for t in prompt_ids if not 0 <= t < self.target.args.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} outside the vocabulary (size {self.target.args.vocab_size})")
+        seed = params.seed if params.seed is not None else self.seed_source.getrandbits(63)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        prefix_len = prefix_len if 0 < prefix_len < len(prompt_ids) else 0
+        self.waiting.append(Request(rid, list(prompt_ids), params, prefix_len, generator, ids=list(prompt_ids)))
+        self.waiting_ids.add(rid)
+
+    def cancel(self, rid: str) -> bool:
+        for r in self.waiting:
+            if r.rid == rid:
+                self.waiting.remove(r)
+                self.waiting_ids.discard(rid)
+                self.pending_events.append(StepEvent(rid, [], True, "cancelled", r.stats))
+                return True
+        if rid in self.active:
+            self.active[rid].cancelled = True
+            return True
+        return False
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.active or self.pending_events)
+
+    def capacity_left(self) -> int:
+        return len(self.free_slots) - len(self.waiting)
+
+    def max_prompt_len(self) -> int:
+        return self.max_seq - K_MAX - PREFILL_CHUNK - 2
+
+    @torch.no_grad()
+    def step(self) -> list[StepEvent]:
+        events, self.pending_events = self.pending_events, []
+        for r in [r for r in self.active.values() if r.cancelled]:
+            events.append(self.finish(r, [], "cancelled"))
+        admitted = []
+        while self.waiting and self.free_slots:
+            r = self.waiting.popleft()
+            self.waiting_ids.discard(r.rid)
+            r.slot = self.free_slots.pop()
+            r.k = self.fixed_k if self.fixed_k is not None else choose_k(self.drafter.prior_alpha, self.draft_cost, self.verify_cost_per_token)
+            r.accept_hits, r.accept_trials = 2 * self.drafter.prior_alpha, 2.0
+            self.active[r.rid] = r
+            admitted.append(r)
+        if admitted:
+            self.prefill(admitted)
+        if self.active:
+            events += self.speculative_step(list(self.active.values()))
+        return events
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, rid: str = "generate"):
+        """Yields token ids of one request as they are produced (for the CLI and benchmarks)."""
+        self.submit(rid, prompt_ids, params)
+        while True:
+            for ev in self.step():
+                if ev.rid == rid:
+                    yield from ev.token_ids
+                    if ev.finished:
+                        self.last_stats = ev.stats
+                        return
+
+    # ---- internals --------------------------------------------------------------------------
+    def prefill(self, reqs: list[Request]) -> None:
+        """Feeds every prompt token but the last (the first speculative step feeds that one), in
+        chunks, batched across requests; a cached persona prefix is copied instead of computed."""
+        starts = {}
+        for r in reqs:
+            starts[r.rid] = 0
+            if r.prefix_len:
+                kv = self.prefix_cache.get(tuple(r.prompt[:r.prefix_len]))
+                if kv is not None:
+                    self.copy_prefix_in(r, kv)
+                    starts[r.rid] = r.prefix_len
+                    r.stats.cached_prefix_tokens = r.prefix_len
+        # Requests missing their prefix compute it first, so it can be stored before the rest is fed.
+        self.prefill_ranges([(r, starts[r.rid], r.prefix_len) for r in reqs if starts[r.rid] < r.prefix_len])
+        for r in reqs:
+            if starts[r.rid] < r.prefix_len:
+                self.prefix_cache.put(tuple(r.prompt[:r.prefix_len]), self.copy_prefix_out(r))
+        self.prefill_ranges([(r, max(starts[r.rid], r.prefix_len), len(r.prompt) - 1) for r in reqs])
+
+    def prefill_ranges(self, ranges: list[tuple[Request, int, int]]) -> None:
+        ranges = [(r, a, b) for r, a, b in ranges if b > a]
+        longest = max((b - a for _, a, b in ranges), default=0)
+        for offset in range(0, longest, PREFILL_CHUNK):
+            rows = [(r, a + offset, min(b, a + offset + PREFILL_CHUNK)) for r, a, b in ranges if a + offset < b]
+            width = max(b - a for _, a, b in rows)
+            # Short rows are padded with positions past their own end: those cache entries are
+            # overwritten before any query can see them.
+            tokens = [r.prompt[a:b] + [0] * (width - (b - a)) for r, a, b in rows]
+            positions = [list(range(a, a + width)) for _, a, _ in rows]
+            tokens_t = torch.tensor(tokens, device=self.device)
+            pos_t = torch.tensor(positions, device=self.device)
+            slots = torch.tensor([r.slot for r, _, _ in rows], device=self.device)
+            kv_len = kv_bucket(max(p[-1] for p in positions) + 1, self.max_seq)
+            self.target(tokens_t, pos_t, self.cache, slots, kv_len)
+            self.drafter.prefill(tokens_t, pos_t, slots, kv_len)
+            for r, a, b in rows:
+                r.stats.prefill_tokens += b - a
+
+    def caches(self) -> list[KVCache]:
+        return [self.cache] + ([self.drafter.cache] if self.drafter.cache is not None else [])
+
+    def copy_prefix_out(self, r: Request):
+        return [(c.k[:, r.slot, :, :r.prefix_len].clone(), c.v[:, r.slot, :, :r.prefix_len].clone()) for c in self.caches()]
+
+    def copy_prefix_in(self, r: Request, kv) -> None:
+        for c, (k, v) in zip(self.caches(), kv):
+            c.k[:, r.slot, :, :r.prefix_len] = k
+            c.v[:, r.slot, :, :r.prefix_len] = v
+
+    def speculative_step(self, reqs: list[Request]) -> list[StepEvent]:
+        B, dev = len(reqs), self.device
+        seqs = [r.ids for r in reqs]
+        slots = torch.tensor([r.slot for r in reqs], device=dev)
+        sampling = params_tensors([r.params for r in reqs], dev)
+        k_asked = max(r.k for r in reqs)
+        u = torch.stack([torch.rand(2 * k_asked + 1, generator=r.generator, device=dev) for r in reqs])
+        if k_asked > 0:
+            drafts, q, lens = self.drafter.propose(seqs, slots, k_asked, sampling, u[:, :k_asked])
+            lens = torch.minimum(lens.to(dev), torch.tensor([r.k for r in reqs], device=dev))
+            drafts, q = drafts.to(dev), q.to(dev)
+        else:
+            drafts, q, lens = torch.zeros(B, 0, dtype=torch.long, device=dev), torch.zeros(B, 0, 1, device=dev), torch.zeros(B, dtype=torch.long, device=dev)
+        k = drafts.shape[1]
+        lengths = torch.tensor([len(s) for s in seqs], device=dev)
+        tokens = torch.cat([torch.tensor([s[-1] for s in seqs], device=dev)[:, None], drafts], dim=1)
+        positions = (lengths - 1)[:, None] + torch.arange(k + 1, device=dev)
+        kv_len = kv_bucket(max(map(len, seqs)) + k, self.max_seq)
+        logits = self.target(tokens, positions, self.cache, slots, kv_len)
+        p = probs_from_logits(logits, *sampling)
+        n_acc, extra = verify(p, q, drafts, lens, u[:, k_asked:k_asked + k], u[:, 2 * k_asked])
+        result = torch.cat([n_acc[:, None], extra[:, None], lens[:, None], drafts], dim=1).tolist()  # the one host sync
+        events = []
+        for r, (n, extra_tok, n_drafted, *draft_list) in zip(reqs, result):
+            r.stats.target_forwards += 1
+            r.stats.drafted += n_drafted
+            r.stats.accepted += n
+            self.adapt_k(r, n, n_drafted)
+            events.append(self.emit(r, draft_list[:n] + [extra_tok]))
+        return [e for e in events if e is not None]
+
+    def adapt_k(self, r: Request, accepted: int, drafted: int) -> None:
+        if drafted:
+            r.accept_hits = 0.9 * r.accept_hits + accepted
+            r.accept_trials = 0.9 * r.accept_trials + accepted + (accepted < drafted)
+        if self.fixed_k is not None or self.drafter.name == "none":
+            return
+        if r.k == 0:
+            r.off_steps += 1
+            if r.off_steps >= PROBE_AFTER:
+                r.k, r.off_steps = 1, 0
+            return
+        r.k = choose_k(r.alpha, self.draft_cost, self.verify_cost_per_token)
+
+    def emit(self, r: Request, new_tokens: list[int]) -> StepEvent | None:
+        out = []
+        for t in new_tokens:
+            if t in self.stop_ids:
+                return self.finish(r, out, "stop")
+            out.append(t)
+            r.ids.append(t)
+            r.generated += 1
+            if r.generated >= r.params.max_tokens or len(r.ids) >= self.max_prompt_len():
+                return self.finish(r, out, "length")
+        return StepEvent(r.rid, out, stats=r.stats)
+
+    def finish(self, r: Request, tokens: list[int], reason: str) -> StepEvent:
+        del self.active[r.rid]
+        self.free_slots.append(r.slot)
+        return StepEvent(r.rid, tokens, True, reason, r.stats)
+
+    def measure_costs(self) -> tuple[float, float]:
+        """Cost of one draft step and of each extra verified token, relative to one target decode step."""
+        t1, t9 = self.time_target(1), self.time_target(9)
+        verify_cost_per_token = max(0.0, (t9 - t1) / 8 / t1)
+        if self.drafter.name == "ngram":
+            return 0.0, verify_cost_per_token
+        slots = torch.zeros(1, dtype=torch.long, device=self.device)
+        tok = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        t_draft = self.timed(lambda: self.drafter.model(tok, tok, self.drafter.cache, slots, 64))
+        return t_draft / t1, verify_cost_per_token
+
+    def time_target(self, n: int) -> float:
+        slots = torch.zeros(1, dtype=torch.long, device=self.device)
+        tok = torch.zeros(1, n, dtype=torch.long, device=self.device)
+        pos = torch.arange(n, device=self.device)[None]
+        return self.timed(lambda: self.target(tok, pos, self.cache, slots, 64))
+
+    def timed(self, fn, repeats: int = 5) -> float:
+        with torch.no_grad():
+            fn()
+            times = []
+            for _ in range(repeats):
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]

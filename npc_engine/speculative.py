@@ -1,0 +1,135 @@
+"""Drafters, the lossless acceptance rule and the draft-length policy.
+
+A drafter proposes up to K tokens per row with their draft distributions q (one-hot for
+deterministic drafters). The target scores the last emitted token plus the K drafts in one forward,
+giving K+1 distributions p. `verify` keeps the output distribution exactly the target's:
+accept draft x with probability min(1, p(x)/q(x)); at the first rejection sample from
+norm(max(0, p - q)); when every proposed draft passes, sample a bonus token from p.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from npc_engine.model import KVCache, Transformer
+from npc_engine.sampling import probs_from_logits, sample
+
+K_MAX = 16
+
+
+def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, draft_lens: torch.Tensor,
+           u_accept: torch.Tensor, u_extra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """p [B, K+1, V] target probs; q [B, K, V] draft probs; drafts [B, K]; draft_lens [B] (drafts past a
+    row's length are not proposals); u_accept [B, K], u_extra [B] uniforms in [0, 1).
+    Returns (accepted count [B], the extra token [B]) with no host synchronisation."""
+    B, K = drafts.shape
+    proposed = torch.arange(K, device=p.device)[None, :] < draft_lens[:, None]
+    q = q * proposed[..., None]
+    p_draft = p[:, :K].gather(-1, drafts[..., None]).squeeze(-1)
+    q_draft = q.gather(-1, drafts[..., None]).squeeze(-1)
+    accepted = (u_accept * q_draft < p_draft) & proposed
+    n_accepted = accepted.long().cumprod(dim=1).sum(dim=1)
+    rows = torch.arange(B, device=p.device)
+    p_next = p[rows, n_accepted]
+    q_next = F.pad(q, (0, 0, 0, 1))[rows, n_accepted]  # zero row past the drafts: residual = p (bonus)
+    residual = (p_next - q_next).clamp_(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
+    return n_accepted, sample(residual, u_extra)
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens emitted per step when each draft is accepted independently with probability alpha."""
+    return k + 1 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+def choose_k(alpha: float, draft_cost: float, verify_cost_per_token: float, k_max: int = K_MAX) -> int:
+    """Draft length maximising tokens per unit of time, costs relative to one target decode step.
+    Returns 0 (speculation off) when no K beats plain decoding by 5%."""
+    best_k, best_rate = 0, 1.0
+    for k in range(1, k_max + 1):
+        rate = expected_tokens(alpha, k) / (1 + k * (draft_cost + verify_cost_per_token))
+        if rate > best_rate:
+            best_k, best_rate = k, rate
+    return best_k if best_rate >= 1.05 else 0
+
+
+class NoDrafter:
+    """Plain autoregressive decoding."""
+
+    name = "none"
+    cache = None
+    prior_alpha = 0.0
+
+    def prefill(self, tokens, input_pos, slots, kv_len) -> None:
+        pass
+
+    def propose(self, seqs, slots, k, sampling, u):
+        B = len(seqs)
+        return torch.zeros(B, 0, dtype=torch.long), torch.zeros(B, 0, 1), torch.zeros(B, dtype=torch.long)
+
+
+class NgramDrafter:
+    """Prompt lookup: find the latest earlier occurrence of the context's last n tokens (n = max_n..1)
+    in the request's own context (persona text + conversation) and propose what followed it."""
+
+    name = "ngram"
+    cache = None
+    prior_alpha = 0.5
+
+    def __init__(self, vocab_size: int, device, max_n: int = 3):
+        self.vocab_size, self.device, self.max_n = vocab_size, device, max_n
+
+    def prefill(self, tokens, input_pos, slots, kv_len) -> None:
+        pass
+
+    def lookup(self, seq: list[int], k: int) -> list[int]:
+        for n in range(min(self.max_n, len(seq) - 1), 0, -1):
+            tail = seq[-n:]
+            for start in range(len(seq) - n - 1, -1, -1):
+                if seq[start:start + n] == tail:
+                    return seq[start + n:start + n + k]
+        return []
+
+    def propose(self, seqs, slots, k, sampling, u):
+        found = [self.lookup(s, k) for s in seqs]
+        width = max(map(len, found))
+        drafts = torch.tensor([f + [0] * (width - len(f)) for f in found], dtype=torch.long, device=self.device)
+        lens = torch.tensor([len(f) for f in found], dtype=torch.long, device=self.device)
+        return drafts, F.one_hot(drafts, self.vocab_size).float(), lens
+
+
+class ModelDrafter:
+    """A small Llama-family model sharing the target's tokenizer, with its own KV cache slots."""
+
+    name = "model"
+    prior_alpha = 0.7
+
+    def __init__(self, model: Transformer, n_slots: int, max_seq: int, device, dtype):
+        self.model = model
+        self.cache = KVCache(model.args, n_slots, max_seq, device, dtype)
+        self.device = device
+
+    def prefill(self, tokens, input_pos, slots, kv_len) -> None:
+        self.model(tokens, input_pos, self.cache, slots, kv_len)
+
+    def propose(self, seqs, slots, k, sampling, u):
+        """Feeds the last two tokens first: after a step the draft cache may lack one or both of them,
+        and rewriting a cached token at its own position is harmless."""
+        lengths = torch.tensor([len(s) for s in seqs], device=self.device)
+        tokens = torch.tensor([[s[-2] if len(s) > 1 else s[-1], s[-1]] for s in seqs], device=self.device)
+        pos = torch.stack([(lengths - 2).clamp(min=0), lengths - 1], dim=1)
+        kv_len = kv_bucket(max(map(len, seqs)) + k, self.cache.max_seq)
+        drafts, qs = [], []
+        for i in range(k):
+            logits = self.model(tokens, pos, self.cache, slots, kv_len)[:, -1:]
+            q = probs_from_logits(logits, *sampling)[:, 0]
+            d = sample(q, u[:, i])
+            drafts.append(d)
+            qs.append(q)
+            tokens, pos = d[:, None], pos[:, -1:] + 1
+        return torch.stack(drafts, 1), torch.stack(qs, 1), torch.full((len(seqs),), k, device=self.device)
+
+
+def kv_bucket(needed: int, max_seq: int, step: int = 64) -> int:
+    """Keys attended per forward, rounded up so shapes repeat (and later CUDA graphs can be reused)."""
+    return min(max_seq, math.ceil(needed / step) * step)

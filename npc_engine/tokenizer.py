@@ -1,0 +1,71 @@
+"""tokenizer.json loading (encoding exactly as `transformers` does) and UTF-8-safe streaming decode."""
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from npc_engine.loading import CheckpointError
+from npc_engine.prompt import EOT
+
+
+class Tokenizer:
+    def __init__(self, tok: HFTokenizer, stop_ids: list[int], bos_id: int | None):
+        self.tok = tok
+        self.stop_ids = stop_ids
+        self.bos_id = bos_id
+        self.eot_id = tok.token_to_id(EOT)
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Tokenizer":
+        path = Path(path)
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (the engine needs the checkpoint's tokenizer.json)")
+        try:
+            tok = HFTokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise CheckpointError(f"{file}: cannot be read: {e}") from None
+        stop, bos = set(), None
+        for name in ("config.json", "generation_config.json"):
+            if (path / name).is_file():
+                cfg = json.loads((path / name).read_text())
+                eos = cfg.get("eos_token_id")
+                stop.update([eos] if isinstance(eos, int) else (eos or []))
+                bos = cfg.get("bos_token_id", bos)
+        if tok.token_to_id(EOT) is not None:
+            stop.add(tok.token_to_id(EOT))
+        return cls(tok, sorted(stop), bos)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The checkpoint's own post-processor decides BOS and other special tokens."""
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+class IncrementalDecoder:
+    """Turns a token stream into text pieces; holds back bytes until they form whole characters.
+
+    Decoding the tail window [prefix, end) and diffing it against [prefix, read) keeps tokenizers that
+    add or strip spaces at word starts correct, at the cost of decoding a few tokens per step.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        new_text = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return new_text[len(prefix_text):]
+        return ""
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids)

@@ -1,0 +1,82 @@
+"""Every way a model folder can be wrong gets its own clear error."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from npc_engine.loading import CheckpointError, load_model, save_model
+from npc_engine.tokenizer import Tokenizer
+
+
+@pytest.fixture
+def model_copy(tiny_model_dir, tmp_path):
+    dest = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, dest)
+    return dest
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="model folder not found"):
+        load_model(tmp_path / "nope")
+
+
+def test_missing_config(model_copy):
+    (model_copy / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json: missing"):
+        load_model(model_copy)
+
+
+def test_missing_weights(model_copy):
+    (model_copy / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no \\*.safetensors weights"):
+        load_model(model_copy)
+
+
+def test_missing_tokenizer(model_copy):
+    (model_copy / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="tokenizer.json: missing"):
+        Tokenizer.from_dir(model_copy)
+
+
+def test_unsupported_architecture(model_copy):
+    cfg = json.loads((model_copy / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (model_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="unsupported architecture 'GPT2LMHeadModel'"):
+        load_model(model_copy)
+
+
+def test_shape_mismatch_names_the_tensor(model_copy):
+    weights = load_file(model_copy / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"] = torch.zeros(7, 64)
+    save_file(weights, model_copy / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"'model.layers.1.mlp.up_proj.weight' has shape \(7, 64\)"):
+        load_model(model_copy)
+
+
+def test_unsupported_dtype_names_the_tensor(model_copy):
+    weights = load_file(model_copy / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"].to(torch.int8)
+    save_file(weights, model_copy / "model.safetensors")
+    with pytest.raises(CheckpointError, match="'model.norm.weight' has dtype torch.int8, not supported"):
+        load_model(model_copy)
+
+
+def test_missing_tensor(model_copy):
+    weights = load_file(model_copy / "model.safetensors")
+    del weights["model.layers.0.self_attn.k_proj.weight"]
+    save_file(weights, model_copy / "model.safetensors")
+    with pytest.raises(CheckpointError, match="missing tensors: model.layers.0.self_attn.k_proj.weight"):
+        load_model(model_copy)
+
+
+def test_save_shards_and_reload(tiny_model_dir, tmp_path):
+    model = load_model(tiny_model_dir)
+    save_model(model, tmp_path / "sharded", dtype=torch.float32, max_shard_mb=0.05)
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    reloaded = load_model(tmp_path / "sharded")
+    tokens = torch.arange(10)[None]
+    assert torch.equal(model(tokens), reloaded(tokens))

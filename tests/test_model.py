@@ -1,0 +1,61 @@
+"""Our model against `transformers` on the same random checkpoints (float32)."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from npc_engine.engine import Engine
+from npc_engine.loading import load_model
+from npc_engine.model import KVCache
+from npc_engine.sampling import SamplingParams
+from npc_engine.speculative import NoDrafter
+from npc_engine.tokenizer import Tokenizer
+
+VARIANTS = ["llama_gqa", "llama3_rope", "qwen2_bias", "llama_tied"]
+
+
+def hf_model(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_prefill_and_decode_logits_match_transformers(make_checkpoint, variant):
+    path = make_checkpoint(variant)
+    ours, ref = load_model(path), hf_model(path)
+    tokens = torch.randint(0, ours.args.vocab_size, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ref(tokens).logits
+        assert (ours(tokens) - expected).abs().max() <= 1e-4
+        cache = KVCache(ours.args, 4, 128, "cpu", torch.float32)
+        slots = torch.tensor([3, 1])
+        prompt = 20
+        logits = [ours(tokens[:, :prompt], torch.arange(prompt).expand(2, -1), cache, slots, 64)]
+        for t in range(prompt, 30):  # one decode step at a time against the cache
+            logits.append(ours(tokens[:, t:t + 1], torch.full((2, 1), t), cache, slots, 64))
+        assert (torch.cat(logits, 1) - expected).abs().max() <= 1e-4
+
+
+def test_chunked_prefill_equals_one_shot(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    tokens = torch.randint(0, model.args.vocab_size, (1, 45), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        one_shot_cache = KVCache(model.args, 1, 128, "cpu", torch.float32)
+        one_shot = model(tokens, torch.arange(45)[None], one_shot_cache, torch.tensor([0]), 128)
+        chunked_cache = KVCache(model.args, 1, 128, "cpu", torch.float32)
+        chunks = [model(tokens[:, a:a + 16], torch.arange(a, min(a + 16, 45))[None], chunked_cache, torch.tensor([0]), 128)
+                  for a in range(0, 45, 16)]
+    assert (torch.cat(chunks, 1) - one_shot).abs().max() <= 1e-5
+    assert (chunked_cache.k[:, :, :, :45] - one_shot_cache.k[:, :, :, :45]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_32_tokens_identical_to_transformers_generate(make_checkpoint, variant):
+    path = make_checkpoint(variant)
+    engine = Engine(load_model(path), NoDrafter(), Tokenizer.from_dir(path))
+    prompt = engine.tokenizer.encode("<|persona|>I forge swords.<|eot|><|player|>What do you do?<|eot|><|npc|>")
+    ours = list(engine.generate(prompt, SamplingParams(temperature=0, max_tokens=32)))
+    if engine.last_stats and len(ours) < 32:
+        ours.append(engine.tokenizer.eot_id)  # the engine stopped on end-of-turn, which it does not emit
+    with torch.no_grad():
+        out = hf_model(path).generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                                      eos_token_id=engine.tokenizer.stop_ids, pad_token_id=0)
+    assert ours == out[0, len(prompt):].tolist()

@@ -1,0 +1,210 @@
+"""The speculative core: greedy identity, the exact target distribution under sampling, rollback."""
+import math
+
+import pytest
+import torch
+
+from npc_engine.engine import Engine
+from npc_engine.loading import load_model
+from npc_engine.model import KVCache, ModelArgs, Transformer
+from npc_engine.sampling import SamplingParams, sample
+from npc_engine.speculative import ModelDrafter, NgramDrafter, NoDrafter, choose_k, verify
+from npc_engine.tokenizer import Tokenizer
+
+PROMPTS = [
+    "<|persona|>I forge swords for the town guard.<|eot|><|player|>What do you do?<|eot|><|npc|>",
+    "<|player|>Hi<|eot|><|npc|>",
+    "The tavern is warm tonight, traveller. The tavern is warm tonight,",
+    "<|persona|>I sing songs of old heroes and dragons. I sing songs.<|eot|><|player|>Sing!<|eot|><|npc|>I sing",
+    "What",
+    "The captain keeps the gate; the merchant sells spices from the south. The captain keeps",
+    "Grüße aus der Schmiede — ça va?",
+    "<|npc|>",
+]
+
+
+def make_engine(target_dir, drafter_kind, draft_dir=None, **kwargs):
+    target = load_model(target_dir)
+    if drafter_kind == "model":
+        drafter = ModelDrafter(load_model(draft_dir), 8, 1024, "cpu", torch.float32)
+    elif drafter_kind == "ngram":
+        drafter = NgramDrafter(target.args.vocab_size, "cpu")
+    else:
+        drafter = NoDrafter()
+    return Engine(target, drafter, Tokenizer.from_dir(target_dir), max_batch=8, **kwargs)
+
+
+def run_batch(engine, prompts, params):
+    outputs = {}
+    for i, text in enumerate(prompts):
+        engine.submit(f"r{i}", engine.tokenizer.encode(text), params)
+        outputs[f"r{i}"] = []
+    while engine.has_work():
+        for ev in engine.step():
+            outputs[ev.rid] += ev.token_ids
+    return [outputs[f"r{i}"] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("drafter_kind,k", [("model", 4), ("model", None), ("ngram", 8), ("ngram", None)])
+def test_greedy_speculative_is_token_identical_across_batch_sizes(tiny_pair_dirs, drafter_kind, k):
+    target_dir, draft_dir = tiny_pair_dirs
+    params = SamplingParams(temperature=0, max_tokens=24)
+    plain = run_batch(make_engine(target_dir, "none"), PROMPTS, params)
+    for batch in (1, 3, 8):
+        engine = make_engine(target_dir, drafter_kind, draft_dir, fixed_k=k)
+        got = []
+        for start in range(0, len(PROMPTS), batch):
+            got += run_batch(engine, PROMPTS[start:start + batch], params)
+        assert got == plain, f"batch {batch}"
+
+
+def test_good_draft_is_accepted_and_bad_draft_still_exact(tiny_pair_dirs):
+    target_dir, draft_dir = tiny_pair_dirs
+    params = SamplingParams(temperature=0, max_tokens=20)
+    self_draft = make_engine(target_dir, "model", target_dir, fixed_k=4)  # the target drafting for itself
+    list(self_draft.generate(self_draft.tokenizer.encode(PROMPTS[0]), params))
+    assert self_draft.last_stats.accepted == self_draft.last_stats.drafted > 0
+    bad = make_engine(target_dir, "model", draft_dir, fixed_k=4)
+    list(bad.generate(bad.tokenizer.encode(PROMPTS[0]), params))
+    assert bad.last_stats.accepted < bad.last_stats.drafted
+
+
+def test_rollback_leaves_caches_as_if_only_accepted_tokens_were_fed(tiny_pair_dirs):
+    target_dir, draft_dir = tiny_pair_dirs
+    engine = make_engine(target_dir, "model", draft_dir, fixed_k=6)
+    prompt = engine.tokenizer.encode(PROMPTS[0])
+    engine.submit("a", prompt, SamplingParams(temperature=1.0, seed=3, max_tokens=200))
+    for _ in range(6):
+        engine.step()
+    req = engine.active["a"]
+    assert req.stats.accepted < req.stats.drafted  # some drafts were rolled back
+    fresh = make_engine(target_dir, "model", draft_dir)
+    fresh_slot = fresh.free_slots[-1]
+    fresh.submit("b", req.ids, SamplingParams(max_tokens=1))
+    fresh.step()  # prefills every token but the last: the state the rollback invariant promises
+    n = len(req.ids)
+    # The target holds every token but the last; the draft every token but the last two (it
+    # re-feeds those two at the start of its next proposal).
+    for ours, ref, valid in ((engine.cache, fresh.cache, n - 1), (engine.drafter.cache, fresh.drafter.cache, n - 2)):
+        assert torch.allclose(ours.k[:, req.slot, :, :valid], ref.k[:, fresh_slot, :, :valid], atol=1e-5)
+        assert torch.allclose(ours.v[:, req.slot, :, :valid], ref.v[:, fresh_slot, :, :valid], atol=1e-5)
+
+
+def conditionals(model: Transformer, prompt: list[int], depth: int) -> list[torch.Tensor]:
+    """Exact next-token distributions after every continuation of length 0..depth-1:
+    result[d] has shape [V]*d + [V]."""
+    V = model.args.vocab_size
+    tables = []
+    with torch.no_grad():
+        for d in range(depth):
+            conts = torch.cartesian_prod(*[torch.arange(V)] * d).reshape(-1, d) if d else torch.zeros(1, 0, dtype=torch.long)
+            tokens = torch.cat([torch.tensor(prompt).expand(len(conts), -1), conts], 1)
+            tables.append(torch.softmax(model(tokens)[:, -1].float(), -1).reshape([V] * d + [V]))
+    return tables
+
+
+def simulate_two_tokens(P, Q, n: int, verify_fn, gen) -> torch.Tensor:
+    """Speculative sampling of the first two tokens for n independent requests, vectorised: K = 2
+    drafts from the draft's exact conditionals Q, verified against the target's P with `verify_fn`;
+    rows that emit a single token take a second step (K = 1)."""
+    V = P[0].shape[-1]
+    rows = torch.arange(n)
+    u = lambda *shape: torch.rand(*shape, generator=gen)
+    d1 = sample(Q[0].expand(n, V), u(n))
+    d2 = sample(Q[1][d1], u(n))
+    p = torch.stack([P[0].expand(n, V), P[1][d1], P[2][d1, d2]], 1)
+    q = torch.stack([Q[0].expand(n, V), Q[1][d1]], 1)
+    n_acc, extra = verify_fn(p, q, torch.stack([d1, d2], 1), torch.full((n,), 2), u(n, 2), u(n))
+    first = torch.where(n_acc > 0, d1, extra)
+    second = torch.where(n_acc > 1, d2, extra)
+    again = n_acc == 0  # only one token so far: one more step from the context (first,)
+    e1 = sample(Q[1][first], u(n))
+    p2 = torch.stack([P[1][first], P[2][first, e1]], 1)
+    n2, extra2 = verify_fn(p2, Q[1][first][:, None], e1[:, None], torch.ones(n, dtype=torch.long), u(n, 1), u(n))
+    second = torch.where(again, torch.where(n2 > 0, e1, extra2), second)
+    return torch.zeros(V * V).index_add_(0, first * V + second, torch.ones(n)).reshape(V, V)
+
+
+def chi_square_p_value(observed: torch.Tensor, expected_probs: torch.Tensor) -> tuple[float, int]:
+    """Pearson chi-square with cells of expected count < 5 pooled; p-value by the Wilson-Hilferty approximation."""
+    n = observed.sum()
+    expected, observed = expected_probs.flatten().double() * n, observed.flatten().double()
+    small = expected < 5
+    obs = torch.cat([observed[~small], observed[small].sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = exp > 0
+    stat = (((obs - exp) ** 2)[keep] / exp[keep]).sum().item()
+    df = int(keep.sum()) - 1
+    z = ((stat / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))
+    return 0.5 * math.erfc(z / math.sqrt(2)), df
+
+
+def tiny_vocab_pair():
+    torch.manual_seed(0)
+    args = dict(vocab_size=10, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, intermediate_size=32)
+    target, draft = Transformer(ModelArgs(**args)).eval(), Transformer(ModelArgs(**args)).eval()
+    with torch.no_grad():  # sharpen both so p and q differ a lot: residual sampling matters
+        target.lm_head.weight.mul_(6)
+        draft.lm_head.weight.mul_(6)
+    return target, draft
+
+
+def verify_sampling_p_on_rejection(p, q, drafts, draft_lens, u_accept, u_extra):
+    """A one-line bug: on rejection, sample from p instead of norm(max(0, p - q))."""
+    n_accepted, _ = verify(p, q, drafts, draft_lens, u_accept, u_extra)
+    return n_accepted, sample(p[torch.arange(len(n_accepted)), n_accepted], u_extra)
+
+
+def verify_without_residual_clamp(p, q, drafts, draft_lens, u_accept, u_extra):
+    """Another one-line bug: residual p - q without max(0, .), renormalised (negative mass leaks in)."""
+    n_accepted, _ = verify(p, q, drafts, draft_lens, u_accept, u_extra)
+    rows = torch.arange(len(n_accepted))
+    q_next = torch.nn.functional.pad(q * (torch.arange(q.shape[1])[None] < draft_lens[:, None])[..., None], (0, 0, 0, 1))
+    residual = (p[rows, n_accepted] - q_next[rows, n_accepted]).abs()
+    return n_accepted, sample(residual, u_extra)
+
+
+def test_speculative_sampling_keeps_the_target_distribution():
+    """10^5 requests: the joint distribution of the first two tokens under speculative sampling
+    (draft model conditionals, K = 2, temperature 1) passes a chi-square test against the target's
+    exact distribution at p > 1e-3; the same test rejects two one-line mutants of the rule at p < 1e-6."""
+    target, draft = tiny_vocab_pair()
+    P, Q = conditionals(target, [1, 2, 3], 3), conditionals(draft, [1, 2, 3], 2)
+    exact = P[0][:, None] * P[1]
+    gen = torch.Generator().manual_seed(0)
+    p_value, df = chi_square_p_value(simulate_two_tokens(P, Q, 100_000, verify, gen), exact)
+    assert p_value > 1e-3, f"chi-square p = {p_value:.2e} (df {df})"
+    for mutant in (verify_sampling_p_on_rejection, verify_without_residual_clamp):
+        p_mutant, _ = chi_square_p_value(simulate_two_tokens(P, Q, 100_000, mutant, gen), exact)
+        assert p_mutant < 1e-6, f"{mutant.__name__} not caught: p = {p_mutant:.2e}"
+
+
+def test_engine_sampling_matches_the_target_distribution():
+    """End to end through the engine (draft model, KV caches, rollback, per-request seeds): 4096
+    two-token samples against the exact distribution, chi-square p > 1e-3."""
+    target, draft = tiny_vocab_pair()
+    P = conditionals(target, [1, 2, 3], 2)
+    engine = Engine(target, ModelDrafter(draft, 1024, 64, "cpu", torch.float32), tokenizer=FakeTokenizer(),
+                    max_batch=1024, max_seq=64, fixed_k=3)
+    counts = torch.zeros(10, 10)
+    outs = {}
+    for i in range(4096):
+        engine.submit(str(i), [1, 2, 3], SamplingParams(temperature=1.0, max_tokens=2, seed=i))
+        outs[str(i)] = []
+    while engine.has_work():
+        for ev in engine.step():
+            outs[ev.rid] += ev.token_ids
+    for toks in outs.values():
+        counts[toks[0], toks[1]] += 1
+    p_value, df = chi_square_p_value(counts, P[0][:, None] * P[1])
+    assert p_value > 1e-3, f"chi-square p = {p_value:.2e} (df {df})"
+
+
+class FakeTokenizer:
+    stop_ids: list[int] = []
+
+
+def test_choose_k_follows_acceptance_and_cost():
+    assert choose_k(0.9, 0.05, 0.01) > choose_k(0.5, 0.05, 0.01) >= 1
+    assert choose_k(0.1, 0.5, 0.05) == 0  # speculation does not pay: switched off
+    assert choose_k(0.8, 0.0, 0.0) == 16
