@@ -10,10 +10,12 @@ import random
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from npc_engine.cuda_graphs import GraphedForward
 from npc_engine.loading import load_model, parse_dtype
 from npc_engine.model import KVCache, Transformer
 from npc_engine.sampling import SamplingParams, params_tensors, probs_from_logits
@@ -99,15 +101,23 @@ class PrefixCache:
 
 
 class Engine:
-    def __init__(self, target: Transformer, drafter, tokenizer: Tokenizer, device="cpu", max_batch: int = 16,
-                 max_seq: int = 1024, fixed_k: int | None = None, prefix_cache_mb: float = 256):
+    def __init__(self, target: Transformer, drafter, tokenizer: Tokenizer | None, device="cpu", max_batch: int = 16,
+                 max_seq: int = 1024, fixed_k: int | None = None, prefix_cache_mb: float = 256,
+                 cuda_graphs: bool = True):
         self.target, self.drafter, self.tokenizer = target, drafter, tokenizer
         self.device = torch.device(device)
-        self.dtype = next(target.parameters()).dtype
+        # An ONNX Runtime model (onnx_backend.OnnxModel) has no parameters: it states its dtype.
+        self.dtype = next(target.parameters()).dtype if isinstance(target, torch.nn.Module) else target.dtype
         self.max_batch, self.max_seq, self.fixed_k = max_batch, max_seq, fixed_k
-        self.cache = KVCache(target.args, max_batch, max_seq, self.device, self.dtype)
+        # One slot more than the batch: the scratch slot that CUDA-graph padding rows write into.
+        self.cache = KVCache(target.args, max_batch + 1, max_seq, self.device, self.dtype)
+        self.target_forward = target
+        if cuda_graphs and self.device.type == "cuda" and isinstance(target, torch.nn.Module):
+            self.target_forward = GraphedForward(target, scratch_slot=max_batch)
+            if drafter.name == "model":
+                drafter.forward = GraphedForward(drafter.model, scratch_slot=max_batch)
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20))
-        self.stop_ids = set(tokenizer.stop_ids)
+        self.stop_ids = set(tokenizer.stop_ids) if tokenizer is not None else set()
         self.free_slots = list(range(max_batch - 1, -1, -1))
         self.waiting: deque[Request] = deque()
         self.waiting_ids: set[str] = set()
@@ -117,12 +127,24 @@ class Engine:
         self.draft_cost, self.verify_cost_per_token = self.measure_costs() if drafter.name != "none" else (1.0, 0.0)
 
     @classmethod
-    def load(cls, model_dir: str | Path, draft: str = "auto", device: str = "cpu", dtype=None, **kwargs) -> "Engine":
+    def load(cls, model_dir: str | Path, draft: str = "auto", device: str = "cpu", dtype=None, backend: str = "auto",
+             onnx_provider: str | None = None, **kwargs) -> "Engine":
         """draft: "none", "ngram", a model folder, or "auto" (the folder named by npc_engine.json's
-        "draft" key in the model folder, else n-gram lookup)."""
+        "draft" key in the model folder, else n-gram lookup). backend: "torch", "onnx" (the model folders
+        are `npc-engine export-onnx` outputs) or "auto" (onnx when model_dir holds an export).
+        onnx_provider: "cpu", "cuda" or "auto" (CUDA when usable, else CPU); default: the device."""
         model_dir = Path(model_dir)
-        dtype = parse_dtype(dtype, device)
-        target = load_model(model_dir, device, dtype)
+        if backend == "auto":
+            backend = "onnx" if (model_dir / "manifest.json").is_file() else "torch"
+        if backend == "onnx":
+            from npc_engine.onnx_backend import load_onnx_model
+            target = load_onnx_model(model_dir, onnx_provider or device, dtype)
+            device, dtype = target.device, target.dtype
+            load = partial(load_onnx_model, provider=target.provider, dtype=dtype)
+        else:
+            dtype = parse_dtype(dtype, device)
+            load = partial(load_model, device=device, dtype=dtype)
+            target = load(model_dir)
         tokenizer = Tokenizer.from_dir(model_dir)
         if draft == "auto":
             hint = model_dir / "npc_engine.json"
@@ -133,11 +155,11 @@ class Engine:
         elif draft == "ngram":
             drafter = NgramDrafter(target.args.vocab_size, device)
         else:
-            draft_model = load_model(draft, device, dtype)
+            draft_model = load(draft)
             if draft_model.args.vocab_size != target.args.vocab_size:
                 raise ValueError(f"draft model {draft} has vocabulary size {draft_model.args.vocab_size}, the target "
                                  f"{model_dir} has {target.args.vocab_size}: they must share one tokenizer")
-            drafter = ModelDrafter(draft_model, max_batch, max_seq, device, dtype)
+            drafter = ModelDrafter(draft_model, max_batch + 1, max_seq, device, dtype)
         return cls(target, drafter, tokenizer, device, **kwargs)
 
     # ---- public API -------------------------------------------------------------------------
@@ -277,7 +299,7 @@ class Engine:
         tokens = torch.cat([torch.tensor([s[-1] for s in seqs], device=dev)[:, None], drafts], dim=1)
         positions = (lengths - 1)[:, None] + torch.arange(k + 1, device=dev)
         kv_len = kv_bucket(max(map(len, seqs)) + k, self.max_seq)
-        logits = self.target(tokens, positions, self.cache, slots, kv_len)
+        logits = self.target_forward(tokens, positions, self.cache, slots, kv_len)
         p = probs_from_logits(logits, *sampling)
         n_acc, extra = verify(p, q, drafts, lens, u[:, k_asked:k_asked + k], u[:, 2 * k_asked])
         result = torch.cat([n_acc[:, None], extra[:, None], lens[:, None], drafts], dim=1).tolist()  # the one host sync
@@ -326,16 +348,16 @@ class Engine:
         verify_cost_per_token = max(0.0, (t9 - t1) / 8 / t1)
         if self.drafter.name == "ngram":
             return 0.0, verify_cost_per_token
-        slots = torch.zeros(1, dtype=torch.long, device=self.device)
+        slots = torch.full((1,), self.max_batch, device=self.device)
         tok = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        t_draft = self.timed(lambda: self.drafter.model(tok, tok, self.drafter.cache, slots, 64))
+        t_draft = self.timed(lambda: self.drafter.forward(tok, tok, self.drafter.cache, slots, 64))
         return t_draft / t1, verify_cost_per_token
 
     def time_target(self, n: int) -> float:
-        slots = torch.zeros(1, dtype=torch.long, device=self.device)
+        slots = torch.full((1,), self.max_batch, device=self.device)
         tok = torch.zeros(1, n, dtype=torch.long, device=self.device)
         pos = torch.arange(n, device=self.device)[None]
-        return self.timed(lambda: self.target(tok, pos, self.cache, slots, 64))
+        return self.timed(lambda: self.target_forward(tok, pos, self.cache, slots, 64))
 
     def timed(self, fn, repeats: int = 5) -> float:
         with torch.no_grad():

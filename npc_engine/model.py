@@ -130,6 +130,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, Hkv, S, D] -> [B, Hkv * groups, S, D]: explicit GQA, faster than SDPA's enable_gqa on CPU."""
+    if groups == 1:
+        return x
+    B, H, S, D = x.shape
+    return x[:, :, None].expand(B, H, groups, S, D).reshape(B, H * groups, S, D)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -164,11 +172,12 @@ class Attention(nn.Module):
             rows = slots[:, None]
             k_cache[rows, :, input_pos] = k
             v_cache[rows, :, input_pos] = v
-            keys, values = k_cache[slots, :, :kv_len], v_cache[slots, :, :kv_len]
+            keys = repeat_kv(k_cache[:, :, :kv_len].index_select(0, slots), self.n_heads // self.n_kv_heads)
+            values = repeat_kv(v_cache[:, :, :kv_len].index_select(0, slots), self.n_heads // self.n_kv_heads)
             # A query sees every cached key at or before its own position: stale entries past a
             # row's length (rolled-back drafts, padding) always sit after the query and stay hidden.
             mask = torch.arange(kv_len, device=x.device)[None, None, :] <= input_pos[:, :, None]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1), enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1))
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -27,15 +27,19 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
 
 
-def params_tensors(params: list[SamplingParams], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def params_tensors(params: list[SamplingParams], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Per-row (temperature, top_k, top_p) on the device, and whether every row is greedy (known on the host)."""
     temperature = torch.tensor([p.temperature for p in params], device=device, dtype=torch.float32)
     top_k = torch.tensor([p.top_k for p in params], device=device, dtype=torch.int64)
     top_p = torch.tensor([p.top_p for p in params], device=device, dtype=torch.float32)
-    return temperature, top_k, top_p
+    return temperature, top_k, top_p, all(p.temperature == 0 for p in params)
 
 
-def probs_from_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def probs_from_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                      all_greedy: bool = False) -> torch.Tensor:
     """logits [B, T, V]; per-row parameters [B]. Returns float32 probabilities [B, T, V]."""
+    if all_greedy:  # skip the sort over the vocabulary
+        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     logits = logits.float()
     V = logits.shape[-1]
     greedy = (temperature == 0)[:, None, None]

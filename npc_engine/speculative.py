@@ -105,7 +105,7 @@ class ModelDrafter:
     prior_alpha = 0.7
 
     def __init__(self, model: Transformer, n_slots: int, max_seq: int, device, dtype):
-        self.model = model
+        self.model = self.forward = model  # forward may become a CUDA-graph replayer
         self.cache = KVCache(model.args, n_slots, max_seq, device, dtype)
         self.device = device
 
@@ -121,7 +121,7 @@ class ModelDrafter:
         kv_len = kv_bucket(max(map(len, seqs)) + k, self.cache.max_seq)
         drafts, qs = [], []
         for i in range(k):
-            logits = self.model(tokens, pos, self.cache, slots, kv_len)[:, -1:]
+            logits = self.forward(tokens, pos, self.cache, slots, kv_len)[:, -1:]
             q = probs_from_logits(logits, *sampling)[:, 0]
             d = sample(q, u[:, i])
             drafts.append(d)

@@ -26,7 +26,7 @@ PROMPTS = [
 def make_engine(target_dir, drafter_kind, draft_dir=None, **kwargs):
     target = load_model(target_dir)
     if drafter_kind == "model":
-        drafter = ModelDrafter(load_model(draft_dir), 8, 1024, "cpu", torch.float32)
+        drafter = ModelDrafter(load_model(draft_dir), 9, 1024, "cpu", torch.float32)
     elif drafter_kind == "ngram":
         drafter = NgramDrafter(target.args.vocab_size, "cpu")
     else:
@@ -184,7 +184,7 @@ def test_engine_sampling_matches_the_target_distribution():
     two-token samples against the exact distribution, chi-square p > 1e-3."""
     target, draft = tiny_vocab_pair()
     P = conditionals(target, [1, 2, 3], 2)
-    engine = Engine(target, ModelDrafter(draft, 1024, 64, "cpu", torch.float32), tokenizer=FakeTokenizer(),
+    engine = Engine(target, ModelDrafter(draft, 1025, 64, "cpu", torch.float32), tokenizer=None,
                     max_batch=1024, max_seq=64, fixed_k=3)
     counts = torch.zeros(10, 10)
     outs = {}
@@ -198,10 +198,6 @@ def test_engine_sampling_matches_the_target_distribution():
         counts[toks[0], toks[1]] += 1
     p_value, df = chi_square_p_value(counts, P[0][:, None] * P[1])
     assert p_value > 1e-3, f"chi-square p = {p_value:.2e} (df {df})"
-
-
-class FakeTokenizer:
-    stop_ids: list[int] = []
 
 
 def test_choose_k_follows_acceptance_and_cost():

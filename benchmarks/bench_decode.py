@@ -1,0 +1,176 @@
+"""Line generation speed: our engine vs `transformers` on the same weights, batch 1.
+
+Random-weight Llama shapes (50-token prompt, 40 new tokens, greedy) and, with --pair, the embedded
+trained target/draft pair on persona prompts: `transformers.generate` (plain and assisted with the
+draft), our autoregressive path (eager, and with CUDA graphs on GPU), our speculative path with the
+draft model and with n-gram lookup. Medians over --repeats runs after one warm-up run.
+
+    python benchmarks/bench_decode.py --device cuda --shapes 1b,8b --pair models/npc-target
+    python benchmarks/bench_decode.py --device cpu --shapes small --pair models/npc-target
+"""
+import argparse
+import gc
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import header, median_time, random_pair  # noqa: E402
+from npc_engine.engine import Engine  # noqa: E402
+from npc_engine.loading import load_model  # noqa: E402
+from npc_engine.sampling import SamplingParams  # noqa: E402
+from npc_engine.speculative import ModelDrafter, NgramDrafter, NoDrafter  # noqa: E402
+
+
+def ours_line(model, drafter, tokenizer, prompt, new_tokens, device, graphs, repeats):
+    engine = Engine(model, drafter, tokenizer, device, max_batch=1, max_seq=512, cuda_graphs=graphs)
+    params = SamplingParams(temperature=0, max_tokens=new_tokens)
+    runs = []
+
+    def run():
+        runs.append(list(engine.generate(prompt, params, rid=str(len(runs)))))
+
+    seconds = median_time(run, device, repeats)
+    stats = engine.last_stats
+    return seconds, len(runs[-1]), stats, runs[-1]
+
+
+def hf_line(hf, prompt, new_tokens, device, repeats, assistant=None, stop_ids=None):
+    ids = torch.tensor([prompt], device=device)
+    kwargs = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    if stop_ids:
+        kwargs["eos_token_id"] = stop_ids
+    else:
+        kwargs["min_new_tokens"] = new_tokens
+    if assistant is not None:
+        kwargs["assistant_model"] = assistant
+    out = []
+    seconds = median_time(lambda: out.append(hf.generate(ids, **kwargs)), device, repeats)
+    return seconds, out[-1].shape[1] - len(prompt), out[-1][0, len(prompt):].tolist()
+
+
+def row(name, seconds, tokens, base=None, stats=None):
+    r = {"impl": name, "line_ms": seconds * 1e3, "tokens": tokens, "ms_per_token": seconds * 1e3 / max(tokens, 1),
+         "tokens_per_s": tokens / seconds}
+    if stats is not None:
+        r.update(acceptance=stats.accepted / stats.drafted if stats.drafted else None,
+                 mean_accepted_length=stats.mean_accepted)
+    if base is not None:
+        r["speedup_vs_transformers"] = base / r["ms_per_token"]
+    return r
+
+
+def bench_shape(shape, device, dtype, args):
+    hf, ours = random_pair(shape, device, dtype)
+    prompt = torch.randint(0, ours.args.vocab_size, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    rows = []
+    s, n, _ = hf_line(hf, prompt, args.new_tokens, device, args.repeats)
+    rows.append(row("transformers generate", s, n))
+    base = rows[0]["ms_per_token"]
+    variants = [("ours autoregressive, eager", NoDrafter(), False)]
+    if torch.device(device).type == "cuda":
+        variants.append(("ours autoregressive, CUDA graphs", NoDrafter(), True))
+    variants.append(("ours speculative, n-gram", NgramDrafter(ours.args.vocab_size, device), True))
+    for name, drafter, graphs in variants:
+        s, n, stats, _ = ours_line(ours, drafter, None, prompt, args.new_tokens, device, graphs, args.repeats)
+        rows.append(row(name, s, n, base, stats if drafter.name != "none" else None))
+    del hf, ours
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def persona_prompts(tokenizer, n: int) -> list[list[int]]:
+    from npc_engine.persona import load_persona_dir
+    from npc_engine.prompt import Turn
+
+    questions = ["What do you do here?", "Where are you from?", "What is your name?", "What news from the road?"]
+    personas = list(load_persona_dir(Path(__file__).resolve().parent.parent / "personas").values())
+    return [tokenizer.encode(personas[i % len(personas)].prompt([Turn("player", questions[i % len(questions)])]))
+            for i in range(n)]
+
+
+def bench_pair(target_dir, draft_dir, device, dtype, args):
+    from transformers import AutoModelForCausalLM
+
+    from npc_engine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(target_dir)
+    target, draft = load_model(target_dir, device, dtype), load_model(draft_dir, device, dtype)
+    hf_target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype).to(device).eval()
+    hf_draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=dtype).to(device).eval()
+    graphs = torch.device(device).type == "cuda"
+    totals: dict[str, list] = {}
+    for prompt in persona_prompts(tokenizer, args.prompts):
+        runs = {"transformers generate": hf_line(hf_target, prompt, args.new_tokens, device, args.repeats, stop_ids=tokenizer.stop_ids),
+                "transformers assisted (draft)": hf_line(hf_target, prompt, args.new_tokens, device, args.repeats,
+                                                         assistant=hf_draft, stop_ids=tokenizer.stop_ids)}
+        for name, drafter, k in [("ours autoregressive", NoDrafter(), None),
+                                 ("ours speculative, draft model", ModelDrafter(draft, 2, 512, device, dtype), None),
+                                 ("ours speculative, n-gram", NgramDrafter(target.args.vocab_size, device), None)]:
+            s, n, stats, tokens = ours_line(target, drafter, tokenizer, prompt, args.new_tokens, device, graphs, args.repeats)
+            runs[name] = (s, n, tokens, stats)
+        ref_tokens = runs["ours autoregressive"][2]
+        for name, result in runs.items():
+            assert result[2][:len(ref_tokens)] == ref_tokens or name.startswith("transformers"), f"{name} diverged"
+            totals.setdefault(name, []).append(result)
+    rows = []
+    for name, results in totals.items():
+        seconds, tokens = sum(r[0] for r in results), sum(r[1] for r in results)
+        stats = None
+        if len(results[0]) == 4 and results[0][3].drafted:
+            from npc_engine.engine import RequestStats
+            stats = RequestStats(drafted=sum(r[3].drafted for r in results), accepted=sum(r[3].accepted for r in results),
+                                 target_forwards=sum(r[3].target_forwards for r in results))
+        rows.append(row(name, seconds, tokens, None, stats))
+    base = rows[0]["ms_per_token"]
+    ar = next(r for r in rows if r["impl"] == "ours autoregressive")["ms_per_token"]
+    for r in rows:
+        r["speedup_vs_transformers"] = base / r["ms_per_token"]
+        r["speedup_vs_ours_autoregressive"] = ar / r["ms_per_token"]
+    return rows
+
+
+def print_table(title, rows):
+    print(f"\n## {title}")
+    print(f"| impl | ms/token | tokens/s | line ms | acceptance | mean accepted len | vs transformers | vs our AR |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        acc = f"{r['acceptance']:.2f}" if r.get("acceptance") is not None else "-"
+        mal = f"{r['mean_accepted_length']:.2f}" if r.get("mean_accepted_length") else "-"
+        vs = f"{r['speedup_vs_transformers']:.2f}x" if "speedup_vs_transformers" in r else "1.00x"
+        vs_ar = f"{r['speedup_vs_ours_autoregressive']:.2f}x" if "speedup_vs_ours_autoregressive" in r else "-"
+        print(f"| {r['impl']} | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.1f} | {r['line_ms']:.1f} | {acc} | {mal} | {vs} | {vs_ar} |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--shapes", default="small", help="comma-separated: small, 1b, 8b (empty for none)")
+    ap.add_argument("--pair", default=None, help="trained target folder (its draft: --draft)")
+    ap.add_argument("--draft", default="models/npc-draft")
+    ap.add_argument("--prompts", type=int, default=4, help="persona prompts for --pair")
+    ap.add_argument("--prompt-tokens", type=int, default=50)
+    ap.add_argument("--new-tokens", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    print(header(args.device), f"dtype {dtype}, batch 1, greedy")
+    results = {}
+    with torch.no_grad():
+        for shape in filter(None, args.shapes.split(",")):
+            results[shape] = bench_shape(shape, args.device, dtype, args)
+            print_table(f"{shape}: random weights, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens", results[shape])
+        if args.pair:
+            results["pair"] = bench_pair(args.pair, args.draft, args.device, dtype, args)
+            print_table(f"trained pair {args.pair} + {args.draft}: {args.prompts} persona prompts, up to {args.new_tokens} tokens", results["pair"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
