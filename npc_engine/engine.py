@@ -103,9 +103,12 @@ class PrefixCache:
 class Engine:
     def __init__(self, target: Transformer, drafter, tokenizer: Tokenizer | None, device="cpu", max_batch: int = 16,
                  max_seq: int = 1024, fixed_k: int | None = None, prefix_cache_mb: float = 256,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, fused_kernels: bool | None = None):
         self.target, self.drafter, self.tokenizer = target, drafter, tokenizer
         self.device = torch.device(device)
+        target.fused = self.device.type == "cuda" if fused_kernels is None else fused_kernels
+        if drafter.name == "model":
+            drafter.model.fused = target.fused
         # An ONNX Runtime model (onnx_backend.OnnxModel) has no parameters: it states its dtype.
         self.dtype = next(target.parameters()).dtype if isinstance(target, torch.nn.Module) else target.dtype
         self.max_batch, self.max_seq, self.fixed_k = max_batch, max_seq, fixed_k

@@ -180,6 +180,17 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1))
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
+    def forward_fused(self, x, cos_table, sin_table, input_pos, k_cache, v_cache, slots, kv_len):
+        from kernels import cached_attention, rope_kv_write
+
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q = rope_kv_write(q, k, v, cos_table, sin_table, input_pos, slots, k_cache, v_cache)
+        out = cached_attention(q, k_cache, v_cache, slots, input_pos, max_len=kv_len)
+        return self.o_proj(out.reshape(B, T, -1))
+
 
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -230,9 +241,13 @@ class KVCache:
 
 
 class Transformer(nn.Module):
+    # With a cache, run the fused kernels of kernels/ (Triton on CUDA, their PyTorch references elsewhere).
+    fused: bool = False
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
+        self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
         self.model = Decoder(args)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
@@ -248,6 +263,8 @@ class Transformer(nn.Module):
         if cache is not None:
             slots = torch.arange(B, device=tokens.device) if slots is None else slots
             kv_len = cache.max_seq if kv_len is None else kv_len
+            if self.fused:
+                return self.forward_fused(tokens, input_pos, cache, slots, kv_len)
         freqs = input_pos.float()[..., None] * self.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
@@ -255,3 +272,25 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, input_pos, None if cache is None else cache.layer(i), slots, kv_len)
         return self.lm_head(self.model.norm(x))
+
+    def forward_fused(self, tokens, input_pos, cache: KVCache, slots, kv_len: int) -> torch.Tensor:
+        """Same function as forward with a cache: fused residual-add + RMSNorm, RoPE + cache write, and
+        attention over cached keys as single kernels."""
+        from kernels import add_rmsnorm
+
+        cos, sin = self.rope_table(cache.max_seq, tokens.device)
+        h, residual = self.model.embed_tokens(tokens), None
+        for i, layer in enumerate(self.model.layers):
+            x, residual = add_rmsnorm(h, residual, layer.input_layernorm.weight, layer.input_layernorm.eps)
+            h = layer.self_attn.forward_fused(x, cos, sin, input_pos, *cache.layer(i), slots, kv_len)
+            x, residual = add_rmsnorm(h, residual, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
+            h = layer.mlp(x)
+        x, _ = add_rmsnorm(h, residual, self.model.norm.weight, self.model.norm.eps)
+        return self.lm_head(x)
+
+    def rope_table(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [n, head_dim / 2] in float32, built once (before any CUDA-graph capture)."""
+        if self.rope_tables is None or self.rope_tables[0].shape[0] < n or self.rope_tables[0].device != torch.device(device):
+            freqs = torch.arange(n, device=device).float()[:, None] * self.inv_freq.to(device).float()
+            self.rope_tables = (freqs.cos(), freqs.sin())
+        return self.rope_tables

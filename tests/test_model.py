@@ -17,10 +17,12 @@ def hf_model(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused-kernels"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_prefill_and_decode_logits_match_transformers(make_checkpoint, variant):
+def test_prefill_and_decode_logits_match_transformers(make_checkpoint, variant, fused):
     path = make_checkpoint(variant)
     ours, ref = load_model(path), hf_model(path)
+    ours.fused = fused  # on CPU the kernels run their PyTorch references: this checks the fused wiring
     tokens = torch.randint(0, ours.args.vocab_size, (2, 30), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = ref(tokens).logits

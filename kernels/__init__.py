@@ -1,0 +1,9 @@
+"""GPU kernels (Triton) with a PyTorch reference each; every op runs Triton on CUDA tensors and
+the reference otherwise."""
+
+from kernels.attention import cached_attention
+from kernels.fp8 import Fp8Linear, fp8_linear, quantize_fp8
+from kernels.rmsnorm import add_rmsnorm
+from kernels.rope import rope_kv_write
+
+__all__ = ["Fp8Linear", "add_rmsnorm", "cached_attention", "fp8_linear", "quantize_fp8", "rope_kv_write"]

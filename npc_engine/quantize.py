@@ -1,0 +1,15 @@
+"""`--dtype fp8`: every linear layer's weight stored as FP8 (e4m3) with one scale per output channel."""
+from torch import nn
+
+from npc_engine.model import Transformer
+
+
+def quantize_fp8_(model: Transformer) -> Transformer:
+    """Swaps each nn.Linear (attention, MLP, lm_head) for kernels.Fp8Linear in place; embeddings and norms stay."""
+    from kernels.fp8 import Fp8Linear
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, Fp8Linear.from_linear(child))
+    return model

@@ -1,0 +1,76 @@
+"""The engine on CUDA: graph replay equals eager, fused kernels equal the PyTorch path, FP8 stays close to bf16."""
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+from npc_engine.engine import Engine  # noqa: E402
+from npc_engine.loading import load_model  # noqa: E402
+from npc_engine.model import KVCache  # noqa: E402
+from npc_engine.quantize import quantize_fp8_  # noqa: E402
+from npc_engine.sampling import SamplingParams  # noqa: E402
+from npc_engine.speculative import ModelDrafter, NgramDrafter, NoDrafter  # noqa: E402
+from npc_engine.tokenizer import Tokenizer  # noqa: E402
+
+
+def rel_err(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def prompts(tok):
+    return [tok.encode(t) for t in ["<|persona|>I forge swords.<|eot|><|player|>Hi<|eot|><|npc|>", "Once upon a time",
+                                    "The tavern is warm. The tavern is warm. The tavern", "What"]]
+
+
+def run(engine, prompt_ids, params):
+    out = {}
+    for i, p in enumerate(prompt_ids):
+        engine.submit(str(i), p, params)
+        out[str(i)] = []
+    while engine.has_work():
+        for ev in engine.step():
+            out[ev.rid] += ev.token_ids
+    return [out[str(i)] for i in range(len(prompt_ids))]
+
+
+@pytest.mark.parametrize("drafter", ["none", "ngram", "model"])
+def test_graph_replay_and_fused_kernels_equal_eager_greedy(tiny_pair_dirs, drafter):
+    target_dir, draft_dir = tiny_pair_dirs
+    tok = Tokenizer.from_dir(target_dir)
+    params = SamplingParams(temperature=0, max_tokens=24)
+    results = []
+    for graphs, fused in [(False, False), (True, False), (True, True)]:
+        target = load_model(target_dir, "cuda", torch.float32)
+        d = {"none": NoDrafter(), "ngram": NgramDrafter(target.args.vocab_size, "cuda"),
+             "model": ModelDrafter(load_model(draft_dir, "cuda", torch.float32), 9, 1024, "cuda", torch.float32)}[drafter]
+        engine = Engine(target, d, tok, "cuda", max_batch=8, cuda_graphs=graphs, fused_kernels=fused, fixed_k=4)
+        results.append(run(engine, prompts(tok), params))
+    assert results[1] == results[0], "CUDA-graph replay differs from eager"
+    assert results[2] == results[0], "fused kernels differ from the PyTorch path"
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_fused_logits_match_torch_path(tiny_model_dir, dtype, bound):
+    model = load_model(tiny_model_dir, "cuda", dtype)
+    tokens = torch.randint(0, model.args.vocab_size, (3, 40), device="cuda")
+    pos = torch.arange(40, device="cuda").expand(3, -1)
+    slots = torch.tensor([2, 0, 1], device="cuda")
+    outs = []
+    for fused in (False, True):
+        model.fused = fused
+        cache = KVCache(model.args, 3, 128, "cuda", dtype)
+        prefill = model(tokens[:, :33], pos[:, :33], cache, slots, 64)
+        verify = model(tokens[:, 33:], pos[:, 33:], cache, slots, 64)
+        outs.append(torch.cat([prefill, verify], 1))
+    assert rel_err(outs[1], outs[0]) <= bound
+
+
+def test_fp8_logits_close_to_bf16(tiny_model_dir):
+    """Bound: relative L2 error of the logits <= 0.1 (e4m3 has a 3-bit mantissa: about 6% per weight)."""
+    ref = load_model(tiny_model_dir, "cuda", torch.bfloat16)
+    fp8 = quantize_fp8_(load_model(tiny_model_dir, "cuda", torch.bfloat16))
+    tokens = torch.randint(0, ref.args.vocab_size, (2, 32), device="cuda")
+    with torch.no_grad():
+        err = rel_err(fp8(tokens), ref(tokens))
+    assert err <= 0.1, err
