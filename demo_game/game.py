@@ -1,0 +1,322 @@
+"""The frame loop: input (keyboard or script), one bridge exchange, update, draw, 60 fps.
+
+Nothing in a frame waits on the network or the model: lines are queued, sent and polled in the
+frame's bridge phase (`Conversations.exchange`), whose time is measured against its budget.
+"""
+import gc
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import pygame
+
+from demo_game import tavern
+from demo_game.bubbles import Bubble
+from demo_game.cast import CastMember
+from demo_game.chatter import Chatter
+from demo_game.metering import FrameStats, MeteredClient
+from demo_game.overlay import Overlay
+from demo_game.script import ScriptRunner
+from demo_game.service import ServiceProcess
+from demo_game.sprites import draw_npc, draw_player, render_label
+from demo_game.talk import Conversations
+
+FPS = 60
+TALK_RANGE = 80  # px between centres within which the player can talk to an NPC
+LEAVE_RANGE = 120  # walking further than this from an NPC cancels its reply to the player
+PLAYER_SPEED = 220.0
+PLAYER_MAX_TOKENS = 48
+PLAYER_DEADLINE_MS = 12000
+MAX_INPUT_CHARS = 200
+MOVE_KEYS = {pygame.K_LEFT: (-1, 0), pygame.K_a: (-1, 0), pygame.K_RIGHT: (1, 0),
+             pygame.K_d: (1, 0), pygame.K_UP: (0, -1), pygame.K_w: (0, -1),
+             pygame.K_DOWN: (0, 1), pygame.K_s: (0, 1)}
+
+
+@dataclass
+class Options:
+    address: str
+    budget_ms: float = 1.0
+    seed: int = 0
+    chatter: bool = True
+    overlay: bool = False
+    capture_screenshot: bool = False
+    record: bool = True  # keep every frame's times for the report
+
+
+class Game:
+    def __init__(self, screen: pygame.Surface, cast: list[CastMember], client, options: Options,
+                 service: ServiceProcess | None = None):
+        self.screen = screen
+        self.service = service  # the service this demo started, watched once a second
+        self.cast = {m.id: m for m in cast}
+        self.options = options
+        self.font = pygame.font.Font(None, 20)
+        small = pygame.font.Font(None, 18)
+        self.background = tavern.paint_background(pygame.font.Font(None, 22))
+        self.labels = {m.id: render_label(small, m.name) for m in cast}
+        self.bubbles = {m.id: Bubble(self.font, (m.pos[0], m.pos[1] - 24), m.seat.bubble_side)
+                        for m in cast}
+        self.player_bubble = Bubble(self.font, (0, 0), 0, below=True)
+        self.rng = random.Random(options.seed)
+        self.bridge = MeteredClient(client, options.budget_ms)
+        self.talk = Conversations(self.bridge, cast, self.bubbles, self.rng)
+        self.chatter = Chatter(self.talk, cast, self.bubbles, self.rng, enabled=options.chatter)
+        self.stats = FrameStats(keep_all=options.record)
+        self.overlay = Overlay(small, self.stats, self.talk, options.budget_ms, options.address)
+        self.overlay.visible = options.overlay
+        self.rects = tavern.obstacles() + [
+            pygame.Rect(m.pos[0] - tavern.NPC_RADIUS, m.pos[1] - tavern.NPC_RADIUS,
+                        2 * tavern.NPC_RADIUS, 2 * tavern.NPC_RADIUS) for m in cast]
+        self.player = tavern.PLAYER_START
+        self.path: list[tuple[float, float]] = []
+        self.partner: str | None = None  # the NPC the player last spoke to
+        self.typing_to: str | None = None
+        self.typed = ""
+        self.hint = render_label(small, "E: talk")
+        self.running = True
+        self.frame = 0
+        self.t0 = time.perf_counter()
+        self.streaming_per_frame: list[int] = []
+        self.in_flight_per_frame: list[int] = []
+        self.connected_frames = 0
+        self.shot: pygame.Surface | None = None
+        self.shot_frame = -1
+        self.shot_bubbles: list[dict] = []
+
+    # -- what the player can do (the keyboard and scripts both use these) ------------------
+
+    def distance(self, npc: str) -> float:
+        return math.dist(self.player, self.cast[npc].pos)
+
+    def npc_in_reach(self) -> str | None:
+        near = [(self.distance(i), i) for i in self.cast if self.distance(i) <= TALK_RANGE]
+        return min(near)[1] if near else None
+
+    def out_of_reach(self, npc: str) -> bool:
+        return self.distance(npc) > LEAVE_RANGE
+
+    @property
+    def idle(self) -> bool:
+        """No line is queued, streaming or awaiting its terminal message."""
+        return not self.talk.speaking and not self.talk.in_flight
+
+    @property
+    def walking(self) -> bool:
+        return bool(self.path)
+
+    def walk_to_npc(self, npc: str) -> bool:
+        path = tavern.find_path(self.player, self.cast[npc].pos, TALK_RANGE - 20, self.rects)
+        self.path = path or []
+        return path is not None
+
+    def walk_away_from(self, npc: str) -> bool:
+        spot = max(tavern.OPEN_FLOOR, key=lambda p: math.dist(p, self.cast[npc].pos))
+        path = tavern.find_path(self.player, spot, tavern.GRID, self.rects)
+        self.path = path or []
+        return path is not None
+
+    def stop_walking(self) -> None:
+        self.path = []
+
+    def player_say(self, npc: str, text: str, now: float) -> None:
+        self.partner = npc
+        self.player_bubble.show(text, now)
+        self.talk.say(npc, text, now, priority="player", session="player",
+                      max_tokens=PLAYER_MAX_TOKENS, deadline_ms=PLAYER_DEADLINE_MS)
+
+    # -- the frame -------------------------------------------------------------------------
+
+    def run(self, frames: int | None = None, script: ScriptRunner | None = None) -> None:
+        """Run until the window closes, `frames` frames have passed, or the script is over and
+        no line is in flight."""
+        clock = pygame.time.Clock()
+        # Objects from start-up (imports, fonts, the cast) never die: moving them out of the
+        # collector's reach keeps its pauses inside frames short.
+        gc.collect()
+        gc.freeze()
+        self.chatter.greet(time.perf_counter())
+        last_start = None
+        while self.running:
+            start = time.perf_counter()
+            self.bridge.begin_frame()
+            self.step(start, script, start - last_start if last_start else 0.0)
+            work_ms = (time.perf_counter() - start) * 1000
+            if last_start is not None:
+                self.stats.add((start - last_start) * 1000, work_ms, self.bridge.frame_ms,
+                               self.bridge.frame_cpu_ms)
+            last_start = start
+            self.frame += 1
+            if frames is not None and self.frame >= frames:
+                break
+            if frames is None and script is not None and script.finished and self.idle:
+                break
+            clock.tick(FPS)
+
+    def step(self, now: float, script: ScriptRunner | None, dt: float) -> None:
+        self.handle_events(now, keyboard=script is None)
+        if script is not None:
+            script.update(now)
+        self.move_player(min(dt, 0.05), keyboard=script is None)
+        if self.partner is not None and self.out_of_reach(self.partner):
+            line = self.talk.speaking.get(self.partner)
+            if line is not None and line.priority == "player":
+                self.talk.cancel(self.partner, now)
+        near = {i for i in self.cast if self.distance(i) <= LEAVE_RANGE}
+        self.chatter.update(now, near | ({self.partner} if self.partner else set()))
+        self.talk.exchange(now)
+        self.draw(now)
+        if self.options.capture_screenshot:
+            self.keep_best_screenshot()
+        pygame.display.flip()
+        if self.options.record:
+            self.in_flight_per_frame.append(len(self.talk.in_flight))
+            self.streaming_per_frame.append(sum(line.first_token_at is not None
+                                                for line in self.talk.in_flight.values()))
+        self.connected_frames += self.bridge.connected
+        if self.service is not None and self.frame % FPS == 0 and not self.service.alive():
+            code = self.service.process.returncode
+            print(f"demo_game: the service exited with code {code}; NPCs say their fallback "
+                  f"lines. Its log ({self.service.log_path}):\n{self.service.log_tail()}",
+                  file=sys.stderr)
+            self.overlay.address += f" (service exited, code {code})"
+            self.service = None
+
+    def handle_events(self, now: float, keyboard: bool) -> None:
+        opened_now = False
+        for event in pygame.event.get():
+            if event.type == pygame.QUIT:
+                self.running = False
+            elif event.type == pygame.KEYDOWN and event.key == pygame.K_F1:
+                self.overlay.visible = not self.overlay.visible
+            elif not keyboard:
+                continue
+            elif self.typing_to is not None:
+                if event.type == pygame.TEXTINPUT and not opened_now:
+                    self.typed = (self.typed + event.text)[:MAX_INPUT_CHARS]
+                elif event.type == pygame.KEYDOWN and event.key == pygame.K_BACKSPACE:
+                    self.typed = self.typed[:-1]
+                elif event.type == pygame.KEYDOWN and event.key == pygame.K_ESCAPE:
+                    self.typing_to = None
+                elif event.type == pygame.KEYDOWN and event.key in (pygame.K_RETURN,
+                                                                    pygame.K_KP_ENTER):
+                    if self.typed.strip():
+                        self.player_say(self.typing_to, self.typed.strip(), now)
+                    self.typing_to = None
+            elif event.type == pygame.KEYDOWN and event.key == pygame.K_e:
+                npc = self.npc_in_reach()
+                if npc is not None:
+                    self.typing_to, self.typed, opened_now = npc, "", True
+                    if not self.talk.busy(npc):
+                        self.bubbles[npc].show(self.cast[npc].greeting, now)
+            elif event.type == pygame.KEYDOWN and event.key == pygame.K_ESCAPE:
+                self.running = False
+
+    def move_player(self, dt: float, keyboard: bool) -> None:
+        if keyboard and self.typing_to is None:
+            pressed = pygame.key.get_pressed()
+            dx = sum(d[0] for k, d in MOVE_KEYS.items() if pressed[k])
+            dy = sum(d[1] for k, d in MOVE_KEYS.items() if pressed[k])
+            if dx or dy:
+                self.path = []
+                scale = PLAYER_SPEED * dt / math.hypot(dx, dy)
+                self.player = tavern.move(self.player, (dx * scale, dy * scale), self.rects)
+        step = PLAYER_SPEED * dt
+        while self.path and step > 0:
+            target = self.path[0]
+            gap = math.dist(self.player, target)
+            if gap <= step:
+                self.player = target
+                self.path.pop(0)
+                step -= gap
+            else:
+                f = step / gap
+                self.player = (self.player[0] + (target[0] - self.player[0]) * f,
+                               self.player[1] + (target[1] - self.player[1]) * f)
+                step = 0
+
+    # -- drawing ---------------------------------------------------------------------------
+
+    def draw(self, now: float) -> None:
+        screen = self.screen
+        screen.blit(self.background, (0, 0))
+        t = now - self.t0
+        tavern.draw_fire(screen, t)
+        reach = self.npc_in_reach()
+        for npc, member in self.cast.items():
+            draw_npc(screen, member, self.labels[npc], t, self.talk.busy(npc), npc == reach)
+        draw_player(screen, self.player)
+        if reach is not None and self.typing_to is None:
+            screen.blit(self.hint, (self.player[0] - self.hint.get_width() // 2,
+                                    self.player[1] + 18))
+        self.player_bubble.anchor = (int(self.player[0]), int(self.player[1]) + 30)
+        self.player_bubble.draw(screen, now)  # under the NPCs' bubbles: their replies stay readable
+        for bubble in self.bubbles.values():
+            bubble.draw(screen, now)
+        if self.typing_to is not None:
+            self.draw_input(now)
+        self.overlay.draw(screen, now)
+
+    def draw_input(self, now: float) -> None:
+        box = pygame.Rect(0, 0, 640, 36)
+        box.midbottom = (tavern.WIDTH // 2, tavern.HEIGHT - 34)
+        pygame.draw.rect(self.screen, (24, 18, 14), box, border_radius=6)
+        pygame.draw.rect(self.screen, (230, 190, 90), box, 2, border_radius=6)
+        cursor = "_" if int(now * 2) % 2 else " "
+        text = f"To {self.cast[self.typing_to].name}: {self.typed}{cursor}"
+        rendered = self.font.render(text, True, (245, 235, 210))
+        visible = pygame.Rect(max(0, rendered.get_width() - box.width + 20), 0,
+                              box.width - 20, rendered.get_height())
+        self.screen.blit(rendered, (box.x + 10, box.y + 10), visible)
+
+    def bubbles_with_text(self) -> list[dict]:
+        """The NPC bubbles on screen, fully opaque and showing words (not the thinking dots)."""
+        now = time.perf_counter()
+        return [{"npc": npc, "rect": list(b.rect), "text": b.display_text(now),
+                 "finished": not b.streaming}
+                for npc, b in self.bubbles.items()
+                if b.rect is not None and b.alpha(now) == 255 and b.text.strip()]
+
+    def keep_best_screenshot(self) -> None:
+        """Keep a copy of the frame showing the most speech bubbles so far, finished lines
+        counting double (they show whole sentences). Copies only on improvement: a few per run."""
+        def score(bubbles: list[dict]) -> int:
+            return sum(2 if b["finished"] else 1 for b in bubbles)
+
+        shown = self.bubbles_with_text()
+        if score(shown) > score(self.shot_bubbles):
+            self.shot, self.shot_frame, self.shot_bubbles = self.screen.copy(), self.frame, shown
+
+    # -- the end of a run ------------------------------------------------------------------
+
+    def finish(self, timeout_s: float = 5.0) -> None:
+        """Cancel every line still running and wait (outside the frame loop) for the service to
+        answer each one, so every request ends with its terminal message."""
+        end = time.perf_counter() + timeout_s
+        for npc in list(self.talk.speaking):
+            self.talk.cancel(npc, time.perf_counter())
+        while time.perf_counter() < end and (self.talk.in_flight or self.talk.cancels):
+            self.bridge.begin_frame()
+            self.talk.exchange(time.perf_counter())
+            time.sleep(0.005)
+
+    def report(self) -> dict:
+        return {
+            "fps": FPS,
+            "address": self.options.address,
+            "budget_ms": self.options.budget_ms,
+            "summary": self.stats.summary(),
+            "frame_ms": self.stats.frame_ms,
+            "work_ms": self.stats.work_ms,
+            "bridge_ms": self.stats.bridge_ms,
+            "bridge_cpu_ms": self.stats.bridge_cpu_ms,
+            "in_flight": self.in_flight_per_frame,
+            "streaming": self.streaming_per_frame,
+            "peak_streaming": max(self.streaming_per_frame, default=0),
+            "connected_frames": self.connected_frames,
+            "requests": [line.report(self.t0) for line in self.talk.lines],
+            "ttft_ms": [line.ttft_ms for line in self.talk.lines if line.ttft_ms is not None],
+            "screenshot": {"frame": self.shot_frame, "bubbles": self.shot_bubbles},
+        }

@@ -1,0 +1,168 @@
+"""Lines in flight: who asked what, what the service streamed back, and where it is shown.
+
+Lines are queued during the frame's update and sent in the frame's bridge phase (`exchange`), which
+sends, then polls with what is left of the budget, then routes the `token`/`done`/`error`
+messages to speech bubbles. An NPC says one line at a time; a new line for it cancels the old one.
+When the service is down, or a line ends with an `error` (the bridge client also reports a lost
+connection or a passed deadline as one), the NPC says one of its persona's fallback lines.
+"""
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from demo_game.bubbles import Bubble
+from demo_game.cast import CastMember
+from demo_game.metering import MeteredClient
+
+SEND_SHARE = 0.5  # of the per-frame bridge budget that sending new lines may use
+
+
+@dataclass
+class Line:
+    """One thing an NPC says: a `say` request to the service, or a fallback said locally."""
+
+    npc: str
+    prompt: str  # the text the NPC answers ("Brom: Have you seen the captain?")
+    priority: str
+    session: str
+    max_tokens: int
+    deadline_ms: int
+    queued_at: float
+    on_end: Callable[["Line", float], None] | None = None
+    rid: str | None = None
+    sent_at: float | None = None
+    first_token_at: float | None = None
+    reply: str = ""
+    token_messages: int = 0
+    terminal: dict | None = None  # the service's done or error message
+    local: str | None = None  # why the line never reached the service: offline/rejected/cancelled
+    cancel_requested: bool = False
+    said: str = ""  # what the bubble ended up showing
+    seqs: list[int] = field(default_factory=list)
+
+    @property
+    def ttft_ms(self) -> float | None:
+        if self.first_token_at is None or self.sent_at is None:
+            return None
+        return (self.first_token_at - self.sent_at) * 1000
+
+    def report(self, t0: float) -> dict:
+        def rel(t):
+            return None if t is None else round(t - t0, 4)
+        return {"id": self.rid, "npc": self.npc, "priority": self.priority,
+                "session": self.session, "prompt": self.prompt, "queued_at_s": rel(self.queued_at),
+                "sent_at_s": rel(self.sent_at), "ttft_ms": self.ttft_ms,
+                "token_messages": self.token_messages,
+                "seqs_in_order": self.seqs == list(range(len(self.seqs))), "reply": self.reply,
+                "said": self.said, "cancel_requested": self.cancel_requested,
+                "local": self.local, "terminal": self.terminal}
+
+
+class Conversations:
+    def __init__(self, bridge: MeteredClient, cast: list[CastMember], bubbles: dict[str, Bubble],
+                 rng: random.Random):
+        self.bridge = bridge
+        self.cast = {m.id: m for m in cast}
+        self.bubbles = bubbles
+        self.rng = rng
+        self.lines: list[Line] = []
+        self.speaking: dict[str, Line] = {}  # npc id -> the line its bubble shows while streaming
+        self.in_flight: dict[str, Line] = {}  # request id -> line sent and not yet answered
+        self.outbox: list[Line] = []
+        self.cancels: list[str] = []
+        self.recent: deque[Line] = deque(maxlen=6)  # finished lines, for the overlay's TTFTs
+
+    def say(self, npc: str, prompt: str, now: float, *, priority: str, session: str,
+            max_tokens: int, deadline_ms: int,
+            on_end: Callable[[Line, float], None] | None = None) -> Line:
+        self.cancel(npc, now)
+        line = Line(npc, prompt, priority, session, max_tokens, deadline_ms, now, on_end)
+        self.lines.append(line)
+        self.speaking[npc] = line
+        self.outbox.append(line)
+        self.bubbles[npc].start()
+        return line
+
+    def busy(self, npc: str) -> bool:
+        return npc in self.speaking
+
+    def cancel(self, npc: str, now: float) -> None:
+        """Stop what `npc` is saying; its bubble keeps the words so far, cut off with a dash."""
+        line = self.speaking.pop(npc, None)
+        if line is None:
+            return
+        line.cancel_requested = True
+        line.said = f"{line.reply.strip()} -" if line.reply.strip() else ""
+        self.bubbles[npc].end(now, line.said)
+        if line.rid is None:
+            self.outbox.remove(line)
+            line.local = "cancelled"
+        else:
+            self.cancels.append(line.rid)
+
+    def exchange(self, now: float) -> None:
+        """The frame's bridge phase: send queued cancels and lines, poll, route what came back."""
+        if self.bridge.connected:
+            for rid in self.cancels:
+                self.bridge.cancel(rid)
+            sent = 0
+            for line in list(self.outbox):
+                # Lines beyond half the frame's budget wait for the next frame (a toast queues
+                # one per NPC at once); the first always goes, so the queue keeps moving.
+                if sent and self.bridge.frame_ms >= self.bridge.budget_ms * SEND_SHARE:
+                    break
+                sent += 1
+                try:
+                    line.rid = self.bridge.say(line.npc, line.prompt, session=line.session,
+                                               priority=line.priority, max_tokens=line.max_tokens,
+                                               deadline_ms=line.deadline_ms)
+                except ValueError as e:  # the client refuses what the service would reject
+                    line.terminal = {"type": "error", "code": "rejected", "message": str(e)}
+                    self._say_fallback(line, now, "rejected")
+                    continue
+                line.sent_at = now
+                self.in_flight[line.rid] = line
+            del self.outbox[:sent]
+        else:
+            for line in self.outbox:
+                self._say_fallback(line, now, "offline")
+            self.outbox.clear()
+        self.cancels.clear()
+        for message in self.bridge.poll():
+            line = self.in_flight.get(message.get("id"))
+            if line is not None:
+                self._route(line, message, now)
+
+    def _route(self, line: Line, message: dict, now: float) -> None:
+        kind = message.get("type")
+        shown = self.speaking.get(line.npc) is line
+        if kind == "token":
+            if line.first_token_at is None:
+                line.first_token_at = now
+            line.seqs.append(message.get("seq"))
+            line.reply += message.get("text", "")
+            line.token_messages += 1
+            if shown:
+                self.bubbles[line.npc].append(message.get("text", ""))
+        elif kind in ("done", "error"):
+            del self.in_flight[line.rid]
+            line.terminal = message
+            if kind == "done" and shown:
+                line.said = message.get("text", line.reply)
+                self._finish(line, now)
+            elif kind == "error":
+                self._say_fallback(line, now, None)
+
+    def _say_fallback(self, line: Line, now: float, reason: str | None) -> None:
+        line.local = reason
+        if self.speaking.get(line.npc) is line:
+            line.said = self.cast[line.npc].fallback_line(self.rng)
+            self._finish(line, now)
+
+    def _finish(self, line: Line, now: float) -> None:
+        del self.speaking[line.npc]
+        self.bubbles[line.npc].end(now, line.said)
+        self.recent.append(line)
+        if line.on_end is not None:
+            line.on_end(line, now)
