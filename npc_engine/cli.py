@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_service_commands(sub)  # serve, say
     from npc_engine.onnx_export import add_subparser as add_export_onnx_command
     add_export_onnx_command(sub)
+    from npc_engine.train.cli import add_train_parser
+    add_train_parser(sub)
     return parser
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: small random Hugging Face checkpoints built with `transformers`, the correctness oracle."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from npc_engine.prompt import EOT, SPECIAL_TOKENS
+
+# The tiny test models are latency-bound: one thread per process avoids two cores thrashing between
+# pytest and the service processes the tests start (they inherit the variable).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 TOKENIZER_TEXT = [
     "I forge swords for the town guard. The tavern is warm tonight, traveller.",

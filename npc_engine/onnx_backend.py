@@ -1,0 +1,153 @@
+"""ONNX Runtime backend: an exported decoder (see onnx_export.py) called exactly like a Transformer.
+
+`OnnxModel(tokens, input_pos, cache, slots, kv_len) -> logits` keeps the engine's slot-indexed
+`KVCache` (torch tensors on the model's device), so the prefix cache, rollback by length and every
+drafter work unchanged. Each call gathers the slots' first kv_len cache entries as the graph's past,
+binds every input and output to torch memory with I/O binding (no copies through numpy; on CUDA the
+KV cache never leaves the device) and writes the new keys and values back at their positions.
+The CPU and CUDA paths are one code path: only the execution provider, the bound device and one
+stream synchronisation before each run differ.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from npc_engine.loading import DTYPE_NAMES, read_config
+from npc_engine.model import KVCache
+from npc_engine.onnx_export import MANIFEST_FILE, MANIFEST_FORMAT
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+
+
+class OnnxBackendError(ValueError):
+    """An ONNX export that cannot be run here; the message says what is wrong and what to do."""
+
+
+def cuda_usable() -> bool:
+    return PROVIDERS["cuda"] in ort.get_available_providers() and torch.cuda.is_available()
+
+
+def resolve_provider(provider: str) -> str:
+    """"cpu", "cuda" (an error when unavailable) or "auto" (CUDA when usable, else CPU)."""
+    if provider == "auto":
+        return "cuda" if cuda_usable() else "cpu"
+    if provider not in PROVIDERS:
+        raise OnnxBackendError(f"ONNX provider {provider!r} unknown; choose one of cpu, cuda, auto")
+    if provider == "cuda" and not cuda_usable():
+        why = ("torch sees no CUDA device" if PROVIDERS["cuda"] in ort.get_available_providers() else
+               f"this onnxruntime build lacks it (available: {', '.join(ort.get_available_providers())}; "
+               f"install onnxruntime-gpu)")
+        raise OnnxBackendError(f"ONNX Runtime provider CUDAExecutionProvider unavailable: {why}. "
+                               f"Use --onnx-provider cpu, or --onnx-provider auto to fall back to the CPU")
+    return provider
+
+
+def read_manifest(path: Path) -> dict:
+    file = path / MANIFEST_FILE
+    if not path.is_dir():
+        raise OnnxBackendError(f"ONNX model folder not found: {path}")
+    if not file.is_file():
+        raise OnnxBackendError(f"{path}: no ONNX export here ({MANIFEST_FILE} missing); create one with "
+                               f"`npc-engine export-onnx --model MODEL_DIR -o {path}`")
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise OnnxBackendError(f"{file}: invalid JSON: {e}") from None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise OnnxBackendError(f"{file}: not an npc-engine ONNX manifest (format {manifest.get('format')!r})")
+    missing = [key for key in ("model_file", "opset", "dtype", "inputs", "outputs") if key not in manifest]
+    if missing:
+        raise OnnxBackendError(f"{file}: missing field {missing[0]!r}; re-run npc-engine export-onnx")
+    for name in (manifest["model_file"], manifest.get("external_data")):
+        if name and not (path / name).is_file():
+            raise OnnxBackendError(f"{path / name}: missing (named by {file}); re-run npc-engine export-onnx")
+    if manifest["dtype"] not in DTYPES:
+        raise OnnxBackendError(f"{file}: dtype {manifest['dtype']!r} not supported (supported: {', '.join(DTYPES)})")
+    return manifest
+
+
+class OnnxModel:
+    """An ONNX decoder-with-past run by ONNX Runtime, with a Transformer's call signature."""
+
+    def __init__(self, path: str | Path, provider: str = "cpu", threads: int = 0):
+        path = Path(path)
+        manifest = read_manifest(path)
+        self.manifest = manifest
+        self.args = read_config(path)
+        self.dtype = DTYPES[manifest["dtype"]]
+        self.provider = resolve_provider(provider)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.provider == "cuda" else torch.device("cpu")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        provider_options = {"device_id": str(self.device.index)} if self.provider == "cuda" else {}
+        try:
+            self.session = ort.InferenceSession(str(path / manifest["model_file"]), options,
+                                                providers=[(PROVIDERS[self.provider], provider_options)])
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented types
+            message = str(e)
+            if "opset" in message.lower():
+                raise OnnxBackendError(
+                    f"{path}: exported with opset {manifest['opset']} (manifest), which onnxruntime {ort.__version__} "
+                    f"cannot load; re-export with a lower --opset or upgrade onnxruntime. ({message.strip()[-200:]})") from None
+            raise OnnxBackendError(f"{path}: onnxruntime {ort.__version__} cannot load the model on "
+                                   f"{PROVIDERS[self.provider]}: {message.strip()[-300:]}") from None
+        if self.session.get_providers()[0] != PROVIDERS[self.provider]:
+            raise OnnxBackendError(f"onnxruntime did not start {PROVIDERS[self.provider]} (it gave "
+                                   f"{self.session.get_providers()[0]}); check the CUDA libraries onnxruntime-gpu needs")
+        names = [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()]
+        if names != (manifest["inputs"], manifest["outputs"]):
+            raise OnnxBackendError(f"{path}: model inputs/outputs differ from {MANIFEST_FILE}; re-run npc-engine export-onnx")
+        self.binding = self.session.io_binding()
+
+    def bind(self, name: str, tensor: torch.Tensor, output: bool = False) -> None:
+        bind = self.binding.bind_output if output else self.binding.bind_input
+        bind(name, self.device.type, self.device.index or 0, NUMPY_DTYPES[tensor.dtype], list(tensor.shape),
+             tensor.data_ptr())
+
+    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache: KVCache, slots: torch.Tensor,
+                 kv_len: int) -> torch.Tensor:
+        """tokens, input_pos: [B, T], each row's positions consecutive; every cache entry of a row before its
+        first position is valid. Entries from that position on are hidden and then overwritten."""
+        args, (B, T) = self.args, tokens.shape
+        # Tensors bound to the session must stay alive until the run ends: they are all kept in `bound`.
+        past_visible = torch.arange(kv_len, device=self.device)[None, :] < input_pos[:, :1]
+        mask = torch.cat([past_visible, torch.ones(B, T, dtype=torch.bool, device=self.device)], dim=1).long()
+        bound = {"input_ids": tokens.long().contiguous(), "attention_mask": mask,
+                 "position_ids": input_pos.long().contiguous()}
+        presents = {}
+        for i in range(args.n_layers):
+            bound[f"past_key_values.{i}.key"] = cache.k[i, slots, :, :kv_len].contiguous()
+            bound[f"past_key_values.{i}.value"] = cache.v[i, slots, :, :kv_len].contiguous()
+            for kv in ("key", "value"):
+                presents[f"present.{i}.{kv}"] = torch.empty(B, args.n_kv_heads, kv_len + T, args.head_dim,
+                                                             dtype=self.dtype, device=self.device)
+        logits = torch.empty(B, T, args.vocab_size, dtype=self.dtype, device=self.device)
+        for name, tensor in bound.items():
+            self.bind(name, tensor)
+        self.bind("logits", logits, output=True)
+        for name, tensor in presents.items():
+            self.bind(name, tensor, output=True)
+        if self.device.type == "cuda":
+            # ORT computes on its own stream: torch's gathers must be done before it reads them. ORT waits
+            # for its stream at the end of a run, so the outputs are ready for torch afterwards.
+            torch.cuda.current_stream(self.device).synchronize()
+        self.session.run_with_iobinding(self.binding)
+        rows = slots[:, None]
+        for i in range(args.n_layers):
+            cache.k[i][rows, :, input_pos] = presents[f"present.{i}.key"][:, :, kv_len:].transpose(1, 2)
+            cache.v[i][rows, :, input_pos] = presents[f"present.{i}.value"][:, :, kv_len:].transpose(1, 2)
+        return logits
+
+
+def load_onnx_model(path: str | Path, provider: str = "cpu", dtype: str | torch.dtype | None = None) -> OnnxModel:
+    """`dtype` (None/"auto" or the export's own) is checked against the export: ONNX weights have one dtype."""
+    model = OnnxModel(path, provider)
+    if dtype not in (None, "auto") and DTYPE_NAMES.get(dtype, dtype) != model.dtype:
+        raise OnnxBackendError(f"{path}: exported as {model.manifest['dtype']}, cannot run as {dtype}; "
+                               f"re-export with --dtype or drop --dtype")
+    return model

@@ -1,0 +1,186 @@
+"""Export a Llama-family checkpoint to ONNX with explicit KV-cache inputs and outputs.
+
+The graph follows the decoder-with-past convention of Hugging Face Optimum's exports, so code
+written for those (in ONNX Runtime, Unity Sentis, Unreal NNE) can drive it:
+
+  inputs   input_ids [batch, seq] int64, attention_mask [batch, past + seq] int64 (1 = attend),
+           position_ids [batch, seq] int64, past_key_values.{i}.key / .value [batch, kv_heads, past, head_dim]
+  outputs  logits [batch, seq, vocab], present.{i}.key / .value [batch, kv_heads, past + seq, head_dim]
+           (the past followed by the keys and values of the new tokens, RoPE already applied)
+
+A query at index t of the new tokens sees past and new entries j with j <= past + t whose mask is 1.
+"""
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import npc_engine
+from npc_engine.loading import CheckpointError, load_model
+from npc_engine.model import Transformer, apply_rope
+
+MODEL_FILE = "model.onnx"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "npc-engine-onnx-decoder"
+DEFAULT_OPSET = 17
+MIN_OPSET = 14  # the oldest opset the graph is tested at
+MAX_OPSET = 20  # the newest opset torch's TorchScript exporter supports
+EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf caps a file at 2 GiB; larger weights go to model.onnx.data
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "npc_engine.json")
+
+
+class ExportError(ValueError):
+    """An export that cannot be made; the message says why."""
+
+
+def io_names(n_layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+class DecoderWithPast(nn.Module):
+    """The Transformer's weights behind the decoder-with-past interface (see the module docstring)."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        m, args = self.model, self.model.args
+        B, T = input_ids.shape
+        P = past[0].shape[2]
+        freqs = position_ids.float()[..., None] * m.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        key_index = torch.arange(P + T, device=input_ids.device)
+        query_index = torch.arange(T, device=input_ids.device) + P
+        allowed = (key_index[None, :] <= query_index[:, None])[None] & attention_mask[:, None, :].bool()
+        bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None]  # [B, 1, T, P+T]
+        repeats = args.n_heads // args.n_kv_heads
+        x = m.model.embed_tokens(input_ids)
+        presents = []
+        for i, layer in enumerate(m.model.layers):
+            attn, h = layer.self_attn, layer.input_layernorm(x)
+            q = apply_rope(attn.q_proj(h).view(B, T, args.n_heads, args.head_dim), cos, sin).transpose(1, 2)
+            k = apply_rope(attn.k_proj(h).view(B, T, args.n_kv_heads, args.head_dim), cos, sin).transpose(1, 2)
+            v = attn.v_proj(h).view(B, T, args.n_kv_heads, args.head_dim).transpose(1, 2)
+            k = torch.cat([past[2 * i], k], dim=2)
+            v = torch.cat([past[2 * i + 1], v], dim=2)
+            presents += [k, v]
+            k = k.repeat_interleave(repeats, dim=1) if repeats > 1 else k
+            v = v.repeat_interleave(repeats, dim=1) if repeats > 1 else v
+            # Scores and softmax in float32, so an fp16 export keeps the reference's precision.
+            scores = torch.matmul(q, k.transpose(2, 3)).float() * args.head_dim ** -0.5 + bias
+            out = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(B, T, args.n_heads * args.head_dim))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return (m.lm_head(m.model.norm(x)), *presents)
+
+
+def example_inputs(model: Transformer, dtype: torch.dtype, batch: int = 2, seq: int = 3, past: int = 5):
+    args = model.args
+    kv = torch.zeros(batch, args.n_kv_heads, past, args.head_dim, dtype=dtype)
+    return (torch.zeros(batch, seq, dtype=torch.long), torch.ones(batch, past + seq, dtype=torch.long),
+            torch.arange(past, past + seq).expand(batch, seq).contiguous(), *([kv] * (2 * args.n_layers)))
+
+
+def dynamic_axes(n_layers: int) -> dict[str, dict[int, str]]:
+    inputs, outputs = io_names(n_layers)
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
+            "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
+    axes.update({name: {0: "batch", 2: "past_sequence"} for name in inputs[3:]})
+    axes.update({name: {0: "batch", 2: "total_sequence"} for name in outputs[1:]})
+    return axes
+
+
+def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT_OPSET, dtype: str = "fp32",
+                progress: bool = True) -> Path:
+    """Write OUT_DIR/model.onnx (weights in model.onnx.data when over EXTERNAL_DATA_BYTES), the tokenizer
+    and config files and manifest.json. Returns the path of model.onnx."""
+    import onnx  # only the exporter needs it; the runtime backend does not
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if dtype not in EXPORT_DTYPES:
+        raise ExportError(f"--dtype {dtype!r} not supported; choose one of {', '.join(EXPORT_DTYPES)}")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"--opset {opset} not supported; choose {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})")
+    if out_dir.exists() and out_dir.resolve() == model_dir.resolve():
+        raise ExportError("the output folder must differ from the model folder")
+    steps = tqdm(total=5, desc=f"export {model_dir.name}", unit="step", disable=not progress, file=sys.stderr)
+    steps.set_postfix_str("loading weights")
+    model = load_model(model_dir, "cpu", EXPORT_DTYPES[dtype])
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    inputs, outputs = io_names(model.args.n_layers)
+    steps.update()
+    steps.set_postfix_str("tracing the graph")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # torch writes one file per tensor beside a graph over 2 GB: trace into a scratch folder, then save cleanly.
+    with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
+        traced = Path(scratch) / MODEL_FILE
+        try:
+            with torch.no_grad():
+                torch.onnx.export(DecoderWithPast(model), example_inputs(model, EXPORT_DTYPES[dtype]), str(traced),
+                                  dynamo=False, opset_version=opset, input_names=inputs, output_names=outputs,
+                                  dynamic_axes=dynamic_axes(model.args.n_layers), do_constant_folding=True)
+        except Exception as e:  # torch raises several unrelated types for unsupported opsets or ops
+            raise ExportError(f"torch.onnx.export failed at opset {opset}: {e}") from e
+        steps.update()
+        steps.set_postfix_str("saving")
+        proto = onnx.load(str(traced))
+    for old in out_dir.glob(f"{MODEL_FILE}*"):
+        old.unlink()
+    model_path = out_dir / MODEL_FILE
+    external_data = f"{MODEL_FILE}.data" if weight_bytes > EXTERNAL_DATA_BYTES else None
+    onnx.save_model(proto, str(model_path), save_as_external_data=external_data is not None,
+                    all_tensors_to_one_file=True, location=external_data)
+    steps.update()
+    steps.set_postfix_str("checking the graph")
+    try:
+        onnx.checker.check_model(str(model_path), full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"{model_path}: onnx.checker rejected the exported graph: {e}") from e
+    steps.update()
+    steps.set_postfix_str("writing manifest")
+    for name in COPIED_FILES:
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, out_dir / name)
+    args = model.args
+    manifest = {
+        "format": MANIFEST_FORMAT, "format_version": 1, "model_file": MODEL_FILE, "external_data": external_data,
+        "opset": opset, "dtype": dtype, "inputs": inputs, "outputs": outputs,
+        "n_layers": args.n_layers, "n_kv_heads": args.n_kv_heads, "head_dim": args.head_dim, "vocab_size": args.vocab_size,
+        "source_model": str(model_dir.resolve()), "npc_engine_version": npc_engine.__version__,
+        "torch_version": torch.__version__, "onnx_version": onnx.__version__,
+    }
+    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    steps.update()
+    steps.close()
+    return model_path
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    try:
+        path = export_onnx(args.model, args.output, args.opset, args.dtype)
+    except (ExportError, CheckpointError) as e:
+        print(f"npc-engine export-onnx: error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def add_subparser(sub) -> None:
+    p = sub.add_parser("export-onnx", help="export a model folder to ONNX with explicit KV-cache inputs and outputs")
+    p.add_argument("--model", required=True, help="Hugging Face layout model folder (target or draft)")
+    p.add_argument("-o", "--output", required=True, help="folder to write model.onnx, manifest.json and the tokenizer to")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--dtype", default="fp32", choices=list(EXPORT_DTYPES), help="weight and KV-cache dtype (default fp32)")
+    p.set_defaults(func=cmd_export_onnx)
