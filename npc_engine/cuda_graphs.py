@@ -1,6 +1,6 @@
 """CUDA-graph replay of model forwards (decode, verify, draft steps) with static input buffers.
 
-One graph per (batch bucket, tokens per row, keys attended) shape. Rows that pad a batch up to its
+One graph per (batch bucket, tokens per row, keys attended, logits wanted) shape. Rows that pad a batch up to its
 bucket write into a scratch cache slot that no request owns, so padding never touches live rows.
 """
 from dataclasses import dataclass
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-MAX_GRAPH_TOKENS = 17  # verify of K = 16 drafts; longer forwards (prefill) run eagerly
+MAX_GRAPH_TOKENS = 17  # verify of K = 16 drafts; prefill chunks are 16 tokens
 
 
 @dataclass
@@ -17,32 +17,32 @@ class CapturedStep:
     tokens: torch.Tensor
     input_pos: torch.Tensor
     slots: torch.Tensor
-    logits: torch.Tensor
+    logits: torch.Tensor | None
 
 
 class GraphedForward:
-    """Callable like `model(tokens, input_pos, cache, slots, kv_len)`; replays a captured graph when it can."""
+    """Callable like `model(tokens, input_pos, cache, slots, kv_len, logits)`; replays a captured graph when it can."""
 
     def __init__(self, model: torch.nn.Module, scratch_slot: int):
         self.model, self.scratch_slot = model, scratch_slot
         self.graphs: dict[tuple[int, int, int], CapturedStep] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
-    def __call__(self, tokens, input_pos, cache, slots, kv_len):
+    def __call__(self, tokens, input_pos, cache, slots, kv_len, logits: bool = True):
         B, T = tokens.shape
         bucket = next((b for b in BATCH_BUCKETS if b >= B), None)
         if bucket is None or T > MAX_GRAPH_TOKENS:
-            return self.model(tokens, input_pos, cache, slots, kv_len)
-        step = self.graphs.get((bucket, T, kv_len)) or self.capture(bucket, T, kv_len, cache)
+            return self.model(tokens, input_pos, cache, slots, kv_len, logits)
+        step = self.graphs.get((bucket, T, kv_len, logits)) or self.capture(bucket, T, kv_len, logits, cache)
         step.tokens[:B].copy_(tokens)
         step.input_pos[:B].copy_(input_pos)
         step.slots[:B].copy_(slots)
         if B < bucket:  # padding rows may hold slots of an earlier, larger batch: point them at scratch again
             step.slots[B:].fill_(self.scratch_slot)
         step.graph.replay()
-        return step.logits[:B]
+        return step.logits[:B] if logits else None
 
-    def capture(self, bucket: int, T: int, kv_len: int, cache) -> CapturedStep:
+    def capture(self, bucket: int, T: int, kv_len: int, logits: bool, cache) -> CapturedStep:
         device = cache.k.device
         tokens = torch.zeros(bucket, T, dtype=torch.long, device=device)
         input_pos = torch.arange(T, device=device).repeat(bucket, 1)
@@ -51,11 +51,11 @@ class GraphedForward:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside the graph (allocator, kernel selection)
             for _ in range(2):
-                self.model(tokens, input_pos, cache, slots, kv_len)
+                self.model(tokens, input_pos, cache, slots, kv_len, logits)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.model(tokens, input_pos, cache, slots, kv_len)
-        step = CapturedStep(graph, tokens, input_pos, slots, logits)
-        self.graphs[(bucket, T, kv_len)] = step
+            out = self.model(tokens, input_pos, cache, slots, kv_len, logits)
+        step = CapturedStep(graph, tokens, input_pos, slots, out)
+        self.graphs[(bucket, T, kv_len, logits)] = step
         return step

@@ -17,7 +17,7 @@ import torch
 
 from npc_engine.cuda_graphs import GraphedForward
 from npc_engine.loading import load_model, parse_dtype
-from npc_engine.model import KVCache, Transformer
+from npc_engine.model import KVCache, Transformer, fuse_projections_
 from npc_engine.sampling import SamplingParams, params_tensors, probs_from_logits
 from npc_engine.speculative import K_MAX, ModelDrafter, NgramDrafter, NoDrafter, choose_k, kv_bucket, verify
 from npc_engine.tokenizer import Tokenizer
@@ -106,9 +106,11 @@ class Engine:
                  cuda_graphs: bool = True, fused_kernels: bool | None = None):
         self.target, self.drafter, self.tokenizer = target, drafter, tokenizer
         self.device = torch.device(device)
-        target.fused = self.device.type == "cuda" if fused_kernels is None else fused_kernels
-        if drafter.name == "model":
-            drafter.model.fused = target.fused
+        fused = self.device.type == "cuda" if fused_kernels is None else fused_kernels
+        for model in [target] + ([drafter.model] if drafter.name == "model" else []):
+            model.fused = fused
+            if fused and isinstance(model, Transformer) and model.model.layers[0].self_attn.qkv is None:
+                fuse_projections_(model)
         # An ONNX Runtime model (onnx_backend.OnnxModel) has no parameters: it states its dtype.
         self.dtype = next(target.parameters()).dtype if isinstance(target, torch.nn.Module) else target.dtype
         self.max_batch, self.max_seq, self.fixed_k = max_batch, max_seq, fixed_k
@@ -259,7 +261,8 @@ class Engine:
         longest = max((b - a for _, a, b in ranges), default=0)
         for offset in range(0, longest, PREFILL_CHUNK):
             rows = [(r, a + offset, min(b, a + offset + PREFILL_CHUNK)) for r, a, b in ranges if a + offset < b]
-            width = max(b - a for _, a, b in rows)
+            # CUDA graphs want few shapes: full chunks there; on CPU no padding beyond the longest row.
+            width = PREFILL_CHUNK if self.target_forward is not self.target else max(b - a for _, a, b in rows)
             # Short rows are padded with positions past their own end: those cache entries are
             # overwritten before any query can see them.
             tokens = [r.prompt[a:b] + [0] * (width - (b - a)) for r, a, b in rows]
@@ -268,7 +271,7 @@ class Engine:
             pos_t = torch.tensor(positions, device=self.device)
             slots = torch.tensor([r.slot for r, _, _ in rows], device=self.device)
             kv_len = kv_bucket(max(p[-1] for p in positions) + 1, self.max_seq)
-            self.target(tokens_t, pos_t, self.cache, slots, kv_len)
+            self.target_forward(tokens_t, pos_t, self.cache, slots, kv_len, logits=False)
             self.drafter.prefill(tokens_t, pos_t, slots, kv_len)
             for r, a, b in rows:
                 r.stats.prefill_tokens += b - a

@@ -158,6 +158,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by fuse_projections_
+        self.qkv_sizes = (args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.n_kv_heads * args.head_dim)
 
     def forward(self, x, cos, sin, input_pos, cache_kv, slots, kv_len):
         B, T, _ = x.shape
@@ -184,9 +186,13 @@ class Attention(nn.Module):
         from kernels import cached_attention, rope_kv_write
 
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qkv is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = F.linear(x, *self.qkv).split(self.qkv_sizes, dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q = rope_kv_write(q, k, v, cos_table, sin_table, input_pos, slots, k_cache, v_cache)
         out = cached_attention(q, k_cache, v_cache, slots, input_pos, max_len=kv_len)
         return self.o_proj(out.reshape(B, T, -1))
@@ -199,8 +205,16 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
         self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
 
+        self.gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by fuse_projections_
+
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def forward_fused(self, x):
+        if self.gate_up is None:
+            return self.forward(x)
+        gate, up = F.linear(x, *self.gate_up).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -255,8 +269,9 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, cache: KVCache | None = None,
-                slots: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:
-        """tokens, input_pos: [B, T]; slots: [B] cache rows; kv_len: keys to attend over (≥ max position + 1)."""
+                slots: torch.Tensor | None = None, kv_len: int | None = None, logits: bool = True) -> torch.Tensor | None:
+        """tokens, input_pos: [B, T]; slots: [B] cache rows; kv_len: keys to attend over (≥ max position + 1).
+        logits=False skips the head: a prefill only needs the cache writes."""
         B, T = tokens.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=tokens.device).expand(B, T)
@@ -264,16 +279,16 @@ class Transformer(nn.Module):
             slots = torch.arange(B, device=tokens.device) if slots is None else slots
             kv_len = cache.max_seq if kv_len is None else kv_len
             if self.fused:
-                return self.forward_fused(tokens, input_pos, cache, slots, kv_len)
+                return self.forward_fused(tokens, input_pos, cache, slots, kv_len, logits)
         freqs = input_pos.float()[..., None] * self.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
         x = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, input_pos, None if cache is None else cache.layer(i), slots, kv_len)
-        return self.lm_head(self.model.norm(x))
+        return self.lm_head(self.model.norm(x)) if logits else None
 
-    def forward_fused(self, tokens, input_pos, cache: KVCache, slots, kv_len: int) -> torch.Tensor:
+    def forward_fused(self, tokens, input_pos, cache: KVCache, slots, kv_len: int, logits: bool = True) -> torch.Tensor | None:
         """Same function as forward with a cache: fused residual-add + RMSNorm, RoPE + cache write, and
         attention over cached keys as single kernels."""
         from kernels import add_rmsnorm
@@ -284,7 +299,9 @@ class Transformer(nn.Module):
             x, residual = add_rmsnorm(h, residual, layer.input_layernorm.weight, layer.input_layernorm.eps)
             h = layer.self_attn.forward_fused(x, cos, sin, input_pos, *cache.layer(i), slots, kv_len)
             x, residual = add_rmsnorm(h, residual, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
-            h = layer.mlp(x)
+            h = layer.mlp.forward_fused(x)
+        if not logits:
+            return None
         x, _ = add_rmsnorm(h, residual, self.model.norm.weight, self.model.norm.eps)
         return self.lm_head(x)
 
@@ -294,3 +311,29 @@ class Transformer(nn.Module):
             freqs = torch.arange(n, device=device).float()[:, None] * self.inv_freq.to(device).float()
             self.rope_tables = (freqs.cos(), freqs.sin())
         return self.rope_tables
+
+
+def fuse_projections_(model: Transformer) -> Transformer:
+    """One matrix for q, k, v and one for gate, up, so a decode step reads them in one GEMV each
+    (small GEMVs leave memory bandwidth unused). The separate layers become views of the fused
+    storage: no extra memory, and state_dict() keeps the Hugging Face names. FP8 layers are left alone."""
+
+    def fuse(layers: list[nn.Module]):
+        if not all(type(m) is nn.Linear for m in layers):
+            return None
+        weight = torch.cat([m.weight.data for m in layers])
+        bias = torch.cat([m.bias.data for m in layers]) if layers[0].bias is not None else None
+        start = 0
+        for m in layers:
+            n = m.weight.shape[0]
+            m.weight.data = weight[start:start + n]
+            if bias is not None:
+                m.bias.data = bias[start:start + n]
+            start += n
+        return weight, bias
+
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv = fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        mlp.gate_up = fuse([mlp.gate_proj, mlp.up_proj])
+    return model

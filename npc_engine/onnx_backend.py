@@ -110,7 +110,7 @@ class OnnxModel:
              tensor.data_ptr())
 
     def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache: KVCache, slots: torch.Tensor,
-                 kv_len: int) -> torch.Tensor:
+                 kv_len: int, logits: bool = True) -> torch.Tensor:
         """tokens, input_pos: [B, T], each row's positions consecutive; every cache entry of a row before its
         first position is valid. Entries from that position on are hidden and then overwritten."""
         args, (B, T) = self.args, tokens.shape

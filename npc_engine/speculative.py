@@ -110,7 +110,7 @@ class ModelDrafter:
         self.device = device
 
     def prefill(self, tokens, input_pos, slots, kv_len) -> None:
-        self.model(tokens, input_pos, self.cache, slots, kv_len)
+        self.forward(tokens, input_pos, self.cache, slots, kv_len, logits=False)
 
     def propose(self, seqs, slots, k, sampling, u):
         """Feeds the last two tokens first: after a step the draft cache may lack one or both of them,

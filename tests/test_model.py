@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 
 from npc_engine.engine import Engine
 from npc_engine.loading import load_model
-from npc_engine.model import KVCache
+from npc_engine.model import KVCache, fuse_projections_
 from npc_engine.sampling import SamplingParams
 from npc_engine.speculative import NoDrafter
 from npc_engine.tokenizer import Tokenizer
@@ -22,7 +22,8 @@ def hf_model(path):
 def test_prefill_and_decode_logits_match_transformers(make_checkpoint, variant, fused):
     path = make_checkpoint(variant)
     ours, ref = load_model(path), hf_model(path)
-    ours.fused = fused  # on CPU the kernels run their PyTorch references: this checks the fused wiring
+    if fused:  # on CPU the kernels run their PyTorch references: this checks the fused wiring
+        fuse_projections_(ours).fused = True
     tokens = torch.randint(0, ours.args.vocab_size, (2, 30), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = ref(tokens).logits
