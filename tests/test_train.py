@@ -1,0 +1,335 @@
+"""`npc-engine train` end to end on a small generated corpus (CPU, tiny config), plus its parts."""
+import csv
+import io
+import json
+import lzma
+import random
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from npc_engine.loading import load_model
+from npc_engine.prompt import SPECIAL_TOKENS, PromptPersona, Turn, training_text
+from npc_engine.tokenizer import Tokenizer
+from npc_engine.train import batches, loop
+from npc_engine.train.cli import Log, main
+from npc_engine.train.config import TINY
+from npc_engine.train.data import clean_book, mine_dialogue, persona_chat_examples, persona_qa_example, read_jsonl
+from npc_engine.train.eval import adherent, generate, replay_speculation, topic_questions
+from npc_engine.train.tokenizer import encode_conversations, load_tokenizer
+
+WORDS = ("river stone lantern forest castle dragon meadow silver wander whisper ancient golden harbor tower "
+         "valley shadow ember willow thunder marble crimson falcon orchard quiet bright hollow").split()
+NAMES = ["Alda", "Borin", "Cressa", "Dunmore", "Elowen", "Fenwick"]
+SHARED_PARAGRAPH = "This very paragraph is printed in every edition of the tales, word for word, as it was told."
+
+
+def sentence(rng: random.Random, n: int = 12) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
+
+
+def fake_book(i: int, rng: random.Random) -> dict:
+    paragraphs = ["Produced by Jane Doe and the Online Distributed Proofreading Team at http://www.pgdp.net",
+                  f"THE TALE OF BOOK {i}", SHARED_PARAGRAPH]
+    for j in range(36):
+        kind = j % 4
+        if kind == 0:
+            paragraphs.append(f"{sentence(rng)} _{rng.choice(WORDS)}_ {sentence(rng)}\n{sentence(rng, 8)}")
+        elif kind == 1:
+            a, b = rng.sample(NAMES, 2)
+            paragraphs.append(f'"{sentence(rng, 6)[:-1]}?" asked {a}.')
+            paragraphs.append(f'"{sentence(rng, 7)[:-1]}," said {b}, "{sentence(rng, 5)}"')
+        elif kind == 2:
+            paragraphs.append(f"[Illustration: {sentence(rng, 4)}]\n\n{sentence(rng)} Zoë smiled — naïve café 🐉.")
+        else:
+            paragraphs.append(f"{NAMES[i % 6].upper()}. {sentence(rng, 9)}\n\n{NAMES[(i + 1) % 6].upper()}. "
+                              f"[Aside.] {sentence(rng, 9)}")
+    paragraphs.append("Transcriber's Notes:\n\nObvious punctuation errors repaired.")
+    return {"pg": 1000 + i, "title": f"Book {i}", "author": "", "text": "\n\n".join(paragraphs)}
+
+
+def fake_persona_rows(rng: random.Random, n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        personas = []
+        for side in range(2):
+            personas.append("\n".join([f"I work as a {rng.choice(['baker', 'teacher', 'nurse'])}.",
+                                       f"I have a {rng.choice(['dog', 'cat', 'parrot'])} named {rng.choice(WORDS)}.",
+                                       f"My favorite color is {rng.choice(['blue', 'green', 'red'])}.",
+                                       f"I collect {rng.choice(WORDS)} stones number {2 * i + side}."]))
+        turns = [f"User {1 + t % 2}: {sentence(rng, 7)}" for t in range(10)]
+        if i % 3 == 0:
+            turns[1] = "User 2: Hi, I'm [user 2's name]! Nice to meet you."
+        if i % 5 == 0:
+            turns[6] = "User 1: Hello [name], how are you?"
+        rows.append({"user 1 personas": personas[0], "user 2 personas": personas[1],
+                     "Best Generated Conversation": "\n".join(turns)})
+    return rows
+
+
+def write_corpus(root: Path) -> Path:
+    rng = random.Random(0)
+    (root / "books").mkdir(parents=True)
+    (root / "dialogue").mkdir()
+    with lzma.open(root / "books" / "books-00.jsonl.xz", "wt", encoding="utf-8") as f:
+        for i in range(10):
+            f.write(json.dumps(fake_book(i, rng), ensure_ascii=False) + "\n")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["user 1 personas", "user 2 personas", "Best Generated Conversation"])
+    writer.writeheader()
+    writer.writerows(fake_persona_rows(rng, 60))
+    with lzma.open(root / "dialogue" / "Synthetic-Persona-Chat_valid.csv.xz", "wt", encoding="utf-8") as f:
+        f.write(buf.getvalue())
+    return root
+
+
+def write_personas(root: Path) -> Path:
+    root.mkdir()
+    for pid, name in (("smith", "Brom"), ("healer", "Wren")):
+        (root / f"{pid}.toml").write_text(
+            f'id = "{pid}"\nname = "{name}"\nrole = "villager"\nfacts = ["I live in Harrowford."]\n'
+            f'greeting = "Hello."\nfallback_lines = ["Hm."]\n')
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("train")
+    paths = {"corpus": write_corpus(root / "corpus"), "work": root / "work", "out": root / "models",
+             "personas": write_personas(root / "personas")}
+    code = main(["--config", "tiny", "--device", "cpu", "--corpus", str(paths["corpus"]), "--work", str(paths["work"]),
+                 "--out", str(paths["out"]), "--personas", str(paths["personas"]), "--seed", "0"])
+    assert code == 0
+    return paths
+
+
+# ---------------------------------------------------------------- data preparation
+
+def test_clean_book_removes_credits_notes_markers_and_underscores():
+    text = ("Produced by A. Reader and the Online Distributed Proofreading Team\n\nCHAPTER I\n\n"
+            "The _brave_ knight   rode\nout. [Illustration: A knight\non a horse] He sang.[12]\n\n"
+            "[Footnote 3: an old song]\n\nThe end came." + "\n\nMore tale." * 40 +
+            "\n\nTranscriber's Notes:\n\nTypos fixed.")
+    paragraphs = clean_book(text)
+    assert paragraphs[:3] == ["CHAPTER I", "The brave knight rode out. He sang.", "The end came."]
+    joined = "\n".join(paragraphs)
+    for junk in ("Produced", "Illustration", "Footnote", "_", "[12]", "Transcriber", "Typos", "  "):
+        assert junk not in joined
+
+
+def test_persona_chat_gives_both_roles_and_fills_or_cuts_placeholders():
+    row = {"user 1 personas": "I am a farmer.\nI have a cow.", "user 2 personas": "I am a pilot.\nI love jazz.",
+           "Best Generated Conversation": "User 1: Hi!\nUser 2: Hello, I'm [User 2's name].\nUser 1: I farm.\n"
+                                          "User 2: I fly planes.\nUser 1: Bye [name]!\nUser 2: Bye!"}
+    examples = persona_chat_examples(row)
+    assert [e["persona"]["facts"] for e in examples] == [["I am a pilot.", "I love jazz."],
+                                                          ["I am a farmer.", "I have a cow."]]
+    npc2 = examples[0]
+    name = npc2["persona"]["name"]
+    assert npc2["turns"] == [["player", "Hi!"], ["npc", f"Hello, I'm {name}."], ["player", "I farm."],
+                             ["npc", "I fly planes."]]  # cut before "[name]", ends on the NPC
+    assert examples[1]["turns"][0] == ["npc", "Hi!"]
+    assert not any("[" in t for e in examples for _, t in e["turns"])
+
+
+def test_mine_dialogue_from_prose_and_plays():
+    prose = ["The wolf met her on the path through the dark wood.", '"Where are you going?" asked the Wolf.',
+             '"To my grandmother," said Red Riding Hood, "who lives in the wood."', "So they parted."]
+    [c] = mine_dialogue(prose, 10)
+    assert c["persona"]["name"] == "Red Riding Hood"
+    assert c["persona"]["facts"] == ["The wolf met her on the path through the dark wood."]
+    assert c["turns"] == [["player", "Wolf: Where are you going?"], ["npc", "To my grandmother, who lives in the wood."]]
+    play = ["MRS. ALVING. [Smiling.] You are home at last.", "OSWALD. Yes, mother.", "MRS. ALVING. Sit down."]
+    [c] = mine_dialogue(play, 10)
+    assert c["persona"]["name"] == "Oswald"
+    assert c["turns"] == [["player", "Mrs. Alving: You are home at last."], ["npc", "Yes, mother."]]
+
+
+# ---------------------------------------------------------------- the pipeline
+
+def test_losses_decrease(run):
+    stages = {s: json.loads((run["work"] / "stages" / f"{s}.json").read_text()) for s in ("pretrain", "finetune", "distill")}
+    for name in ("pretrain", "distill"):
+        assert stages[name]["last_loss"] < stages[name]["first_loss"] - 0.1, name
+    dev = stages["finetune"]["dev_history"]
+    assert stages["finetune"]["dev_loss"] < dev[0][1]
+
+
+def test_outputs_load_in_engine_and_transformers_with_matching_logits(run):
+    transformers = pytest.importorskip("transformers")
+    for name in ("npc-target", "npc-draft"):
+        folder = run["out"] / name
+        assert {"config.json", "tokenizer.json", "generation_config.json"} <= {f.name for f in folder.iterdir()}
+        assert all(f.stat().st_size <= 15e6 for f in folder.glob("*.safetensors"))
+        ours = load_model(folder, dtype=torch.float32)
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        tokens = torch.randint(0, ours.args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            diff = (ours(tokens) - theirs(tokens).logits).abs().max().item()
+        assert diff <= 1e-4, (name, diff)
+    tok = Tokenizer.from_dir(run["out"] / "npc-target")
+    assert tok.stop_ids == sorted([tok.eot_id, tok.tok.token_to_id(SPECIAL_TOKENS[0])])
+    hf_tok = transformers.AutoTokenizer.from_pretrained(run["out"] / "npc-target")
+    prompt = "<|persona|>Name: Zoë\n- I sell café crème 🐉.<|eot|><|player|>Who are you?<|eot|><|npc|>"
+    assert hf_tok.encode(prompt) == tok.encode(prompt)
+
+
+def test_tokenizer_round_trips_text_and_keeps_special_tokens_whole(run):
+    tok = Tokenizer.from_dir(run["out"] / "npc-target")
+    text = "Zoë's café — naïve 🐉 日本語\n  tabs\tand  spaces, \"quotes\" & ünïcödé!"
+    assert tok.decode(tok.encode(text)) == text
+    assert [tok.tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    for special in SPECIAL_TOKENS:
+        assert tok.encode(f"a{special}b")[1:-1] == [tok.tok.token_to_id(special)]
+
+
+def test_conversations_encode_segment_by_segment_as_the_whole_prompt(run):
+    tok = load_tokenizer(run["work"])
+    records = read_jsonl(run["work"] / "data" / "conv_val.jsonl")[:5]
+    encoded = encode_conversations(tok, records, workers=1)
+    whole = [i for r in records for i in tok.encode(training_text(PromptPersona(**r["persona"]),
+                                                                  [Turn(*t) for t in r["turns"]])).ids]
+    assert encoded["ids"].tolist() == whole
+    ids, mask = encoded["ids"], encoded["mask"].astype(bool)
+    npc, eot, player = (tok.token_to_id(t) for t in ("<|npc|>", "<|eot|>", "<|player|>"))
+    assert not mask[ids == npc].any() and mask[ids == eot].any() and not mask[ids == player].any()
+    # exactly the NPC turns are learned: each masked run starts right after <|npc|> and ends on <|eot|>
+    starts = np.flatnonzero(mask & ~np.roll(mask, 1))
+    ends = np.flatnonzero(mask & ~np.roll(mask, -1))
+    assert (ids[starts - 1] == npc).all() and (ids[ends] == eot).all()
+    assert len(starts) == sum(s == "npc" for r in records for s, _ in r["turns"])
+
+
+def test_held_out_books_and_personas_never_reach_training(run):
+    data = run["work"] / "data"
+    split = json.loads((data / "split.json").read_text())
+    train_books = "\n".join(b["text"] for b in read_jsonl(data / "books_train.jsonl"))
+    train_conv = read_jsonl(data / "conv_train.jsonl")
+    train_text = train_books + "\n".join(t for c in train_conv for _, t in c["turns"])
+    val_books = read_jsonl(data / "books_val.jsonl")
+    assert split["books_val"] >= 1 and len(val_books) == split["books_val"]
+    for book in val_books:
+        assert str(book["pg"]) in split["val_books"]
+        for paragraph in book["text"].split("\n"):
+            if len(paragraph) >= 40:
+                assert paragraph not in train_text
+    assert SHARED_PARAGRAPH not in train_books  # it is also in a held-out book
+    train_personas = {"\n".join(c["persona"]["facts"]) for c in train_conv}
+    for held in ("val", "dev"):
+        records = read_jsonl(data / f"conv_{held}.jsonl")
+        assert records
+        for r in records:
+            assert "\n".join(r["persona"]["facts"]) not in train_personas
+            assert "\n".join(r["persona"]["facts"]) not in train_text
+    tokens = np.load(run["work"] / "tokens" / "books_train.npy")
+    assert tokens.max() < TINY.vocab_size
+
+
+def test_metrics_and_samples_are_written(run):
+    metrics = json.loads((run["work"] / "metrics.json").read_text())
+    for model in ("target", "draft"):
+        assert metrics["perplexity"][model]["books_val"] > 1
+        assert metrics["perplexity"][model]["persona_chat_val_npc_turns"] > 1
+    for k in ("k4", "k8"):
+        assert 0 <= metrics["acceptance"][k]["acceptance_rate"] <= 1
+        assert metrics["acceptance"][k]["steps"] > 0
+    assert metrics["persona_adherence"]["questions"] > 0
+    samples = (run["work"] / "samples.md").read_text()
+    assert samples.count("> Player:") == 10 and "**Brom** (villager)" in samples
+
+
+def test_replay_speculation_counts_matches_exactly(run):
+    target = load_model(run["out"] / "npc-target", dtype=torch.float32)
+    prompts = [[1, 5, 6, 7, 4, 2], [1, 9, 4, 3]]
+    replies = generate(target, prompts, 6, set(), 2, "cpu")
+    assert all(len(r) == 6 for r in replies)
+    same = replay_speculation(target, prompts, replies, 4, 2, "cpu")
+    # the target drafting for itself: every proposal matches; 6 reply tokens = (4 accepted + 1) + 1 accepted
+    assert same["acceptance_rate"] == 1.0 and same["steps"] == 4 and same["accepted"] == same["proposed"] == 10
+    draft = load_model(run["out"] / "npc-draft", dtype=torch.float32)
+    other = replay_speculation(draft, prompts, replies, 4, 2, "cpu")
+    assert other["tokens_per_target_forward"] == 12 / other["steps"]
+    assert other["accepted"] <= other["proposed"] and other["steps"] >= 4
+
+
+def test_persona_adherence_measure():
+    facts = ["I have two cats.", "My favorite color is teal.", "I work as a nurse."]
+    questions = {topic: (q, f) for topic, q, f in topic_questions(facts)}
+    assert questions == {"pets": ("Do you have any pets?", ["I have two cats."]),
+                         "favorite color": ("What is your favorite color?", ["My favorite color is teal."]),
+                         "job": ("What do you do for a living?", ["I work as a nurse."])}
+    assert adherent("Yes, I have a cat named Tom.", *questions["pets"])
+    assert not adherent("My favorite color is red.", *questions["favorite color"])
+    assert adherent("I love teal!", *questions["favorite color"])
+
+
+def test_persona_qa_answers_with_the_facts_in_other_words_than_the_eval():
+    persona = PromptPersona(name="Ada", facts=["I have two cats.", "My favorite color is teal.", "I like chess."])
+    turns = persona_qa_example(persona)["turns"]
+    answers = {a for (_, q), (_, a) in zip(turns[::2], turns[1::2])}
+    assert answers == {"I have two cats.", "My favorite color is teal.", "I like chess.",
+                       next(a for a in answers if "Ada" in a)}
+    eval_wordings = {q for _, q, _ in topic_questions(persona.facts)}
+    assert not eval_wordings & {q for _, q in turns[::2]}
+
+
+def test_resumed_pretraining_matches_an_uninterrupted_run(run, tmp_path, monkeypatch):
+    config = replace(TINY, pretrain=replace(TINY.pretrain, max_steps=24, ckpt_every=10))
+
+    def context(work: Path, resume: bool) -> loop.Context:
+        for part in ("tokens", "tokenizer"):
+            if not (work / part).exists():
+                shutil.copytree(run["work"] / part, work / part)
+        return loop.Context(config, work, work / "out", torch.device("cpu"), 3, resume, Log(work / "log"))
+
+    loop.pretrain(context(tmp_path / "a", False))
+    expected = load_model(tmp_path / "a" / "target-pretrained").state_dict()
+
+    real_batch, calls = batches.MixedSampler.batch, []
+
+    def crashing_batch(self):
+        calls.append(1)
+        if len(calls) > 15:
+            raise KeyboardInterrupt
+        return real_batch(self)
+
+    monkeypatch.setattr(batches.MixedSampler, "batch", crashing_batch)
+    with pytest.raises(KeyboardInterrupt):
+        loop.pretrain(context(tmp_path / "b", False))
+    assert (tmp_path / "b" / "ckpt" / "pretrain.pt").is_file()
+    monkeypatch.setattr(batches.MixedSampler, "batch", real_batch)
+    info = loop.pretrain(context(tmp_path / "b", True))
+    assert info["steps"] == 24
+    resumed = load_model(tmp_path / "b" / "target-pretrained").state_dict()
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+
+
+def test_time_budget_sets_the_schedule_and_stops(run, tmp_path):
+    config = replace(TINY, pretrain=replace(TINY.pretrain, max_steps=1_000_000, max_minutes=0.05, log_every=1000))
+    shutil.copytree(run["work"] / "tokens", tmp_path / "tokens")
+    shutil.copytree(run["work"] / "tokenizer", tmp_path / "tokenizer")
+    info = loop.pretrain(loop.Context(config, tmp_path, tmp_path / "out", torch.device("cpu"), 0, False,
+                                      Log(tmp_path / "log")))
+    assert 30 < info["planned_steps"] < 1_000_000
+    assert info["steps"] <= info["planned_steps"] and info["seconds"] < 3 + 1.0
+
+
+def test_cli_reports_missing_inputs(tmp_path, capsys):
+    assert main(["--config", "tiny", "--device", "cpu", "--corpus", str(tmp_path / "nowhere"),
+                 "--work", str(tmp_path / "w"), "--stages", "prepare"]) == 2
+    assert "no books/books-*.jsonl.xz found" in capsys.readouterr().err
+    assert main(["--config", "tiny", "--device", "cpu", "--work", str(tmp_path / "w"), "--stages", "finetune"]) == 2
+    assert "run stage pretrain first" in capsys.readouterr().err
+
+
+def test_resume_skips_finished_stages(run, capsys):
+    before = (run["out"] / "npc-draft" / "model.safetensors").stat().st_mtime_ns
+    assert main(["--config", "tiny", "--device", "cpu", "--corpus", str(run["corpus"]), "--work", str(run["work"]),
+                 "--out", str(run["out"]), "--stages", "tokenizer,distill", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "tokenizer: already done, skipped" in out and "distill: already done, skipped" in out
+    assert (run["out"] / "npc-draft" / "model.safetensors").stat().st_mtime_ns == before
