@@ -19,7 +19,7 @@ from npc_engine.cuda_graphs import GraphedForward
 from npc_engine.loading import load_model, parse_dtype
 from npc_engine.model import KVCache, Transformer, fuse_projections_
 from npc_engine.sampling import SamplingParams, params_tensors, probs_from_logits
-from npc_engine.speculative import K_MAX, ModelDrafter, NgramDrafter, NoDrafter, choose_k, kv_bucket, verify
+from npc_engine.speculative import K_MAX, ModelDrafter, NgramDrafter, NoDrafter, choose_k, kv_bucket, verify, verify_greedy
 from npc_engine.tokenizer import Tokenizer
 
 PREFILL_CHUNK = 16
@@ -293,21 +293,26 @@ class Engine:
         slots = torch.tensor([r.slot for r in reqs], device=dev)
         sampling = params_tensors([r.params for r in reqs], dev)
         k_asked = max(r.k for r in reqs)
-        u = torch.stack([torch.rand(2 * k_asked + 1, generator=r.generator, device=dev) for r in reqs])
+        greedy = sampling[3]
+        u = None if greedy else torch.stack([torch.rand(2 * k_asked + 1, generator=r.generator, device=dev) for r in reqs])
         if k_asked > 0:
-            drafts, q, lens = self.drafter.propose(seqs, slots, k_asked, sampling, u[:, :k_asked])
+            drafts, q, lens = self.drafter.propose(seqs, slots, k_asked, sampling, None if greedy else u[:, :k_asked])
             lens = torch.minimum(lens.to(dev), torch.tensor([r.k for r in reqs], device=dev))
-            drafts, q = drafts.to(dev), q.to(dev)
+            drafts = drafts.to(dev)
         else:
-            drafts, q, lens = torch.zeros(B, 0, dtype=torch.long, device=dev), torch.zeros(B, 0, 1, device=dev), torch.zeros(B, dtype=torch.long, device=dev)
+            drafts, q, lens = torch.zeros(B, 0, dtype=torch.long, device=dev), None, torch.zeros(B, dtype=torch.long, device=dev)
         k = drafts.shape[1]
         lengths = torch.tensor([len(s) for s in seqs], device=dev)
         tokens = torch.cat([torch.tensor([s[-1] for s in seqs], device=dev)[:, None], drafts], dim=1)
         positions = (lengths - 1)[:, None] + torch.arange(k + 1, device=dev)
         kv_len = kv_bucket(max(map(len, seqs)) + k, self.max_seq)
         logits = self.target_forward(tokens, positions, self.cache, slots, kv_len)
-        p = probs_from_logits(logits, *sampling)
-        n_acc, extra = verify(p, q, drafts, lens, u[:, k_asked:k_asked + k], u[:, 2 * k_asked])
+        if greedy:
+            n_acc, extra = verify_greedy(logits, drafts, lens)
+        else:
+            q = torch.zeros(B, k, 1, device=dev) if q is None else q.to(dev)
+            n_acc, extra = verify(probs_from_logits(logits, *sampling), q, drafts, lens,
+                                  u[:, k_asked:k_asked + k], u[:, 2 * k_asked])
         result = torch.cat([n_acc[:, None], extra[:, None], lens[:, None], drafts], dim=1).tolist()  # the one host sync
         events = []
         for r, (n, extra_tok, n_drafted, *draft_list) in zip(reqs, result):

@@ -1,7 +1,7 @@
 """Drafters, the lossless acceptance rule and the draft-length policy.
 
 A drafter proposes up to K tokens per row with their draft distributions q (one-hot for
-deterministic drafters). The target scores the last emitted token plus the K drafts in one forward,
+deterministic drafters; none at all when every row is greedy). The target scores the last emitted token plus the K drafts in one forward,
 giving K+1 distributions p. `verify` keeps the output distribution exactly the target's:
 accept draft x with probability min(1, p(x)/q(x)); at the first rejection sample from
 norm(max(0, p - q)); when every proposed draft passes, sample a bonus token from p.
@@ -37,6 +37,16 @@ def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, draft_lens: t
     return n_accepted, sample(residual, u_extra)
 
 
+def verify_greedy(logits: torch.Tensor, drafts: torch.Tensor, draft_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature 0 (the same rule with one-hot p and q, without building them): the longest prefix
+    of drafts matching the target's argmax, then the target's own token."""
+    best = logits.argmax(-1)
+    K = drafts.shape[1]
+    proposed = torch.arange(K, device=drafts.device)[None, :] < draft_lens[:, None]
+    n_accepted = ((drafts == best[:, :K]) & proposed).long().cumprod(dim=1).sum(dim=1)
+    return n_accepted, best.gather(1, n_accepted[:, None]).squeeze(1)
+
+
 def expected_tokens(alpha: float, k: int) -> float:
     """Tokens emitted per step when each draft is accepted independently with probability alpha."""
     return k + 1 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
@@ -65,7 +75,7 @@ class NoDrafter:
 
     def propose(self, seqs, slots, k, sampling, u):
         B = len(seqs)
-        return torch.zeros(B, 0, dtype=torch.long), torch.zeros(B, 0, 1), torch.zeros(B, dtype=torch.long)
+        return torch.zeros(B, 0, dtype=torch.long), None, torch.zeros(B, dtype=torch.long)
 
 
 class NgramDrafter:
@@ -95,7 +105,7 @@ class NgramDrafter:
         width = max(map(len, found))
         drafts = torch.tensor([f + [0] * (width - len(f)) for f in found], dtype=torch.long, device=self.device)
         lens = torch.tensor([len(f) for f in found], dtype=torch.long, device=self.device)
-        return drafts, F.one_hot(drafts, self.vocab_size).float(), lens
+        return drafts, None if sampling[3] else F.one_hot(drafts, self.vocab_size).float(), lens
 
 
 class ModelDrafter:
@@ -119,15 +129,20 @@ class ModelDrafter:
         tokens = torch.tensor([[s[-2] if len(s) > 1 else s[-1], s[-1]] for s in seqs], device=self.device)
         pos = torch.stack([(lengths - 2).clamp(min=0), lengths - 1], dim=1)
         kv_len = kv_bucket(max(map(len, seqs)) + k, self.cache.max_seq)
+        all_greedy = sampling[3]
         drafts, qs = [], []
         for i in range(k):
-            logits = self.forward(tokens, pos, self.cache, slots, kv_len)[:, -1:]
-            q = probs_from_logits(logits, *sampling)[:, 0]
-            d = sample(q, u[:, i])
+            logits = self.forward(tokens, pos, self.cache, slots, kv_len)[:, -1]
+            if all_greedy:
+                d = logits.argmax(-1)
+            else:
+                q = probs_from_logits(logits[:, None], *sampling)[:, 0]
+                d = sample(q, u[:, i])
+                qs.append(q)
             drafts.append(d)
-            qs.append(q)
             tokens, pos = d[:, None], pos[:, -1:] + 1
-        return torch.stack(drafts, 1), torch.stack(qs, 1), torch.full((len(seqs),), k, device=self.device)
+        q = None if all_greedy else torch.stack(qs, 1)
+        return torch.stack(drafts, 1), q, torch.full((len(seqs),), k, device=self.device)
 
 
 def kv_bucket(needed: int, max_seq: int, step: int = 64) -> int:
