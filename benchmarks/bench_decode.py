@@ -104,6 +104,7 @@ def bench_pair(target_dir, draft_dir, device, dtype, args):
     hf_draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=dtype).to(device).eval()
     graphs = torch.device(device).type == "cuda"
     totals: dict[str, list] = {}
+    same: dict[str, list[bool]] = {}
     for prompt in persona_prompts(tokenizer, args.prompts):
         runs = {"transformers generate": hf_line(hf_target, prompt, args.new_tokens, device, args.repeats, stop_ids=tokenizer.stop_ids),
                 "transformers assisted (draft)": hf_line(hf_target, prompt, args.new_tokens, device, args.repeats,
@@ -115,8 +116,9 @@ def bench_pair(target_dir, draft_dir, device, dtype, args):
             runs[name] = (s, n, tokens, stats)
         ref_tokens = runs["ours autoregressive"][2]
         for name, result in runs.items():
-            assert result[2][:len(ref_tokens)] == ref_tokens or name.startswith("transformers"), f"{name} diverged"
             totals.setdefault(name, []).append(result)
+            # bf16 verification of K+1 tokens may round differently from one-token decoding: count, don't stop
+            same.setdefault(name, []).append(result[2] == ref_tokens)
     rows = []
     for name, results in totals.items():
         seconds, tokens = sum(r[0] for r in results), sum(r[1] for r in results)
@@ -125,7 +127,7 @@ def bench_pair(target_dir, draft_dir, device, dtype, args):
             from npc_engine.engine import RequestStats
             stats = RequestStats(drafted=sum(r[3].drafted for r in results), accepted=sum(r[3].accepted for r in results),
                                  target_forwards=sum(r[3].target_forwards for r in results))
-        rows.append(row(name, seconds, tokens, None, stats))
+        rows.append(row(name, seconds, tokens, None, stats) | {"same_tokens_as_ours_ar": f"{sum(same[name])}/{len(same[name])}"})
     base = rows[0]["ms_per_token"]
     ar = next(r for r in rows if r["impl"] == "ours autoregressive")["ms_per_token"]
     for r in rows:
@@ -136,14 +138,14 @@ def bench_pair(target_dir, draft_dir, device, dtype, args):
 
 def print_table(title, rows):
     print(f"\n## {title}")
-    print(f"| impl | ms/token | tokens/s | line ms | acceptance | mean accepted len | vs transformers | vs our AR |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| impl | ms/token | tokens/s | line ms | acceptance | mean accepted len | vs transformers | vs our AR | same tokens as our AR |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         acc = f"{r['acceptance']:.2f}" if r.get("acceptance") is not None else "-"
         mal = f"{r['mean_accepted_length']:.2f}" if r.get("mean_accepted_length") else "-"
         vs = f"{r['speedup_vs_transformers']:.2f}x" if "speedup_vs_transformers" in r else "1.00x"
         vs_ar = f"{r['speedup_vs_ours_autoregressive']:.2f}x" if "speedup_vs_ours_autoregressive" in r else "-"
-        print(f"| {r['impl']} | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.1f} | {r['line_ms']:.1f} | {acc} | {mal} | {vs} | {vs_ar} |")
+        print(f"| {r['impl']} | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.1f} | {r['line_ms']:.1f} | {acc} | {mal} | {vs} | {vs_ar} | {r.get('same_tokens_as_ours_ar', '-')} |")
 
 
 def main():
