@@ -129,7 +129,11 @@ class Engine:
         self.active: dict[str, Request] = {}
         self.pending_events: list[StepEvent] = []
         self.seed_source = random.Random()
-        self.draft_cost, self.verify_cost_per_token = self.measure_costs() if drafter.name != "none" else (1.0, 0.0)
+        # Step wall times measured while serving, per (batch bucket, K): they include the host work the
+        # forward-only calibration misses, which decides whether speculation pays for small models.
+        self.step_seconds: dict[tuple[int, int], float] = {}
+        self.forward_seconds, self.draft_cost, self.verify_cost_per_token = (
+            self.measure_costs() if drafter.name != "none" else (1.0, 1.0, 0.0))
 
     @classmethod
     def load(cls, model_dir: str | Path, draft: str = "auto", device: str = "cpu", dtype=None, backend: str = "auto",
@@ -215,7 +219,7 @@ class Engine:
             r = self.waiting.popleft()
             self.waiting_ids.discard(r.rid)
             r.slot = self.free_slots.pop()
-            r.k = self.fixed_k if self.fixed_k is not None else choose_k(self.drafter.prior_alpha, self.draft_cost, self.verify_cost_per_token)
+            r.k = self.fixed_k if self.fixed_k is not None else choose_k(self.drafter.prior_alpha, self.step_cost_fn(len(self.active) + 1))
             r.accept_hits, r.accept_trials = 2 * self.drafter.prior_alpha, 2.0
             self.active[r.rid] = r
             admitted.append(r)
@@ -288,6 +292,7 @@ class Engine:
             c.v[:, r.slot, :, :r.prefix_len] = v
 
     def speculative_step(self, reqs: list[Request]) -> list[StepEvent]:
+        started = time.perf_counter()
         B, dev = len(reqs), self.device
         seqs = [r.ids for r in reqs]
         slots = torch.tensor([r.slot for r in reqs], device=dev)
@@ -314,6 +319,7 @@ class Engine:
             n_acc, extra = verify(probs_from_logits(logits, *sampling), q, drafts, lens,
                                   u[:, k_asked:k_asked + k], u[:, 2 * k_asked])
         result = torch.cat([n_acc[:, None], extra[:, None], lens[:, None], drafts], dim=1).tolist()  # the one host sync
+        self.record_step_time(B, k_asked, time.perf_counter() - started)
         events = []
         for r, (n, extra_tok, n_drafted, *draft_list) in zip(reqs, result):
             r.stats.target_forwards += 1
@@ -334,7 +340,7 @@ class Engine:
             if r.off_steps >= PROBE_AFTER:
                 r.k, r.off_steps = 1, 0
             return
-        r.k = choose_k(r.alpha, self.draft_cost, self.verify_cost_per_token)
+        r.k = choose_k(r.alpha, self.step_cost_fn(len(self.active)))
 
     def emit(self, r: Request, new_tokens: list[int]) -> StepEvent | None:
         out = []
@@ -353,16 +359,38 @@ class Engine:
         self.free_slots.append(r.slot)
         return StepEvent(r.rid, tokens, True, reason, r.stats)
 
-    def measure_costs(self) -> tuple[float, float]:
-        """Cost of one draft step and of each extra verified token, relative to one target decode step."""
+    def step_cost_fn(self, batch: int):
+        """step_cost(k) for choose_k: the measured time of a step drafting k tokens at this batch size,
+        else the nearest measured K plus the calibrated per-token cost, else the calibration alone."""
+        bucket = 1 << max(0, batch - 1).bit_length()
+        measured = {k: t for (b, k), t in self.step_seconds.items() if b == bucket}
+        per_token = self.forward_seconds * (self.draft_cost + self.verify_cost_per_token)
+
+        def cost(k: int) -> float:
+            if k in measured:
+                return measured[k]
+            if measured:
+                nearest = min(measured, key=lambda m: abs(m - k))
+                return max(1e-9, measured[nearest] + (k - nearest) * per_token)
+            return self.forward_seconds + k * per_token
+
+        return cost
+
+    def record_step_time(self, batch: int, k: int, seconds: float) -> None:
+        key = (1 << max(0, batch - 1).bit_length(), k)
+        old = self.step_seconds.get(key)
+        self.step_seconds[key] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def measure_costs(self) -> tuple[float, float, float]:
+        """Seconds of one target decode forward; a draft step and each extra verified token relative to it."""
         t1, t9 = self.time_target(1), self.time_target(9)
         verify_cost_per_token = max(0.0, (t9 - t1) / 8 / t1)
         if self.drafter.name == "ngram":
-            return 0.0, verify_cost_per_token
+            return t1, 0.0, verify_cost_per_token
         slots = torch.full((1,), self.max_batch, device=self.device)
         tok = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         t_draft = self.timed(lambda: self.drafter.forward(tok, tok, self.drafter.cache, slots, 64))
-        return t_draft / t1, verify_cost_per_token
+        return t1, t_draft / t1, verify_cost_per_token
 
     def time_target(self, n: int) -> float:
         slots = torch.full((1,), self.max_batch, device=self.device)

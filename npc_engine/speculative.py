@@ -52,15 +52,16 @@ def expected_tokens(alpha: float, k: int) -> float:
     return k + 1 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
-def choose_k(alpha: float, draft_cost: float, verify_cost_per_token: float, k_max: int = K_MAX) -> int:
-    """Draft length maximising tokens per unit of time, costs relative to one target decode step.
-    Returns 0 (speculation off) when no K beats plain decoding by 5%."""
-    best_k, best_rate = 0, 1.0
+def choose_k(alpha: float, step_cost, k_max: int = K_MAX) -> int:
+    """Draft length maximising tokens per second: step_cost(k) is the time of one step drafting k
+    tokens (k = 0: plain decoding). Returns 0 (speculation off) unless some K beats plain decoding by 5%."""
+    plain_rate = 1.0 / step_cost(0)
+    best_k, best_rate = 0, 1.05 * plain_rate
     for k in range(1, k_max + 1):
-        rate = expected_tokens(alpha, k) / (1 + k * (draft_cost + verify_cost_per_token))
+        rate = expected_tokens(alpha, k) / step_cost(k)
         if rate > best_rate:
             best_k, best_rate = k, rate
-    return best_k if best_rate >= 1.05 else 0
+    return best_k
 
 
 class NoDrafter:

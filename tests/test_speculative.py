@@ -201,6 +201,25 @@ def test_engine_sampling_matches_the_target_distribution():
 
 
 def test_choose_k_follows_acceptance_and_cost():
-    assert choose_k(0.9, 0.05, 0.01) > choose_k(0.5, 0.05, 0.01) >= 1
-    assert choose_k(0.1, 0.5, 0.05) == 0  # speculation does not pay: switched off
-    assert choose_k(0.8, 0.0, 0.0) == 16
+    def linear(per_token):
+        return lambda k: 1.0 + per_token * k
+
+    assert choose_k(0.9, linear(0.06)) > choose_k(0.5, linear(0.06)) >= 1
+    assert choose_k(0.1, linear(0.55)) == 0  # speculation does not pay: switched off
+    assert choose_k(0.8, lambda k: 1.0) == 16
+    # host overhead measured on every speculative step (not in a forward-only cost model) turns it off
+    assert choose_k(0.5, lambda k: 1.0 if k == 0 else 1.6 + 0.1 * k) == 0
+
+
+def test_engine_switches_speculation_off_when_it_does_not_pay(tiny_pair_dirs):
+    """A random draft is almost never accepted: after a few steps the engine stops drafting, and
+    the measured step times it decided on are recorded."""
+    target_dir, draft_dir = tiny_pair_dirs
+    engine = make_engine(target_dir, "model", draft_dir)
+    engine.submit("a", engine.tokenizer.encode(PROMPTS[0]), SamplingParams(temperature=0, max_tokens=60))
+    ks = []
+    while engine.has_work():
+        ks += [r.k for r in engine.active.values()]
+        engine.step()
+    assert ks[-1] == 0 or 0 in ks[-20:], ks
+    assert engine.step_seconds
