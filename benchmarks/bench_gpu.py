@@ -23,7 +23,7 @@ from benchmarks.common import header, random_pair  # noqa: E402
 from npc_engine.cuda_graphs import GraphedForward  # noqa: E402
 from npc_engine.engine import Engine  # noqa: E402
 from npc_engine.loading import load_model  # noqa: E402
-from npc_engine.model import KVCache  # noqa: E402
+from npc_engine.model import KVCache, fuse_projections_  # noqa: E402
 from npc_engine.quantize import quantize_fp8_  # noqa: E402
 from npc_engine.sampling import SamplingParams  # noqa: E402
 from npc_engine.speculative import ModelDrafter, NgramDrafter, NoDrafter  # noqa: E402
@@ -70,6 +70,8 @@ def weight_bytes(model) -> int:
 def step_times(model, kv_len: int = 384) -> dict:
     """Graph-replay ms of one forward of T tokens per row at batch 1, with the fused kernels and without."""
     out = {}
+    if model.model.layers[0].self_attn.qkv is None:
+        fuse_projections_(model)  # as the engine does on CUDA (a no-op for FP8 layers)
     for fused in (True, False):
         model.fused = fused
         cache = KVCache(model.args, 2, 1024, "cuda", torch.bfloat16)

@@ -12,4 +12,6 @@ def quantize_fp8_(model: Transformer) -> Transformer:
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, name, Fp8Linear.from_linear(child))
+    for layer in model.model.layers:  # fused bf16 projections would bypass the FP8 layers
+        layer.self_attn.qkv = layer.mlp.gate_up = None
     return model
