@@ -62,3 +62,22 @@ def test_greedy_32_tokens_identical_to_transformers_generate(make_checkpoint, va
         out = hf_model(path).generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
                                       eos_token_id=engine.tokenizer.stop_ids, pad_token_id=0)
     assert ours == out[0, len(prompt):].tolist()
+
+
+def test_fp8_weights_stay_close_and_replace_fused_projections(tiny_model_dir):
+    """--dtype fp8 swaps every linear layer, also after the q/k/v and gate/up fusion; relative L2
+    error of the logits <= 0.1 (e4m3 keeps a 3-bit mantissa)."""
+    from kernels.fp8 import Fp8Linear
+    from npc_engine.quantize import quantize_fp8_
+
+    ref = load_model(tiny_model_dir)
+    model = quantize_fp8_(fuse_projections_(load_model(tiny_model_dir)))
+    model.fused = True
+    assert all(layer.self_attn.qkv is None and layer.mlp.gate_up is None for layer in model.model.layers)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Fp8Linear) and isinstance(model.lm_head, Fp8Linear)
+    tokens = torch.randint(0, ref.args.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
+    cache = KVCache(model.args, 2, 64, "cpu", torch.float32)
+    with torch.no_grad():
+        expected = ref(tokens)
+        got = model(tokens, torch.arange(20).expand(2, -1), cache, torch.tensor([0, 1]), 64)
+    assert ((got - expected).norm() / expected.norm()).item() <= 0.1
