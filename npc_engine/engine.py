@@ -365,6 +365,9 @@ class Engine:
         bucket = 1 << max(0, batch - 1).bit_length()
         measured = {k: t for (b, k), t in self.step_seconds.items() if b == bucket}
         per_token = self.forward_seconds * (self.draft_cost + self.verify_cost_per_token)
+        if len(measured) >= 2:  # the measured slope also counts the host work of each draft step
+            lo, hi = min(measured), max(measured)
+            per_token = max(per_token, (measured[hi] - measured[lo]) / (hi - lo))
 
         def cost(k: int) -> float:
             if k in measured:
