@@ -1,0 +1,438 @@
+// npc_bridge.hpp: header-only C++17 client of the npc-engine service (protocol 1.0, see
+// bridge/PROTOCOL.md). Needs libzmq, cppzmq and msgpack-cxx (Debian: libzmq3-dev cppzmq-dev
+// libmsgpack-cxx-dev); link with -lzmq.
+//
+//   npc::Client client("tcp://127.0.0.1:5555");
+//   std::string id = client.say("blacksmith", "Can you mend my sword?");
+//   // once per frame:
+//   for (const npc::Event& e : client.poll(1.0)) { ... }   // never blocks longer than 1 ms
+//
+// A Client owns one ZeroMQ socket: use it from one thread only. poll() returns the service's
+// messages plus this client's own events (synthetic = true): "connection" when the service is
+// first heard from or lost, and "error" with code "disconnected" or "timeout" for requests that
+// will never be answered. Every say() id gets exactly one terminal event ("done" or "error").
+#pragma once
+
+#ifndef MSGPACK_NO_BOOST
+#define MSGPACK_NO_BOOST
+#endif
+#include <msgpack.hpp>
+#include <zmq.hpp>
+#include <zmq_addon.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <iterator>
+#include <optional>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+namespace npc {
+
+inline constexpr const char* kTag = "NPC1";
+inline constexpr int kMajor = 1;
+inline constexpr int kMinor = 0;
+inline constexpr const char* kDefaultAddr = "tcp://127.0.0.1:5555";
+
+struct Stats {
+  std::optional<double> ttft_ms;  // nil when no token was generated
+  double total_ms = 0;
+  int64_t drafted = 0;
+  int64_t accepted = 0;
+};
+
+// One message from the service or one client-side event. Fields not carried by `type` keep
+// their defaults.
+struct Event {
+  std::string type;              // token, done, error, welcome, pong, npcs, connection
+  std::string id;                // empty when the message's id was nil
+  int64_t seq = -1;              // token
+  std::string text;              // token, done
+  int64_t tokens = 0;            // done
+  bool fallback = false;         // done: text is the persona's fallback line (deadline missed)
+  bool cancelled = false;        // done: ended by cancel()
+  bool deflected = false;        // done: text is the persona's deflection line (banned topic)
+  Stats stats;                   // done
+  std::string code, message;     // error
+  std::vector<std::string> npcs; // welcome, npcs: persona ids
+  std::string instance;          // welcome, pong
+  bool connected = false;        // connection
+  bool synthetic = false;        // made by this client, not sent by the service
+  bool terminal() const { return type == "done" || type == "error"; }
+};
+
+struct SayOptions {
+  std::string session = "default";
+  std::optional<int64_t> max_tokens;
+  std::optional<double> temperature;
+  std::optional<int64_t> seed;
+  std::optional<double> deadline_ms;
+  std::string priority = "player";  // or "ambient"
+  bool stream = true;
+  std::string id;  // empty: the client makes one
+};
+
+struct ClientOptions {
+  std::string name = "bridge-cpp";
+  double ping_interval_s = 1.0;      // ping after this much silence
+  double heartbeat_timeout_s = 3.0;  // lost when a ping stays unanswered this long
+  double deadline_grace_ms = 1000;   // synthetic "timeout" this long after a missed deadline
+};
+
+namespace detail {
+
+using Clock = std::chrono::steady_clock;
+
+inline double seconds_since(Clock::time_point t, Clock::time_point now) {
+  return std::chrono::duration<double>(now - t).count();
+}
+
+inline const msgpack::object* find(const msgpack::object& map, const char* key) {
+  for (uint32_t i = 0; i < map.via.map.size; ++i) {
+    const msgpack::object_kv& kv = map.via.map.ptr[i];
+    if (kv.key.type == msgpack::type::STR && kv.key.via.str.size == std::strlen(key) &&
+        std::memcmp(kv.key.via.str.ptr, key, kv.key.via.str.size) == 0)
+      return &kv.val;
+  }
+  return nullptr;
+}
+
+inline std::string get_string(const msgpack::object& map, const char* key) {
+  const msgpack::object* v = find(map, key);
+  return v && v->type == msgpack::type::STR ? std::string(v->via.str.ptr, v->via.str.size) : std::string();
+}
+
+inline std::optional<double> get_number(const msgpack::object& map, const char* key) {
+  const msgpack::object* v = find(map, key);
+  if (!v) return std::nullopt;
+  switch (v->type) {
+    case msgpack::type::POSITIVE_INTEGER: return static_cast<double>(v->via.u64);
+    case msgpack::type::NEGATIVE_INTEGER: return static_cast<double>(v->via.i64);
+    case msgpack::type::FLOAT32:
+    case msgpack::type::FLOAT64: return v->via.f64;
+    default: return std::nullopt;
+  }
+}
+
+inline int64_t get_int(const msgpack::object& map, const char* key, int64_t fallback) {
+  std::optional<double> v = get_number(map, key);
+  return v ? static_cast<int64_t>(*v) : fallback;
+}
+
+inline bool get_bool(const msgpack::object& map, const char* key) {
+  const msgpack::object* v = find(map, key);
+  return v && v->type == msgpack::type::BOOLEAN && v->via.boolean;
+}
+
+// Ids from an array of strings (welcome) or of maps with an "id" (npcs).
+inline std::vector<std::string> get_ids(const msgpack::object& map, const char* key) {
+  std::vector<std::string> out;
+  const msgpack::object* v = find(map, key);
+  if (!v || v->type != msgpack::type::ARRAY) return out;
+  for (uint32_t i = 0; i < v->via.array.size; ++i) {
+    const msgpack::object& item = v->via.array.ptr[i];
+    if (item.type == msgpack::type::STR) out.emplace_back(item.via.str.ptr, item.via.str.size);
+    if (item.type == msgpack::type::MAP) out.push_back(get_string(item, "id"));
+  }
+  return out;
+}
+
+// Writes one msgpack map; the number of pairs is counted first so fields can be optional.
+class MapWriter {
+ public:
+  explicit MapWriter(uint32_t pairs) : packer_(buffer_) { packer_.pack_map(pairs); }
+  MapWriter& str(const char* key, const std::string& value) { packer_.pack(key); packer_.pack(value); return *this; }
+  MapWriter& num(const char* key, double value) { packer_.pack(key); packer_.pack(value); return *this; }
+  MapWriter& integer(const char* key, int64_t value) { packer_.pack(key); packer_.pack(value); return *this; }
+  MapWriter& boolean(const char* key, bool value) { packer_.pack(key); packer_.pack(value); return *this; }
+  MapWriter& version(const char* key) {
+    packer_.pack(key);
+    packer_.pack_array(2);
+    packer_.pack(kMajor);
+    packer_.pack(kMinor);
+    return *this;
+  }
+  const msgpack::sbuffer& buffer() const { return buffer_; }
+
+ private:
+  msgpack::sbuffer buffer_;
+  msgpack::packer<msgpack::sbuffer> packer_;
+};
+
+}  // namespace detail
+
+class Client {
+ public:
+  explicit Client(std::string addr = kDefaultAddr, ClientOptions options = {})
+      : addr_(std::move(addr)), options_(std::move(options)), context_(1) {
+    std::random_device rd;
+    char prefix[16];
+    std::snprintf(prefix, sizeof prefix, "%06x-", static_cast<unsigned>(rd()) & 0xffffffu);
+    prefix_ = prefix;
+    open();
+  }
+
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+
+  // True once the service has answered and until it is considered lost.
+  bool connected() const { return connected_; }
+  // The latest welcome (limits, npcs, caps): valid once connected() has been true.
+  const Event& server() const { return server_; }
+
+  // Ask `npc` for a line; returns the request id. Arguments the service would reject throw
+  // std::invalid_argument.
+  std::string say(const std::string& npc, const std::string& text, const SayOptions& o = {}) {
+    if (o.priority != "player" && o.priority != "ambient")
+      throw std::invalid_argument("priority must be \"player\" or \"ambient\"");
+    if (npc.empty() || npc.size() > 64) throw std::invalid_argument("npc must be 1 to 64 characters");
+    if (o.session.empty() || o.session.size() > 128) throw std::invalid_argument("session must be 1 to 128 characters");
+    std::string id = o.id.empty() ? next_id() : o.id;
+    if (id.size() > 128 || id[0] == '~') throw std::invalid_argument("id must be 1 to 128 characters, not starting with '~'");
+    if (pending_.count(id)) throw std::invalid_argument("request " + id + " is still running");
+    uint32_t pairs = 7 + o.max_tokens.has_value() + o.temperature.has_value() + o.seed.has_value() + o.deadline_ms.has_value();
+    detail::MapWriter w(pairs);
+    w.str("type", "say").str("id", id).str("npc", npc).str("session", o.session).str("text", text)
+        .str("priority", o.priority).boolean("stream", o.stream);
+    if (o.max_tokens) w.integer("max_tokens", *o.max_tokens);
+    if (o.temperature) w.num("temperature", *o.temperature);
+    if (o.seed) w.integer("seed", *o.seed);
+    if (o.deadline_ms) w.num("deadline_ms", *o.deadline_ms);
+    auto now = detail::Clock::now();
+    Pending p{now, std::nullopt};
+    if (o.deadline_ms)
+      p.expires_at = now + std::chrono::duration_cast<detail::Clock::duration>(
+                               std::chrono::duration<double, std::milli>(*o.deadline_ms + options_.deadline_grace_ms));
+    pending_[id] = p;
+    abandoned_set_.erase(id);
+    send(w.buffer());
+    return id;
+  }
+
+  // Stop a running request; it ends with done (cancelled = true) unless it was already ending.
+  void cancel(const std::string& id) {
+    if (!pending_.count(id)) return;
+    detail::MapWriter w(2);
+    w.str("type", "cancel").str("id", id);
+    send(w.buffer());
+  }
+
+  std::string hello() { return request_hello(next_id()); }
+  std::string ping() { return request("ping", next_id()); }
+  std::string npcs() { return request("npcs", next_id()); }
+
+  // Every event available now, reading for at most budget_ms; never waits for messages.
+  std::vector<Event> poll(double budget_ms = 1.0) {
+    auto start = detail::Clock::now();
+    for (;;) {
+      std::vector<zmq::message_t> frames;
+      zmq::recv_result_t got;
+      try {
+        got = zmq::recv_multipart(socket_, std::back_inserter(frames), zmq::recv_flags::dontwait);
+      } catch (const zmq::error_t&) {
+        break;
+      }
+      if (!got) break;
+      receive(frames);
+      if (detail::seconds_since(start, detail::Clock::now()) * 1000.0 >= budget_ms) break;
+    }
+    housekeeping(detail::Clock::now());
+    std::vector<Event> out(std::make_move_iterator(events_.begin()), std::make_move_iterator(events_.end()));
+    events_.clear();
+    return out;
+  }
+
+  // Block until a message arrives or timeout_ms passes (for tools and tests; games only poll).
+  void wait(long timeout_ms) {
+    zmq::pollitem_t item{static_cast<void*>(socket_), 0, ZMQ_POLLIN, 0};
+    zmq::poll(&item, 1, std::chrono::milliseconds(timeout_ms));
+  }
+
+ private:
+  struct Pending {
+    detail::Clock::time_point sent_at;
+    std::optional<detail::Clock::time_point> expires_at;
+  };
+
+  std::string next_id() { return prefix_ + std::to_string(counter_++); }
+
+  std::string request(const char* type, const std::string& id) {
+    detail::MapWriter w(2);
+    w.str("type", type).str("id", id);
+    send(w.buffer());
+    return id;
+  }
+
+  std::string request_hello(const std::string& id) {
+    detail::MapWriter w(4);
+    w.str("type", "hello").str("id", id).version("protocol").str("client", options_.name);
+    send(w.buffer());
+    return id;
+  }
+
+  void open() {
+    socket_ = zmq::socket_t(context_, zmq::socket_type::dealer);
+    socket_.set(zmq::sockopt::linger, 0);
+    socket_.set(zmq::sockopt::rcvhwm, 0);
+    socket_.connect(addr_);
+    auto now = detail::Clock::now();
+    last_heard_ = now;
+    unanswered_since_.reset();
+    probes_.clear();
+    probe(true);
+  }
+
+  void probe(bool hello) {
+    std::string id = "~" + next_id();
+    auto now = detail::Clock::now();
+    probes_[id] = now;
+    last_probe_ = now;
+    if (!unanswered_since_) unanswered_since_ = now;
+    if (hello) request_hello(id);
+    else request("ping", id);
+  }
+
+  void send(const msgpack::sbuffer& body) {
+    zmq::message_t tag(kTag, 4);
+    zmq::message_t payload(body.data(), body.size());
+    // A full queue (service unreachable) drops the message; the heartbeat then reports the loss.
+    if (socket_.send(tag, zmq::send_flags::sndmore | zmq::send_flags::dontwait))
+      socket_.send(payload, zmq::send_flags::dontwait);
+  }
+
+  void receive(const std::vector<zmq::message_t>& frames) {
+    if (frames.size() != 2 || frames[0].size() != 4 || std::memcmp(frames[0].data(), kTag, 4) != 0) return;
+    msgpack::object_handle handle;
+    try {
+      handle = msgpack::unpack(static_cast<const char*>(frames[1].data()), frames[1].size());
+    } catch (const std::exception&) {
+      return;  // not a protocol-1 service; nothing to report against
+    }
+    const msgpack::object& m = handle.get();
+    if (m.type != msgpack::type::MAP) return;
+    last_heard_ = detail::Clock::now();
+    unanswered_since_.reset();
+    if (!connected_) set_connected(true);
+    Event e = to_event(m);
+    if (!e.id.empty() && e.id[0] == '~') {
+      on_probe_reply(e);
+      return;
+    }
+    if (e.type == "welcome") server_ = e;
+    if (abandoned_set_.count(e.id)) return;
+    if (e.terminal()) pending_.erase(e.id);
+    events_.push_back(std::move(e));
+  }
+
+  static Event to_event(const msgpack::object& m) {
+    Event e;
+    e.type = detail::get_string(m, "type");
+    e.id = detail::get_string(m, "id");
+    e.seq = detail::get_int(m, "seq", -1);
+    e.text = detail::get_string(m, "text");
+    e.tokens = detail::get_int(m, "tokens", 0);
+    e.fallback = detail::get_bool(m, "fallback");
+    e.cancelled = detail::get_bool(m, "cancelled");
+    e.deflected = detail::get_bool(m, "deflected");
+    e.code = detail::get_string(m, "code");
+    e.message = detail::get_string(m, "message");
+    e.instance = detail::get_string(m, "instance");
+    e.npcs = detail::get_ids(m, "npcs");
+    if (const msgpack::object* s = detail::find(m, "stats"); s && s->type == msgpack::type::MAP) {
+      e.stats.ttft_ms = detail::get_number(*s, "ttft_ms");
+      e.stats.total_ms = detail::get_number(*s, "total_ms").value_or(0.0);
+      e.stats.drafted = detail::get_int(*s, "drafted", 0);
+      e.stats.accepted = detail::get_int(*s, "accepted", 0);
+    }
+    return e;
+  }
+
+  void on_probe_reply(const Event& e) {
+    auto it = probes_.find(e.id);
+    if (e.type == "welcome") server_ = e;
+    if (it == probes_.end() || e.instance.empty()) return;
+    auto sent_at = it->second;
+    probes_.erase(it);
+    if (!instance_.empty() && e.instance != instance_) {
+      // The service restarted: requests sent before this probe went to the old one.
+      fail([&](const Pending& p) { return p.sent_at < sent_at; }, "disconnected",
+           "the service restarted; the request was lost");
+    }
+    instance_ = e.instance;
+  }
+
+  void housekeeping(detail::Clock::time_point now) {
+    if (unanswered_since_ && detail::seconds_since(*unanswered_since_, now) >= options_.heartbeat_timeout_s) {
+      if (connected_) set_connected(false);
+      fail([](const Pending&) { return true; }, "disconnected", "no word from the service");
+      socket_.close();
+      open();  // a fresh socket drops messages queued for the lost connection
+      return;
+    }
+    if (detail::seconds_since(last_heard_, now) >= options_.ping_interval_s &&
+        detail::seconds_since(last_probe_, now) >= options_.ping_interval_s)
+      probe(false);
+    fail([&](const Pending& p) { return p.expires_at && now >= *p.expires_at; }, "timeout", "no reply by the deadline");
+  }
+
+  void set_connected(bool value) {
+    connected_ = value;
+    Event e;
+    e.type = "connection";
+    e.connected = value;
+    e.synthetic = true;
+    events_.push_back(std::move(e));
+  }
+
+  void fail(const std::function<bool(const Pending&)>& which, const char* code, const char* message) {
+    std::vector<std::string> ids;
+    for (const auto& [id, p] : pending_)
+      if (which(p)) ids.push_back(id);
+    for (const std::string& id : ids) {
+      pending_.erase(id);
+      abandon(id);
+      Event e;
+      e.type = "error";
+      e.id = id;
+      e.code = code;
+      e.message = message;
+      e.synthetic = true;
+      events_.push_back(std::move(e));
+    }
+  }
+
+  void abandon(const std::string& id) {
+    if (abandoned_set_.insert(id).second) abandoned_.push_back(id);
+    while (abandoned_.size() > 4096) {
+      abandoned_set_.erase(abandoned_.front());
+      abandoned_.pop_front();
+    }
+  }
+
+  std::string addr_;
+  ClientOptions options_;
+  zmq::context_t context_;
+  zmq::socket_t socket_;
+  std::string prefix_;
+  uint64_t counter_ = 0;
+  bool connected_ = false;
+  Event server_;
+  std::string instance_;
+  std::unordered_map<std::string, Pending> pending_;
+  std::unordered_map<std::string, detail::Clock::time_point> probes_;
+  std::deque<std::string> abandoned_;
+  std::unordered_set<std::string> abandoned_set_;
+  std::vector<Event> events_;
+  detail::Clock::time_point last_heard_, last_probe_;
+  std::optional<detail::Clock::time_point> unanswered_since_;
+};
+
+}  // namespace npc

@@ -1,0 +1,93 @@
+"""The header-only C++ client (bridge/cpp): build the example with make and run it against a live
+service. Skipped, with the reason, where the compiler or the headers are missing (Debian:
+apt-get install g++ make libzmq3-dev cppzmq-dev libmsgpack-cxx-dev)."""
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from test_service import LONG, PLAIN_FALLBACKS, chatty_model_dir, personas_dir, service  # noqa: F401 (fixtures)
+
+CPP = Path(__file__).resolve().parents[1] / "bridge" / "cpp"
+PROBE = "#include <zmq.hpp>\n#include <zmq_addon.hpp>\n#include <msgpack.hpp>\nint main() {}\n"
+
+
+def missing_toolchain() -> str | None:
+    compiler = shutil.which("g++")
+    if compiler is None or shutil.which("make") is None:
+        return "g++ or make not installed"
+    probe = subprocess.run([compiler, "-std=c++17", "-fsyntax-only", "-DMSGPACK_NO_BOOST", "-x", "c++", "-"],
+                           input=PROBE, capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"cppzmq/msgpack-cxx headers missing (apt-get install libzmq3-dev cppzmq-dev libmsgpack-cxx-dev): {probe.stderr[:200]}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory) -> Path:
+    reason = missing_toolchain()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path_factory.mktemp("cpp") / "example"
+    build = subprocess.run(["make", "-C", str(CPP), f"OUT={out}", "CXXFLAGS=-std=c++17 -O0 -Wall -Wextra"], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stdout + build.stderr
+    assert "warning" not in build.stderr, build.stderr
+    return out
+
+
+def run(example: Path, endpoint: str, *args: str, timeout: float = 60) -> tuple[int, dict]:
+    result = subprocess.run([str(example), "--connect", endpoint, "--frame-ms", "2", *args],
+                            capture_output=True, text=True, timeout=timeout)
+    lines = result.stdout.split("\n")
+    assert lines[0].startswith("npc: "), result.stdout
+    parsed = {"streamed": lines[0][len("npc: "):], "stderr": result.stderr}
+    for line in lines[1:]:
+        key, _, value = line.partition(": ")
+        if key == "done":
+            parsed["done"] = dict(item.split("=") for item in value.split())
+        elif key in ("text", "error"):
+            parsed[key] = value
+    return result.returncode, parsed
+
+
+def test_cpp_client_streams_a_line(example, service):
+    rc, out = run(example, service, "--max-tokens", "12", "plain", "Hello", "there")
+    assert rc == 0, out
+    done = out["done"]
+    assert (done["tokens"], done["fallback"], done["cancelled"], done["deflected"]) == ("12", "0", "0", "0")
+    assert int(done["messages"]) >= 1
+    assert out["text"] == out["streamed"]
+    assert "[connected]" in out["stderr"]
+
+
+def test_cpp_client_cancels_mid_stream(example, service):
+    rc, out = run(example, service, "--max-tokens", str(LONG), "--cancel-after", "1", "plain", "Talk", "a", "lot")
+    assert rc == 0, out
+    assert out["done"]["cancelled"] == "1" and int(out["done"]["tokens"]) < LONG
+    assert out["text"] == out["streamed"]
+
+
+def test_cpp_client_gets_the_fallback_at_the_deadline(example, service):
+    rc, out = run(example, service, "--max-tokens", str(LONG), "--deadline-ms", "100", "plain", "Talk", "a", "lot")
+    assert rc == 0, out
+    assert out["done"]["fallback"] == "1"
+    assert out["text"] in PLAIN_FALLBACKS
+
+
+def test_cpp_client_reports_errors_and_deflections(example, service):
+    rc, out = run(example, service, "nobody", "hi")
+    assert rc == 1 and out["error"].startswith("unknown_npc ")
+    rc, out = run(example, service, "blacksmith", "What", "about", "the", "war?")
+    assert rc == 0 and out["done"]["deflected"] == "1"
+    assert out["text"] == "I don't talk about that. Ask me about steel."
+
+
+def test_cpp_client_reports_a_missing_service(example):
+    with socket.socket() as s:  # a loopback port with nobody listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rc, out = run(example, f"tcp://127.0.0.1:{port}", "plain", "hi", timeout=30)
+    assert rc == 1
+    assert out["error"].startswith("disconnected ") and out["error"].endswith("(client-side)")

@@ -1,0 +1,135 @@
+"""bridge.protocol: framing, decoding and validation shared by the service and the Python client."""
+import msgpack
+import pytest
+
+from bridge import protocol
+from bridge.protocol import Limits, ProtocolError
+
+LIMITS = Limits()
+SAY = {"type": "say", "id": "r1", "npc": "blacksmith", "session": "s", "text": "Hello"}
+
+
+def decode_error(frames: list[bytes], max_bytes: int = 1024) -> ProtocolError:
+    with pytest.raises(ProtocolError) as e:
+        protocol.decode(frames, max_bytes)
+    return e.value
+
+
+def validate_error(msg: dict, limits: Limits = LIMITS) -> ProtocolError:
+    with pytest.raises(ProtocolError) as e:
+        protocol.validate(msg, limits)
+    return e.value
+
+
+def test_encode_decode_round_trip():
+    msg = {"type": "token", "id": "a", "seq": 3, "text": "héllo ✓", "stats": {"x": 1.5, "y": None}}
+    frames = protocol.encode(msg)
+    assert frames[0] == b"NPC1"
+    assert protocol.decode(frames, 1024) == msg
+
+
+@pytest.mark.parametrize("frames, code", [
+    ([b"NPC1"], "bad_request"),
+    ([b"NPC1", b"\x80", b"extra"], "bad_request"),
+    ([b"HTTP", msgpack.packb({})], "bad_request"),
+    ([b"NPC2", msgpack.packb({"type": "ping", "id": "x"})], "version_mismatch"),
+    ([b"NPC1", b"\xc1"], "bad_request"),  # a byte msgpack never uses
+    ([b"NPC1", msgpack.packb([1, 2])], "bad_request"),
+    ([b"NPC1", msgpack.packb({1: "a"})], "bad_request"),
+    ([b"NPC1", msgpack.packb({"a": msgpack.ExtType(5, b"xx")})], "bad_request"),
+    ([b"NPC1", msgpack.packb({"a": 1}) + b"\x01"], "bad_request"),  # trailing bytes
+    ([b"NPC1", b"\xa2\xff\xfe"], "bad_request"),  # invalid UTF-8 string
+    ([b"NPC1", b"\x81" * 3000 + b"\xc0"], "too_large"),
+])
+def test_decode_rejects(frames, code):
+    err = decode_error(frames)
+    assert err.code == code
+    assert err.id is None
+
+
+def test_decode_keeps_usable_id_for_binary_keys():
+    err = decode_error([b"NPC1", msgpack.packb({"id": "q7", b"k": 1}, use_bin_type=True)])
+    assert (err.code, err.id) == ("bad_request", "q7")
+
+
+def test_validate_fills_say_defaults_and_drops_unknown_keys():
+    out = protocol.validate({**SAY, "future_field": [1, 2], "priority": None}, LIMITS)
+    assert out == {"type": "say", "id": "r1", "npc": "blacksmith", "session": "s", "text": "Hello",
+                   "max_tokens": None, "temperature": None, "seed": None, "deadline_ms": None,
+                   "priority": "player", "stream": True}
+
+
+@pytest.mark.parametrize("kind, code", [
+    ("say.append", "unsupported"), ("scene.start", "unsupported"), ("session.export", "unsupported"),
+    ("session.import", "unsupported"), ("shout", "unknown_type"), ("SAY", "unknown_type"),
+])
+def test_reserved_and_unknown_types(kind, code):
+    err = validate_error({"type": kind, "id": "x"})
+    assert (err.code, err.id) == (code, "x")
+
+
+@pytest.mark.parametrize("msg, field", [
+    ({"id": "x"}, "type"),
+    ({"type": 3, "id": "x"}, "type"),
+    ({"type": "ping"}, "id"),
+    ({"type": "ping", "id": ""}, "id"),
+    ({"type": "ping", "id": "x" * 129}, "id"),
+    ({"type": "ping", "id": 7}, "id"),
+    ({"type": "hello", "id": "x"}, "protocol"),
+    ({"type": "hello", "id": "x", "protocol": [1]}, "protocol"),
+    ({"type": "hello", "id": "x", "protocol": ["1", 0]}, "protocol"),
+    ({"type": "hello", "id": "x", "protocol": [1, 0], "client": 5}, "client"),
+    ({"type": "hello", "id": "x", "protocol": [1, 0], "caps": "stream"}, "caps"),
+    ({**SAY, "npc": None}, "npc"),
+    ({k: v for k, v in SAY.items() if k != "npc"}, "npc"),
+    ({k: v for k, v in SAY.items() if k != "session"}, "session"),
+    ({k: v for k, v in SAY.items() if k != "text"}, "text"),
+    ({**SAY, "npc": ""}, "npc"),
+    ({**SAY, "npc": "n" * 65}, "npc"),
+    ({**SAY, "session": 12}, "session"),
+    ({**SAY, "text": b"bytes"}, "text"),
+    ({**SAY, "max_tokens": 0}, "max_tokens"),
+    ({**SAY, "max_tokens": LIMITS.max_tokens + 1}, "max_tokens"),
+    ({**SAY, "max_tokens": 5.0}, "max_tokens"),
+    ({**SAY, "max_tokens": True}, "max_tokens"),
+    ({**SAY, "temperature": -0.1}, "temperature"),
+    ({**SAY, "temperature": float("nan")}, "temperature"),
+    ({**SAY, "temperature": "hot"}, "temperature"),
+    ({**SAY, "seed": -1}, "seed"),
+    ({**SAY, "seed": 2**64 - 1}, "seed"),
+    ({**SAY, "deadline_ms": 0}, "deadline_ms"),
+    ({**SAY, "deadline_ms": LIMITS.max_deadline_ms + 1}, "deadline_ms"),
+    ({**SAY, "priority": "boss"}, "priority"),
+    ({**SAY, "priority": ["player"]}, "priority"),
+    ({**SAY, "stream": 1}, "stream"),
+])
+def test_bad_request_names_the_field(msg, field):
+    err = validate_error(msg)
+    assert err.code == "bad_request"
+    assert f"'{field}'" in err.message
+    expected_id = msg.get("id") if isinstance(msg.get("id"), str) and 0 < len(msg["id"]) <= 128 else None
+    assert err.id == expected_id
+
+
+def test_text_over_the_limit_is_too_large():
+    err = validate_error({**SAY, "text": "x" * 11}, Limits(max_text_chars=10))
+    assert (err.code, err.id) == ("too_large", "r1")
+    assert protocol.validate({**SAY, "text": "x" * 10}, Limits(max_text_chars=10))["text"] == "x" * 10
+
+
+def test_empty_text_is_allowed():
+    assert protocol.validate({**SAY, "text": ""}, LIMITS)["text"] == ""
+
+
+def test_hello_versions():
+    out = protocol.validate({"type": "hello", "id": "h", "protocol": [1, 7]}, LIMITS)
+    assert out == {"type": "hello", "id": "h", "protocol": [1, 7], "client": "", "caps": []}
+    err = validate_error({"type": "hello", "id": "h", "protocol": [2, 0]})
+    assert (err.code, err.id) == ("version_mismatch", "h")
+
+
+def test_limits_travel_as_plain_ints():
+    wire = Limits().to_wire()
+    assert set(wire) == {"max_message_bytes", "max_text_chars", "max_tokens", "max_inflight", "max_deadline_ms"}
+    assert all(type(v) is int for v in wire.values())
+    assert Limits.from_wire({**wire, "max_text_chars": 10, "added_later": 1}) == Limits(max_text_chars=10)
