@@ -108,7 +108,7 @@ def cmd_chat(args) -> int:
         raise ValueError(f"no persona with id {args.npc!r} in {args.personas} "
                          f"(known: {', '.join(store.ids()) or 'none'})")
     model = args.model or store.get(args.npc).model or DEFAULT_MODEL
-    engine = Engine.load(model, args.draft, args.device, args.dtype)
+    engine = Engine.load(model, args.draft, args.device, args.dtype, backend=args.backend, onnx_provider=args.onnx_provider)
 
     def params_for(persona: Persona) -> SamplingParams:
         return SamplingParams(**{"temperature": args.temperature, "max_tokens": args.max_tokens,

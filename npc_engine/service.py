@@ -385,6 +385,7 @@ class Service:
             call.generated += call.decoder.push(token)
         call.tokens += len(event.token_ids)
         if event.finished:
+            call.generated += call.decoder.flush()
             call.admitted = False  # the engine has let go of it
             if event.finish_reason == "cancelled":
                 self.finish(call, self.done(call, call.generated[:call.sent], cancelled=True))
@@ -545,6 +546,8 @@ def add_subparsers(sub) -> None:
     serve.add_argument("--personas", default="personas", help="persona folder, hot-reloaded (default: personas)")
     serve.add_argument("--bind", default=protocol.DEFAULT_ADDR, help="ZeroMQ endpoint; a port of '*' picks a free one")
     serve.add_argument("--max-batch", type=int, default=16, help="requests generated together")
+    serve.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                       help="CPU threads for the model (default: all cores but one, so socket I/O never starves)")
     serve.add_argument("--curve-secret", help="zmq.auth secret certificate of the service (enables CURVE)")
     serve.add_argument("--curve-clients", help="folder of the public certificates of allowed clients")
     serve.set_defaults(func=serve_command)
@@ -563,6 +566,8 @@ def add_subparsers(sub) -> None:
 
 
 def serve_command(args: argparse.Namespace) -> int:
+    import torch
+
     from npc_engine.engine import Engine
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -570,7 +575,9 @@ def serve_command(args: argparse.Namespace) -> int:
     try:
         check_bind(config)
         store = PersonaStore(args.personas)
-        engine = Engine.load(args.model, args.draft, args.device, args.dtype, max_batch=args.max_batch)
+        torch.set_num_threads(args.threads)
+        engine = Engine.load(args.model, args.draft, args.device, args.dtype, max_batch=args.max_batch,
+                             backend=args.backend, onnx_provider=args.onnx_provider)
         service = Service(engine, store, config)
         endpoint = service.bind()
     except (ServiceError, FileNotFoundError, ValueError, OSError) as e:

@@ -67,5 +67,11 @@ class IncrementalDecoder:
             return new_text[len(prefix_text):]
         return ""
 
+    def flush(self) -> str:
+        """At the end of a stream: whatever is still held back (an incomplete character decodes as U+FFFD)."""
+        rest = self.tokenizer.decode(self.ids[self.prefix_offset:])[len(self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])):]
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return rest
+
     def text(self) -> str:
         return self.tokenizer.decode(self.ids)

@@ -29,3 +29,12 @@ def test_incremental_decoding_never_emits_broken_utf8(tiny_model_dir):
 def test_stop_ids_include_end_of_turn(tiny_model_dir):
     tok = Tokenizer.from_dir(tiny_model_dir)
     assert tok.eot_id in tok.stop_ids
+
+
+def test_flush_releases_what_an_unfinished_stream_holds_back(tiny_model_dir):
+    tok = Tokenizer.from_dir(tiny_model_dir)
+    ids = tok.encode("ok 🐉")
+    decoder = IncrementalDecoder(tok)
+    held = "".join(decoder.push(i) for i in ids[:-1])  # the dragon's last byte never arrives
+    assert held == "ok " and decoder.flush() == "\ufffd"
+    assert decoder.flush() == ""
