@@ -63,6 +63,7 @@ class Request:
     accept_hits: float = 0.0
     accept_trials: float = 0.0
     off_steps: int = 0
+    draft_valid: int = 0  # positions below this hold the right keys in the draft model's cache
     cancelled: bool = False
     stats: RequestStats = field(default_factory=RequestStats)
 
@@ -259,8 +260,11 @@ class Engine:
             if starts[r.rid] < r.prefix_len:
                 self.prefix_cache.put(tuple(r.prompt[:r.prefix_len]), self.copy_prefix_out(r))
         self.prefill_ranges([(r, max(starts[r.rid], r.prefix_len), len(r.prompt) - 1) for r in reqs])
+        for r in reqs:
+            r.draft_valid = len(r.prompt) - 1
 
-    def prefill_ranges(self, ranges: list[tuple[Request, int, int]]) -> None:
+    def prefill_ranges(self, ranges: list[tuple[Request, int, int]], target: bool = True) -> None:
+        """Feeds positions [a, b) of each request's tokens to the target (unless target=False) and the drafter."""
         ranges = [(r, a, b) for r, a, b in ranges if b > a]
         longest = max((b - a for _, a, b in ranges), default=0)
         for offset in range(0, longest, PREFILL_CHUNK):
@@ -269,16 +273,17 @@ class Engine:
             width = PREFILL_CHUNK if self.target_forward is not self.target else max(b - a for _, a, b in rows)
             # Short rows are padded with positions past their own end: those cache entries are
             # overwritten before any query can see them.
-            tokens = [r.prompt[a:b] + [0] * (width - (b - a)) for r, a, b in rows]
+            tokens = [r.ids[a:b] + [0] * (width - (b - a)) for r, a, b in rows]
             positions = [list(range(a, a + width)) for _, a, _ in rows]
             tokens_t = torch.tensor(tokens, device=self.device)
             pos_t = torch.tensor(positions, device=self.device)
             slots = torch.tensor([r.slot for r, _, _ in rows], device=self.device)
             kv_len = kv_bucket(max(p[-1] for p in positions) + 1, self.max_seq)
-            self.target_forward(tokens_t, pos_t, self.cache, slots, kv_len, logits=False)
+            if target:
+                self.target_forward(tokens_t, pos_t, self.cache, slots, kv_len, logits=False)
+                for r, a, b in rows:
+                    r.stats.prefill_tokens += b - a
             self.drafter.prefill(tokens_t, pos_t, slots, kv_len)
-            for r, a, b in rows:
-                r.stats.prefill_tokens += b - a
 
     def caches(self) -> list[KVCache]:
         return [self.cache] + ([self.drafter.cache] if self.drafter.cache is not None else [])
@@ -300,7 +305,12 @@ class Engine:
         k_asked = max(r.k for r in reqs)
         greedy = sampling[3]
         u = None if greedy else torch.stack([torch.rand(2 * k_asked + 1, generator=r.generator, device=dev) for r in reqs])
+        bucket = 1 << max(0, B - 1).bit_length()
+        if (bucket, 0) not in self.step_seconds:
+            k_asked = 0  # measure plain decoding once per batch size: speculation must beat it, host work included
         if k_asked > 0:
+            if self.drafter.cache is not None:  # steps without drafting left the draft cache behind
+                self.prefill_ranges([(r, r.draft_valid, len(r.ids) - 2) for r in reqs], target=False)
             drafts, q, lens = self.drafter.propose(seqs, slots, k_asked, sampling, None if greedy else u[:, :k_asked])
             lens = torch.minimum(lens.to(dev), torch.tensor([r.k for r in reqs], device=dev))
             drafts = drafts.to(dev)
@@ -327,6 +337,8 @@ class Engine:
             r.stats.accepted += n
             self.adapt_k(r, n, n_drafted)
             events.append(self.emit(r, draft_list[:n] + [extra_tok]))
+            if k_asked > 0:  # the drafter fed every token but the last two (see ModelDrafter.propose)
+                r.draft_valid = len(r.ids) - 2
         return [e for e in events if e is not None]
 
     def adapt_k(self, r: Request, accepted: int, drafted: int) -> None:

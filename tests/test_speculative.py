@@ -223,3 +223,23 @@ def test_engine_switches_speculation_off_when_it_does_not_pay(tiny_pair_dirs):
         engine.step()
     assert ks[-1] == 0 or 0 in ks[-20:], ks
     assert engine.step_seconds
+
+
+def test_draft_cache_catches_up_after_steps_without_drafting(tiny_pair_dirs):
+    """Steps with speculation off leave the draft model's cache behind; the next drafting step feeds
+    the missing tokens first, so the draft cache again equals a fresh prefill."""
+    target_dir, draft_dir = tiny_pair_dirs
+    engine = make_engine(target_dir, "model", draft_dir, fixed_k=0)
+    engine.submit("a", engine.tokenizer.encode(PROMPTS[0]), SamplingParams(temperature=1.0, seed=5, max_tokens=200))
+    for _ in range(5):  # plain decoding: nothing reaches the draft model
+        engine.step()
+    req = engine.active["a"]
+    engine.fixed_k = req.k = 3
+    engine.step()
+    n = len(req.ids)
+    assert req.draft_valid == n - 2
+    fresh = make_engine(target_dir, "model", draft_dir)
+    fresh_slot = fresh.free_slots[-1]
+    fresh.submit("b", req.ids, SamplingParams(max_tokens=1))
+    fresh.step()
+    assert torch.allclose(engine.drafter.cache.k[:, req.slot, :, :n - 2], fresh.drafter.cache.k[:, fresh_slot, :, :n - 2], atol=1e-5)
