@@ -35,6 +35,19 @@ MOVE_KEYS = {pygame.K_LEFT: (-1, 0), pygame.K_a: (-1, 0), pygame.K_RIGHT: (1, 0)
              pygame.K_DOWN: (0, 1), pygame.K_s: (0, 1)}
 
 
+SPIN_S = 0.001
+
+
+def pace_until(deadline: float) -> None:
+    """Sleep until just before the frame deadline, then spin the last millisecond: pygame's
+    Clock.tick counts whole milliseconds, so at 60 fps its frames alternate 16 and 17 ms."""
+    remaining = deadline - time.perf_counter()
+    if remaining > SPIN_S:
+        time.sleep(remaining - SPIN_S)
+    while time.perf_counter() < deadline:
+        pass
+
+
 @dataclass
 class Options:
     address: str
@@ -132,13 +145,13 @@ class Game:
     def run(self, frames: int | None = None, script: ScriptRunner | None = None) -> None:
         """Run until the window closes, `frames` frames have passed, or the script is over and
         no line is in flight."""
-        clock = pygame.time.Clock()
         # Objects from start-up (imports, fonts, the cast) never die: moving them out of the
         # collector's reach keeps its pauses inside frames short.
         gc.collect()
         gc.freeze()
         self.chatter.greet(time.perf_counter())
         last_start = None
+        next_frame = time.perf_counter()
         while self.running:
             start = time.perf_counter()
             self.bridge.begin_frame()
@@ -153,7 +166,8 @@ class Game:
                 break
             if frames is None and script is not None and script.finished and self.idle:
                 break
-            clock.tick(FPS)
+            next_frame = max(next_frame + 1 / FPS, time.perf_counter() - 1 / FPS)  # behind: don't catch up
+            pace_until(next_frame)
 
     def step(self, now: float, script: ScriptRunner | None, dt: float) -> None:
         self.handle_events(now, keyboard=script is None)
