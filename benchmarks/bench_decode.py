@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import header, median_time, random_pair  # noqa: E402
-from npc_engine.engine import Engine  # noqa: E402
+from npc_engine.engine import Engine, RequestStats  # noqa: E402
 from npc_engine.loading import load_model  # noqa: E402
 from npc_engine.sampling import SamplingParams  # noqa: E402
 from npc_engine.speculative import ModelDrafter, NgramDrafter, NoDrafter  # noqa: E402
@@ -124,7 +124,6 @@ def bench_pair(target_dir, draft_dir, device, dtype, args):
         seconds, tokens = sum(r[0] for r in results), sum(r[1] for r in results)
         stats = None
         if len(results[0]) == 4 and results[0][3].drafted:
-            from npc_engine.engine import RequestStats
             stats = RequestStats(drafted=sum(r[3].drafted for r in results), accepted=sum(r[3].accepted for r in results),
                                  target_forwards=sum(r[3].target_forwards for r in results))
         rows.append(row(name, seconds, tokens, None, stats) | {"same_tokens_as_ours_ar": f"{sum(same[name])}/{len(same[name])}"})

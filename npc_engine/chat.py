@@ -43,10 +43,10 @@ def generate_reply(engine, persona: Persona, turns: list[Turn], params, rid: str
                     streamed += piece
                     on_text(piece)
             if event.finished:
-                text = decoder.text()  # bytes held back for a character that never completed
-                if text[len(streamed):]:
-                    on_text(text[len(streamed):])
-                return text.strip()
+                if rest := decoder.flush():  # bytes held back for a character that never completed
+                    streamed += rest
+                    on_text(rest)
+                return streamed.strip()
 
 
 def run_chat(engine, store: PersonaStore, npc_id: str, params_for: Callable[[Persona], object],

@@ -58,15 +58,18 @@ def cmd_generate(args) -> int:
 
 
 def run_bench(engine, prompt: list[int], params, repeats: int) -> dict:
+    import torch
+
+    def sync():
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+
     times, tokens, stats = [], 0, None
     for i in range(repeats + 1):  # the first run is warm-up
-        if engine.device.type == "cuda":
-            import torch
-            torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         out = list(engine.generate(prompt, params, rid=f"bench{i}"))
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         if i:
             times.append(time.perf_counter() - t0)
             tokens, stats = len(out), engine.last_stats

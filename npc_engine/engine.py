@@ -26,6 +26,11 @@ PREFILL_CHUNK = 16
 PROBE_AFTER = 32  # steps with speculation off before a request tries K = 1 again
 
 
+def batch_bucket(batch: int) -> int:
+    """Batch sizes are timed per power of two: step times differ with the batch, not within a bucket."""
+    return 1 << max(0, batch - 1).bit_length()
+
+
 @dataclass
 class RequestStats:
     drafted: int = 0
@@ -79,12 +84,11 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self.entries: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
         self.bytes = 0
-        self.hits = self.misses = 0
+        self.hits = 0
 
     def get(self, key: tuple[int, ...]):
         kv = self.entries.get(key)
         if kv is None:
-            self.misses += 1
             return None
         self.hits += 1
         self.entries.move_to_end(key)
@@ -305,8 +309,7 @@ class Engine:
         k_asked = max(r.k for r in reqs)
         greedy = sampling[3]
         u = None if greedy else torch.stack([torch.rand(2 * k_asked + 1, generator=r.generator, device=dev) for r in reqs])
-        bucket = 1 << max(0, B - 1).bit_length()
-        if (bucket, 0) not in self.step_seconds:
+        if (batch_bucket(B), 0) not in self.step_seconds:
             k_asked = 0  # measure plain decoding once per batch size: speculation must beat it, host work included
         if k_asked > 0:
             if self.drafter.cache is not None:  # steps without drafting left the draft cache behind
@@ -331,17 +334,18 @@ class Engine:
         result = torch.cat([n_acc[:, None], extra[:, None], lens[:, None], drafts], dim=1).tolist()  # the one host sync
         self.record_step_time(B, k_asked, time.perf_counter() - started)
         events = []
+        step_cost = self.step_cost_fn(B)
         for r, (n, extra_tok, n_drafted, *draft_list) in zip(reqs, result):
             r.stats.target_forwards += 1
             r.stats.drafted += n_drafted
             r.stats.accepted += n
-            self.adapt_k(r, n, n_drafted)
+            self.adapt_k(r, n, n_drafted, step_cost)
             events.append(self.emit(r, draft_list[:n] + [extra_tok]))
             if k_asked > 0:  # the drafter fed every token but the last two (see ModelDrafter.propose)
                 r.draft_valid = len(r.ids) - 2
         return [e for e in events if e is not None]
 
-    def adapt_k(self, r: Request, accepted: int, drafted: int) -> None:
+    def adapt_k(self, r: Request, accepted: int, drafted: int, step_cost) -> None:
         if drafted:
             r.accept_hits = 0.9 * r.accept_hits + accepted
             r.accept_trials = 0.9 * r.accept_trials + accepted + (accepted < drafted)
@@ -352,7 +356,7 @@ class Engine:
             if r.off_steps >= PROBE_AFTER:
                 r.k, r.off_steps = 1, 0
             return
-        r.k = choose_k(r.alpha, self.step_cost_fn(len(self.active)))
+        r.k = choose_k(r.alpha, step_cost)
 
     def emit(self, r: Request, new_tokens: list[int]) -> StepEvent | None:
         out = []
@@ -374,7 +378,7 @@ class Engine:
     def step_cost_fn(self, batch: int):
         """step_cost(k) for choose_k: the measured time of a step drafting k tokens at this batch size,
         else the nearest measured K plus the calibrated per-token cost, else the calibration alone."""
-        bucket = 1 << max(0, batch - 1).bit_length()
+        bucket = batch_bucket(batch)
         measured = {k: t for (b, k), t in self.step_seconds.items() if b == bucket}
         per_token = self.forward_seconds * (self.draft_cost + self.verify_cost_per_token)
         if len(measured) >= 2:  # the measured slope also counts the host work of each draft step
@@ -392,7 +396,7 @@ class Engine:
         return cost
 
     def record_step_time(self, batch: int, k: int, seconds: float) -> None:
-        key = (1 << max(0, batch - 1).bit_length(), k)
+        key = (batch_bucket(batch), k)
         old = self.step_seconds.get(key)
         self.step_seconds[key] = seconds if old is None else 0.8 * old + 0.2 * seconds
 

@@ -72,6 +72,3 @@ class IncrementalDecoder:
         rest = self.tokenizer.decode(self.ids[self.prefix_offset:])[len(self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])):]
         self.prefix_offset = self.read_offset = len(self.ids)
         return rest
-
-    def text(self) -> str:
-        return self.tokenizer.decode(self.ids)

@@ -109,7 +109,8 @@ def test_screenshot_shows_speech_bubbles_with_text(scripted_run):
     for bubble in bubbles:
         background, ink = text_pixels(image, bubble["rect"])
         assert background > 0.4, bubble
-        assert ink > 20, bubble
+        # a random test model may say just "." or "!": a few dark pixels; real words make many
+        assert ink > (20 if len(bubble["text"].strip()) >= 3 else 0), bubble
     # the same check on the floor, where no bubble is, finds neither
     background, ink = text_pixels(image, [640, 640, 60, 30])
     assert background == 0 and ink == 0
