@@ -3,7 +3,10 @@
 Random-weight Llama shapes (50-token prompt, 40 new tokens, greedy) and, with --pair, the embedded
 trained target/draft pair on persona prompts: `transformers.generate` (plain and assisted with the
 draft), our autoregressive path (eager, and with CUDA graphs on GPU), our speculative path with the
-draft model and with n-gram lookup. Medians over --repeats runs after one warm-up run.
+draft model and with n-gram lookup. Medians over --repeats runs after one warm-up run. For our lines
+the decoding phase (first token to last) is also timed on its own: prefill is the same work with or
+without speculation, so "decode ms/token" is where drafting shows. --ignore-stop makes every line
+--new-tokens long (stop tokens are generated like any other), so short answers do not hide it.
 
     python benchmarks/bench_decode.py --device cuda --shapes 1b,8b --pair models/npc-target
     python benchmarks/bench_decode.py --device cpu --shapes small --pair models/npc-target
@@ -11,7 +14,9 @@ draft model and with n-gram lookup. Medians over --repeats runs after one warm-u
 import argparse
 import gc
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -27,14 +32,18 @@ from npc_engine.speculative import ModelDrafter, NgramDrafter, NoDrafter  # noqa
 def ours_line(model, drafter, tokenizer, prompt, new_tokens, device, graphs, repeats):
     engine = Engine(model, drafter, tokenizer, device, max_batch=1, max_seq=512, cuda_graphs=graphs)
     params = SamplingParams(temperature=0, max_tokens=new_tokens)
-    runs = []
+    runs, decode_seconds = [], []
 
     def run():
-        runs.append(list(engine.generate(prompt, params, rid=str(len(runs)))))
+        tokens, first_at = [], None
+        for t in engine.generate(prompt, params, rid=str(len(runs))):  # each token is on the host: synchronised
+            tokens.append(t)
+            first_at = first_at or time.perf_counter()
+        decode_seconds.append(time.perf_counter() - first_at)
+        runs.append(tokens)
 
     seconds = median_time(run, device, repeats)
-    stats = engine.last_stats
-    return seconds, len(runs[-1]), stats, runs[-1]
+    return seconds, len(runs[-1]), engine.last_stats, runs[-1], statistics.median(decode_seconds[1:])  # after the warm-up run
 
 
 def hf_line(hf, prompt, new_tokens, device, repeats, assistant=None, stop_ids=None):
@@ -51,12 +60,15 @@ def hf_line(hf, prompt, new_tokens, device, repeats, assistant=None, stop_ids=No
     return seconds, out[-1].shape[1] - len(prompt), out[-1][0, len(prompt):].tolist()
 
 
-def row(name, seconds, tokens, base=None, stats=None):
+def row(name, seconds, tokens, base=None, stats=None, decode_seconds=None, decode_tokens=None):
+    """decode_seconds: time from the first token to the last, over decode_tokens tokens (default tokens - 1)."""
     r = {"impl": name, "line_ms": seconds * 1e3, "tokens": tokens, "ms_per_token": seconds * 1e3 / max(tokens, 1),
          "tokens_per_s": tokens / seconds}
-    if stats is not None:
-        r.update(acceptance=stats.accepted / stats.drafted if stats.drafted else None,
-                 mean_accepted_length=stats.mean_accepted)
+    decode_tokens = tokens - 1 if decode_tokens is None else decode_tokens
+    if decode_seconds is not None and decode_tokens > 0:
+        r["decode_ms_per_token"] = decode_seconds * 1e3 / decode_tokens
+    if stats is not None and stats.drafted:
+        r.update(acceptance=stats.accepted / stats.drafted, mean_accepted_length=stats.mean_accepted)
     if base is not None:
         r["speedup_vs_transformers"] = base / r["ms_per_token"]
     return r
@@ -74,8 +86,8 @@ def bench_shape(shape, device, dtype, args):
         variants.append(("ours autoregressive, CUDA graphs", NoDrafter(), True))
     variants.append(("ours speculative, n-gram", NgramDrafter(ours.args.vocab_size, device), True))
     for name, drafter, graphs in variants:
-        s, n, stats, _ = ours_line(ours, drafter, None, prompt, args.new_tokens, device, graphs, args.repeats)
-        rows.append(row(name, s, n, base, stats if drafter.name != "none" else None))
+        s, n, stats, _, decode_s = ours_line(ours, drafter, None, prompt, args.new_tokens, device, graphs, args.repeats)
+        rows.append(row(name, s, n, base, stats, decode_s))
     del hf, ours
     gc.collect()
     if torch.device(device).type == "cuda":
@@ -105,15 +117,17 @@ def bench_pair(target_dir, draft_dir, device, dtype, args):
     graphs = torch.device(device).type == "cuda"
     totals: dict[str, list] = {}
     same: dict[str, list[bool]] = {}
+    stop_ids = None if args.ignore_stop else tokenizer.stop_ids
+    ours_tokenizer = None if args.ignore_stop else tokenizer  # no tokenizer: the engine has no stop tokens
     for prompt in persona_prompts(tokenizer, args.prompts):
-        runs = {"transformers generate": hf_line(hf_target, prompt, args.new_tokens, device, args.repeats, stop_ids=tokenizer.stop_ids),
+        runs = {"transformers generate": hf_line(hf_target, prompt, args.new_tokens, device, args.repeats, stop_ids=stop_ids),
                 "transformers assisted (draft)": hf_line(hf_target, prompt, args.new_tokens, device, args.repeats,
-                                                         assistant=hf_draft, stop_ids=tokenizer.stop_ids)}
+                                                         assistant=hf_draft, stop_ids=stop_ids)}
         for name, drafter, k in [("ours autoregressive", NoDrafter(), None),
                                  ("ours speculative, draft model", ModelDrafter(draft, 2, 512, device, dtype), None),
                                  ("ours speculative, n-gram", NgramDrafter(target.args.vocab_size, device), None)]:
-            s, n, stats, tokens = ours_line(target, drafter, tokenizer, prompt, args.new_tokens, device, graphs, args.repeats)
-            runs[name] = (s, n, tokens, stats)
+            s, n, stats, tokens, decode_s = ours_line(target, drafter, ours_tokenizer, prompt, args.new_tokens, device, graphs, args.repeats)
+            runs[name] = (s, n, tokens, stats, decode_s)
         ref_tokens = runs["ours autoregressive"][2]
         for name, result in runs.items():
             totals.setdefault(name, []).append(result)
@@ -122,29 +136,35 @@ def bench_pair(target_dir, draft_dir, device, dtype, args):
     rows = []
     for name, results in totals.items():
         seconds, tokens = sum(r[0] for r in results), sum(r[1] for r in results)
-        stats = None
-        if len(results[0]) == 4 and results[0][3].drafted:
+        stats = decode = None
+        if len(results[0]) == 5:  # ours: decode ms/token = decoding time over the tokens after each line's first
             stats = RequestStats(drafted=sum(r[3].drafted for r in results), accepted=sum(r[3].accepted for r in results),
                                  target_forwards=sum(r[3].target_forwards for r in results))
-        rows.append(row(name, seconds, tokens, None, stats) | {"same_tokens_as_ours_ar": f"{sum(same[name])}/{len(same[name])}"})
+            decode = (sum(r[4] for r in results), sum(r[1] - 1 for r in results))
+        rows.append(row(name, seconds, tokens, None, stats, *(decode or ()))
+                    | {"same_tokens_as_ours_ar": f"{sum(same[name])}/{len(same[name])}"})
     base = rows[0]["ms_per_token"]
-    ar = next(r for r in rows if r["impl"] == "ours autoregressive")["ms_per_token"]
+    ar = next(r for r in rows if r["impl"] == "ours autoregressive")
     for r in rows:
         r["speedup_vs_transformers"] = base / r["ms_per_token"]
-        r["speedup_vs_ours_autoregressive"] = ar / r["ms_per_token"]
+        r["speedup_vs_ours_autoregressive"] = ar["ms_per_token"] / r["ms_per_token"]
+        if "decode_ms_per_token" in r:
+            r["decode_speedup_vs_ours_autoregressive"] = ar["decode_ms_per_token"] / r["decode_ms_per_token"]
     return rows
 
 
 def print_table(title, rows):
     print(f"\n## {title}")
-    print(f"| impl | ms/token | tokens/s | line ms | acceptance | mean accepted len | vs transformers | vs our AR | same tokens as our AR |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| impl | ms/token | tokens/s | line ms | decode ms/token | acceptance | mean accepted len | vs transformers | vs our AR | decode vs our AR | same tokens as our AR |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        dec = f"{r['decode_ms_per_token']:.3f}" if "decode_ms_per_token" in r else "-"
+        dec_ar = f"{r['decode_speedup_vs_ours_autoregressive']:.2f}x" if "decode_speedup_vs_ours_autoregressive" in r else "-"
         acc = f"{r['acceptance']:.2f}" if r.get("acceptance") is not None else "-"
         mal = f"{r['mean_accepted_length']:.2f}" if r.get("mean_accepted_length") else "-"
         vs = f"{r['speedup_vs_transformers']:.2f}x" if "speedup_vs_transformers" in r else "1.00x"
         vs_ar = f"{r['speedup_vs_ours_autoregressive']:.2f}x" if "speedup_vs_ours_autoregressive" in r else "-"
-        print(f"| {r['impl']} | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.1f} | {r['line_ms']:.1f} | {acc} | {mal} | {vs} | {vs_ar} | {r.get('same_tokens_as_ours_ar', '-')} |")
+        print(f"| {r['impl']} | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.1f} | {r['line_ms']:.1f} | {dec} | {acc} | {mal} | {vs} | {vs_ar} | {dec_ar} | {r.get('same_tokens_as_ours_ar', '-')} |")
 
 
 def main():
@@ -157,6 +177,7 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=50)
     ap.add_argument("--new-tokens", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--ignore-stop", action="store_true", help="--pair lines run to --new-tokens past stop tokens")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -168,7 +189,8 @@ def main():
             print_table(f"{shape}: random weights, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens", results[shape])
         if args.pair:
             results["pair"] = bench_pair(args.pair, args.draft, args.device, dtype, args)
-            print_table(f"trained pair {args.pair} + {args.draft}: {args.prompts} persona prompts, up to {args.new_tokens} tokens", results["pair"])
+            length = f"{args.new_tokens} tokens each (stop tokens ignored)" if args.ignore_stop else f"up to {args.new_tokens} tokens"
+            print_table(f"trained pair {args.pair} + {args.draft}: {args.prompts} persona prompts, {length}", results["pair"])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

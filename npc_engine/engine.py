@@ -4,6 +4,8 @@ speculative step shared by every active request (plain decoding is the K = 0 cas
 One `step()` advances all active requests together: the drafter proposes up to K tokens per row,
 the target verifies K+1 positions of every row in one forward, and each row keeps its own accepted
 length. Rows live in fixed KV-cache slots; rolling back a rejected draft is just a shorter length.
+A prompt may arrive in pieces (`complete=False`, then `update_prompt`): its whole chunks are
+prefilled as they come, and the chunk holding its last token also yields the first new token.
 """
 import json
 import random
@@ -15,14 +17,15 @@ from pathlib import Path
 
 import torch
 
-from npc_engine.cuda_graphs import GraphedForward
+from npc_engine.cuda_graphs import GraphedForward, GraphedStep
 from npc_engine.loading import load_model, parse_dtype
 from npc_engine.model import KVCache, Transformer, fuse_projections_
-from npc_engine.sampling import SamplingParams, params_tensors, probs_from_logits
-from npc_engine.speculative import K_MAX, ModelDrafter, NgramDrafter, NoDrafter, choose_k, kv_bucket, verify, verify_greedy
+from npc_engine.sampling import SamplingParams, params_tensors, probs_from_logits, sample
+from npc_engine.speculative import K_MAX, ModelDrafter, NgramDrafter, NoDrafter, choose_k, greedy_step, kv_bucket, verify
 from npc_engine.tokenizer import Tokenizer
 
-PREFILL_CHUNK = 16
+STREAM_CHUNK = 16  # an open prompt is prefilled in chunks of this many tokens as it arrives
+PREFILL_CHUNK = 32  # a complete prompt: most new-token prompts (a player line) fit one chunk
 PROBE_AFTER = 32  # steps with speculation off before a request tries K = 1 again
 
 
@@ -69,6 +72,8 @@ class Request:
     accept_trials: float = 0.0
     off_steps: int = 0
     draft_valid: int = 0  # positions below this hold the right keys in the draft model's cache
+    fed: int = 0  # prompt positions below this are in the target's cache
+    complete: bool = True  # False while the prompt is still arriving
     cancelled: bool = False
     stats: RequestStats = field(default_factory=RequestStats)
 
@@ -122,10 +127,13 @@ class Engine:
         # One slot more than the batch: the scratch slot that CUDA-graph padding rows write into.
         self.cache = KVCache(target.args, max_batch + 1, max_seq, self.device, self.dtype)
         self.target_forward = target
-        if cuda_graphs and self.device.type == "cuda" and isinstance(target, torch.nn.Module):
+        self.greedy_step = partial(greedy_step, target, self.cache, drafter)
+        self.graphed = cuda_graphs and self.device.type == "cuda" and isinstance(target, torch.nn.Module)
+        if self.graphed:
             self.target_forward = GraphedForward(target, scratch_slot=max_batch)
             if drafter.name == "model":
                 drafter.forward = GraphedForward(drafter.model, scratch_slot=max_batch)
+            self.greedy_step = GraphedStep(self.greedy_step, self.target_forward.pool)
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20))
         self.stop_ids = set(tokenizer.stop_ids) if tokenizer is not None else set()
         self.free_slots = list(range(max_batch - 1, -1, -1))
@@ -177,9 +185,34 @@ class Engine:
         return cls(target, drafter, tokenizer, device, **kwargs)
 
     # ---- public API -------------------------------------------------------------------------
-    def submit(self, rid: str, prompt_ids: list[int], params: SamplingParams, prefix_len: int = 0) -> None:
+    def submit(self, rid: str, prompt_ids: list[int], params: SamplingParams, prefix_len: int = 0,
+               complete: bool = True) -> None:
+        """Queues a request. complete=False: the prompt is still arriving (see `update_prompt`); it is
+        admitted and prefilled chunk by chunk, and generates nothing until completed."""
         if rid in self.active or rid in self.waiting_ids:
             raise ValueError(f"request id {rid!r} is already in use")
+        self.check_prompt(prompt_ids)
+        seed = params.seed if params.seed is not None else self.seed_source.getrandbits(63)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        prefix_len = prefix_len if 0 < prefix_len < len(prompt_ids) else 0
+        self.waiting.append(Request(rid, list(prompt_ids), params, prefix_len, generator, ids=list(prompt_ids),
+                                    complete=complete))
+        self.waiting_ids.add(rid)
+
+    def update_prompt(self, rid: str, prompt_ids: list[int], complete: bool) -> None:
+        """Replaces the whole prompt of a request submitted with complete=False. Prefilled positions
+        that still match are kept; everything from the first differing token on is recomputed."""
+        r = self.active.get(rid) or next((w for w in self.waiting if w.rid == rid), None)
+        if r is None or r.complete:
+            raise KeyError(f"no open request {rid!r}")
+        self.check_prompt(prompt_ids)
+        same = next((i for i, (a, b) in enumerate(zip(r.prompt, prompt_ids)) if a != b), min(len(r.prompt), len(prompt_ids)))
+        r.prompt, r.ids, r.complete = list(prompt_ids), list(prompt_ids), complete
+        r.fed, r.draft_valid = min(r.fed, same), min(r.draft_valid, same)
+        if r.prefix_len >= len(prompt_ids):
+            r.prefix_len = 0
+
+    def check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
             raise ValueError("prompt is empty")
         if len(prompt_ids) > self.max_prompt_len():
@@ -187,11 +220,6 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < self.target.args.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} outside the vocabulary (size {self.target.args.vocab_size})")
-        seed = params.seed if params.seed is not None else self.seed_source.getrandbits(63)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        prefix_len = prefix_len if 0 < prefix_len < len(prompt_ids) else 0
-        self.waiting.append(Request(rid, list(prompt_ids), params, prefix_len, generator, ids=list(prompt_ids)))
-        self.waiting_ids.add(rid)
 
     def cancel(self, rid: str) -> bool:
         for r in self.waiting:
@@ -229,9 +257,12 @@ class Engine:
             self.active[r.rid] = r
             admitted.append(r)
         if admitted:
-            self.prefill(admitted)
-        if self.active:
-            events += self.speculative_step(list(self.active.values()))
+            self.load_prefixes(admitted)
+        # Requests whose first token comes out of this step's prefill return with it now: TTFT is one prefill.
+        decoding = [r for r in self.active.values() if len(r.ids) > len(r.prompt)]
+        events += self.prefill([r for r in self.active.values() if r.fed < len(r.prompt)])
+        if decoding:
+            events += self.speculative_step(decoding)
         return events
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, rid: str = "generate"):
@@ -246,35 +277,59 @@ class Engine:
                         return
 
     # ---- internals --------------------------------------------------------------------------
-    def prefill(self, reqs: list[Request]) -> None:
-        """Feeds every prompt token but the last (the first speculative step feeds that one), in
-        chunks, batched across requests; a cached persona prefix is copied instead of computed."""
-        starts = {}
+    def load_prefixes(self, reqs: list[Request]) -> None:
+        """Copies each request's cached persona prefix into its slot, or computes it and caches it."""
+        missing = []
         for r in reqs:
-            starts[r.rid] = 0
-            if r.prefix_len:
-                kv = self.prefix_cache.get(tuple(r.prompt[:r.prefix_len]))
-                if kv is not None:
-                    self.copy_prefix_in(r, kv)
-                    starts[r.rid] = r.prefix_len
-                    r.stats.cached_prefix_tokens = r.prefix_len
-        # Requests missing their prefix compute it first, so it can be stored before the rest is fed.
-        self.prefill_ranges([(r, starts[r.rid], r.prefix_len) for r in reqs if starts[r.rid] < r.prefix_len])
-        for r in reqs:
-            if starts[r.rid] < r.prefix_len:
-                self.prefix_cache.put(tuple(r.prompt[:r.prefix_len]), self.copy_prefix_out(r))
-        self.prefill_ranges([(r, max(starts[r.rid], r.prefix_len), len(r.prompt) - 1) for r in reqs])
-        for r in reqs:
-            r.draft_valid = len(r.prompt) - 1
+            kv = self.prefix_cache.get(tuple(r.prompt[:r.prefix_len])) if r.prefix_len else None
+            if kv is not None:
+                self.copy_prefix_in(r, kv)
+                r.fed = r.draft_valid = r.stats.cached_prefix_tokens = r.prefix_len
+            elif r.prefix_len:
+                missing.append(r)
+        self.prefill_ranges([(r, 0, r.prefix_len) for r in missing])
+        for r in missing:
+            r.fed = r.draft_valid = r.prefix_len
+            self.prefix_cache.put(tuple(r.prompt[:r.prefix_len]), self.copy_prefix_out(r))
 
-    def prefill_ranges(self, ranges: list[tuple[Request, int, int]], target: bool = True) -> None:
-        """Feeds positions [a, b) of each request's tokens to the target (unless target=False) and the drafter."""
+    def prefill(self, reqs: list[Request]) -> list[StepEvent]:
+        """Feeds prompts in chunks, batched across requests: a complete prompt up to its last token, whose
+        logits give the request's first token; an open one only in whole chunks, keeping its last
+        token back (the completing piece may change the last word's tokens)."""
+        ranges = {True: [], False: []}
+        for r in reqs:
+            end = len(r.prompt) if r.complete else r.fed + (len(r.prompt) - 1 - r.fed) // STREAM_CHUNK * STREAM_CHUNK
+            if end > r.fed:
+                ranges[r.complete].append((r, r.fed, end))
+        self.prefill_ranges(ranges[False], chunk=STREAM_CHUNK)
+        last_logits = self.prefill_ranges(ranges[True])
+        for r, _, end in ranges[True] + ranges[False]:
+            r.fed = r.draft_valid = end
+        if not last_logits:
+            return []
+        finishing = [r for r, _ in last_logits]
+        first = self.first_tokens(finishing, torch.stack([row for _, row in last_logits]))
+        return [e for e in (self.emit(r, [t]) for r, t in zip(finishing, first)) if e is not None]
+
+    def first_tokens(self, reqs: list[Request], logits: torch.Tensor) -> list[int]:
+        temperature, top_k, top_p, all_greedy = params_tensors([r.params for r in reqs], self.device)
+        if all_greedy:
+            return logits.argmax(-1).tolist()
+        probs = probs_from_logits(logits[:, None], temperature, top_k, top_p)[:, 0]
+        u = torch.cat([torch.rand(1, generator=r.generator, device=self.device) for r in reqs])
+        return sample(probs, u).tolist()
+
+    def prefill_ranges(self, ranges: list[tuple[Request, int, int]], target: bool = True,
+                       chunk: int = PREFILL_CHUNK) -> list[tuple[Request, torch.Tensor]]:
+        """Feeds positions [a, b) of each request's tokens to the target (unless target=False) and the
+        drafter. Returns the target's logits at the last prompt token of each complete prompt fed to its end."""
         ranges = [(r, a, b) for r, a, b in ranges if b > a]
         longest = max((b - a for _, a, b in ranges), default=0)
-        for offset in range(0, longest, PREFILL_CHUNK):
-            rows = [(r, a + offset, min(b, a + offset + PREFILL_CHUNK)) for r, a, b in ranges if a + offset < b]
+        last_logits = []
+        for offset in range(0, longest, chunk):
+            rows = [(r, a + offset, min(b, a + offset + chunk)) for r, a, b in ranges if a + offset < b]
             # CUDA graphs want few shapes: full chunks there; on CPU no padding beyond the longest row.
-            width = PREFILL_CHUNK if self.target_forward is not self.target else max(b - a for _, a, b in rows)
+            width = chunk if self.target_forward is not self.target else max(b - a for _, a, b in rows)
             # Short rows are padded with positions past their own end: those cache entries are
             # overwritten before any query can see them.
             tokens = [r.ids[a:b] + [0] * (width - (b - a)) for r, a, b in rows]
@@ -284,10 +339,15 @@ class Engine:
             slots = torch.tensor([r.slot for r, _, _ in rows], device=self.device)
             kv_len = kv_bucket(max(p[-1] for p in positions) + 1, self.max_seq)
             if target:
-                self.target_forward(tokens_t, pos_t, self.cache, slots, kv_len, logits=False)
+                ending = [i for i, (r, _, b) in enumerate(rows) if r.complete and b == len(r.prompt)]
+                index = torch.tensor([b - 1 - a for _, a, b in rows], device=self.device) if ending else False
+                logits = self.target_forward(tokens_t, pos_t, self.cache, slots, kv_len, logits=index)
+                # copied: a graph's logits buffer is overwritten by its next replay
+                last_logits += [(rows[i][0], logits[i].clone()) for i in ending]
                 for r, a, b in rows:
                     r.stats.prefill_tokens += b - a
             self.drafter.prefill(tokens_t, pos_t, slots, kv_len)
+        return last_logits
 
     def caches(self) -> list[KVCache]:
         return [self.cache] + ([self.drafter.cache] if self.drafter.cache is not None else [])
@@ -302,19 +362,52 @@ class Engine:
 
     def speculative_step(self, reqs: list[Request]) -> list[StepEvent]:
         started = time.perf_counter()
+        B = len(reqs)
+        k_asked = max(r.k for r in reqs)
+        if (batch_bucket(B), 0) not in self.step_seconds:
+            k_asked = 0  # measure plain decoding once per batch size: speculation must beat it, host work included
+        if k_asked and self.drafter.cache is not None:  # steps without drafting left the draft cache behind
+            self.prefill_ranges([(r, r.draft_valid, len(r.ids) - 2) for r in reqs], target=False)
+        if all(r.params.temperature == 0 for r in reqs):
+            result = self.run_greedy_step(reqs, k_asked)
+        else:
+            result = self.run_sampled_step(reqs, k_asked)
+        self.record_step_time(B, k_asked, time.perf_counter() - started)
+        events = []
+        step_cost = self.step_cost_fn(B)
+        for r, (n, extra_tok, n_drafted, *draft_list) in zip(reqs, result):
+            r.stats.target_forwards += 1
+            r.stats.drafted += n_drafted
+            r.stats.accepted += n
+            self.adapt_k(r, n, n_drafted, step_cost)
+            events.append(self.emit(r, draft_list[:n] + [extra_tok]))
+            if k_asked > 0:  # the drafter fed every token but the last two
+                r.draft_valid = len(r.ids) - 2
+        return [e for e in events if e is not None]
+
+    def run_greedy_step(self, reqs: list[Request], k: int) -> list[list[int]]:
+        """Temperature 0: the whole step is one `greedy_step` call (one graph replay on CUDA) on one packed
+        input tensor. Rows: (accepted, next token, drafted, *drafts)."""
+        found = [self.drafter.lookup(r.ids, k) for r in reqs] if self.drafter.name == "ngram" and k else None
+        if found is not None:
+            k = max(map(len, found))
+        rows = [[r.ids[-2] if len(r.ids) > 1 else r.ids[-1], r.ids[-1], len(r.ids), r.slot,
+                 min(r.k, k if found is None else len(f))] + ([] if found is None else f + [0] * (k - len(f)))
+                for r, f in zip(reqs, found or [None] * len(reqs))]
+        if self.graphed:  # few graph shapes: pad to the batch bucket with rows on the scratch slot
+            rows += [[0, 0, 2, self.max_batch, 0] + [0] * (k if found is not None else 0)] * (batch_bucket(len(reqs)) - len(reqs))
+        kv_len = kv_bucket(max(len(r.ids) for r in reqs) + k, self.max_seq)
+        out = self.greedy_step(torch.tensor(rows).to(self.device), k, kv_len).tolist()  # the one host sync
+        return [[n, extra, row[4], *drafts] for (n, extra, *drafts), row in zip(out, rows)]
+
+    def run_sampled_step(self, reqs: list[Request], k_asked: int) -> list[list[int]]:
         B, dev = len(reqs), self.device
         seqs = [r.ids for r in reqs]
         slots = torch.tensor([r.slot for r in reqs], device=dev)
         sampling = params_tensors([r.params for r in reqs], dev)
-        k_asked = max(r.k for r in reqs)
-        greedy = sampling[3]
-        u = None if greedy else torch.stack([torch.rand(2 * k_asked + 1, generator=r.generator, device=dev) for r in reqs])
-        if (batch_bucket(B), 0) not in self.step_seconds:
-            k_asked = 0  # measure plain decoding once per batch size: speculation must beat it, host work included
+        u = torch.stack([torch.rand(2 * k_asked + 1, generator=r.generator, device=dev) for r in reqs])
         if k_asked > 0:
-            if self.drafter.cache is not None:  # steps without drafting left the draft cache behind
-                self.prefill_ranges([(r, r.draft_valid, len(r.ids) - 2) for r in reqs], target=False)
-            drafts, q, lens = self.drafter.propose(seqs, slots, k_asked, sampling, None if greedy else u[:, :k_asked])
+            drafts, q, lens = self.drafter.propose(seqs, slots, k_asked, sampling, u[:, :k_asked])
             lens = torch.minimum(lens.to(dev), torch.tensor([r.k for r in reqs], device=dev))
             drafts = drafts.to(dev)
         else:
@@ -325,25 +418,10 @@ class Engine:
         positions = (lengths - 1)[:, None] + torch.arange(k + 1, device=dev)
         kv_len = kv_bucket(max(map(len, seqs)) + k, self.max_seq)
         logits = self.target_forward(tokens, positions, self.cache, slots, kv_len)
-        if greedy:
-            n_acc, extra = verify_greedy(logits, drafts, lens)
-        else:
-            q = torch.zeros(B, k, 1, device=dev) if q is None else q.to(dev)
-            n_acc, extra = verify(probs_from_logits(logits, *sampling), q, drafts, lens,
-                                  u[:, k_asked:k_asked + k], u[:, 2 * k_asked])
-        result = torch.cat([n_acc[:, None], extra[:, None], lens[:, None], drafts], dim=1).tolist()  # the one host sync
-        self.record_step_time(B, k_asked, time.perf_counter() - started)
-        events = []
-        step_cost = self.step_cost_fn(B)
-        for r, (n, extra_tok, n_drafted, *draft_list) in zip(reqs, result):
-            r.stats.target_forwards += 1
-            r.stats.drafted += n_drafted
-            r.stats.accepted += n
-            self.adapt_k(r, n, n_drafted, step_cost)
-            events.append(self.emit(r, draft_list[:n] + [extra_tok]))
-            if k_asked > 0:  # the drafter fed every token but the last two (see ModelDrafter.propose)
-                r.draft_valid = len(r.ids) - 2
-        return [e for e in events if e is not None]
+        q = torch.zeros(B, k, 1, device=dev) if q is None else q.to(dev)
+        n_acc, extra = verify(probs_from_logits(logits, *sampling[:3]), q, drafts, lens,
+                              u[:, k_asked:k_asked + k], u[:, 2 * k_asked])
+        return torch.cat([n_acc[:, None], extra[:, None], lens[:, None], drafts], dim=1).tolist()  # the one host sync
 
     def adapt_k(self, r: Request, accepted: int, drafted: int, step_cost) -> None:
         if drafted:

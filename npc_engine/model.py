@@ -269,9 +269,11 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, cache: KVCache | None = None,
-                slots: torch.Tensor | None = None, kv_len: int | None = None, logits: bool = True) -> torch.Tensor | None:
+                slots: torch.Tensor | None = None, kv_len: int | None = None,
+                logits: bool | torch.Tensor = True) -> torch.Tensor | None:
         """tokens, input_pos: [B, T]; slots: [B] cache rows; kv_len: keys to attend over (≥ max position + 1).
-        logits=False skips the head: a prefill only needs the cache writes."""
+        logits: True gives [B, T, vocab]; False skips the head (a prefill only needs the cache writes); an
+        index tensor [B] gives [B, vocab] at one position of each row (a prefill's last prompt token)."""
         B, T = tokens.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=tokens.device).expand(B, T)
@@ -286,9 +288,14 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, input_pos, None if cache is None else cache.layer(i), slots, kv_len)
-        return self.lm_head(self.model.norm(x)) if logits else None
+        if isinstance(logits, torch.Tensor):
+            x = x[torch.arange(B, device=x.device), logits]
+        elif not logits:
+            return None
+        return self.lm_head(self.model.norm(x))
 
-    def forward_fused(self, tokens, input_pos, cache: KVCache, slots, kv_len: int, logits: bool = True) -> torch.Tensor | None:
+    def forward_fused(self, tokens, input_pos, cache: KVCache, slots, kv_len: int,
+                      logits: bool | torch.Tensor = True) -> torch.Tensor | None:
         """Same function as forward with a cache: fused residual-add + RMSNorm, RoPE + cache write, and
         attention over cached keys as single kernels."""
         from kernels import add_rmsnorm
@@ -300,10 +307,14 @@ class Transformer(nn.Module):
             h = layer.self_attn.forward_fused(x, cos, sin, input_pos, *cache.layer(i), slots, kv_len)
             x, residual = add_rmsnorm(h, residual, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
             h = layer.mlp.forward_fused(x)
-        if not logits:
+        if isinstance(logits, torch.Tensor):
+            rows = torch.arange(h.shape[0], device=h.device)
+            h, residual = h[rows, logits][:, None], residual[rows, logits][:, None]
+        elif not logits:
             return None
         x, _ = add_rmsnorm(h, residual, self.model.norm.weight, self.model.norm.eps)
-        return self.lm_head(x)
+        out = self.lm_head(x)
+        return out[:, 0] if isinstance(logits, torch.Tensor) else out
 
     def rope_table(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [n, head_dim / 2] in float32, built once (before any CUDA-graph capture)."""

@@ -110,7 +110,7 @@ class OnnxModel:
              tensor.data_ptr())
 
     def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache: KVCache, slots: torch.Tensor,
-                 kv_len: int, logits: bool = True) -> torch.Tensor:
+                 kv_len: int, logits: bool | torch.Tensor = True) -> torch.Tensor:
         """tokens, input_pos: [B, T], each row's positions consecutive; every cache entry of a row before its
         first position is valid. Entries from that position on are hidden and then overwritten."""
         args, (B, T) = self.args, tokens.shape
@@ -126,10 +126,10 @@ class OnnxModel:
             for kv in ("key", "value"):
                 presents[f"present.{i}.{kv}"] = torch.empty(B, args.n_kv_heads, kv_len + T, args.head_dim,
                                                              dtype=self.dtype, device=self.device)
-        logits = torch.empty(B, T, args.vocab_size, dtype=self.dtype, device=self.device)
+        out = torch.empty(B, T, args.vocab_size, dtype=self.dtype, device=self.device)
         for name, tensor in bound.items():
             self.bind(name, tensor)
-        self.bind("logits", logits, output=True)
+        self.bind("logits", out, output=True)
         for name, tensor in presents.items():
             self.bind(name, tensor, output=True)
         if self.device.type == "cuda":
@@ -141,7 +141,7 @@ class OnnxModel:
         for i in range(args.n_layers):
             cache.k[i][rows, :, input_pos] = presents[f"present.{i}.key"][:, :, kv_len:].transpose(1, 2)
             cache.v[i][rows, :, input_pos] = presents[f"present.{i}.value"][:, :, kv_len:].transpose(1, 2)
-        return logits
+        return out[torch.arange(B, device=out.device), logits] if isinstance(logits, torch.Tensor) else out
 
 
 def load_onnx_model(path: str | Path, provider: str = "cpu", dtype: str | torch.dtype | None = None) -> OnnxModel:

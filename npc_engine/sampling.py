@@ -35,11 +35,9 @@ def params_tensors(params: list[SamplingParams], device) -> tuple[torch.Tensor, 
     return temperature, top_k, top_p, all(p.temperature == 0 for p in params)
 
 
-def probs_from_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                      all_greedy: bool = False) -> torch.Tensor:
+def probs_from_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                      top_p: torch.Tensor) -> torch.Tensor:
     """logits [B, T, V]; per-row parameters [B]. Returns float32 probabilities [B, T, V]."""
-    if all_greedy:  # skip the sort over the vocabulary
-        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     logits = logits.float()
     V = logits.shape[-1]
     greedy = (temperature == 0)[:, None, None]

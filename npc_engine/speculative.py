@@ -1,7 +1,7 @@
 """Drafters, the lossless acceptance rule and the draft-length policy.
 
 A drafter proposes up to K tokens per row with their draft distributions q (one-hot for
-deterministic drafters; none at all when every row is greedy). The target scores the last emitted token plus the K drafts in one forward,
+deterministic drafters); when every row is greedy, `greedy_step` runs the whole step without them. The target scores the last emitted token plus the K drafts in one forward,
 giving K+1 distributions p. `verify` keeps the output distribution exactly the target's:
 accept draft x with probability min(1, p(x)/q(x)); at the first rejection sample from
 norm(max(0, p - q)); when every proposed draft passes, sample a bonus token from p.
@@ -45,6 +45,24 @@ def verify_greedy(logits: torch.Tensor, drafts: torch.Tensor, draft_lens: torch.
     proposed = torch.arange(K, device=drafts.device)[None, :] < draft_lens[:, None]
     n_accepted = ((drafts == best[:, :K]) & proposed).long().cumprod(dim=1).sum(dim=1)
     return n_accepted, best.gather(1, n_accepted[:, None]).squeeze(1)
+
+
+def greedy_step(target: Transformer, target_cache: KVCache, drafter, packed: torch.Tensor, k: int,
+                kv_len: int) -> torch.Tensor:
+    """One whole temperature-0 speculative step on the device, so it can be one CUDA graph: draft k
+    tokens, verify them with one target forward, accept. packed [B, 5 (+ k)] int64 rows hold
+    (token before the last, last token, length, slot, drafts allowed (, k drafts from the host)).
+    Returns [B, 2 + k]: (accepted count, the target's next token, the k drafts)."""
+    last2, lengths, slots, allowed = packed[:, :2], packed[:, 2], packed[:, 3], packed[:, 4]
+    if isinstance(drafter, ModelDrafter) and k:
+        drafts = drafter.greedy_drafts(last2, lengths, slots, k, kv_len)
+    else:
+        drafts = packed[:, 5:5 + k]
+    tokens = torch.cat([last2[:, 1:], drafts], dim=1)
+    positions = (lengths - 1)[:, None] + torch.arange(k + 1, device=packed.device)
+    logits = target(tokens, positions, target_cache, slots, kv_len)
+    n_accepted, extra = verify_greedy(logits, drafts, allowed)
+    return torch.cat([n_accepted[:, None], extra[:, None], drafts], dim=1)
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -106,7 +124,7 @@ class NgramDrafter:
         width = max(map(len, found))
         drafts = torch.tensor([f + [0] * (width - len(f)) for f in found], dtype=torch.long, device=self.device)
         lens = torch.tensor([len(f) for f in found], dtype=torch.long, device=self.device)
-        return drafts, None if sampling[3] else F.one_hot(drafts, self.vocab_size).float(), lens
+        return drafts, F.one_hot(drafts, self.vocab_size).float(), lens
 
 
 class ModelDrafter:
@@ -130,20 +148,24 @@ class ModelDrafter:
         tokens = torch.tensor([[s[-2] if len(s) > 1 else s[-1], s[-1]] for s in seqs], device=self.device)
         pos = torch.stack([(lengths - 2).clamp(min=0), lengths - 1], dim=1)
         kv_len = kv_bucket(max(map(len, seqs)) + k, self.cache.max_seq)
-        all_greedy = sampling[3]
         drafts, qs = [], []
         for i in range(k):
             logits = self.forward(tokens, pos, self.cache, slots, kv_len)[:, -1]
-            if all_greedy:
-                d = logits.argmax(-1)
-            else:
-                q = probs_from_logits(logits[:, None], *sampling)[:, 0]
-                d = sample(q, u[:, i])
-                qs.append(q)
-            drafts.append(d)
-            tokens, pos = d[:, None], pos[:, -1:] + 1
-        q = None if all_greedy else torch.stack(qs, 1)
-        return torch.stack(drafts, 1), q, torch.full((len(seqs),), k, device=self.device)
+            q = probs_from_logits(logits[:, None], *sampling[:3])[:, 0]
+            drafts.append(sample(q, u[:, i]))
+            qs.append(q)
+            tokens, pos = drafts[-1][:, None], pos[:, -1:] + 1
+        return torch.stack(drafts, 1), torch.stack(qs, 1), torch.full((len(seqs),), k, device=self.device)
+
+    def greedy_drafts(self, last2: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, k: int,
+                      kv_len: int) -> torch.Tensor:
+        """k argmax drafts, all on the device (the raw model: this runs inside `greedy_step`'s graph)."""
+        tokens, pos = last2, torch.stack([(lengths - 2).clamp(min=0), lengths - 1], dim=1)
+        drafts = []
+        for _ in range(k):
+            drafts.append(self.model(tokens, pos, self.cache, slots, kv_len)[:, -1].argmax(-1))
+            tokens, pos = drafts[-1][:, None], pos[:, -1:] + 1
+        return torch.stack(drafts, 1)
 
 
 def kv_bucket(needed: int, max_seq: int, step: int = 64) -> int:

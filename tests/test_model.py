@@ -35,6 +35,11 @@ def test_prefill_and_decode_logits_match_transformers(make_checkpoint, variant, 
         for t in range(prompt, 30):  # one decode step at a time against the cache
             logits.append(ours(tokens[:, t:t + 1], torch.full((2, 1), t), cache, slots, 64))
         assert (torch.cat(logits, 1) - expected).abs().max() <= 1e-4
+        # logits at one position per row (a prefill's last prompt token), the rows' positions differing
+        index = torch.tensor([29, 4])
+        picked = ours(tokens, torch.arange(30).expand(2, -1), cache, slots, 64, logits=index)
+        assert picked.shape == (2, ours.args.vocab_size)
+        assert (picked - expected[torch.arange(2), index]).abs().max() <= 1e-4
 
 
 def test_chunked_prefill_equals_one_shot(tiny_model_dir):

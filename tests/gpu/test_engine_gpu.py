@@ -34,20 +34,46 @@ def run(engine, prompt_ids, params):
     return [out[str(i)] for i in range(len(prompt_ids))]
 
 
+@pytest.mark.parametrize("temperature,k", [(0, 4), (0, None), (0.8, 4)], ids=["greedy-k4", "greedy-adaptive", "sampled-k4"])
 @pytest.mark.parametrize("drafter", ["none", "ngram", "model"])
-def test_graph_replay_and_fused_kernels_equal_eager_greedy(tiny_pair_dirs, drafter):
+def test_graph_replay_and_fused_kernels_equal_eager(tiny_pair_dirs, drafter, temperature, k):
+    """Greedy steps replay one graph for the whole speculative step; sampled ones replay forwards."""
     target_dir, draft_dir = tiny_pair_dirs
     tok = Tokenizer.from_dir(target_dir)
-    params = SamplingParams(temperature=0, max_tokens=24)
+    params = SamplingParams(temperature=temperature, seed=11, max_tokens=24)
     results = []
     for graphs, fused in [(False, False), (True, False), (True, True)]:
         target = load_model(target_dir, "cuda", torch.float32)
         d = {"none": NoDrafter(), "ngram": NgramDrafter(target.args.vocab_size, "cuda"),
              "model": ModelDrafter(load_model(draft_dir, "cuda", torch.float32), 9, 1024, "cuda", torch.float32)}[drafter]
-        engine = Engine(target, d, tok, "cuda", max_batch=8, cuda_graphs=graphs, fused_kernels=fused, fixed_k=4)
+        engine = Engine(target, d, tok, "cuda", max_batch=8, cuda_graphs=graphs, fused_kernels=fused, fixed_k=k)
         results.append(run(engine, prompts(tok), params))
     assert results[1] == results[0], "CUDA-graph replay differs from eager"
-    assert results[2] == results[0], "fused kernels differ from the PyTorch path"
+    if temperature == 0:  # sampled tokens may flip where fused and PyTorch logits differ in the last bits
+        assert results[2] == results[0], "fused kernels differ from the PyTorch path"
+
+
+def test_streamed_prompt_with_graphs_equals_one_shot(tiny_pair_dirs):
+    target_dir, draft_dir = tiny_pair_dirs
+    tok = Tokenizer.from_dir(target_dir)
+    params = SamplingParams(temperature=0, max_tokens=16)
+    text = "<|persona|>I forge swords for the guard.<|eot|><|player|>Which blade for the northern woods at night, smith?"
+    full = tok.encode(text + "<|eot|><|npc|>")
+    engines = [Engine(load_model(target_dir, "cuda", torch.float32),
+                      ModelDrafter(load_model(draft_dir, "cuda", torch.float32), 9, 1024, "cuda", torch.float32),
+                      tok, "cuda", max_batch=8) for _ in range(2)]
+    expected = run(engines[0], [full], params)[0]
+    engine = engines[1]
+    words = text.split(" ")
+    engine.submit("0", tok.encode(words[0]), params, complete=False)
+    for i in range(2, len(words) + 1):
+        engine.update_prompt("0", tok.encode(" ".join(words[:i])), complete=False)
+        assert engine.step() == []
+    engine.update_prompt("0", full, complete=True)
+    got = []
+    while engine.has_work():
+        got += [t for ev in engine.step() for t in ev.token_ids]
+    assert got == expected
 
 
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
