@@ -11,6 +11,10 @@ Besides the service's messages, `poll()` yields client-side events (all with `"s
   message `deadline_grace_ms` after its deadline.
 After a synthetic terminal event, late messages for that id are dropped, so every `say` id gets
 exactly one terminal event (`done` or `error`).
+
+A line the player is still typing can reach the service early: `say(..., open=True)` with the text
+so far, then `append(id, piece)` per piece and `append(id, last_piece, final=True)`. The service
+prefills the prompt while the player types and starts answering at the final piece.
 """
 import itertools
 import os
@@ -60,6 +64,7 @@ class Client:
         prefix = os.urandom(3).hex()  # ids stay unique across this process's clients
         self._ids = (f"{prefix}-{n}" for n in itertools.count())
         self._pending: dict[str, _Pending] = {}
+        self._open_chars: dict[str, int] = {}  # open say id -> characters sent so far
         self._abandoned: OrderedDict[str, None] = OrderedDict()  # ids answered by a synthetic event
         self._probes: dict[str, float] = {}  # internal ping/hello id -> send time
         self._instance: str | None = None
@@ -92,25 +97,52 @@ class Client:
 
     def say(self, npc: str, text: str, *, session: str = "default", max_tokens: int | None = None,
             temperature: float | None = None, seed: int | None = None, deadline_ms: float | None = None,
-            priority: str = "player", stream: bool = True, id: str | None = None) -> str:
+            priority: str = "player", stream: bool = True, open: bool = False, id: str | None = None) -> str:
         """Ask `npc` for a line; returns the request id. Raises ValueError for arguments the
-        service would reject (so mistakes surface at the call, not as a later `error`)."""
+        service would reject (so mistakes surface at the call, not as a later `error`).
+
+        open=True: the player is still typing and `text` is only the first piece (may be ""); send the
+        rest with `append`. The NPC answers once the final piece arrives, and the service ends the
+        say with `open_timeout` when no piece comes for `limits.max_open_ms`. A deadline counts
+        from this call, as for any say."""
         rid = self._new_id(id)
         msg = {"type": "say", "id": rid, "npc": npc, "session": session, "text": text,
                "priority": priority, "stream": stream}
         optional = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed, "deadline_ms": deadline_ms}
         msg.update({k: v for k, v in optional.items() if v is not None})
-        limits = protocol.Limits.from_wire(self.server["limits"]) if self.server else protocol.Limits()
-        try:
-            protocol.validate(msg, limits)
-        except protocol.ProtocolError as e:
-            raise ValueError(e.message) from None
+        if open:
+            self._check_append_served()
+            msg["open"] = True
+        self._check(msg)
         now = time.monotonic()
         expires = now + (deadline_ms + self.deadline_grace_ms) / 1000 if deadline_ms is not None else None
         self._pending[rid] = _Pending(now, expires)
         self._abandoned.pop(rid, None)
+        if open:
+            self._open_chars[rid] = len(text)
         self._send(msg)
         return rid
+
+    def append(self, id: str, text: str, final: bool = False) -> None:
+        """Send the next piece of the open say `id`: `text` is appended verbatim (include the spaces
+        between words). final=True completes the line and the NPC starts answering. No event answers
+        the append itself. A say that has already ended is left alone, as `cancel` does. Raises
+        ValueError when `id` is running but not open (sent without open=True, or already final) or
+        when the pieces would exceed `limits.max_text_chars`."""
+        if id not in self._pending:
+            return
+        if id not in self._open_chars:
+            raise ValueError(f"request {id!r} is not open: it was sent without open=True or already got its final piece")
+        msg = {"type": "say.append", "id": id, "text": text, "final": final}
+        self._check(msg)
+        total, limit = self._open_chars[id] + len(text), self._limits().max_text_chars
+        if total > limit:
+            raise ValueError(f"the pieces of request {id!r} would add up to {total} characters, the limit is {limit}")
+        if final:
+            del self._open_chars[id]
+        else:
+            self._open_chars[id] = total
+        self._send(msg)
 
     def cancel(self, id: str) -> None:
         """Ask the service to stop request `id`; it then ends with `done` and `cancelled: true`
@@ -126,6 +158,19 @@ class Client:
 
     def npcs(self) -> str:
         return self._request("npcs")
+
+    def _limits(self) -> protocol.Limits:
+        return protocol.Limits.from_wire(self.server["limits"]) if self.server else protocol.Limits()
+
+    def _check(self, msg: dict) -> None:
+        try:
+            protocol.validate(msg, self._limits())
+        except protocol.ProtocolError as e:
+            raise ValueError(e.message) from None
+
+    def _check_append_served(self) -> None:
+        if self.server is not None and "append" not in self.server.get("caps", []):
+            raise ValueError("the service does not serve open says (no 'append' in welcome.caps; it needs protocol 1.1)")
 
     def _request(self, kind: str, **fields) -> str:
         rid = self._new_id(None)
@@ -209,6 +254,7 @@ class Client:
             return
         if msg.get("type") in ("done", "error"):
             self._pending.pop(mid, None)
+            self._open_chars.pop(mid, None)
         self._events.append(msg)
 
     def _on_probe_reply(self, mid: str, msg: dict) -> None:
@@ -285,6 +331,7 @@ class Client:
 
     def _abandon(self, rid: str) -> None:
         self._pending.pop(rid, None)
+        self._open_chars.pop(rid, None)
         self._abandoned[rid] = None
         while len(self._abandoned) > 4096:
             self._abandoned.popitem(last=False)

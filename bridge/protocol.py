@@ -11,18 +11,18 @@ from typing import Any
 import msgpack
 
 TAG = b"NPC1"
-VERSION = (1, 0)  # (major, minor); the major is also in the tag
+VERSION = (1, 1)  # (major, minor); the major is also in the tag
 DEFAULT_ADDR = "tcp://127.0.0.1:5555"
 
-CLIENT_TYPES = ("hello", "say", "cancel", "ping", "npcs")
-RESERVED_TYPES = ("say.append", "session.export", "session.import")
+CLIENT_TYPES = ("hello", "say", "say.append", "cancel", "ping", "npcs")
+RESERVED_TYPES = ("session.export", "session.import")
 RESERVED_PREFIXES = ("scene.",)
 PRIORITIES = ("player", "ambient")
-CAPS = ("stream", "cancel", "deadline", "priority", "history", "fallback", "guard", "hot_reload")
+CAPS = ("stream", "cancel", "deadline", "priority", "history", "fallback", "guard", "hot_reload", "append")
 
 ERROR_CODES = (
     "bad_request", "unknown_type", "unknown_npc", "too_large", "overloaded", "version_mismatch",
-    "duplicate_id", "unsupported", "shutting_down", "internal",
+    "duplicate_id", "unsupported", "shutting_down", "internal", "open_timeout",
 )
 # Codes only a client library produces, never the service (see "Client-side events" in PROTOCOL.md).
 CLIENT_ERROR_CODES = ("disconnected", "timeout")
@@ -40,10 +40,11 @@ class Limits:
     """Per-service limits, announced in `welcome` under `limits`."""
 
     max_message_bytes: int = 64 * 1024  # body frame; larger ones are answered `too_large`
-    max_text_chars: int = 2000  # `say.text`; longer ones are answered `too_large`
+    max_text_chars: int = 2000  # `say.text`, or all pieces of an appended say; longer ones are answered `too_large`
     max_tokens: int = 512  # upper bound of `say.max_tokens`
     max_inflight: int = 64  # unfinished `say` requests per client; more are answered `overloaded`
     max_deadline_ms: int = 600_000
+    max_open_ms: int = 30_000  # an open `say` that gets no `say.append` for this long ends with `open_timeout`
 
     def to_wire(self) -> dict:
         return asdict(self)
@@ -77,7 +78,8 @@ def decode(frames: list[bytes], max_bytes: int) -> dict:
     """Parse the frames that follow the routing identity into a message map.
 
     Raises ProtocolError (with `id` None: nothing trustworthy is known yet) for a wrong frame
-    count, a foreign tag, an oversized body, bytes that are not one msgpack map with string keys.
+    count, a foreign tag, an oversized body, bytes that are not one msgpack map with string or bin
+    keys. `validate` refuses bin keys: the map is known by then, so the error can depend on its type.
     """
     if len(frames) != 2:
         raise ProtocolError("bad_request", f"expected 2 frames (tag, body), got {len(frames)}")
@@ -94,8 +96,6 @@ def decode(frames: list[bytes], max_bytes: int) -> dict:
         raise ProtocolError("bad_request", f"body is not valid msgpack: {type(e).__name__}: {e}"[:300]) from None
     if not isinstance(msg, dict):
         raise ProtocolError("bad_request", f"body must be a msgpack map, got {_kind(msg)}")
-    if not all(isinstance(k, str) for k in msg):
-        raise ProtocolError("bad_request", "map keys must be strings", message_id(msg))
     return msg
 
 
@@ -159,6 +159,8 @@ def validate(msg: dict, limits: Limits) -> dict:
     `version_mismatch` (hello with another major version).
     """
     msg_id = message_id(msg)
+    if not all(isinstance(k, str) for k in msg):
+        raise ProtocolError("bad_request", "map keys must be strings", msg_id)
     kind = msg.get("type")
     if "type" not in msg:
         raise ProtocolError("bad_request", "missing field 'type'", msg_id)
@@ -173,6 +175,8 @@ def validate(msg: dict, limits: Limits) -> dict:
         out.update(_hello(msg, msg_id))
     elif kind == "say":
         out.update(_say(msg, msg_id, limits))
+    elif kind == "say.append":
+        out.update(_append(msg, msg_id, limits))
     return out
 
 
@@ -196,14 +200,7 @@ def _say(msg: dict, msg_id: str | None, limits: Limits) -> dict:
         "npc": _string(msg, "npc", msg_id, MAX_NPC_CHARS),
         "session": _string(msg, "session", msg_id, MAX_SESSION_CHARS),
     }
-    if "text" not in msg:
-        raise ProtocolError("bad_request", "missing field 'text'", msg_id)
-    text = msg["text"]
-    if not isinstance(text, str):
-        raise _bad(msg_id, "text", "a string", text)
-    if len(text) > limits.max_text_chars:
-        raise ProtocolError("too_large", f"field 'text' has {len(text)} characters, the limit is {limits.max_text_chars}", msg_id)
-    out["text"] = text
+    out["text"] = _text(msg, msg_id, limits)
     out["max_tokens"] = _int(msg, "max_tokens", msg_id, 1, limits.max_tokens)
     out["temperature"] = _number(msg, "temperature", msg_id, 0.0, MAX_TEMPERATURE)
     out["seed"] = _int(msg, "seed", msg_id, 0, MAX_SEED)
@@ -212,8 +209,28 @@ def _say(msg: dict, msg_id: str | None, limits: Limits) -> dict:
     if priority not in PRIORITIES:
         raise _bad(msg_id, "priority", "'player' or 'ambient'", priority)
     out["priority"] = priority
-    stream = True if msg.get("stream") is None else msg["stream"]
-    if not isinstance(stream, bool):
-        raise _bad(msg_id, "stream", "a bool", stream)
-    out["stream"] = stream
+    out["stream"] = _bool(msg, "stream", msg_id, True)
+    out["open"] = _bool(msg, "open", msg_id, False)
     return out
+
+
+def _append(msg: dict, msg_id: str | None, limits: Limits) -> dict:
+    return {"text": _text(msg, msg_id, limits), "final": _bool(msg, "final", msg_id, False)}
+
+
+def _text(msg: dict, msg_id: str | None, limits: Limits) -> str:
+    if "text" not in msg:
+        raise ProtocolError("bad_request", "missing field 'text'", msg_id)
+    text = msg["text"]
+    if not isinstance(text, str):
+        raise _bad(msg_id, "text", "a string", text)
+    if len(text) > limits.max_text_chars:
+        raise ProtocolError("too_large", f"field 'text' has {len(text)} characters, the limit is {limits.max_text_chars}", msg_id)
+    return text
+
+
+def _bool(msg: dict, field: str, msg_id: str | None, default: bool) -> bool:
+    value = default if msg.get(field) is None else msg[field]
+    if not isinstance(value, bool):
+        raise _bad(msg_id, field, "a bool", value)
+    return value

@@ -234,7 +234,15 @@ class Engine:
         return False
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.active or self.pending_events)
+        """Whether step() would do anything: an open request whose whole chunks are fed waits for its next piece."""
+        return bool(self.waiting or self.pending_events or any(
+            r.complete or r.cancelled or self.open_prefill_end(r) > r.fed for r in self.active.values()))
+
+    @staticmethod
+    def open_prefill_end(r: Request) -> int:
+        """An open prompt is fed in whole chunks, keeping its last token back (the completing piece may
+        change the last word's tokens)."""
+        return r.fed + (len(r.prompt) - 1 - r.fed) // STREAM_CHUNK * STREAM_CHUNK
 
     def capacity_left(self) -> int:
         return len(self.free_slots) - len(self.waiting)
@@ -294,11 +302,10 @@ class Engine:
 
     def prefill(self, reqs: list[Request]) -> list[StepEvent]:
         """Feeds prompts in chunks, batched across requests: a complete prompt up to its last token, whose
-        logits give the request's first token; an open one only in whole chunks, keeping its last
-        token back (the completing piece may change the last word's tokens)."""
+        logits give the request's first token; an open one as far as `open_prefill_end`."""
         ranges = {True: [], False: []}
         for r in reqs:
-            end = len(r.prompt) if r.complete else r.fed + (len(r.prompt) - 1 - r.fed) // STREAM_CHUNK * STREAM_CHUNK
+            end = len(r.prompt) if r.complete else self.open_prefill_end(r)
             if end > r.fed:
                 ranges[r.complete].append((r, r.fed, end))
         self.prefill_ranges(ranges[False], chunk=STREAM_CHUNK)
@@ -391,6 +398,8 @@ class Engine:
         found = [self.drafter.lookup(r.ids, k) for r in reqs] if self.drafter.name == "ngram" and k else None
         if found is not None:
             k = max(map(len, found))
+        elif self.drafter.name == "none":
+            k = 0
         rows = [[r.ids[-2] if len(r.ids) > 1 else r.ids[-1], r.ids[-1], len(r.ids), r.slot,
                  min(r.k, k if found is None else len(f))] + ([] if found is None else f + [0] * (k - len(f)))
                 for r, f in zip(reqs, found or [None] * len(reqs))]

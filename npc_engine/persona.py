@@ -11,7 +11,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from npc_engine.prompt import PromptPersona, Turn, build_prompt, persona_block
+from npc_engine.prompt import PromptPersona, Turn, build_open_prompt, build_prompt, persona_block
 
 ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
@@ -83,6 +83,10 @@ class Persona:
 
     def prompt(self, turns: list[Turn]) -> str:
         return build_prompt(self.to_prompt_persona(), turns)
+
+    def open_prompt(self, turns: list[Turn], player_text: str) -> str:
+        """The prompt while the player is still typing `player_text` (prompt.build_open_prompt)."""
+        return build_open_prompt(self.to_prompt_persona(), turns, player_text)
 
     def fallback_line(self, rng_or_index: random.Random | int) -> str:
         if isinstance(rng_or_index, int):

@@ -52,15 +52,27 @@ def persona_block(p: PromptPersona) -> str:
     return PERSONA + "\n".join(lines) + EOT
 
 
-def format_turn(turn: Turn) -> str:
+def open_turn(turn: Turn) -> str:
+    """A turn without its closing <|eot|>: what a player line still being typed adds to the prompt."""
     if turn.speaker not in ("player", "npc"):
         raise ValueError(f"turn speaker must be 'player' or 'npc', got {turn.speaker!r}")
-    return (PLAYER if turn.speaker == "player" else NPC) + turn.text.strip() + EOT
+    return (PLAYER if turn.speaker == "player" else NPC) + turn.text.strip()
+
+
+def format_turn(turn: Turn) -> str:
+    return open_turn(turn) + EOT
 
 
 def build_prompt(p: PromptPersona, turns: list[Turn]) -> str:
     """The text fed to the model: persona block, turns, then the open NPC turn."""
     return persona_block(p) + "".join(format_turn(t) for t in turns) + NPC
+
+
+def build_open_prompt(p: PromptPersona, turns: list[Turn], player_text: str) -> str:
+    """The prompt while the player is still typing `player_text`: persona block, turns, then the open
+    player turn. Once the text is complete, `build_prompt` with the full player turn extends it
+    (up to the tokens of the last, possibly unfinished, word)."""
+    return persona_block(p) + "".join(format_turn(t) for t in turns) + open_turn(Turn("player", player_text))
 
 
 def training_text(p: PromptPersona, turns: list[Turn]) -> str:

@@ -5,7 +5,10 @@ While the engine has work the socket is polled with timeout 0 between steps; whe
 sleeps in `poll` until a message, the next deadline or the next persona reload check. A deadline
 can therefore be noticed one engine step late at worst; to keep the promise anyway, a request is
 ended with its fallback line when the next step (estimated from recent steps) would end after
-its deadline. The wire protocol is specified in bridge/PROTOCOL.md.
+its deadline. An open `say` (the player still typing, its text arriving in `say.append` pieces)
+is handed to the engine as soon as it arrives, with its prompt marked incomplete: the engine prefills
+the text so far and generates nothing until the final piece completes the prompt. The wire protocol
+is specified in bridge/PROTOCOL.md.
 """
 import argparse
 import ipaddress
@@ -66,7 +69,7 @@ class Call:
     rid: str  # the engine's request id, unique within the service
     persona: Persona
     session: tuple[str, str]
-    text: str
+    text: str  # the player's text (so far, while open)
     stream: bool
     received: float
     deadline: float | None
@@ -75,6 +78,7 @@ class Call:
     params: SamplingParams
     decoder: IncrementalDecoder
     admitted: bool = False
+    open: bool = False  # more `say.append` pieces are coming; the engine must not generate yet
     seq: int = 0
     tokens: int = 0
     generated: str = ""
@@ -130,6 +134,7 @@ class Service:
         self.per_client: dict[bytes, int] = {}
         self.queue = KeyedHeap()  # calls waiting for an engine slot
         self.deadlines = KeyedHeap()
+        self.open_expiry = KeyedHeap()  # open calls, by when they time out waiting for their next piece
         self.histories: OrderedDict[tuple[str, str], list[Turn]] = OrderedDict()
         self.prefix_ids: dict[str, tuple[Persona, list[int]]] = {}
         self.gone: set[bytes] = set()
@@ -203,6 +208,7 @@ class Service:
             self.read_messages()
         now = time.monotonic()
         self.expire_deadlines(now)
+        self.expire_open(now)
         self.admit()
         if self.engine.has_work():
             self.step_engine()
@@ -217,6 +223,9 @@ class Service:
         top = self.deadlines.peek()
         if top is not None:
             wake = min(wake, top[0][0] - self.step_estimate)
+        top = self.open_expiry.peek()
+        if top is not None:
+            wake = min(wake, top[0][0])
         return max(0, math.ceil((wake - now) * 1000))
 
     def shut_down(self) -> None:
@@ -239,13 +248,24 @@ class Service:
         try:
             msg = protocol.decode(frames[1:], self.config.limits.max_message_bytes)
             msg = protocol.validate(msg, self.config.limits)
-            getattr(self, "on_" + msg["type"])(client, msg)
+            getattr(self, "on_" + msg["type"].replace(".", "_"))(client, msg)
         except protocol.ProtocolError as e:
-            self.send(client, protocol.error(e.id, e.code, e.message))
+            self.answer_error(client, msg, protocol.error(e.id, e.code, e.message))
         except Exception:
             log.exception("handling a message failed")
             mid = protocol.message_id(msg) if isinstance(msg, dict) else None
-            self.send(client, protocol.error(mid, "internal", "internal error while handling the message"))
+            self.answer_error(client, msg, protocol.error(mid, "internal", "internal error while handling the message"))
+
+    def answer_error(self, client: bytes, msg: dict | None, error: dict) -> None:
+        """Send `error` in answer to `msg`. A `say.append` carries the id of a `say`, so an error with
+        that id is the say's terminal message: it ends the say, and is not sent when the say has
+        already ended (its terminal message was sent, as for an ignored `say.append`)."""
+        if isinstance(msg, dict) and msg.get("type") == "say.append" and error["id"] is not None:
+            call = self.calls.get((client, error["id"]))
+            if call is not None:
+                self.finish(call, error)
+            return
+        self.send(client, error)
 
     def on_hello(self, client: bytes, msg: dict) -> None:
         minor = min(msg["protocol"][1], protocol.VERSION[1])
@@ -285,16 +305,16 @@ class Service:
             raise protocol.ProtocolError("overloaded", f"the service is at its limit of {self.config.max_calls} requests", mid)
         now = time.monotonic()
         session = (persona.id, msg["session"])
-        if banned_topic(persona, msg["text"]):
+        if not msg["open"] and banned_topic(persona, msg["text"]):
             self.remember(session, msg["text"], persona.deflection)
             self.send(client, self.reply_done(mid, persona.deflection, 0, now, deflected=True))
             return
         params = self.sampling(persona, msg)
-        prompt_ids, prefix_len = self.build_prompt(persona, session, msg["text"], params.max_tokens, mid)
+        prompt_ids, prefix_len = self.build_prompt(persona, session, msg["text"], params.max_tokens, mid, not msg["open"])
         deadline = now + msg["deadline_ms"] / 1000 if msg["deadline_ms"] is not None else None
         self.arrivals += 1
         call = Call(client, mid, f"r{self.arrivals}", persona, session, msg["text"], msg["stream"], now, deadline,
-                    prompt_ids, prefix_len, params, IncrementalDecoder(self.tokenizer))
+                    prompt_ids, prefix_len, params, IncrementalDecoder(self.tokenizer), open=msg["open"])
         key = (client, mid)
         self.calls[key] = call
         self.by_rid[call.rid] = call
@@ -302,6 +322,35 @@ class Service:
         self.queue.push(key, admission_order(msg["priority"], deadline, self.arrivals))
         if deadline is not None:
             self.deadlines.push(key, (deadline,))
+        if call.open:
+            self.open_expiry.push(key, (now + self.config.limits.max_open_ms / 1000,))
+
+    def on_say_append(self, client: bytes, msg: dict) -> None:
+        mid, key = msg["id"], (client, msg["id"])
+        call = self.calls.get(key)
+        if call is None:
+            return  # the say has ended (deadline, cancel, an error) and got its terminal message: ignored like `cancel`
+        if not call.open:
+            raise protocol.ProtocolError("bad_request", f"say '{mid}' is not open: it was sent without 'open' or "
+                                         "already got its final piece", mid)
+        text, limit = call.text + msg["text"], self.config.limits.max_text_chars
+        if len(text) > limit:
+            raise protocol.ProtocolError("too_large", f"the pieces of say '{mid}' add up to {len(text)} characters, "
+                                         f"the limit is {limit}", mid)
+        call.text, call.open = text, not msg["final"]
+        if call.open:
+            self.open_expiry.push(key, (time.monotonic() + self.config.limits.max_open_ms / 1000,))
+            if not msg["text"]:
+                return  # a keep-alive: the prompt is unchanged
+        else:
+            self.open_expiry.remove(key)
+            if banned_topic(call.persona, text):  # on the whole text: a piece may end mid-word
+                self.deflect(call)
+                return
+        call.prompt_ids, call.prefix_len = self.build_prompt(call.persona, call.session, text, call.params.max_tokens,
+                                                             mid, not call.open)
+        if call.admitted:
+            self.engine.update_prompt(call.rid, call.prompt_ids, complete=not call.open)
 
     def sampling(self, persona: Persona, msg: dict) -> SamplingParams:
         """SamplingParams defaults, then the persona's `sampling` table, then the request's fields."""
@@ -313,8 +362,9 @@ class Service:
         return params
 
     def build_prompt(self, persona: Persona, session: tuple[str, str], text: str, max_tokens: int,
-                     mid: str) -> tuple[list[int], int]:
-        """Token ids of the persona prompt with as much history as fits, and the persona prefix length."""
+                     mid: str, complete: bool = True) -> tuple[list[int], int]:
+        """Token ids of the persona prompt with as much history as fits, and the persona prefix length.
+        complete=False: the player is still typing `text`; the prompt ends inside the player turn."""
         cached = self.prefix_ids.get(persona.id)
         if cached is None or cached[0] is not persona:
             cached = (persona, self.tokenizer.encode(persona.prefix()))
@@ -325,7 +375,8 @@ class Service:
         new = [Turn("player", text)] if text.strip() else []
         limit = self.engine.max_prompt_len()
         while True:
-            ids = prefix_ids + self.tokenizer.encode(persona.prompt(turns + new)[len(prefix):], add_special_tokens=False)
+            prompt = persona.prompt(turns + new) if complete else persona.open_prompt(turns, text)
+            ids = prefix_ids + self.tokenizer.encode(prompt[len(prefix):], add_special_tokens=False)
             if len(ids) + max_tokens <= limit or not turns:
                 break
             turns = turns[2:] if len(turns) > 1 else []
@@ -349,7 +400,8 @@ class Service:
         while len(self.queue) and self.engine.capacity_left() > 0:
             call = self.calls[self.queue.pop()]
             try:
-                self.engine.submit(call.rid, call.prompt_ids, call.params, prefix_len=call.prefix_len)
+                self.engine.submit(call.rid, call.prompt_ids, call.params, prefix_len=call.prefix_len,
+                                   complete=not call.open)
                 call.admitted = True
             except Exception:
                 log.exception("engine.submit failed for %s", call.rid)
@@ -426,6 +478,12 @@ class Service:
             self.remember(call.session, call.text, line)
             self.finish(call, self.done(call, line, fallback=True))
 
+    def expire_open(self, now: float) -> None:
+        while (top := self.open_expiry.peek()) is not None and top[0][0] <= now:
+            call = self.calls[top[1]]
+            self.finish(call, protocol.error(call.id, "open_timeout", f"no say.append piece for "
+                                             f"{self.config.limits.max_open_ms} ms while the say was open"))
+
     # ---- replies ----------------------------------------------------------------------------------
 
     def done(self, call: Call, text: str, fallback: bool = False, cancelled: bool = False,
@@ -461,6 +519,7 @@ class Service:
         del self.by_rid[call.rid]
         self.queue.remove(key)
         self.deadlines.remove(key)
+        self.open_expiry.remove(key)
         left = self.per_client[call.client] - 1
         if left:
             self.per_client[call.client] = left

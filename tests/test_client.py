@@ -20,6 +20,7 @@ class FakeService(threading.Thread):
         self.on_say = on_say
         self.answering = True
         self.instance = "A"
+        self.caps: list[str] = []
         self.received: list[dict] = []
         self.outbox: queue.Queue = queue.Queue()
         self.client: bytes | None = None
@@ -50,7 +51,7 @@ class FakeService(threading.Thread):
     def replies(self, msg: dict) -> list[dict]:
         if msg["type"] == "hello":
             return [{"type": "welcome", "id": msg["id"], "protocol": [1, 0], "server": "fake", "instance": self.instance,
-                     "npcs": ["smith"], "caps": [], "limits": protocol.Limits().to_wire()}]
+                     "npcs": ["smith"], "caps": self.caps, "limits": protocol.Limits().to_wire()}]
         if msg["type"] == "ping":
             return [{"type": "pong", "id": msg["id"], "instance": self.instance}]
         if msg["type"] == "say" and self.on_say is not None:
@@ -188,6 +189,36 @@ def test_say_rejects_bad_arguments_before_sending(fake):
         client.say("smith", "hi", id="mine")
     poll_for(client, 0.2)
     assert [m["id"] for m in fake.received if m["type"] == "say"] == ["mine"]
+    client.close()
+
+
+def test_append_sends_pieces_of_an_open_say_and_checks_them(fake):
+    client = Client.connect(fake.endpoint)
+    rid = client.say("smith", "Can", open=True)  # before the welcome: the caps are not known yet
+    client.append(rid, " you")
+    with pytest.raises(ValueError, match="'final'"):
+        client.append(rid, "!", final="yes")
+    with pytest.raises(ValueError, match="add up to"):
+        client.append(rid, "x" * protocol.Limits().max_text_chars)
+    client.append(rid, " help?", final=True)
+    with pytest.raises(ValueError, match="not open"):
+        client.append(rid, " again")
+    closed = client.say("smith", "hi")
+    with pytest.raises(ValueError, match="not open"):
+        client.append(closed, " there")
+    client.append("unknown", "x", final=True)  # not running: nothing sent, like cancel
+    poll_for(client, 2.0, until=lambda ev: client.connected)
+    with pytest.raises(ValueError, match="append"):  # this service's welcome has no `append` cap
+        client.say("smith", "hello", open=True)
+    fake.caps = ["append"]
+    client.hello()
+    poll_for(client, 2.0, until=lambda ev: any(e["type"] == "welcome" for e in ev))
+    client.say("smith", "hello", open=True)
+    poll_for(client, 0.2)
+    sent = [m for m in fake.received if m["type"] in ("say", "say.append")]
+    assert [(m["type"], m["text"], m.get("open", m.get("final"))) for m in sent] == [
+        ("say", "Can", True), ("say.append", " you", False), ("say.append", " help?", True), ("say", "hi", None),
+        ("say", "hello", True)]
     client.close()
 
 

@@ -62,6 +62,16 @@ def test_cpp_client_streams_a_line(example, service):
     assert "[connected]" in out["stderr"]
 
 
+def test_cpp_client_sends_a_line_in_pieces(example, service):
+    args = ["--max-tokens", "8", "--seed", "3", "plain", "Can", "you", "mend", "my", "sword?"]
+    rc, whole = run(example, service, "--session", "cpp-whole", *args)
+    assert rc == 0, whole
+    rc, pieces = run(example, service, "--session", "cpp-pieces", "--pieces", *args)
+    assert rc == 0, pieces
+    assert pieces["text"] == pieces["streamed"] == whole["text"]
+    assert pieces["done"]["tokens"] == "8"
+
+
 def test_cpp_client_cancels_mid_stream(example, service):
     rc, out = run(example, service, "--max-tokens", str(LONG), "--cancel-after", "1", "plain", "Talk", "a", "lot")
     assert rc == 0, out

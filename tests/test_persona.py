@@ -8,7 +8,7 @@ import pytest
 
 from npc_engine.persona import (PersonaError, PersonaStore, SAMPLING_FIELDS, check_paths,
                                 load_persona_dir, load_persona_file)
-from npc_engine.prompt import PromptPersona, Turn, build_prompt, persona_block
+from npc_engine.prompt import EOT, NPC, PromptPersona, Turn, build_prompt, persona_block
 from npc_engine.sampling import SamplingParams
 
 PERSONAS = Path(__file__).resolve().parents[1] / "personas"
@@ -76,6 +76,13 @@ def test_prompt_uses_the_conditioning_format():
     assert p.prompt(turns) == build_prompt(expected, turns)
     assert p.prompt(turns).startswith(p.prefix()) and p.prompt([]).startswith(p.prefix())
     assert "Captain Elsa Varn buys every sword" in p.prefix()
+
+
+def test_open_prompt_is_the_prompt_without_its_last_player_turn_closed():
+    p = load_persona_dir(PERSONAS)["blacksmith"]
+    turns = [Turn("player", "Who are you?"), Turn("npc", "Brom.")]
+    for typed in ("", "What do you ", "  What do you make?  "):
+        assert p.open_prompt(turns, typed) + EOT + NPC == p.prompt(turns + [Turn("player", typed)])
 
 
 def test_fallback_line_by_index_and_rng():

@@ -7,6 +7,7 @@ from bridge.protocol import Limits, ProtocolError
 
 LIMITS = Limits()
 SAY = {"type": "say", "id": "r1", "npc": "blacksmith", "session": "s", "text": "Hello"}
+APPEND = {"type": "say.append", "id": "r1", "text": " there"}
 
 
 def decode_error(frames: list[bytes], max_bytes: int = 1024) -> ProtocolError:
@@ -47,8 +48,9 @@ def test_decode_rejects(frames, code):
     assert err.id is None
 
 
-def test_decode_keeps_usable_id_for_binary_keys():
-    err = decode_error([b"NPC1", msgpack.packb({"id": "q7", b"k": 1}, use_bin_type=True)])
+def test_binary_keys_are_refused_keeping_a_usable_id():
+    msg = protocol.decode([b"NPC1", msgpack.packb({"type": "ping", "id": "q7", b"k": 1}, use_bin_type=True)], 1024)
+    err = validate_error(msg)
     assert (err.code, err.id) == ("bad_request", "q7")
 
 
@@ -56,11 +58,18 @@ def test_validate_fills_say_defaults_and_drops_unknown_keys():
     out = protocol.validate({**SAY, "future_field": [1, 2], "priority": None}, LIMITS)
     assert out == {"type": "say", "id": "r1", "npc": "blacksmith", "session": "s", "text": "Hello",
                    "max_tokens": None, "temperature": None, "seed": None, "deadline_ms": None,
-                   "priority": "player", "stream": True}
+                   "priority": "player", "stream": True, "open": False}
+    assert protocol.validate({**SAY, "open": True}, LIMITS)["open"] is True
+
+
+def test_validate_say_append():
+    assert protocol.validate({**APPEND, "extra": 1}, LIMITS) == {**APPEND, "final": False}
+    assert protocol.validate({**APPEND, "text": "", "final": True}, LIMITS) == {**APPEND, "text": "", "final": True}
+    assert protocol.validate({**APPEND, "final": None}, LIMITS)["final"] is False
 
 
 @pytest.mark.parametrize("kind, code", [
-    ("say.append", "unsupported"), ("scene.start", "unsupported"), ("session.export", "unsupported"),
+    ("scene.start", "unsupported"), ("session.export", "unsupported"), ("SAY.APPEND", "unknown_type"),
     ("session.import", "unsupported"), ("shout", "unknown_type"), ("SAY", "unknown_type"),
 ])
 def test_reserved_and_unknown_types(kind, code):
@@ -102,6 +111,13 @@ def test_reserved_and_unknown_types(kind, code):
     ({**SAY, "priority": "boss"}, "priority"),
     ({**SAY, "priority": ["player"]}, "priority"),
     ({**SAY, "stream": 1}, "stream"),
+    ({**SAY, "open": "yes"}, "open"),
+    ({**APPEND, "id": None}, "id"),
+    ({k: v for k, v in APPEND.items() if k != "text"}, "text"),
+    ({**APPEND, "text": 5}, "text"),
+    ({**APPEND, "text": None}, "text"),
+    ({**APPEND, "final": 1}, "final"),
+    ({**APPEND, "final": "true"}, "final"),
 ])
 def test_bad_request_names_the_field(msg, field):
     err = validate_error(msg)
@@ -113,6 +129,8 @@ def test_bad_request_names_the_field(msg, field):
 
 def test_text_over_the_limit_is_too_large():
     err = validate_error({**SAY, "text": "x" * 11}, Limits(max_text_chars=10))
+    assert (err.code, err.id) == ("too_large", "r1")
+    err = validate_error({**APPEND, "text": "x" * 11}, Limits(max_text_chars=10))
     assert (err.code, err.id) == ("too_large", "r1")
     assert protocol.validate({**SAY, "text": "x" * 10}, Limits(max_text_chars=10))["text"] == "x" * 10
 
@@ -130,6 +148,7 @@ def test_hello_versions():
 
 def test_limits_travel_as_plain_ints():
     wire = Limits().to_wire()
-    assert set(wire) == {"max_message_bytes", "max_text_chars", "max_tokens", "max_inflight", "max_deadline_ms"}
+    assert set(wire) == {"max_message_bytes", "max_text_chars", "max_tokens", "max_inflight", "max_deadline_ms",
+                         "max_open_ms"}
     assert all(type(v) is int for v in wire.values())
     assert Limits.from_wire({**wire, "max_text_chars": 10, "added_later": 1}) == Limits(max_text_chars=10)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import msgpack
@@ -100,6 +101,28 @@ def service(chatty_model_dir, personas_dir):
     assert proc.returncode == 0
 
 
+@contextmanager
+def running(service):
+    """Runs an npc_engine.service.Service in a thread (its socket is created, used and closed
+    there); yields its endpoint."""
+    ready = threading.Event()
+
+    def run():
+        service.bind()
+        ready.set()
+        service.run()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert ready.wait(30)
+    try:
+        yield service.endpoint
+    finally:
+        service.stop()
+        thread.join(30)
+    assert not thread.is_alive()
+
+
 class Raw:
     """A DEALER that sends exactly what it is given and reads whole messages."""
 
@@ -115,6 +138,9 @@ class Raw:
 
     def say(self, rid: str, npc: str = "plain", text: str = "Hello there.", **fields) -> None:
         self.send({"type": "say", "id": rid, "npc": npc, "session": fields.pop("session", rid), "text": text, **fields})
+
+    def append(self, rid: str, text: str, final: bool = False) -> None:
+        self.send({"type": "say.append", "id": rid, "text": text, "final": final})
 
     def recv(self, timeout: float = 30.0) -> dict:
         if not self.sock.poll(timeout * 1000, zmq.POLLIN):
@@ -174,7 +200,8 @@ def test_hello_ping_and_npcs(service, personas_dir):
     welcome = raw.request({"type": "hello", "id": "h", "protocol": [1, 3], "client": "test", "caps": ["x"], "extra": 1})
     ids = sorted(p.stem for p in personas_dir.glob("*.toml"))
     assert welcome["type"] == "welcome" and welcome["id"] == "h"
-    assert welcome["protocol"] == [1, 0]
+    assert welcome["protocol"] == [1, 1]
+    assert raw.request({"type": "hello", "id": "h0", "protocol": [1, 0]})["protocol"] == [1, 0]
     assert welcome["npcs"] == ids
     assert set(welcome["caps"]) == set(protocol.CAPS)
     assert welcome["limits"] == protocol.Limits().to_wire()
@@ -241,7 +268,7 @@ BAD_MESSAGES = [
     ([b"NPC1", msgpack.packb([1, 2, 3])], "bad_request", None),
     ([b"NPC1", msgpack.packb({"type": "ping"})], "bad_request", None),
     ([b"NPC1", msgpack.packb({"type": "dance", "id": "d"})], "unknown_type", "d"),
-    ([b"NPC1", msgpack.packb({"type": "say.append", "id": "r1"})], "unsupported", "r1"),
+    ([b"NPC1", msgpack.packb({"type": "say.append", "id": 5, "text": "x"})], "bad_request", None),
     ([b"NPC1", msgpack.packb({"type": "scene.start", "id": "r2"})], "unsupported", "r2"),
     ([b"NPC1", msgpack.packb({"type": "session.export", "id": "r3"})], "unsupported", "r3"),
     ([b"NPC1", msgpack.packb({"type": "session.import", "id": "r4"})], "unsupported", "r4"),
@@ -371,6 +398,217 @@ def test_player_priority_is_admitted_before_ambient(service):
         msg = raw.recv()
         order.append(msg["id"])
     assert order.index("player") < order.index("ambient")
+    raw.close()
+
+
+# ---- say.append: a player line sent in pieces ------------------------------------------------------
+
+PIECES = ["Can ", "you mend", " my sw", "ord?"]  # pieces end mid-word and carry their own spaces
+
+
+def say_in_pieces(raw: Raw, rid: str, pieces: list[str], **fields) -> None:
+    raw.say(rid, text=pieces[0], open=True, **fields)
+    for i, piece in enumerate(pieces[1:], 2):
+        raw.append(rid, piece, final=i == len(pieces))
+
+
+@pytest.mark.parametrize("temperature, seed", [(0.0, None), (1.0, 11)])
+def test_a_line_sent_in_pieces_gets_the_same_answer_as_sent_whole(service, temperature, seed):
+    raw = Raw(service)
+    fields = {"max_tokens": 12, "temperature": temperature, **({"seed": seed} if seed is not None else {})}
+    raw.say("whole", text="".join(PIECES), session=f"whole-{temperature}", **fields)
+    say_in_pieces(raw, "pieces", PIECES, session=f"pieces-{temperature}", **fields)
+    replies = collect(raw, {"whole", "pieces"})
+    (_, whole), (tokens, pieces) = replies["whole"], replies["pieces"]
+    assert pieces["type"] == "done" and (pieces["fallback"], pieces["cancelled"], pieces["deflected"]) == (False,) * 3
+    assert pieces["text"] == streamed(tokens) == whole["text"]
+    assert pieces["tokens"] == whole["tokens"] == 12
+    assert pieces["stats"]["prompt_tokens"] == whole["stats"]["prompt_tokens"]
+    assert_quiet(raw)
+    raw.close()
+
+
+def test_append_to_a_say_that_is_not_running_is_ignored(service):
+    raw = Raw(service)
+    raw.append("never-sent", "hello", final=True)
+    raw.send({"type": "say.append", "id": "never-sent", "text": 5})  # malformed too: nobody to answer
+    raw.say("ended", max_tokens=2)
+    collect(raw, {"ended"})
+    raw.append("ended", "more", final=True)
+    assert_quiet(raw)
+    assert raw.request({"type": "ping", "id": "p"})["type"] == "pong"
+    raw.close()
+
+
+def test_append_to_a_say_that_is_not_open_ends_it_with_bad_request(service):
+    raw = Raw(service)
+    say_in_pieces(raw, "twice", ["Hello", " there", "!"], max_tokens=LONG)
+    raw.append("twice", " again")  # the say is final already: a client bug
+    raw.say("closed", max_tokens=LONG)
+    raw.append("closed", " more")  # sent without open
+    replies = collect(raw, {"twice", "closed"})
+    for rid in ("twice", "closed"):
+        error = replies[rid][1]
+        assert (error["type"], error["code"]) == ("error", "bad_request") and "not open" in error["message"]
+    assert_quiet(raw)
+    raw.close()
+
+
+def test_a_malformed_append_ends_its_say_with_bad_request_naming_the_field(service):
+    raw = Raw(service)
+    cases = {"f1": ({"final": "yes"}, "'final'"), "f2": ({"text": None}, "'text'"), "f3": ({"text": 7}, "'text'"),
+             "f4": ({b"bin": 1}, "keys")}
+    for rid, (bad, _) in cases.items():
+        raw.say(rid, text="Hi", open=True)
+        raw.send({"type": "say.append", "id": rid, "text": "!", **bad})
+    replies = collect(raw, set(cases))
+    for rid, (_, named) in cases.items():
+        error = replies[rid][1]
+        assert (error["type"], error["code"]) == ("error", "bad_request") and named in error["message"]
+    assert_quiet(raw)
+    raw.close()
+
+
+def test_cancel_ends_an_open_say(service):
+    raw = Raw(service)
+    raw.say("typing", text="Let me tell you", open=True)
+    raw.append("typing", " about")
+    raw.send({"type": "cancel", "id": "typing"})
+    done = collect(raw, {"typing"})["typing"][1]
+    assert done["type"] == "done" and done["cancelled"] is True and (done["text"], done["tokens"]) == ("", 0)
+    raw.append("typing", " my day", final=True)  # ended: ignored
+    assert_quiet(raw)
+    raw.close()
+
+
+def test_banned_topic_split_over_pieces_is_deflected_at_the_final_piece(service):
+    raw = Raw(service)
+    say_in_pieces(raw, "war", ["Tell me about the wa", "rs", ", old man."], npc="blacksmith")
+    tokens, done = collect(raw, {"war"})["war"]
+    assert tokens == [] and done["deflected"] is True and done["tokens"] == 0
+    assert done["text"] == "I don't talk about that. Ask me about steel."
+    raw.close()
+
+
+def test_open_says_wait_in_the_queue_behind_a_full_engine(service):
+    raw = Raw(service)
+    raw.say("ref", text="".join(PIECES), max_tokens=6, temperature=0.0, session="queued-ref")
+    reference = collect(raw, {"ref"})["ref"][1]["text"]
+    for i in range(16):  # every engine slot
+        raw.say(f"fill{i}", max_tokens=LONG, stream=False)
+    time.sleep(0.3)
+    fields = {"max_tokens": 6, "temperature": 0.0}
+    say_in_pieces(raw, "final-queued", PIECES, session="queued-a", **fields)  # completed before admission
+    raw.say("final-admitted", text=PIECES[0], open=True, session="queued-b", **fields)
+    raw.append("final-admitted", PIECES[1])
+    time.sleep(0.1)
+    for i in range(16):
+        raw.send({"type": "cancel", "id": f"fill{i}"})
+    time.sleep(0.3)  # admitted while still open
+    raw.append("final-admitted", PIECES[2])
+    raw.append("final-admitted", PIECES[3], final=True)
+    replies = collect(raw, {f"fill{i}" for i in range(16)} | {"final-queued", "final-admitted"})
+    assert replies["final-queued"][1]["text"] == replies["final-admitted"][1]["text"] == reference
+    raw.close()
+
+
+def test_bridge_client_sends_a_line_in_pieces(service):
+    with Client.connect(service) as client:
+        end = time.monotonic() + 10
+        while not client.connected and time.monotonic() < end:
+            client.poll()
+            client.wait(0.01)
+        assert "append" in client.server["caps"] and client.server["protocol"] == list(protocol.VERSION)
+        whole = client.ask("plain", "".join(PIECES), max_tokens=8, temperature=0.0, session="client-whole")
+        rid = client.say("plain", PIECES[0], open=True, max_tokens=8, temperature=0.0, session="client-pieces")
+        for piece in PIECES[1:-1]:
+            client.append(rid, piece)
+        client.append(rid, PIECES[-1], final=True)
+        with pytest.raises(ValueError, match="not open"):
+            client.append(rid, "more")
+        events = []
+        while not any(e["type"] in ("done", "error") for e in events):
+            events += client.poll(budget_ms=5)
+            client.wait(0.05)
+        assert events[-1]["type"] == "done" and events[-1]["text"] == whole
+        client.append(rid, "late", final=True)  # ended: nothing sent, nothing raised
+
+
+# An in-process service whose open says time out quickly and whose text limit fits the tiny model; it
+# records how much of each request's prompt the engine had prefilled when it got the completed prompt.
+OPEN_MS = 400
+TEXT_CHARS = 200
+
+
+@pytest.fixture(scope="module")
+def quick_open(chatty_model_dir, personas_dir):
+    from npc_engine.engine import Engine
+    from npc_engine.persona import PersonaStore
+    from npc_engine.service import Service, ServiceConfig
+
+    engine = Engine.load(chatty_model_dir, draft="none")
+    service = Service(engine, PersonaStore(personas_dir),
+                      ServiceConfig(bind="tcp://127.0.0.1:*", limits=protocol.Limits(max_open_ms=OPEN_MS, max_text_chars=TEXT_CHARS)))
+    service.prefilled_at_final = {}
+    real_update = engine.update_prompt
+
+    def update_prompt(rid, prompt_ids, complete):
+        if complete and rid in engine.active:
+            stats, call = engine.active[rid].stats, service.by_rid[rid]
+            service.prefilled_at_final[call.id] = stats.prefill_tokens + stats.cached_prefix_tokens - call.prefix_len
+        real_update(rid, prompt_ids, complete)
+
+    engine.update_prompt = update_prompt
+    with running(service) as endpoint:
+        yield service, endpoint
+
+
+def test_an_open_say_without_pieces_ends_with_open_timeout(quick_open):
+    service, endpoint = quick_open
+    raw = Raw(endpoint)
+    assert raw.request({"type": "hello", "id": "h", "protocol": [1, 1]})["limits"]["max_open_ms"] == OPEN_MS
+    start = time.monotonic()
+    raw.say("idle", text="Well", open=True, max_tokens=4)
+    raw.say("alive", text="Well", open=True, max_tokens=4)
+    while time.monotonic() - start < 2.5 * OPEN_MS / 1000:  # empty pieces keep a say open
+        raw.append("alive", "")
+        time.sleep(OPEN_MS / 4000)
+    raw.append("alive", ", well.", final=True)
+    replies = collect(raw, {"idle", "alive"})
+    error = replies["idle"][1]
+    assert (error["type"], error["code"]) == ("error", "open_timeout")
+    assert replies["alive"][1]["type"] == "done" and replies["alive"][1]["tokens"] == 4
+    assert_quiet(raw)
+    raw.close()
+
+
+def test_pieces_over_the_text_limit_end_the_say_with_too_large(quick_open):
+    service, endpoint = quick_open
+    raw = Raw(endpoint)
+    raw.say("sum", text="x" * (TEXT_CHARS - 100), open=True)
+    raw.append("sum", " y" * 40)  # still fits
+    raw.append("sum", "z" * 21)
+    raw.say("piece", text="", open=True)
+    raw.append("piece", "x" * (TEXT_CHARS + 1))  # one piece over the limit
+    replies = collect(raw, {"sum", "piece"})
+    assert {(t["type"], t["code"]) for _, t in replies.values()} == {("error", "too_large")}
+    assert f"add up to {TEXT_CHARS + 1}" in replies["sum"][1]["message"]
+    assert_quiet(raw)
+    raw.close()
+
+
+def test_the_text_so_far_is_prefilled_before_the_final_piece(quick_open):
+    from npc_engine.engine import PREFILL_CHUNK
+
+    service, endpoint = quick_open
+    raw = Raw(endpoint)
+    raw.say("early", text="I walked for three days through the rain and the mud to reach this forge, and the guard "
+            "at the gate told me you are the best smith in the town, so ", open=True, max_tokens=4)
+    time.sleep(OPEN_MS / 2000)
+    raw.append("early", "now my sword is broken.", final=True)
+    done = collect(raw, {"early"})["early"][1]
+    assert done["type"] == "done" and done["tokens"] == 4
+    assert service.prefilled_at_final["early"] >= PREFILL_CHUNK  # at least one whole chunk of the player's turn
     raw.close()
 
 
@@ -513,7 +751,7 @@ def malformed(rng: random.Random) -> list[bytes]:
     elif kind == 5:  # a required field missing
         del msg[rng.choice(["type", "id", "npc", "session", "text"])]
     elif kind == 6:
-        msg["type"] = rng.choice(["say.append", "scene.x", "session.export", "yell", "", "PING"])
+        msg["type"] = rng.choice(["scene.x", "session.export", "yell", "", "PING"])
     elif kind == 7:
         msg["text"] = "x" * rng.choice([2001, 5000])
     else:
@@ -657,10 +895,10 @@ def test_a_fault_in_one_request_answers_internal_and_the_service_keeps_serving(c
             raise RuntimeError("injected fault while streaming")
         real_on_tokens(call, event, now)
 
-    def build_prompt(persona, session, text, max_tokens, mid):
+    def build_prompt(persona, session, text, *rest):
         if text == "crash":
             raise RuntimeError("injected fault while building the prompt")
-        return real_build(persona, session, text, max_tokens, mid)
+        return real_build(persona, session, text, *rest)
 
     def step():
         if failures["step"] == 0 and any(c.text == "engine fault" for c in service.calls.values() if c.admitted):
@@ -669,18 +907,8 @@ def test_a_fault_in_one_request_answers_internal_and_the_service_keeps_serving(c
         return real_step()
 
     service.on_tokens, service.build_prompt, service.engine.step = on_tokens, build_prompt, step
-    ready = threading.Event()
-
-    def run():
-        service.bind()  # the socket is created, used and closed in this thread
-        ready.set()
-        service.run()
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    assert ready.wait(30)
-    raw = Raw(service.endpoint)
-    try:
+    with running(service) as endpoint:
+        raw = Raw(endpoint)
         raw.say("ok1", text="fine", max_tokens=6)
         raw.say("boom", text="boom", max_tokens=6)
         raw.say("crash", text="crash", max_tokens=6)
@@ -693,8 +921,4 @@ def test_a_fault_in_one_request_answers_internal_and_the_service_keeps_serving(c
         raw.say("ok2", text="fine again", max_tokens=6)
         assert collect(raw, {"ok2"})["ok2"][1]["type"] == "done"
         assert failures["step"] == 1
-    finally:
         raw.close()
-        service.stop()
-        thread.join(30)
-    assert not thread.is_alive()

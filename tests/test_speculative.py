@@ -45,7 +45,7 @@ def run_batch(engine, prompts, params):
     return [outputs[f"r{i}"] for i in range(len(prompts))]
 
 
-@pytest.mark.parametrize("drafter_kind,k", [("model", 4), ("model", None), ("ngram", 8), ("ngram", None)])
+@pytest.mark.parametrize("drafter_kind,k", [("model", 4), ("model", None), ("ngram", 8), ("ngram", None), ("none", 4)])
 def test_greedy_speculative_is_token_identical_across_batch_sizes(tiny_pair_dirs, drafter_kind, k):
     target_dir, draft_dir = tiny_pair_dirs
     params = SamplingParams(temperature=0, max_tokens=24)

@@ -44,6 +44,7 @@ def test_prompt_in_pieces_gives_the_one_shot_line_and_prefills_while_it_arrives(
         engine.update_prompt("a", ids, complete=False)
         assert engine.step() == []
         assert req.fed <= len(ids) - 1 and (len(ids) - 1 - req.fed) < STREAM_CHUNK  # only whole chunks, last token kept back
+    assert not engine.has_work()  # idle until the next piece: a service loop may sleep
     fed_before_final = req.fed
     assert fed_before_final > prefix_len  # the utterance was prefilled while it arrived
     engine.update_prompt("a", full, complete=True)

@@ -1,7 +1,10 @@
 // A game loop that asks one NPC for a line and shows it as it streams, using npc_bridge.hpp.
 //
-//   ./example [--connect ADDR] [--deadline-ms N] [--cancel-after N] [--frame-ms N] NPC TEXT...
+//   ./example [--connect ADDR] [--deadline-ms N] [--cancel-after N] [--frame-ms N] [--max-tokens N]
+//             [--seed N] [--session S] [--pieces] NPC TEXT...
 //
+// --pieces sends the line as the player would type it: an open say with the first word, then one
+// say.append per frame with the next word, the last one final.
 // Prints "npc: " and the streamed text (control characters escaped), then one line per terminal
 // event: "done: ..." and "text: <done.text>", or "error: CODE MESSAGE". Exit status: 0 after
 // done, 1 after an error, 2 for bad arguments.
@@ -11,6 +14,7 @@
 #include <iostream>
 #include <string>
 #include <thread>
+#include <vector>
 
 static std::string printable(const std::string& s) {
   std::string out;
@@ -29,7 +33,8 @@ static std::string printable(const std::string& s) {
 }
 
 int main(int argc, char** argv) {
-  std::string addr = npc::kDefaultAddr, npc_id, text;
+  std::string addr = npc::kDefaultAddr, npc_id;
+  std::vector<std::string> words;
   npc::SayOptions options;
   options.session = "cpp-example";
   int cancel_after = -1;
@@ -42,21 +47,35 @@ int main(int argc, char** argv) {
     else if (arg == "--cancel-after" && has_value) cancel_after = std::stoi(argv[++i]);
     else if (arg == "--frame-ms" && has_value) frame_ms = std::stod(argv[++i]);
     else if (arg == "--max-tokens" && has_value) options.max_tokens = std::stoll(argv[++i]);
+    else if (arg == "--seed" && has_value) options.seed = std::stoll(argv[++i]);
+    else if (arg == "--session" && has_value) options.session = argv[++i];
+    else if (arg == "--pieces") options.open = true;
     else if (npc_id.empty()) npc_id = arg;
-    else text += (text.empty() ? "" : " ") + arg;
+    else words.push_back(arg);
   }
   if (npc_id.empty()) {
     std::cerr << "usage: example [--connect ADDR] [--deadline-ms N] [--cancel-after N] [--frame-ms N] "
-                 "[--max-tokens N] NPC TEXT...\n";
+                 "[--max-tokens N] [--seed N] [--session S] [--pieces] NPC TEXT...\n";
     return 2;
   }
+  std::string text;
+  for (const std::string& w : words) text += (text.empty() ? "" : " ") + w;
 
   npc::Client client(addr);
-  std::string id = client.say(npc_id, text, options);
+  std::string first = !options.open ? text : words.empty() ? "" : words[0];
+  std::string id = client.say(npc_id, first, options);
+  size_t typed = 1;  // words sent so far (with --pieces)
+  bool typing = options.open;
   std::cout << "npc: " << std::flush;
   int tokens_seen = 0;
   int64_t expected_seq = 0;
   for (;;) {  // one iteration per game frame
+    if (typing) {  // the player typed one more word this frame
+      bool last = typed + 1 >= words.size();
+      client.append(id, typed < words.size() ? " " + words[typed] : "", last);
+      ++typed;
+      typing = !last;
+    }
     for (const npc::Event& e : client.poll(1.0)) {
       if (e.type == "connection") {
         std::cerr << (e.connected ? "[connected]\n" : "[connection lost]\n");

@@ -1,4 +1,4 @@
-// npc_bridge.hpp: header-only C++17 client of the npc-engine service (protocol 1.0, see
+// npc_bridge.hpp: header-only C++17 client of the npc-engine service (protocol 1.1, see
 // bridge/PROTOCOL.md). Needs libzmq, cppzmq and msgpack-cxx (Debian: libzmq3-dev cppzmq-dev
 // libmsgpack-cxx-dev); link with -lzmq.
 //
@@ -11,6 +11,12 @@
 // messages plus this client's own events (synthetic = true): "connection" when the service is
 // first heard from or lost, and "error" with code "disconnected" or "timeout" for requests that
 // will never be answered. Every say() id gets exactly one terminal event ("done" or "error").
+//
+// While the player is still typing, send the line in pieces so the service prefills it early:
+//   npc::SayOptions o; o.open = true;
+//   std::string id = client.say("blacksmith", "Can you", o);
+//   client.append(id, " mend");
+//   client.append(id, " my sword?", /*final=*/true);   // the NPC starts answering now
 #pragma once
 
 #ifndef MSGPACK_NO_BOOST
@@ -20,6 +26,7 @@
 #include <zmq.hpp>
 #include <zmq_addon.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -39,7 +46,7 @@ namespace npc {
 
 inline constexpr const char* kTag = "NPC1";
 inline constexpr int kMajor = 1;
-inline constexpr int kMinor = 0;
+inline constexpr int kMinor = 1;
 inline constexpr const char* kDefaultAddr = "tcp://127.0.0.1:5555";
 
 struct Stats {
@@ -63,6 +70,7 @@ struct Event {
   Stats stats;                   // done
   std::string code, message;     // error
   std::vector<std::string> npcs; // welcome, npcs: persona ids
+  std::vector<std::string> caps; // welcome
   std::string instance;          // welcome, pong
   bool connected = false;        // connection
   bool synthetic = false;        // made by this client, not sent by the service
@@ -77,7 +85,8 @@ struct SayOptions {
   std::optional<double> deadline_ms;
   std::string priority = "player";  // or "ambient"
   bool stream = true;
-  std::string id;  // empty: the client makes one
+  bool open = false;  // the player is still typing: text is the first piece; send the rest with append()
+  std::string id;     // empty: the client makes one
 };
 
 struct ClientOptions {
@@ -132,7 +141,7 @@ inline bool get_bool(const msgpack::object& map, const char* key) {
   return v && v->type == msgpack::type::BOOLEAN && v->via.boolean;
 }
 
-// Ids from an array of strings (welcome) or of maps with an "id" (npcs).
+// Strings of an array of strings (welcome), or the "id" of each map of an array of maps (npcs).
 inline std::vector<std::string> get_ids(const msgpack::object& map, const char* key) {
   std::vector<std::string> out;
   const msgpack::object* v = find(map, key);
@@ -198,7 +207,10 @@ class Client {
     std::string id = o.id.empty() ? next_id() : o.id;
     if (id.size() > 128 || id[0] == '~') throw std::invalid_argument("id must be 1 to 128 characters, not starting with '~'");
     if (pending_.count(id)) throw std::invalid_argument("request " + id + " is still running");
-    uint32_t pairs = 7 + o.max_tokens.has_value() + o.temperature.has_value() + o.seed.has_value() + o.deadline_ms.has_value();
+    if (o.open && !serves_append())
+      throw std::invalid_argument("the service does not serve open says (no \"append\" in welcome.caps)");
+    uint32_t pairs = 7 + o.max_tokens.has_value() + o.temperature.has_value() + o.seed.has_value() +
+                     o.deadline_ms.has_value() + o.open;
     detail::MapWriter w(pairs);
     w.str("type", "say").str("id", id).str("npc", npc).str("session", o.session).str("text", text)
         .str("priority", o.priority).boolean("stream", o.stream);
@@ -206,6 +218,10 @@ class Client {
     if (o.temperature) w.num("temperature", *o.temperature);
     if (o.seed) w.integer("seed", *o.seed);
     if (o.deadline_ms) w.num("deadline_ms", *o.deadline_ms);
+    if (o.open) {
+      w.boolean("open", true);
+      open_.insert(id);
+    }
     auto now = detail::Clock::now();
     Pending p{now, std::nullopt};
     if (o.deadline_ms)
@@ -215,6 +231,18 @@ class Client {
     abandoned_set_.erase(id);
     send(w.buffer());
     return id;
+  }
+
+  // Send the next piece of the open say `id`, appended verbatim (include the spaces between words);
+  // final = true completes the line and the NPC starts answering. No event answers it. A say that
+  // has already ended is left alone; one that is running but not open throws std::invalid_argument.
+  void append(const std::string& id, const std::string& text, bool final = false) {
+    if (!pending_.count(id)) return;
+    if (!open_.count(id)) throw std::invalid_argument("request " + id + " is not open");
+    if (final) open_.erase(id);
+    detail::MapWriter w(4);
+    w.str("type", "say.append").str("id", id).str("text", text).boolean("final", final);
+    send(w.buffer());
   }
 
   // Stop a running request; it ends with done (cancelled = true) unless it was already ending.
@@ -263,6 +291,11 @@ class Client {
   };
 
   std::string next_id() { return prefix_ + std::to_string(counter_++); }
+
+  // True until a welcome says otherwise: the first say may go out before the service has answered.
+  bool serves_append() const {
+    return server_.type.empty() || std::find(server_.caps.begin(), server_.caps.end(), "append") != server_.caps.end();
+  }
 
   std::string request(const char* type, const std::string& id) {
     detail::MapWriter w(2);
@@ -328,7 +361,10 @@ class Client {
     }
     if (e.type == "welcome") server_ = e;
     if (abandoned_set_.count(e.id)) return;
-    if (e.terminal()) pending_.erase(e.id);
+    if (e.terminal()) {
+      pending_.erase(e.id);
+      open_.erase(e.id);
+    }
     events_.push_back(std::move(e));
   }
 
@@ -346,6 +382,7 @@ class Client {
     e.message = detail::get_string(m, "message");
     e.instance = detail::get_string(m, "instance");
     e.npcs = detail::get_ids(m, "npcs");
+    e.caps = detail::get_ids(m, "caps");
     if (const msgpack::object* s = detail::find(m, "stats"); s && s->type == msgpack::type::MAP) {
       e.stats.ttft_ms = detail::get_number(*s, "ttft_ms");
       e.stats.total_ms = detail::get_number(*s, "total_ms").value_or(0.0);
@@ -398,6 +435,7 @@ class Client {
       if (which(p)) ids.push_back(id);
     for (const std::string& id : ids) {
       pending_.erase(id);
+      open_.erase(id);
       abandon(id);
       Event e;
       e.type = "error";
@@ -427,6 +465,7 @@ class Client {
   Event server_;
   std::string instance_;
   std::unordered_map<std::string, Pending> pending_;
+  std::unordered_set<std::string> open_;  // say ids still waiting for their final piece
   std::unordered_map<std::string, detail::Clock::time_point> probes_;
   std::deque<std::string> abandoned_;
   std::unordered_set<std::string> abandoned_set_;
