@@ -29,6 +29,8 @@ def _check(q, k_cache, v_cache, slots, positions, tree_mask):
         raise ValueError(f"attention: query heads ({Hq}) must be a multiple of kv heads ({k_cache.shape[1]})")
     if positions.shape != (B, T) or slots.shape != (B,):
         raise ValueError(f"attention: positions {tuple(positions.shape)} must be [{B}, {T}], slots {tuple(slots.shape)} [{B}]")
+    if not slots.is_contiguous():
+        raise ValueError("attention: slots must be contiguous")
     if tree_mask is not None and (tree_mask.shape != (B, T, T) or tree_mask.dtype != torch.bool):
         raise ValueError(f"attention: tree_mask must be bool [{B}, {T}, {T}], got {tree_mask.dtype} {tuple(tree_mask.shape)}")
 

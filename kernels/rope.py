@@ -29,6 +29,8 @@ def _check(q, k, v, cos, sin, positions, slots, k_cache, v_cache, cache_position
         raise ValueError(f"rope: cos/sin {tuple(cos.shape)} must be [S, {D // 2}] or [S, {D}]")
     if positions.shape != (B, T) or slots.shape != (B,):
         raise ValueError(f"rope: positions {tuple(positions.shape)} must be [{B}, {T}], slots {tuple(slots.shape)} [{B}]")
+    if not slots.is_contiguous():
+        raise ValueError("rope: slots must be contiguous")
     if cache_positions is not None and cache_positions.shape != (B, T):
         raise ValueError(f"rope: cache_positions {tuple(cache_positions.shape)} must be [{B}, {T}]")
 

@@ -53,7 +53,7 @@ def greedy_step(target: Transformer, target_cache: KVCache, drafter, packed: tor
     tokens, verify them with one target forward, accept. packed [B, 5 (+ k)] int64 rows hold
     (token before the last, last token, length, slot, drafts allowed (, k drafts from the host)).
     Returns [B, 2 + k]: (accepted count, the target's next token, the k drafts)."""
-    last2, lengths, slots, allowed = packed[:, :2], packed[:, 2], packed[:, 3], packed[:, 4]
+    last2, lengths, slots, allowed = packed[:, :2], packed[:, 2], packed[:, 3].contiguous(), packed[:, 4]
     if isinstance(drafter, ModelDrafter) and k:
         drafts = drafter.greedy_drafts(last2, lengths, slots, k, kv_len)
     else:

@@ -45,13 +45,15 @@ def run_batch(engine, prompts, params):
     return [outputs[f"r{i}"] for i in range(len(prompts))]
 
 
-@pytest.mark.parametrize("drafter_kind,k", [("model", 4), ("model", None), ("ngram", 8), ("ngram", None), ("none", 4)])
-def test_greedy_speculative_is_token_identical_across_batch_sizes(tiny_pair_dirs, drafter_kind, k):
+@pytest.mark.parametrize("drafter_kind,k,fused", [("model", 4, False), ("model", None, False), ("ngram", 8, False),
+                                                  ("ngram", None, False), ("none", 4, False), ("model", 4, True)])
+def test_greedy_speculative_is_token_identical_across_batch_sizes(tiny_pair_dirs, drafter_kind, k, fused):
+    """fused: the kernels' PyTorch references, which check their inputs as the GPU kernels need them."""
     target_dir, draft_dir = tiny_pair_dirs
     params = SamplingParams(temperature=0, max_tokens=24)
     plain = run_batch(make_engine(target_dir, "none"), PROMPTS, params)
     for batch in (1, 3, 8):
-        engine = make_engine(target_dir, drafter_kind, draft_dir, fixed_k=k)
+        engine = make_engine(target_dir, drafter_kind, draft_dir, fixed_k=k, fused_kernels=fused)
         got = []
         for start in range(0, len(PROMPTS), batch):
             got += run_batch(engine, PROMPTS[start:start + batch], params)
