@@ -25,6 +25,7 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kernels.attention import cached_attention_reference, cached_attention_triton  # noqa: E402
 from kernels.fp8 import fp8_linear_reference, fp8_linear_scaled_mm, fp8_linear_triton, quantize_fp8  # noqa: E402
+from kernels.gemv import linear_gemv_triton  # noqa: E402
 from kernels.rmsnorm import add_rmsnorm_reference, add_rmsnorm_triton  # noqa: E402
 from kernels.rope import rope_kv_write_reference, rope_kv_write_triton  # noqa: E402
 
@@ -133,8 +134,10 @@ def fp8_cases():
                 "fp8 triton": lambda x=x, w=w_fp8, s=scale: fp8_linear_triton(x, w, s),
                 "fp8 reference": lambda x=x, w=w_fp8, s=scale: fp8_linear_reference(x, w, s),
             })
-            yield (f"linear {name}", f"M={M} N={N} K={K}", N * K * BF16 + io, {
-                "bf16 F.linear": lambda x=x, w=weight: F.linear(x, w)})
+            bf16 = {"bf16 F.linear": lambda x=x, w=weight: F.linear(x, w)}
+            if M == 1:
+                bf16["bf16 triton gemv"] = lambda x=x, w=weight: linear_gemv_triton(x, w)
+            yield (f"linear {name}", f"M={M} N={N} K={K}", N * K * BF16 + io, bf16)
 
 
 def main() -> None:

@@ -3,7 +3,8 @@ the reference otherwise."""
 
 from kernels.attention import cached_attention
 from kernels.fp8 import Fp8Linear, fp8_linear, quantize_fp8
+from kernels.gemv import linear
 from kernels.rmsnorm import add_rmsnorm
 from kernels.rope import rope_kv_write
 
-__all__ = ["Fp8Linear", "add_rmsnorm", "cached_attention", "fp8_linear", "quantize_fp8", "rope_kv_write"]
+__all__ = ["Fp8Linear", "add_rmsnorm", "cached_attention", "fp8_linear", "linear", "quantize_fp8", "rope_kv_write"]

@@ -368,13 +368,13 @@ class Engine:
             c.v[:, r.slot, :, :r.prefix_len] = v
 
     def speculative_step(self, reqs: list[Request]) -> list[StepEvent]:
-        started = time.perf_counter()
         B = len(reqs)
         k_asked = max(r.k for r in reqs)
         if (batch_bucket(B), 0) not in self.step_seconds:
             k_asked = 0  # measure plain decoding once per batch size: speculation must beat it, host work included
         if k_asked and self.drafter.cache is not None:  # steps without drafting left the draft cache behind
             self.prefill_ranges([(r, r.draft_valid, len(r.ids) - 2) for r in reqs], target=False)
+        started = time.perf_counter()  # a catch-up is paid once; the step time decides every later step
         if all(r.params.temperature == 0 for r in reqs):
             result = self.run_greedy_step(reqs, k_asked)
         else:
@@ -395,9 +395,12 @@ class Engine:
     def run_greedy_step(self, reqs: list[Request], k: int) -> list[list[int]]:
         """Temperature 0: the whole step is one `greedy_step` call (one graph replay on CUDA) on one packed
         input tensor. Rows: (accepted, next token, drafted, *drafts)."""
-        found = [self.drafter.lookup(r.ids, k) for r in reqs] if self.drafter.name == "ngram" and k else None
-        if found is not None:
-            k = max(map(len, found))
+        found = None
+        if self.drafter.name == "ngram" and k:
+            # drafts are padded to the asked K, not to the longest found: fewer shapes, fewer graphs
+            found = [self.drafter.lookup(r.ids, k) for r in reqs]
+            if not any(found):
+                found, k = None, 0
         elif self.drafter.name == "none":
             k = 0
         rows = [[r.ids[-2] if len(r.ids) > 1 else r.ids[-1], r.ids[-1], len(r.ids), r.slot,

@@ -138,6 +138,14 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(B, H, groups, S, D).reshape(B, H * groups, S, D)
 
 
+def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A linear layer on the fused path: plain nn.Linear weights go through kernels.linear (a Triton
+    GEMV for one row on CUDA); FP8 layers run themselves."""
+    from kernels import linear
+
+    return linear(x, layer.weight, layer.bias) if type(layer) is nn.Linear else layer(x)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -183,19 +191,19 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def forward_fused(self, x, cos_table, sin_table, input_pos, k_cache, v_cache, slots, kv_len):
-        from kernels import cached_attention, rope_kv_write
+        from kernels import cached_attention, linear, rope_kv_write
 
         B, T, _ = x.shape
         if self.qkv is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
-            q, k, v = F.linear(x, *self.qkv).split(self.qkv_sizes, dim=-1)
+            q, k, v = linear(x, *self.qkv).split(self.qkv_sizes, dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q = rope_kv_write(q, k, v, cos_table, sin_table, input_pos, slots, k_cache, v_cache)
         out = cached_attention(q, k_cache, v_cache, slots, input_pos, max_len=kv_len)
-        return self.o_proj(out.reshape(B, T, -1))
+        return project(self.o_proj, out.reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -211,10 +219,12 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def forward_fused(self, x):
+        from kernels import linear
+
         if self.gate_up is None:
             return self.forward(x)
-        gate, up = F.linear(x, *self.gate_up).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate, up = linear(x, *self.gate_up).chunk(2, dim=-1)
+        return project(self.down_proj, F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -313,7 +323,7 @@ class Transformer(nn.Module):
         elif not logits:
             return None
         x, _ = add_rmsnorm(h, residual, self.model.norm.weight, self.model.norm.eps)
-        out = self.lm_head(x)
+        out = project(self.lm_head, x)
         return out[:, 0] if isinstance(logits, torch.Tensor) else out
 
     def rope_table(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ accept draft x with probability min(1, p(x)/q(x)); at the first rejection sample
 norm(max(0, p - q)); when every proposed draft passes, sample a bonus token from p.
 """
 import math
+from array import array
 
 import torch
 import torch.nn.functional as F
@@ -112,11 +113,15 @@ class NgramDrafter:
         pass
 
     def lookup(self, seq: list[int], k: int) -> list[int]:
+        # bytes.rfind scans in C: a Python loop over a few hundred tokens cost more than a step on the GPU.
+        data, width = array("i", seq).tobytes(), array("i").itemsize
         for n in range(min(self.max_n, len(seq) - 1), 0, -1):
-            tail = seq[-n:]
-            for start in range(len(seq) - n - 1, -1, -1):
-                if seq[start:start + n] == tail:
-                    return seq[start + n:start + n + k]
+            tail, end = data[-n * width:], (len(seq) - 1) * width  # occurrences that end before the last token
+            while (at := data.rfind(tail, 0, end)) >= 0 and at % width:
+                end = at + len(tail) - 1  # a match across token boundaries: look further back
+            if at >= 0:
+                start = at // width
+                return seq[start + n:start + n + k]
         return []
 
     def propose(self, seqs, slots, k, sampling, u):

@@ -202,6 +202,22 @@ def test_engine_sampling_matches_the_target_distribution():
     assert p_value > 1e-3, f"chi-square p = {p_value:.2e} (df {df})"
 
 
+def test_ngram_lookup_finds_the_latest_earlier_occurrence():
+    def scan(seq, k, max_n=3):
+        for n in range(min(max_n, len(seq) - 1), 0, -1):
+            for start in range(len(seq) - n - 1, -1, -1):
+                if seq[start:start + n] == seq[-n:]:
+                    return seq[start + n:start + n + k]
+        return []
+
+    drafter, g = NgramDrafter(2**20, "cpu"), torch.Generator().manual_seed(0)
+    for vocab in (2, 5, 300, 2**20):  # large ids: byte patterns that also match across token boundaries
+        for _ in range(300):
+            seq = torch.randint(0, vocab, (int(torch.randint(1, 50, (1,), generator=g)),), generator=g).tolist()
+            assert drafter.lookup(seq, 4) == scan(seq, 4), seq
+    assert drafter.lookup([7, 1, 2, 3, 9, 1, 2, 3, 5, 1, 2, 3], 3) == [5, 1, 2]
+
+
 def test_choose_k_follows_acceptance_and_cost():
     def linear(per_token):
         return lambda k: 1.0 + per_token * k

@@ -7,7 +7,7 @@ if not torch.cuda.is_available():
 
 from npc_engine.engine import Engine  # noqa: E402
 from npc_engine.loading import load_model  # noqa: E402
-from npc_engine.model import KVCache  # noqa: E402
+from npc_engine.model import KVCache, fuse_projections_  # noqa: E402
 from npc_engine.quantize import quantize_fp8_  # noqa: E402
 from npc_engine.sampling import SamplingParams  # noqa: E402
 from npc_engine.speculative import ModelDrafter, NgramDrafter, NoDrafter  # noqa: E402
@@ -90,6 +90,21 @@ def test_fused_logits_match_torch_path(tiny_model_dir, dtype, bound):
         verify = model(tokens[:, 33:], pos[:, 33:], cache, slots, 64)
         outs.append(torch.cat([prefill, verify], 1))
     assert rel_err(outs[1], outs[0]) <= bound
+
+
+def test_one_row_decode_through_the_gemv_matches_torch_path(tiny_model_dir):
+    """bf16 decode steps of one row take kernels.linear's Triton GEMV on the fused path."""
+    model = fuse_projections_(load_model(tiny_model_dir, "cuda", torch.bfloat16))
+    tokens = torch.randint(0, model.args.vocab_size, (1, 24), device="cuda")
+    slots = torch.tensor([1], device="cuda")
+    outs = []
+    for fused in (False, True):
+        model.fused = fused
+        cache = KVCache(model.args, 2, 128, "cuda", torch.bfloat16)
+        model(tokens[:, :16], torch.arange(16, device="cuda")[None], cache, slots, 64, logits=False)
+        outs.append(torch.cat([model(tokens[:, t:t + 1], torch.full((1, 1), t, device="cuda"), cache, slots, 64)
+                               for t in range(16, 24)], 1))
+    assert rel_err(outs[1], outs[0]) <= 2e-2
 
 
 def test_fp8_logits_close_to_bf16(tiny_model_dir):

@@ -28,6 +28,7 @@ from kernels.fp8 import (  # noqa: E402
     quantize_fp8,
     quantize_rows_fp8,
 )
+from kernels.gemv import linear, linear_gemv_triton, linear_reference  # noqa: E402
 from kernels.rmsnorm import add_rmsnorm_reference, add_rmsnorm_triton  # noqa: E402
 from kernels.rope import rope_kv_write_reference, rope_kv_write_triton  # noqa: E402
 
@@ -320,6 +321,47 @@ def test_fp8_module_close_to_linear(dtype):
     assert got.shape == (2, M, N) and got.dtype == dtype
     # Weight (and on CUDA activation) e4m3 rounding: about 2.7% each on Gaussian data.
     assert rel_err(got, linear(x).detach()) <= 0.05
+
+
+# ---------------------------------------------------------------- one-row GEMV
+
+GEMV_SHAPES = gpu_or_tiny([(3072, 2048), (2048, 8192), (16384, 2048), (8192, 256), (1000, 1500), (7, 100)],
+                          [(7, 100), (64, 48), (130, 1030)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", GEMV_SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_gemv(shape, dtype, with_bias):
+    N, K = shape
+    g = torch.Generator(DEVICE).manual_seed(0)
+    weight = (torch.randn(N, K, generator=g, device=DEVICE) / math.sqrt(K)).to(dtype)
+    bias = torch.randn(N, generator=g, device=DEVICE).to(dtype) if with_bias else None
+    x = torch.randn(1, 1, K, generator=g, device=DEVICE).to(dtype)
+    got = linear_gemv_triton(x, weight, bias)
+    ref = linear_reference(x.double(), weight.double(), None if bias is None else bias.double())
+    assert got.shape == (1, 1, N) and got.dtype == dtype and not got.isnan().any()
+    assert rel_err(got, ref) <= TOL[dtype]
+
+
+def test_linear_gemv_refuses_bad_shapes():
+    x = torch.randn(2, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="one row"):
+        linear_gemv_triton(x, torch.randn(8, 64, device=DEVICE))
+    with pytest.raises(ValueError, match=r"must be \[N, 64\]"):
+        linear_gemv_triton(x[:1], torch.randn(8, 32, device=DEVICE))
+    with pytest.raises(ValueError, match="bias"):
+        linear_gemv_triton(x[:1], torch.randn(8, 64, device=DEVICE), torch.randn(9, device=DEVICE))
+
+
+@needs_cuda
+def test_linear_dispatch():
+    """One bf16 row takes the GEMV; several rows, or float32, stay on cuBLAS (same results as F.linear)."""
+    weight = torch.randn(96, 64, device=DEVICE, dtype=torch.bfloat16)
+    rows = torch.randn(3, 64, device=DEVICE, dtype=torch.bfloat16)
+    assert torch.equal(linear(rows, weight), linear_reference(rows, weight))
+    assert torch.equal(linear(rows[:1], weight), linear_gemv_triton(rows[:1], weight))
+    assert torch.equal(linear(rows[:1].float(), weight.float()), linear_reference(rows[:1].float(), weight.float()))
 
 
 # ---------------------------------------------------------------- CUDA graphs
