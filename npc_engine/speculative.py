@@ -1,10 +1,11 @@
 """Drafters, the lossless acceptance rule and the draft-length policy.
 
 A drafter proposes up to K tokens per row with their draft distributions q (one-hot for
-deterministic drafters); when every row is greedy, `greedy_step` runs the whole step without them. The target scores the last emitted token plus the K drafts in one forward,
-giving K+1 distributions p. `verify` keeps the output distribution exactly the target's:
-accept draft x with probability min(1, p(x)/q(x)); at the first rejection sample from
-norm(max(0, p - q)); when every proposed draft passes, sample a bonus token from p.
+deterministic drafters; when every row is greedy, `greedy_step` runs the whole step without them).
+The target scores the last emitted token plus the K drafts in one forward, giving K+1
+distributions p. `verify` keeps the output distribution exactly the target's: accept draft x with
+probability min(1, p(x)/q(x)); at the first rejection sample from norm(max(0, p - q)); when every
+proposed draft passes, sample a bonus token from p.
 """
 import math
 from array import array
