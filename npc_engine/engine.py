@@ -375,13 +375,11 @@ class Engine:
         if k_asked and self.drafter.cache is not None:  # steps without drafting left the draft cache behind
             self.prefill_ranges([(r, r.draft_valid, len(r.ids) - 2) for r in reqs], target=False)
         started = time.perf_counter()  # a catch-up is paid once; the step time decides every later step
-        graphs_before = self.graphs_captured()
         if all(r.params.temperature == 0 for r in reqs):
             result = self.run_greedy_step(reqs, k_asked)
         else:
             result = self.run_sampled_step(reqs, k_asked)
-        if self.graphs_captured() == graphs_before:  # a capture's one-off cost would mislead the draft-length policy
-            self.record_step_time(B, k_asked, time.perf_counter() - started)
+        self.record_step_time(B, k_asked, time.perf_counter() - started)
         events = []
         step_cost = self.step_cost_fn(B)
         for r, (n, extra_tok, n_drafted, *draft_list) in zip(reqs, result):
@@ -486,10 +484,6 @@ class Engine:
             return self.forward_seconds + k * per_token
 
         return cost
-
-    def graphs_captured(self) -> int:
-        return sum(len(f.graphs) for f in (self.target_forward, self.greedy_step, getattr(self.drafter, "forward", None))
-                   if isinstance(f, (GraphedForward, GraphedStep)))
 
     def record_step_time(self, batch: int, k: int, seconds: float) -> None:
         key = (batch_bucket(batch), k)
