@@ -370,7 +370,7 @@ class Engine:
     def speculative_step(self, reqs: list[Request]) -> list[StepEvent]:
         B = len(reqs)
         k_asked = max(r.k for r in reqs)
-        if (batch_bucket(B), 0) not in self.step_seconds:
+        if self.fixed_k is None and self.drafter.name != "none" and (batch_bucket(B), 0) not in self.step_seconds:
             k_asked = 0  # measure plain decoding once per batch size: speculation must beat it, host work included
         if k_asked and self.drafter.cache is not None:  # steps without drafting left the draft cache behind
             self.prefill_ranges([(r, r.draft_valid, len(r.ids) - 2) for r in reqs], target=False)
@@ -417,7 +417,8 @@ class Engine:
         seqs = [r.ids for r in reqs]
         slots = torch.tensor([r.slot for r in reqs], device=dev)
         sampling = params_tensors([r.params for r in reqs], dev)
-        u = torch.stack([torch.rand(2 * k_asked + 1, generator=r.generator, device=dev) for r in reqs])
+        # As many uniforms every step whatever K is: a seed gives the same stream under any draft length.
+        u = torch.stack([torch.rand(2 * K_MAX + 1, generator=r.generator, device=dev) for r in reqs])
         if k_asked > 0:
             drafts, q, lens = self.drafter.propose(seqs, slots, k_asked, sampling, u[:, :k_asked])
             lens = torch.minimum(lens.to(dev), torch.tensor([r.k for r in reqs], device=dev))
@@ -432,7 +433,7 @@ class Engine:
         logits = self.target_forward(tokens, positions, self.cache, slots, kv_len)
         q = torch.zeros(B, k, 1, device=dev) if q is None else q.to(dev)
         n_acc, extra = verify(probs_from_logits(logits, *sampling[:3]), q, drafts, lens,
-                              u[:, k_asked:k_asked + k], u[:, 2 * k_asked])
+                              u[:, K_MAX:K_MAX + k], u[:, 2 * K_MAX])
         return torch.cat([n_acc[:, None], extra[:, None], lens[:, None], drafts], dim=1).tolist()  # the one host sync
 
     def adapt_k(self, r: Request, accepted: int, drafted: int, step_cost) -> None:
