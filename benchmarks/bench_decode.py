@@ -105,6 +105,18 @@ def persona_prompts(tokenizer, n: int) -> list[list[int]]:
             for i in range(n)]
 
 
+def draft_agreement(target, draft, lines: list[tuple[list[int], list[int]]], device) -> tuple[float, int]:
+    """Share of our greedy lines' positions where the draft's argmax is the target's (teacher-forced:
+    both read the same prefix), the ceiling of greedy acceptance for one-token drafts."""
+    hits = total = 0
+    for prompt, tokens in lines:
+        seq = torch.tensor([prompt + tokens], device=device)
+        span = slice(len(prompt) - 1, seq.shape[1] - 1)
+        hits += (target(seq)[0, span].argmax(-1) == draft(seq)[0, span].argmax(-1)).sum().item()
+        total += len(tokens)
+    return hits / max(total, 1), total
+
+
 def bench_pair(target_dir, draft_dir, device, dtype, args):
     from transformers import AutoModelForCausalLM
 
@@ -119,6 +131,7 @@ def bench_pair(target_dir, draft_dir, device, dtype, args):
     same: dict[str, list[bool]] = {}
     stop_ids = None if args.ignore_stop else tokenizer.stop_ids
     ours_tokenizer = None if args.ignore_stop else tokenizer  # no tokenizer: the engine has no stop tokens
+    lines = []
     for prompt in persona_prompts(tokenizer, args.prompts):
         runs = {"transformers generate": hf_line(hf_target, prompt, args.new_tokens, device, args.repeats, stop_ids=stop_ids),
                 "transformers assisted (draft)": hf_line(hf_target, prompt, args.new_tokens, device, args.repeats,
@@ -129,6 +142,7 @@ def bench_pair(target_dir, draft_dir, device, dtype, args):
             s, n, stats, tokens, decode_s = ours_line(target, drafter, ours_tokenizer, prompt, args.new_tokens, device, graphs, args.repeats)
             runs[name] = (s, n, tokens, stats, decode_s)
         ref_tokens = runs["ours autoregressive"][2]
+        lines.append((prompt, ref_tokens))
         for name, result in runs.items():
             totals.setdefault(name, []).append(result)
             # bf16 verification of K+1 tokens may round differently from one-token decoding: count, don't stop
@@ -150,7 +164,8 @@ def bench_pair(target_dir, draft_dir, device, dtype, args):
         r["speedup_vs_ours_autoregressive"] = ar["ms_per_token"] / r["ms_per_token"]
         if "decode_ms_per_token" in r:
             r["decode_speedup_vs_ours_autoregressive"] = ar["decode_ms_per_token"] / r["decode_ms_per_token"]
-    return rows
+    agreement, positions = draft_agreement(target, draft, lines, device)
+    return rows + [{"impl": "draft agreement", "agreement": agreement, "positions": positions}]
 
 
 def print_table(title, rows):
@@ -158,6 +173,10 @@ def print_table(title, rows):
     print(f"| impl | ms/token | tokens/s | line ms | decode ms/token | acceptance | mean accepted len | vs transformers | vs our AR | decode vs our AR | same tokens as our AR |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if r["impl"] == "draft agreement":
+            print(f"\ndraft model's argmax = target's over our greedy lines (teacher-forced): {r['agreement']:.3f} "
+                  f"of {r['positions']} positions")
+            continue
         dec = f"{r['decode_ms_per_token']:.3f}" if "decode_ms_per_token" in r else "-"
         dec_ar = f"{r['decode_speedup_vs_ours_autoregressive']:.2f}x" if "decode_speedup_vs_ours_autoregressive" in r else "-"
         acc = f"{r['acceptance']:.2f}" if r.get("acceptance") is not None else "-"
