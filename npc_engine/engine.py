@@ -26,6 +26,7 @@ from npc_engine.tokenizer import Tokenizer
 
 STREAM_CHUNK = 16  # an open prompt is prefilled in chunks of this many tokens as it arrives
 PREFILL_CHUNK = 32  # a complete prompt: most new-token prompts (a player line) fit one chunk
+EAGER_PREFILL_CHUNK = 128  # without CUDA graphs no shape needs repeating: fewer, larger forwards
 PROBE_AFTER = 32  # steps with speculation off before a request tries K = 1 again
 
 
@@ -129,6 +130,7 @@ class Engine:
         self.target_forward = target
         self.greedy_step = partial(greedy_step, target, self.cache, drafter)
         self.graphed = cuda_graphs and self.device.type == "cuda" and isinstance(target, torch.nn.Module)
+        self.prefill_chunk = PREFILL_CHUNK if self.graphed else EAGER_PREFILL_CHUNK
         if self.graphed:
             self.target_forward = GraphedForward(target, scratch_slot=max_batch)
             if drafter.name == "model":
@@ -327,16 +329,17 @@ class Engine:
         return sample(probs, u).tolist()
 
     def prefill_ranges(self, ranges: list[tuple[Request, int, int]], target: bool = True,
-                       chunk: int = PREFILL_CHUNK) -> list[tuple[Request, torch.Tensor]]:
+                       chunk: int | None = None) -> list[tuple[Request, torch.Tensor]]:
         """Feeds positions [a, b) of each request's tokens to the target (unless target=False) and the
         drafter. Returns the target's logits at the last prompt token of each complete prompt fed to its end."""
         ranges = [(r, a, b) for r, a, b in ranges if b > a]
+        chunk = chunk or self.prefill_chunk
         longest = max((b - a for _, a, b in ranges), default=0)
         last_logits = []
         for offset in range(0, longest, chunk):
             rows = [(r, a + offset, min(b, a + offset + chunk)) for r, a, b in ranges if a + offset < b]
             # CUDA graphs want few shapes: full chunks there; on CPU no padding beyond the longest row.
-            width = chunk if self.target_forward is not self.target else max(b - a for _, a, b in rows)
+            width = chunk if self.graphed else max(b - a for _, a, b in rows)
             # Short rows are padded with positions past their own end: those cache entries are
             # overwritten before any query can see them.
             tokens = [r.ids[a:b] + [0] * (width - (b - a)) for r, a, b in rows]
