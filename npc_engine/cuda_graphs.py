@@ -4,6 +4,7 @@ greedy speculative steps, with static input buffers.
 One forward graph per (batch bucket, tokens per row, keys attended, logits wanted) shape. Rows that pad a batch up to its
 bucket write into a scratch cache slot that no request owns, so padding never touches live rows.
 """
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -71,9 +72,9 @@ class GraphedForward:
 
 class GraphedStep:
     """Replays `fn(packed, *key)` from a graph captured per (packed shape, *key): every input of the step
-    is in one int64 tensor, so a replay costs one host-to-device copy, and the output is read once."""
+    is in one small int64 tensor, copied into the graph's own input before a replay."""
 
-    def __init__(self, fn, pool=None):
+    def __init__(self, fn: Callable[..., torch.Tensor], pool: tuple | None = None):
         self.fn, self.pool = fn, pool if pool is not None else torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
 
@@ -88,7 +89,7 @@ class GraphedStep:
 
     def capture(self, packed: torch.Tensor, key: tuple) -> torch.Tensor:
         """The warm-up runs are real steps on the real inputs: they write the same cache entries the replay will."""
-        static_in = packed.to("cuda")
+        static_in = packed.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

@@ -125,6 +125,10 @@ class Engine:
         # An ONNX Runtime model (onnx_backend.OnnxModel) has no parameters: it states its dtype.
         self.dtype = next(target.parameters()).dtype if isinstance(target, torch.nn.Module) else target.dtype
         self.max_batch, self.max_seq, self.fixed_k = max_batch, max_seq, fixed_k
+        draft_cache = drafter.cache
+        if draft_cache is not None and (draft_cache.max_seq != max_seq or draft_cache.n_slots < max_batch + 1):
+            raise ValueError(f"the draft model's cache has {draft_cache.n_slots} slots of {draft_cache.max_seq} "
+                             f"positions; this engine needs {max_batch + 1} of {max_seq}")
         # One slot more than the batch: the scratch slot that CUDA-graph padding rows write into.
         self.cache = KVCache(target.args, max_batch + 1, max_seq, self.device, self.dtype)
         self.target_forward = target
@@ -210,7 +214,8 @@ class Engine:
         self.check_prompt(prompt_ids)
         same = next((i for i, (a, b) in enumerate(zip(r.prompt, prompt_ids)) if a != b), min(len(r.prompt), len(prompt_ids)))
         r.prompt, r.ids, r.complete = list(prompt_ids), list(prompt_ids), complete
-        r.fed, r.draft_valid = min(r.fed, same), min(r.draft_valid, same)
+        # A request that has not generated keeps its last prompt token unfed: its logits give the first token.
+        r.fed, r.draft_valid = min(r.fed, same, len(prompt_ids) - 1), min(r.draft_valid, same, len(prompt_ids) - 1)
         if r.prefix_len >= len(prompt_ids):
             r.prefix_len = 0
 
@@ -237,13 +242,14 @@ class Engine:
 
     def has_work(self) -> bool:
         """Whether step() would do anything: an open request whose whole chunks are fed waits for its next piece."""
-        return bool(self.waiting or self.pending_events or any(
+        return bool((self.waiting and self.free_slots) or self.pending_events or any(
             r.complete or r.cancelled or self.open_prefill_end(r) > r.fed for r in self.active.values()))
 
     @staticmethod
     def open_prefill_end(r: Request) -> int:
-        """An open prompt is fed in whole chunks, keeping its last token back (the completing piece may
-        change the last word's tokens)."""
+        """An open prompt is fed in whole chunks and never up to its last token: the completing prefill
+        needs a token whose logits give the first new token (a changed last word is rolled back by
+        `update_prompt`)."""
         return r.fed + (len(r.prompt) - 1 - r.fed) // STREAM_CHUNK * STREAM_CHUNK
 
     def capacity_left(self) -> int:
@@ -305,15 +311,12 @@ class Engine:
     def prefill(self, reqs: list[Request]) -> list[StepEvent]:
         """Feeds prompts in chunks, batched across requests: a complete prompt up to its last token, whose
         logits give the request's first token; an open one as far as `open_prefill_end`."""
-        ranges = {True: [], False: []}
-        for r in reqs:
-            end = len(r.prompt) if r.complete else self.open_prefill_end(r)
-            if end > r.fed:
-                ranges[r.complete].append((r, r.fed, end))
-        self.prefill_ranges(ranges[False], chunk=STREAM_CHUNK)
-        last_logits = self.prefill_ranges(ranges[True])
-        for r, _, end in ranges[True] + ranges[False]:
-            r.fed = r.draft_valid = end
+        complete = [(r, r.fed, len(r.prompt)) for r in reqs if r.complete]
+        streaming = [(r, r.fed, self.open_prefill_end(r)) for r in reqs if not r.complete]
+        self.prefill_ranges(streaming, chunk=STREAM_CHUNK)
+        last_logits = self.prefill_ranges(complete)
+        for r, a, end in complete + streaming:
+            r.fed = r.draft_valid = max(a, end)
         if not last_logits:
             return []
         finishing = [r for r, _ in last_logits]
@@ -338,7 +341,7 @@ class Engine:
         last_logits = []
         for offset in range(0, longest, chunk):
             rows = [(r, a + offset, min(b, a + offset + chunk)) for r, a, b in ranges if a + offset < b]
-            # CUDA graphs want few shapes: full chunks there; on CPU no padding beyond the longest row.
+            # CUDA graphs want few shapes: full chunks there; eager forwards pad no further than the longest row.
             width = chunk if self.graphed else max(b - a for _, a, b in rows)
             # Short rows are padded with positions past their own end: those cache entries are
             # overwritten before any query can see them.
@@ -372,8 +375,8 @@ class Engine:
 
     def speculative_step(self, reqs: list[Request]) -> list[StepEvent]:
         B = len(reqs)
-        k_asked = max(r.k for r in reqs)
-        if self.fixed_k is None and self.drafter.name != "none" and (batch_bucket(B), 0) not in self.step_seconds:
+        k_asked = max(r.k for r in reqs) if self.drafter.name != "none" else 0
+        if self.fixed_k is None and k_asked and (batch_bucket(B), 0) not in self.step_seconds:
             k_asked = 0  # measure plain decoding once per batch size: speculation must beat it, host work included
         if k_asked and self.drafter.cache is not None:  # steps without drafting left the draft cache behind
             self.prefill_ranges([(r, r.draft_valid, len(r.ids) - 2) for r in reqs], target=False)
@@ -398,19 +401,16 @@ class Engine:
     def run_greedy_step(self, reqs: list[Request], k: int) -> list[list[int]]:
         """Temperature 0: the whole step is one `greedy_step` call (one graph replay on CUDA) on one packed
         input tensor. Rows: (accepted, next token, drafted, *drafts)."""
-        found = None
-        if self.drafter.name == "ngram" and k:
-            # drafts are padded to the asked K, not to the longest found: fewer shapes, fewer graphs
-            found = [self.drafter.lookup(r.ids, k) for r in reqs]
-            if not any(found):
-                found, k = None, 0
-        elif self.drafter.name == "none":
-            k = 0
+        # n-gram drafts come from the host, padded to the asked K (not the longest found: fewer graph shapes)
+        host_drafts = self.drafter.name == "ngram" and k > 0
+        found = [self.drafter.lookup(r.ids, k) for r in reqs] if host_drafts else [[]] * len(reqs)
+        if host_drafts and not any(found):
+            host_drafts, k = False, 0
+        width = k if host_drafts else 0
         rows = [[r.ids[-2] if len(r.ids) > 1 else r.ids[-1], r.ids[-1], len(r.ids), r.slot,
-                 min(r.k, k if found is None else len(f))] + ([] if found is None else f + [0] * (k - len(f)))
-                for r, f in zip(reqs, found or [None] * len(reqs))]
+                 min(r.k, len(f) if host_drafts else k)] + f + [0] * (width - len(f)) for r, f in zip(reqs, found)]
         if self.graphed:  # few graph shapes: pad to the batch bucket with rows on the scratch slot
-            rows += [[0, 0, 2, self.max_batch, 0] + [0] * (k if found is not None else 0)] * (batch_bucket(len(reqs)) - len(reqs))
+            rows += [[0, 0, 2, self.max_batch, 0] + [0] * width] * (batch_bucket(len(reqs)) - len(reqs))
         kv_len = kv_bucket(max(len(r.ids) for r in reqs) + k, self.max_seq)
         out = self.greedy_step(torch.tensor(rows).to(self.device), k, kv_len).tolist()  # the one host sync
         return [[n, extra, row[4], *drafts] for (n, extra, *drafts), row in zip(out, rows)]
@@ -419,11 +419,11 @@ class Engine:
         B, dev = len(reqs), self.device
         seqs = [r.ids for r in reqs]
         slots = torch.tensor([r.slot for r in reqs], device=dev)
-        sampling = params_tensors([r.params for r in reqs], dev)
+        temperature, top_k, top_p, _ = params_tensors([r.params for r in reqs], dev)
         # As many uniforms every step whatever K is: a seed gives the same stream under any draft length.
         u = torch.stack([torch.rand(2 * K_MAX + 1, generator=r.generator, device=dev) for r in reqs])
         if k_asked > 0:
-            drafts, q, lens = self.drafter.propose(seqs, slots, k_asked, sampling, u[:, :k_asked])
+            drafts, q, lens = self.drafter.propose(seqs, slots, k_asked, (temperature, top_k, top_p), u[:, :k_asked])
             lens = torch.minimum(lens.to(dev), torch.tensor([r.k for r in reqs], device=dev))
             drafts = drafts.to(dev)
         else:
@@ -435,7 +435,7 @@ class Engine:
         kv_len = kv_bucket(max(map(len, seqs)) + k, self.max_seq)
         logits = self.target_forward(tokens, positions, self.cache, slots, kv_len)
         q = torch.zeros(B, k, 1, device=dev) if q is None else q.to(dev)
-        n_acc, extra = verify(probs_from_logits(logits, *sampling[:3]), q, drafts, lens,
+        n_acc, extra = verify(probs_from_logits(logits, temperature, top_k, top_p), q, drafts, lens,
                               u[:, K_MAX:K_MAX + k], u[:, 2 * K_MAX])
         return torch.cat([n_acc[:, None], extra[:, None], lens[:, None], drafts], dim=1).tolist()  # the one host sync
 

@@ -310,7 +310,8 @@ class Service:
             self.send(client, self.reply_done(mid, persona.deflection, 0, now, deflected=True))
             return
         params = self.sampling(persona, msg)
-        prompt_ids, prefix_len = self.build_prompt(persona, session, msg["text"], params.max_tokens, mid, not msg["open"])
+        prompt_ids, prefix_len = self.build_prompt(persona, session, msg["text"], params.max_tokens, mid,
+                                                   complete=not msg["open"])
         deadline = now + msg["deadline_ms"] / 1000 if msg["deadline_ms"] is not None else None
         self.arrivals += 1
         call = Call(client, mid, f"r{self.arrivals}", persona, session, msg["text"], msg["stream"], now, deadline,
@@ -348,7 +349,7 @@ class Service:
                 self.deflect(call)
                 return
         call.prompt_ids, call.prefix_len = self.build_prompt(call.persona, call.session, text, call.params.max_tokens,
-                                                             mid, not call.open)
+                                                             mid, complete=not call.open)
         if call.admitted:
             self.engine.update_prompt(call.rid, call.prompt_ids, complete=not call.open)
 

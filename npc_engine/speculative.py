@@ -49,14 +49,14 @@ def verify_greedy(logits: torch.Tensor, drafts: torch.Tensor, draft_lens: torch.
     return n_accepted, best.gather(1, n_accepted[:, None]).squeeze(1)
 
 
-def greedy_step(target: Transformer, target_cache: KVCache, drafter, packed: torch.Tensor, k: int,
-                kv_len: int) -> torch.Tensor:
+def greedy_step(target: Transformer, target_cache: KVCache, drafter: "NoDrafter | NgramDrafter | ModelDrafter",
+                packed: torch.Tensor, k: int, kv_len: int) -> torch.Tensor:
     """One whole temperature-0 speculative step on the device, so it can be one CUDA graph: draft k
     tokens, verify them with one target forward, accept. packed [B, 5 (+ k)] int64 rows hold
     (token before the last, last token, length, slot, drafts allowed (, k drafts from the host)).
     Returns [B, 2 + k]: (accepted count, the target's next token, the k drafts)."""
     last2, lengths, slots, allowed = packed[:, :2], packed[:, 2], packed[:, 3].contiguous(), packed[:, 4]
-    if isinstance(drafter, ModelDrafter) and k:
+    if drafter.name == "model" and k:
         drafts = drafter.greedy_drafts(last2, lengths, slots, k, kv_len)
     else:
         drafts = packed[:, 5:5 + k]
@@ -93,10 +93,6 @@ class NoDrafter:
 
     def prefill(self, tokens, input_pos, slots, kv_len) -> None:
         pass
-
-    def propose(self, seqs, slots, k, sampling, u):
-        B = len(seqs)
-        return torch.zeros(B, 0, dtype=torch.long), None, torch.zeros(B, dtype=torch.long)
 
 
 class NgramDrafter:
@@ -157,7 +153,7 @@ class ModelDrafter:
         drafts, qs = [], []
         for i in range(k):
             logits = self.forward(tokens, pos, self.cache, slots, kv_len)[:, -1]
-            q = probs_from_logits(logits[:, None], *sampling[:3])[:, 0]
+            q = probs_from_logits(logits[:, None], *sampling)[:, 0]
             drafts.append(sample(q, u[:, i]))
             qs.append(q)
             tokens, pos = drafts[-1][:, None], pos[:, -1:] + 1

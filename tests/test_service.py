@@ -598,7 +598,7 @@ def test_pieces_over_the_text_limit_end_the_say_with_too_large(quick_open):
 
 
 def test_the_text_so_far_is_prefilled_before_the_final_piece(quick_open):
-    from npc_engine.engine import PREFILL_CHUNK
+    from npc_engine.engine import STREAM_CHUNK
 
     service, endpoint = quick_open
     raw = Raw(endpoint)
@@ -608,7 +608,7 @@ def test_the_text_so_far_is_prefilled_before_the_final_piece(quick_open):
     raw.append("early", "now my sword is broken.", final=True)
     done = collect(raw, {"early"})["early"][1]
     assert done["type"] == "done" and done["tokens"] == 4
-    assert service.prefilled_at_final["early"] >= PREFILL_CHUNK  # at least one whole chunk of the player's turn
+    assert service.prefilled_at_final["early"] >= STREAM_CHUNK  # at least one whole chunk of the player's turn
     raw.close()
 
 
@@ -895,10 +895,10 @@ def test_a_fault_in_one_request_answers_internal_and_the_service_keeps_serving(c
             raise RuntimeError("injected fault while streaming")
         real_on_tokens(call, event, now)
 
-    def build_prompt(persona, session, text, *rest):
+    def build_prompt(persona, session, text, *rest, **kwargs):
         if text == "crash":
             raise RuntimeError("injected fault while building the prompt")
-        return real_build(persona, session, text, *rest)
+        return real_build(persona, session, text, *rest, **kwargs)
 
     def step():
         if failures["step"] == 0 and any(c.text == "engine fault" for c in service.calls.values() if c.admitted):

@@ -89,6 +89,33 @@ def test_open_request_can_wait_for_a_slot_and_be_cancelled(tiny_pair_dirs):
     assert any(ev.rid == "open" and ev.finish_reason == "cancelled" for ev in engine.step())
 
 
+def test_prompt_cut_back_to_what_was_fed_still_answers(tiny_pair_dirs):
+    """A completed prompt no longer than the fed part: its last token is fed again for the first token."""
+    target_dir, _ = tiny_pair_dirs
+    engine = make_engine(target_dir, "none")
+    ids = engine.tokenizer.encode(PERSONA + LINE)
+    params = SamplingParams(temperature=0, max_tokens=6)
+    engine.submit("a", ids, params, complete=False)
+    engine.step()
+    fed = engine.active["a"].fed
+    assert fed >= STREAM_CHUNK
+    engine.update_prompt("a", ids[:fed], complete=True)
+    assert drain(engine, "a") == one_shot(make_engine(target_dir, "none"), ids[:fed], params)
+
+
+def test_no_work_while_open_requests_hold_every_slot(tiny_pair_dirs):
+    target_dir, _ = tiny_pair_dirs
+    engine = make_engine(target_dir, "none")
+    ids = engine.tokenizer.encode(PERSONA)
+    for i in range(engine.max_batch):
+        engine.submit(f"open{i}", ids, SamplingParams(max_tokens=2), complete=False)
+    engine.step()
+    engine.submit("queued", ids, SamplingParams(max_tokens=2))
+    assert not engine.has_work()  # the queued request waits for a slot; nothing can step
+    engine.cancel("open0")
+    assert engine.has_work()
+
+
 def test_update_prompt_errors(tiny_pair_dirs):
     target_dir, _ = tiny_pair_dirs
     engine = make_engine(target_dir, "none")
