@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from npc_engine.model import KVCache
+
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 MAX_GRAPH_TOKENS = 32  # the longest prefill chunk; verify of K = 16 drafts is 17 tokens
 
@@ -49,7 +51,7 @@ class GraphedForward:
         step.graph.replay()
         return step.logits[:B] if logits is not False else None
 
-    def capture(self, bucket: int, T: int, kv_len: int, kind: bool | str, cache) -> CapturedStep:
+    def capture(self, bucket: int, T: int, kv_len: int, kind: bool | str, cache: KVCache) -> CapturedStep:
         device = cache.k.device
         tokens = torch.zeros(bucket, T, dtype=torch.long, device=device)
         input_pos = torch.arange(T, device=device).repeat(bucket, 1)
