@@ -169,7 +169,11 @@ class Client:
             raise ValueError(e.message) from None
 
     def _check_append_served(self) -> None:
-        if self.server is not None and "append" not in self.server.get("caps", []):
+        # A 1.0 service would ignore `open`, answer the first piece as a whole line, then refuse the pieces.
+        if self.server is None:
+            raise ValueError("open says need the service's welcome first (its caps must list 'append'): poll until "
+                             "the connection event before opening one")
+        if "append" not in self.server.get("caps", []):
             raise ValueError("the service does not serve open says (no 'append' in welcome.caps; it needs protocol 1.1)")
 
     def _request(self, kind: str, **fields) -> str:

@@ -197,7 +197,15 @@ def test_say_rejects_bad_arguments_before_sending(fake):
 
 def test_append_sends_pieces_of_an_open_say_and_checks_them(fake):
     client = Client.connect(fake.endpoint)
-    rid = client.say("smith", "Can", open=True)  # before the welcome: the caps are not known yet
+    with pytest.raises(ValueError, match="welcome first"):  # a 1.0 service would answer "Can" as a whole line
+        client.say("smith", "Can", open=True)
+    poll_for(client, 2.0, until=lambda ev: client.connected)
+    with pytest.raises(ValueError, match="append"):  # this service's welcome has no `append` cap
+        client.say("smith", "hello", open=True)
+    fake.caps = ["append"]
+    client.hello()
+    poll_for(client, 2.0, until=lambda ev: any(e["type"] == "welcome" for e in ev))
+    rid = client.say("smith", "Can", open=True)
     client.append(rid, " you")
     with pytest.raises(ValueError, match="'final'"):
         client.append(rid, "!", final="yes")
@@ -210,12 +218,6 @@ def test_append_sends_pieces_of_an_open_say_and_checks_them(fake):
     with pytest.raises(ValueError, match="not open"):
         client.append(closed, " there")
     client.append("unknown", "x", final=True)  # not running: nothing sent, like cancel
-    poll_for(client, 2.0, until=lambda ev: client.connected)
-    with pytest.raises(ValueError, match="append"):  # this service's welcome has no `append` cap
-        client.say("smith", "hello", open=True)
-    fake.caps = ["append"]
-    client.hello()
-    poll_for(client, 2.0, until=lambda ev: any(e["type"] == "welcome" for e in ev))
     client.say("smith", "hello", open=True)
     poll_for(client, 0.2)
     sent = [m for m in fake.received if m["type"] in ("say", "say.append")]

@@ -62,6 +62,14 @@ int main(int argc, char** argv) {
   for (const std::string& w : words) text += (text.empty() ? "" : " ") + w;
 
   npc::Client client(addr);
+  for (int frame = 0; options.open && !client.connected(); ++frame) {  // an open say needs the welcome's caps
+    if (frame == 3000) {
+      std::cout << "error: no welcome from " << addr << std::endl;
+      return 1;
+    }
+    client.poll(1.0);
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
   std::string first = !options.open ? text : words.empty() ? "" : words[0];
   std::string id = client.say(npc_id, first, options);
   size_t typed = 1;  // words sent so far (with --pieces)

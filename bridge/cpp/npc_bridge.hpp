@@ -294,7 +294,8 @@ class Client {
 
   // True until a welcome says otherwise: the first say may go out before the service has answered.
   bool serves_append() const {
-    return server_.type.empty() || std::find(server_.caps.begin(), server_.caps.end(), "append") != server_.caps.end();
+    // Before the welcome nothing is known: a 1.0 service would answer the first piece as a whole line.
+    return std::find(server_.caps.begin(), server_.caps.end(), "append") != server_.caps.end();
   }
 
   std::string request(const char* type, const std::string& id) {
