@@ -42,6 +42,7 @@ class BridgeError(Exception):
 class _Pending:
     sent_at: float
     expires_at: float | None  # deadline plus grace, for the synthetic `timeout`
+    deadline_ms: float | None = None  # an open say's deadline, which starts with its final piece
 
 
 class Client:
@@ -103,8 +104,8 @@ class Client:
 
         open=True: the player is still typing and `text` is only the first piece (may be ""); send the
         rest with `append`. The NPC answers once the final piece arrives, and the service ends the
-        say with `open_timeout` when no piece comes for `limits.max_open_ms`. A deadline counts
-        from this call, as for any say."""
+        say with `open_timeout` when no piece comes for `limits.max_open_ms`. Its deadline counts
+        from the final piece: the NPC cannot answer before the line is complete."""
         rid = self._new_id(id)
         msg = {"type": "say", "id": rid, "npc": npc, "session": session, "text": text,
                "priority": priority, "stream": stream}
@@ -115,8 +116,8 @@ class Client:
             msg["open"] = True
         self._check(msg)
         now = time.monotonic()
-        expires = now + (deadline_ms + self.deadline_grace_ms) / 1000 if deadline_ms is not None else None
-        self._pending[rid] = _Pending(now, expires)
+        expires = now + (deadline_ms + self.deadline_grace_ms) / 1000 if deadline_ms is not None and not open else None
+        self._pending[rid] = _Pending(now, expires, deadline_ms if open else None)
         self._abandoned.pop(rid, None)
         if open:
             self._open_chars[rid] = len(text)
@@ -140,6 +141,9 @@ class Client:
             raise ValueError(f"the pieces of request {id!r} would add up to {total} characters, the limit is {limit}")
         if final:
             del self._open_chars[id]
+            pending = self._pending[id]
+            if pending.deadline_ms is not None:
+                pending.expires_at = time.monotonic() + (pending.deadline_ms + self.deadline_grace_ms) / 1000
         else:
             self._open_chars[id] = total
         self._send(msg)

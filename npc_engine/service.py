@@ -79,6 +79,9 @@ class Call:
     decoder: IncrementalDecoder
     admitted: bool = False
     open: bool = False  # more `say.append` pieces are coming; the engine must not generate yet
+    priority: str = "player"
+    arrival: int = 0
+    deadline_ms: float | None = None  # an open say's deadline starts with its final piece
     seq: int = 0
     tokens: int = 0
     generated: str = ""
@@ -312,15 +315,17 @@ class Service:
         params = self.sampling(persona, msg)
         prompt_ids, prefix_len = self.build_prompt(persona, session, msg["text"], params.max_tokens, mid,
                                                    complete=not msg["open"])
-        deadline = now + msg["deadline_ms"] / 1000 if msg["deadline_ms"] is not None else None
+        # The NPC cannot answer an open say before its final piece: its deadline starts then.
+        deadline = now + msg["deadline_ms"] / 1000 if msg["deadline_ms"] is not None and not msg["open"] else None
         self.arrivals += 1
         call = Call(client, mid, f"r{self.arrivals}", persona, session, msg["text"], msg["stream"], now, deadline,
-                    prompt_ids, prefix_len, params, IncrementalDecoder(self.tokenizer), open=msg["open"])
+                    prompt_ids, prefix_len, params, IncrementalDecoder(self.tokenizer), open=msg["open"],
+                    priority=msg["priority"], arrival=self.arrivals, deadline_ms=msg["deadline_ms"])
         key = (client, mid)
         self.calls[key] = call
         self.by_rid[call.rid] = call
         self.per_client[client] = self.per_client.get(client, 0) + 1
-        self.queue.push(key, admission_order(msg["priority"], deadline, self.arrivals))
+        self.queue.push(key, admission_order(call.priority, deadline, call.arrival))
         if deadline is not None:
             self.deadlines.push(key, (deadline,))
         if call.open:
@@ -348,6 +353,11 @@ class Service:
             if banned_topic(call.persona, text):  # on the whole text: a piece may end mid-word
                 self.deflect(call)
                 return
+            if call.deadline_ms is not None:
+                call.deadline = time.monotonic() + call.deadline_ms / 1000
+                self.deadlines.push(key, (call.deadline,))
+                if key in self.queue:  # still waiting for a slot: earliest deadline first now counts it
+                    self.queue.push(key, admission_order(call.priority, call.deadline, call.arrival))
         call.prompt_ids, call.prefix_len = self.build_prompt(call.persona, call.session, text, call.params.max_tokens,
                                                              mid, complete=not call.open)
         if call.admitted:

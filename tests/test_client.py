@@ -152,6 +152,19 @@ def test_missed_deadline_gives_one_timeout_and_drops_the_late_reply(fake):
     client.close()
 
 
+def test_an_open_says_timeout_counts_from_its_final_piece(fake):
+    fake.caps = ["append"]
+    client = connected_client(fake, deadline_grace_ms=50)
+    rid = client.say("smith", "Can", deadline_ms=50, open=True)
+    assert poll_for(client, 0.4) == []  # typing: no deadline runs yet
+    client.append(rid, " you?", final=True)
+    final_at = time.monotonic()
+    events = poll_for(client, 2.0, until=lambda ev: ev)
+    assert 0.1 <= time.monotonic() - final_at < 1.0
+    assert [(e["id"], e["code"]) for e in events] == [(rid, "timeout")]
+    client.close()
+
+
 def test_poll_never_exceeds_its_budget(fake):
     client = connected_client(fake)
     empty = []

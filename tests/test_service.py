@@ -582,6 +582,29 @@ def test_an_open_say_without_pieces_ends_with_open_timeout(quick_open):
     raw.close()
 
 
+def test_an_open_says_deadline_starts_with_its_final_piece(quick_open):
+    """Typing for longer than the deadline costs nothing; after the final piece the deadline holds."""
+    service, endpoint = quick_open
+    raw = Raw(endpoint)
+    raw.say("slow-typist", text="Well", open=True, max_tokens=4, deadline_ms=1000)
+    raw.say("late", text="Tell me", open=True, max_tokens=LONG, deadline_ms=100)
+    start = time.monotonic()
+    while time.monotonic() - start < 1.2:  # typing for longer than either deadline, kept open by empty pieces
+        raw.append("slow-typist", "")
+        raw.append("late", "")
+        time.sleep(OPEN_MS / 4000)
+    raw.append("slow-typist", ", well.", final=True)
+    final_at = time.monotonic()
+    raw.append("late", " everything.", final=True)
+    replies = collect(raw, {"slow-typist", "late"})
+    typist, late = replies["slow-typist"][1], replies["late"][1]
+    assert typist["type"] == "done" and typist["fallback"] is False and typist["tokens"] == 4
+    assert late["type"] == "done" and late["fallback"] is True
+    assert time.monotonic() - final_at < 1.0
+    assert_quiet(raw)
+    raw.close()
+
+
 def test_pieces_over_the_text_limit_end_the_say_with_too_large(quick_open):
     service, endpoint = quick_open
     raw = Raw(endpoint)

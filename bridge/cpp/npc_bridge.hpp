@@ -223,10 +223,11 @@ class Client {
       open_.insert(id);
     }
     auto now = detail::Clock::now();
-    Pending p{now, std::nullopt};
-    if (o.deadline_ms)
-      p.expires_at = now + std::chrono::duration_cast<detail::Clock::duration>(
-                               std::chrono::duration<double, std::milli>(*o.deadline_ms + options_.deadline_grace_ms));
+    Pending p{now, std::nullopt, std::nullopt};
+    if (o.deadline_ms && o.open)
+      p.open_deadline_ms = *o.deadline_ms;
+    else if (o.deadline_ms)
+      p.expires_at = expiry(now, *o.deadline_ms);
     pending_[id] = p;
     abandoned_set_.erase(id);
     send(w.buffer());
@@ -239,7 +240,11 @@ class Client {
   void append(const std::string& id, const std::string& text, bool final = false) {
     if (!pending_.count(id)) return;
     if (!open_.count(id)) throw std::invalid_argument("request " + id + " is not open");
-    if (final) open_.erase(id);
+    if (final) {
+      open_.erase(id);
+      Pending& p = pending_[id];
+      if (p.open_deadline_ms) p.expires_at = expiry(detail::Clock::now(), *p.open_deadline_ms);
+    }
     detail::MapWriter w(4);
     w.str("type", "say.append").str("id", id).str("text", text).boolean("final", final);
     send(w.buffer());
@@ -288,7 +293,13 @@ class Client {
   struct Pending {
     detail::Clock::time_point sent_at;
     std::optional<detail::Clock::time_point> expires_at;
+    std::optional<double> open_deadline_ms;  // an open say's deadline starts with its final piece
   };
+
+  detail::Clock::time_point expiry(detail::Clock::time_point from, double deadline_ms) const {
+    return from + std::chrono::duration_cast<detail::Clock::duration>(
+                      std::chrono::duration<double, std::milli>(deadline_ms + options_.deadline_grace_ms));
+  }
 
   std::string next_id() { return prefix_ + std::to_string(counter_++); }
 
