@@ -21,7 +21,7 @@ from demo_game.overlay import Overlay
 from demo_game.script import ScriptRunner
 from demo_game.service import ServiceProcess
 from demo_game.sprites import draw_npc, draw_player, render_label
-from demo_game.talk import Conversations
+from demo_game.talk import Conversations, Line
 
 FPS = 60
 TALK_RANGE = 80  # px between centres within which the player can talk to an NPC
@@ -88,6 +88,8 @@ class Game:
         self.partner: str | None = None  # the NPC the player last spoke to
         self.typing_to: str | None = None
         self.typed = ""
+        self.open_line: Line | None = None  # the line being typed, sent so far as `sent_text`
+        self.sent_text = ""
         self.hint = render_label(small, "E: talk")
         self.running = True
         self.frame = 0
@@ -137,8 +139,34 @@ class Game:
     def player_say(self, npc: str, text: str, now: float) -> None:
         self.partner = npc
         self.player_bubble.show(text, now)
-        self.talk.say(npc, text, now, priority="player", session="player",
-                      max_tokens=PLAYER_MAX_TOKENS, deadline_ms=PLAYER_DEADLINE_MS)
+        line = self.open_line
+        if line is not None and line.npc == npc and (text + " ").startswith(self.sent_text):
+            self.talk.append(line, text[len(self.sent_text):], now, final=True)  # pieces + this = text
+        else:
+            self.drop_open_line(now)
+            self.talk.say(npc, text, now, priority="player", session="player",
+                          max_tokens=PLAYER_MAX_TOKENS, deadline_ms=PLAYER_DEADLINE_MS)
+        self.open_line, self.sent_text = None, ""
+
+    def stream_typed(self, npc: str, now: float) -> None:
+        """Each word the player finishes goes to the service at once (an open say), so the NPC's
+        prompt is ready when Enter is pressed. Editing text that was already sent starts over."""
+        text = self.typed.lstrip()
+        if self.open_line is not None and not text.startswith(self.sent_text):
+            self.drop_open_line(now)
+        if not text.endswith(" ") or not text.strip() or not self.bridge.serves_append:
+            return
+        if self.open_line is None:
+            self.open_line = self.talk.say(npc, text, now, priority="player", session="player",
+                                           max_tokens=PLAYER_MAX_TOKENS, deadline_ms=PLAYER_DEADLINE_MS, open=True)
+        elif len(text) > len(self.sent_text):
+            self.talk.append(self.open_line, text[len(self.sent_text):], now)
+        self.sent_text = text
+
+    def drop_open_line(self, now: float) -> None:
+        if self.open_line is not None and self.talk.speaking.get(self.open_line.npc) is self.open_line:
+            self.talk.cancel(self.open_line.npc, now)
+        self.open_line, self.sent_text = None, ""
 
     # -- the frame -------------------------------------------------------------------------
 
@@ -210,9 +238,12 @@ class Game:
             elif self.typing_to is not None:
                 if event.type == pygame.TEXTINPUT and not opened_now:
                     self.typed = (self.typed + event.text)[:MAX_INPUT_CHARS]
+                    self.stream_typed(self.typing_to, now)
                 elif event.type == pygame.KEYDOWN and event.key == pygame.K_BACKSPACE:
                     self.typed = self.typed[:-1]
+                    self.stream_typed(self.typing_to, now)
                 elif event.type == pygame.KEYDOWN and event.key == pygame.K_ESCAPE:
+                    self.drop_open_line(now)
                     self.typing_to = None
                 elif event.type == pygame.KEYDOWN and event.key in (pygame.K_RETURN,
                                                                     pygame.K_KP_ENTER):

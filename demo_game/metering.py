@@ -40,8 +40,16 @@ class MeteredClient:
     def say(self, npc: str, text: str, **kwargs) -> str:
         return self._timed(self.client.say, npc, text, **kwargs)
 
+    def append(self, request_id: str, text: str, final: bool) -> None:
+        self._timed(self.client.append, request_id, text, final)
+
     def cancel(self, request_id: str) -> None:
         self._timed(self.client.cancel, request_id)
+
+    @property
+    def serves_append(self) -> bool:
+        """The service takes lines in pieces (its welcome lists the `append` cap)."""
+        return self.client.connected and "append" in (self.client.server or {}).get("caps", [])
 
     def poll(self) -> list[dict]:
         budget = max(MIN_POLL_MS, self.budget_ms - self.frame_ms)

@@ -2,7 +2,8 @@
 
 Lines are queued during the frame's update and sent in the frame's bridge phase (`exchange`), which
 sends, then polls with what is left of the budget, then routes the `token`/`done`/`error`
-messages to speech bubbles. An NPC says one line at a time; a new line for it cancels the old one.
+messages to speech bubbles. A player line can go out while it is typed (an open say, one piece per
+finished word): the NPC listens, and its bubble starts with the final piece. An NPC says one line at a time; a new line for it cancels the old one.
 When the service is down, or a line ends with an `error` (the bridge client also reports a lost
 connection or a passed deadline as one), the NPC says one of its persona's fallback lines.
 """
@@ -40,6 +41,9 @@ class Line:
     cancel_requested: bool = False
     said: str = ""  # what the bubble ended up showing
     seqs: list[int] = field(default_factory=list)
+    open: bool = False  # sent in pieces while typed; `prompt` is the first piece
+    pieces: list[tuple[str, bool]] = field(default_factory=list)  # (text, final) not sent yet
+    final: bool = False  # the final piece is queued or sent
 
     @property
     def ttft_ms(self) -> float | None:
@@ -74,15 +78,26 @@ class Conversations:
         self.recent: deque[Line] = deque(maxlen=6)  # finished lines, for the overlay's TTFTs
 
     def say(self, npc: str, prompt: str, now: float, *, priority: str, session: str,
-            max_tokens: int, deadline_ms: int,
+            max_tokens: int, deadline_ms: int, open: bool = False,
             on_end: Callable[[Line, float], None] | None = None) -> Line:
+        """open=True: `prompt` is the first piece of a line still being typed (see `append`)."""
         self.cancel(npc, now)
-        line = Line(npc, prompt, priority, session, max_tokens, deadline_ms, now, on_end)
+        line = Line(npc, prompt, priority, session, max_tokens, deadline_ms, now, on_end, open=open)
         self.lines.append(line)
         self.speaking[npc] = line
         self.outbox.append(line)
-        self.bubbles[npc].start()
+        if not open:
+            self.bubbles[npc].start()
         return line
+
+    def append(self, line: Line, text: str, now: float, final: bool = False) -> None:
+        """The next piece of an open line; with the final one the NPC starts answering."""
+        if line.cancel_requested or line.final:
+            return
+        line.pieces.append((text, final))
+        if final:
+            line.final = True
+            self.bubbles[line.npc].start()
 
     def busy(self, npc: str) -> bool:
         return npc in self.speaking
@@ -94,7 +109,8 @@ class Conversations:
             return
         line.cancel_requested = True
         line.said = f"{line.reply.strip()} -" if line.reply.strip() else ""
-        self.bubbles[npc].end(now, line.said)
+        if not line.open or line.final:  # an NPC still listening has no bubble to end
+            self.bubbles[npc].end(now, line.said)
         if line.rid is None:
             self.outbox.remove(line)
             line.local = "cancelled"
@@ -116,7 +132,7 @@ class Conversations:
                 try:
                     line.rid = self.bridge.say(line.npc, line.prompt, session=line.session,
                                                priority=line.priority, max_tokens=line.max_tokens,
-                                               deadline_ms=line.deadline_ms)
+                                               deadline_ms=line.deadline_ms, open=line.open)
                 except ValueError as e:  # the client refuses what the service would reject
                     line.terminal = {"type": "error", "code": "rejected", "message": str(e)}
                     self._say_fallback(line, now, "rejected")
@@ -124,6 +140,7 @@ class Conversations:
                 line.sent_at = now
                 self.in_flight[line.rid] = line
             del self.outbox[:sent]
+            self._send_pieces(now)
         else:
             for line in self.outbox:
                 self._say_fallback(line, now, "offline")
@@ -133,6 +150,20 @@ class Conversations:
             line = self.in_flight.get(message.get("id"))
             if line is not None:
                 self._route(line, message, now)
+
+    def _send_pieces(self, now: float) -> None:
+        for line in [ln for ln in self.in_flight.values() if ln.pieces]:
+            for text, final in line.pieces:
+                try:
+                    self.bridge.append(line.rid, text, final)
+                except ValueError as e:  # over the text limit: the client refuses it
+                    line.terminal = {"type": "error", "code": "rejected", "message": str(e)}
+                    self.bridge.cancel(line.rid)
+                    self._say_fallback(line, now, "rejected")
+                    break
+                if final:
+                    line.sent_at = now  # the NPC can only answer from here: TTFT counts from it
+            line.pieces.clear()
 
     def _route(self, line: Line, message: dict, now: float) -> None:
         kind = message.get("type")

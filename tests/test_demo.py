@@ -200,9 +200,14 @@ class StubClient:
 
     def __init__(self):
         self.connected = True
+        self.server = {"caps": ["append"]}
         self.sent: list[tuple[str, str, str, dict]] = []
+        self.appended: list[tuple[str, str, bool]] = []
         self.cancelled: list[str] = []
         self.inbox: list[dict] = []
+
+    def append(self, rid: str, text: str, final: bool) -> None:
+        self.appended.append((rid, text, final))
 
     def say(self, npc: str, text: str, **kwargs) -> str:
         rid = f"r{len(self.sent)}"
@@ -282,3 +287,61 @@ def test_error_or_lost_service_gives_a_fallback_line(game):
     frames(game)
     assert len(client.sent) == 2
     assert game.bubbles[second].text in cast[second].fallback_lines
+
+
+def type_keys(game, keys: str) -> None:
+    """The player types `keys` (a frame per key); "\b" is Backspace, "\n" is Enter."""
+    for key in keys:
+        if key == "\b":
+            event = pygame.event.Event(pygame.KEYDOWN, key=pygame.K_BACKSPACE)
+        elif key == "\n":
+            event = pygame.event.Event(pygame.KEYDOWN, key=pygame.K_RETURN)
+        else:
+            event = pygame.event.Event(pygame.TEXTINPUT, text=key)
+        pygame.event.post(event)
+        frames(game)
+
+
+def start_typing_to(game, npc: str) -> None:
+    assert game.walk_to_npc(npc)
+    frames(game, 240)
+    pygame.event.post(pygame.event.Event(pygame.KEYDOWN, key=pygame.K_e))
+    frames(game)
+    assert game.typing_to == npc
+
+
+def test_typed_words_go_out_as_an_open_say(game):
+    """Each finished word is a piece; Enter sends the rest as the final one, and the NPC, silent
+    while the player typed, starts its bubble. Editing text already sent starts a new line."""
+    game, client = game
+    npc = patrons()[0]
+    start_typing_to(game, npc)
+    type_keys(game, "Can you ")
+    (rid, to, text, kwargs), = client.sent
+    assert (to, text, kwargs["open"]) == (npc, "Can ", True) and client.appended == [(rid, "you ", False)]
+    assert not game.bubbles[npc].streaming  # listening
+    type_keys(game, "help?\n")
+    assert client.appended[-1] == (rid, "help?", True)
+    assert text + "".join(piece for _, piece, _ in client.appended) == "Can you help?"
+    assert game.bubbles[npc].streaming and game.talk.speaking[npc].sent_at is not None
+
+    start_typing_to(game, npc)
+    type_keys(game, "Hi there ")
+    second = client.sent[-1][0]
+    type_keys(game, "\b\b\b")  # back into what was sent: that line is withdrawn
+    frames(game)
+    assert client.cancelled[-1] == second and game.open_line is None
+    type_keys(game, "re, friend\n")
+    assert client.sent[-1][2] == "Hi there, " and client.appended[-1] == (client.sent[-1][0], "friend", True)
+
+
+def test_without_the_append_cap_a_typed_line_goes_whole(game):
+    game, client = game
+    client.server = {"caps": []}
+    npc = patrons()[1]
+    start_typing_to(game, npc)
+    type_keys(game, "Any work going?")
+    assert client.sent == []
+    type_keys(game, "\n")
+    (_, to, text, kwargs), = client.sent
+    assert (to, text, kwargs.get("open", False)) == (npc, "Any work going?", False) and client.appended == []
