@@ -46,19 +46,22 @@ class ScriptedEngine:
 
         self.tokenizer, self.max_batch, self.max_seq = tokenizer, max_batch, max_seq
         self.script = tokenizer.encode(" Hm. Steel first, talk later, traveller.", add_special_tokens=False)
-        self.active: dict[str, list[int]] = {}  # rid -> [tokens given, max_tokens]
+        self.active: dict[str, list[int]] = {}  # rid -> [tokens given, max_tokens, prompt complete]
         self.cancelled: list[str] = []
         self.event, self.stats = StepEvent, RequestStats
 
-    def submit(self, rid, prompt_ids, params, prefix_len=0):
-        self.active[rid] = [0, params.max_tokens]
+    def submit(self, rid, prompt_ids, params, prefix_len=0, complete=True):
+        self.active[rid] = [0, params.max_tokens, complete]
+
+    def update_prompt(self, rid, prompt_ids, complete):
+        self.active[rid][2] = complete
 
     def cancel(self, rid):
         if self.active.pop(rid, None) is not None:
             self.cancelled.append(rid)
 
     def has_work(self):
-        return bool(self.active or self.cancelled)
+        return bool(self.cancelled or any(state[2] for state in self.active.values()))
 
     def capacity_left(self):
         return self.max_batch - len(self.active)
@@ -69,7 +72,7 @@ class ScriptedEngine:
     def step(self):
         events = [self.event(rid, [], True, "cancelled", self.stats()) for rid in self.cancelled]
         self.cancelled = []
-        for rid, state in list(self.active.items()):
+        for rid, state in [(rid, state) for rid, state in self.active.items() if state[2]]:
             token = self.script[state[0] % len(self.script)]
             state[0] += 1
             finished = state[0] >= state[1]
