@@ -140,7 +140,7 @@ class Game:
         self.partner = npc
         self.player_bubble.show(text, now)
         line = self.open_line
-        if line is not None and line.npc == npc and (text + " ").startswith(self.sent_text):
+        if line is not None and not line.ended and line.npc == npc and (text + " ").startswith(self.sent_text):
             self.talk.append(line, text[len(self.sent_text):], now, final=True)  # pieces + this = text
         else:
             self.drop_open_line(now)
@@ -152,8 +152,8 @@ class Game:
         """Each word the player finishes goes to the service at once (an open say), so the NPC's
         prompt is ready when Enter is pressed. Editing text that was already sent starts over."""
         text = self.typed.lstrip()
-        if self.open_line is not None and not text.startswith(self.sent_text):
-            self.drop_open_line(now)
+        if self.open_line is not None and (self.open_line.ended or not text.startswith(self.sent_text)):
+            self.drop_open_line(now)  # edited behind what was sent, or ended by the service (open timeout)
         if not text.endswith(" ") or not text.strip() or not self.bridge.serves_append:
             return
         if self.open_line is None:

@@ -2,8 +2,9 @@
 
 Lines are queued during the frame's update and sent in the frame's bridge phase (`exchange`), which
 sends, then polls with what is left of the budget, then routes the `token`/`done`/`error`
-messages to speech bubbles. A player line can go out while it is typed (an open say, one piece per
-finished word): the NPC listens, and its bubble starts with the final piece. An NPC says one line at a time; a new line for it cancels the old one.
+messages to speech bubbles. An NPC says one line at a time; a new line for it cancels the old one.
+A player line can go out while it is typed (an open say, one piece per finished word): the NPC
+listens, and its bubble starts with the final piece.
 When the service is down, or a line ends with an `error` (the bridge client also reports a lost
 connection or a passed deadline as one), the NPC says one of its persona's fallback lines.
 """
@@ -44,6 +45,10 @@ class Line:
     open: bool = False  # sent in pieces while typed; `prompt` is the first piece
     pieces: list[tuple[str, bool]] = field(default_factory=list)  # (text, final) not sent yet
     final: bool = False  # the final piece is queued or sent
+
+    @property
+    def ended(self) -> bool:
+        return self.terminal is not None or self.local is not None
 
     @property
     def ttft_ms(self) -> float | None:
@@ -92,7 +97,7 @@ class Conversations:
 
     def append(self, line: Line, text: str, now: float, final: bool = False) -> None:
         """The next piece of an open line; with the final one the NPC starts answering."""
-        if line.cancel_requested or line.final:
+        if line.cancel_requested or line.final or line.ended:
             return
         line.pieces.append((text, final))
         if final:

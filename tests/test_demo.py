@@ -335,6 +335,22 @@ def test_typed_words_go_out_as_an_open_say(game):
     assert client.sent[-1][2] == "Hi there, " and client.appended[-1] == (client.sent[-1][0], "friend", True)
 
 
+def test_an_open_line_the_service_ended_is_typed_again_whole(game):
+    """An open say that ends while the player types (here: its open timeout) gets no more pieces:
+    the next finished word opens a new line with the whole text so far."""
+    game, client = game
+    npc = patrons()[2]
+    start_typing_to(game, npc)
+    type_keys(game, "Where is ")
+    rid = client.sent[-1][0]
+    client.inbox = [{"type": "error", "id": rid, "code": "open_timeout", "message": "no piece"}]
+    frames(game)
+    type_keys(game, "the smith?\n")
+    (again, to, text, kwargs) = client.sent[-1]
+    assert (to, text, kwargs["open"]) == (npc, "Where is the ", True)
+    assert client.appended[-1] == (again, "smith?", True) and all(r != rid for r, _, _ in client.appended)
+
+
 def test_without_the_append_cap_a_typed_line_goes_whole(game):
     game, client = game
     client.server = {"caps": []}
