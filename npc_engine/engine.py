@@ -315,8 +315,8 @@ class Engine:
         streaming = [(r, r.fed, self.open_prefill_end(r)) for r in reqs if not r.complete]
         self.prefill_ranges(streaming, chunk=STREAM_CHUNK)
         last_logits = self.prefill_ranges(complete)
-        for r, a, end in complete + streaming:
-            r.fed = r.draft_valid = max(a, end)
+        for r, _, end in complete + streaming:
+            r.fed = r.draft_valid = end
         if not last_logits:
             return []
         finishing = [r for r, _ in last_logits]
@@ -324,10 +324,9 @@ class Engine:
         return [e for e in (self.emit(r, [t]) for r, t in zip(finishing, first)) if e is not None]
 
     def first_tokens(self, reqs: list[Request], logits: torch.Tensor) -> list[int]:
-        temperature, top_k, top_p, all_greedy = params_tensors([r.params for r in reqs], self.device)
-        if all_greedy:
+        if all(r.params.temperature == 0 for r in reqs):
             return logits.argmax(-1).tolist()
-        probs = probs_from_logits(logits[:, None], temperature, top_k, top_p)[:, 0]
+        probs = probs_from_logits(logits[:, None], *params_tensors([r.params for r in reqs], self.device))[:, 0]
         u = torch.cat([torch.rand(1, generator=r.generator, device=self.device) for r in reqs])
         return sample(probs, u).tolist()
 
@@ -419,7 +418,7 @@ class Engine:
         B, dev = len(reqs), self.device
         seqs = [r.ids for r in reqs]
         slots = torch.tensor([r.slot for r in reqs], device=dev)
-        temperature, top_k, top_p, _ = params_tensors([r.params for r in reqs], dev)
+        temperature, top_k, top_p = params_tensors([r.params for r in reqs], dev)
         # As many uniforms every step whatever K is: a seed gives the same stream under any draft length.
         u = torch.stack([torch.rand(2 * K_MAX + 1, generator=r.generator, device=dev) for r in reqs])
         if k_asked > 0:

@@ -27,12 +27,12 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
 
 
-def params_tensors(params: list[SamplingParams], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """Per-row (temperature, top_k, top_p) on the device, and whether every row is greedy (known on the host)."""
+def params_tensors(params: list[SamplingParams], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row (temperature, top_k, top_p) on the device."""
     temperature = torch.tensor([p.temperature for p in params], device=device, dtype=torch.float32)
     top_k = torch.tensor([p.top_k for p in params], device=device, dtype=torch.int64)
     top_p = torch.tensor([p.top_p for p in params], device=device, dtype=torch.float32)
-    return temperature, top_k, top_p, all(p.temperature == 0 for p in params)
+    return temperature, top_k, top_p
 
 
 def probs_from_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
