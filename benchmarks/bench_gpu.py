@@ -71,7 +71,7 @@ def step_times(model, kv_len: int = 384) -> dict:
     """Graph-replay ms of one forward of T tokens per row at batch 1, with the fused kernels and without."""
     out = {}
     if model.model.layers[0].self_attn.qkv is None:
-        fuse_projections_(model)  # as the engine does on CUDA (a no-op for FP8 layers)
+        fuse_projections_(model)  # as the engine does on CUDA
     for fused in (True, False):
         model.fused = fused
         cache = KVCache(model.args, 2, 1024, "cuda", torch.bfloat16)

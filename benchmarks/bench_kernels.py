@@ -25,7 +25,7 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kernels.attention import cached_attention_reference, cached_attention_triton  # noqa: E402
 from kernels.fp8 import fp8_linear_reference, fp8_linear_scaled_mm, fp8_linear_triton, quantize_fp8  # noqa: E402
-from kernels.gemv import linear_gemv_triton  # noqa: E402
+from kernels.gemv import small_m_linear_triton  # noqa: E402
 from kernels.rmsnorm import add_rmsnorm_reference, add_rmsnorm_triton  # noqa: E402
 from kernels.rope import rope_kv_write_reference, rope_kv_write_triton  # noqa: E402
 
@@ -126,17 +126,17 @@ def fp8_cases():
     for name, (N, K) in LINEARS.items():
         weight = torch.randn(N, K, device="cuda", dtype=DT) / math.sqrt(K)
         w_fp8, scale = quantize_fp8(weight)
-        for M in (1, 17):
+        for M in (1, 9, 17):
             x = torch.randn(M, K, device="cuda", dtype=DT)
             io = (M * K + M * N) * BF16
-            yield (f"linear {name}", f"M={M} N={N} K={K}", N * K + 4 * N + io, {
-                "fp8 scaled_mm": lambda x=x, w=w_fp8, s=scale: fp8_linear_scaled_mm(x, w, s),
-                "fp8 triton": lambda x=x, w=w_fp8, s=scale: fp8_linear_triton(x, w, s),
-                "fp8 reference": lambda x=x, w=w_fp8, s=scale: fp8_linear_reference(x, w, s),
-            })
+            fp8 = {"fp8 scaled_mm": lambda x=x, w=w_fp8, s=scale: fp8_linear_scaled_mm(x, w, s),
+                   "fp8 triton": lambda x=x, w=w_fp8, s=scale: fp8_linear_triton(x, w, s),
+                   "fp8 reference": lambda x=x, w=w_fp8, s=scale: fp8_linear_reference(x, w, s)}
             bf16 = {"bf16 F.linear": lambda x=x, w=weight: F.linear(x, w)}
-            if M == 1:
-                bf16["bf16 triton gemv"] = lambda x=x, w=weight: linear_gemv_triton(x, w)
+            if M <= 16:  # the small-M kernel the decode and verify steps use
+                fp8["fp8 small-M triton"] = lambda x=x, w=w_fp8, s=scale: small_m_linear_triton(x, w, None, s)
+                bf16["bf16 small-M triton"] = lambda x=x, w=weight: small_m_linear_triton(x, w)
+            yield (f"linear {name}", f"M={M} N={N} K={K}", N * K + 4 * N + io, fp8)
             yield (f"linear {name}", f"M={M} N={N} K={K}", N * K * BF16 + io, bf16)
 
 

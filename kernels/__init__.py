@@ -7,4 +7,5 @@ from kernels.gemv import linear
 from kernels.rmsnorm import add_rmsnorm
 from kernels.rope import rope_kv_write
 
-__all__ = ["Fp8Linear", "add_rmsnorm", "cached_attention", "fp8_linear", "linear", "quantize_fp8", "rope_kv_write"]
+__all__ = ["Fp8Linear", "add_rmsnorm", "cached_attention", "fp8_linear", "linear", "quantize_fp8",
+           "rope_kv_write"]

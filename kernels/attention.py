@@ -6,6 +6,9 @@ slots[b] when n <= positions[b, t]; with a tree mask [B, T, T] (bool), a key ins
 n = positions[b, 0] + j with 0 <= j < T, is visible only where tree_mask[b, t, j] as well (a tree
 step's positions are contiguous: positions[b] = p0, p0 + 1, ..., p0 + T - 1). A query with a
 negative position sees nothing and its output is 0 (padding). GQA: Hq is a multiple of Hkv.
+With a prefix reference [B, 2] int (prefix slot, prefix length), row b reads its keys and values at
+positions n < prefix[b, 1] from slot prefix[b, 0] (a persona prefix shared by many rows) and the
+rest from its own slot; length 0 means no prefix.
 
 The Triton version is flash-decoding: the key range [0, max_len) is cut into splits processed in
 parallel, each writing a partial output and its log-sum-exp, then a second kernel combines them.
@@ -21,7 +24,7 @@ import triton
 import triton.language as tl
 
 
-def _check(q, k_cache, v_cache, slots, positions, tree_mask):
+def _check(q, k_cache, v_cache, slots, positions, tree_mask, prefix=None):
     B, T, Hq, D = q.shape
     if k_cache.dim() != 4 or k_cache.shape[3] != D or v_cache.shape != k_cache.shape:
         raise ValueError(f"attention: caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} must be [n_slots, Hkv, S_max, {D}]")
@@ -33,6 +36,8 @@ def _check(q, k_cache, v_cache, slots, positions, tree_mask):
         raise ValueError("attention: slots must be contiguous")
     if tree_mask is not None and (tree_mask.shape != (B, T, T) or tree_mask.dtype != torch.bool):
         raise ValueError(f"attention: tree_mask must be bool [{B}, {T}, {T}], got {tree_mask.dtype} {tuple(tree_mask.shape)}")
+    if prefix is not None and (prefix.shape != (B, 2) or prefix.dtype.is_floating_point):
+        raise ValueError(f"attention: prefix must be integer [{B}, 2] (slot, length), got {prefix.dtype} {tuple(prefix.shape)}")
 
 
 def visible_keys(positions: torch.Tensor, tree_mask: torch.Tensor | None, n_keys: int) -> torch.Tensor:
@@ -48,6 +53,15 @@ def visible_keys(positions: torch.Tensor, tree_mask: torch.Tensor | None, n_keys
     return visible
 
 
+def gather_rows(cache: torch.Tensor, slots: torch.Tensor, prefix: torch.Tensor | None, n: int) -> torch.Tensor:
+    """[B, Hkv, n, D]: the first n entries of each row, positions below its prefix length from its prefix slot."""
+    if prefix is None:
+        return cache[slots, :, :n]
+    j = torch.arange(n, device=cache.device)
+    rows = torch.where(j < prefix[:, 1:], prefix[:, :1], slots[:, None])  # [B, n]
+    return cache[rows, :, j].transpose(1, 2)
+
+
 def cached_attention_reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -56,13 +70,14 @@ def cached_attention_reference(
     positions: torch.Tensor,
     tree_mask: torch.Tensor | None = None,
     max_len: int | None = None,
+    prefix: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    _check(q, k_cache, v_cache, slots, positions, tree_mask)
+    _check(q, k_cache, v_cache, slots, positions, tree_mask, prefix)
     B, T, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     L = k_cache.shape[2] if max_len is None else min(max_len, k_cache.shape[2])
-    k = k_cache[slots, :, :L].float()  # [B, Hkv, L, D]
-    v = v_cache[slots, :, :L].float()
+    k = gather_rows(k_cache, slots, prefix, L).float()  # [B, Hkv, L, D]
+    v = gather_rows(v_cache, slots, prefix, L).float()
     qg = q.float().reshape(B, T, Hkv, Hq // Hkv, D)
     scores = torch.einsum("bthgd,bhnd->bhgtn", qg, k) / math.sqrt(D)
     visible = visible_keys(positions, tree_mask, L)[:, None, None]  # [B, 1, 1, T, L]
@@ -74,13 +89,13 @@ def cached_attention_reference(
 
 @triton.jit
 def _attn_split_kernel(
-    Q, K, V, Slots, Pos, Tree, PartO, PartL,
+    Q, K, V, Slots, Pos, Tree, Prefix, PartO, PartL,
     sq_b, sq_t, sq_h, sk_n, sk_h, sk_s, sv_n, sv_h, sv_s,
-    sp_b, sp_t, st_b, st_i, st_j,
+    sp_b, sp_t, st_b, st_i, st_j, sx_b, sx_c,
     T, Hq, Hkv, S_max, n_splits, split_size, qk_scale,
     G: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_TREE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_TREE: tl.constexpr, HAS_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     split = tl.program_id(0)
     b = (tl.program_id(1) // Hkv).to(tl.int64)
@@ -103,13 +118,24 @@ def _attn_split_kernel(
     end = tl.minimum(tl.minimum(start + split_size, tl.max(pos, axis=0) + 1), S_max)
     k_base = K + slot * sk_n + kvh * sk_h
     v_base = V + slot * sv_n + kvh * sv_h
+    if HAS_PREFIX:
+        prefix_slot = tl.load(Prefix + b * sx_b).to(tl.int64)
+        prefix_len = tl.load(Prefix + b * sx_b + sx_c).to(tl.int32)
+        k_prefix = K + prefix_slot * sk_n + kvh * sk_h
+        v_prefix = V + prefix_slot * sv_n + kvh * sv_h
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         kv_mask = (n < end)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + n[:, None] * sk_s + d[None, :], mask=kv_mask, other=0.0)
+        k_ptr = k_base + n[:, None] * sk_s + d[None, :]
+        v_ptr = v_base + n[:, None] * sv_s + d[None, :]
+        if HAS_PREFIX:  # per key: the shared prefix slot below the prefix length, the row's own slot after
+            in_prefix = (n < prefix_len)[:, None]
+            k_ptr = tl.where(in_prefix, k_prefix + n[:, None] * sk_s + d[None, :], k_ptr)
+            v_ptr = tl.where(in_prefix, v_prefix + n[:, None] * sv_s + d[None, :], v_ptr)
+        k = tl.load(k_ptr, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k).to(q.dtype), input_precision=DOT_PRECISION) * qk_scale
         visible = n[None, :] <= pos[:, None]
         if HAS_TREE:
@@ -123,7 +149,7 @@ def _attn_split_kernel(
         alpha = tl.math.exp2(m_i - m_safe)
         p = tl.math.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + n[:, None] * sv_s + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -187,10 +213,11 @@ def cached_attention_triton(
     max_len: int | None = None,
     split_size: int | None = None,
     out: torch.Tensor | None = None,
+    prefix: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`max_len` bounds every position + 1 (default S_max); `split_size` (a multiple of 16) overrides
     the keys-per-split heuristic; `out` (contiguous [B, T, Hq, D]) receives the result."""
-    _check(q, k_cache, v_cache, slots, positions, tree_mask)
+    _check(q, k_cache, v_cache, slots, positions, tree_mask, prefix)
     B, T, Hq, D = q.shape
     Hkv, S_max = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv
@@ -215,18 +242,19 @@ def cached_attention_triton(
     n_splits = triton.cdiv(n_keys, split_size)
     part_o = torch.empty((B, T, Hq, n_splits, D), dtype=torch.float32, device=q.device)
     part_l = torch.empty((B, T, Hq, n_splits), dtype=torch.float32, device=q.device)
-    tree = positions if tree_mask is None else tree_mask.view(torch.uint8)  # dummy pointer when absent
+    tree = positions if tree_mask is None else tree_mask.view(torch.uint8)  # dummy pointers when absent
+    prefix_ref = positions if prefix is None else prefix
     block_d = max(16, triton.next_power_of_2(D))
     _attn_split_kernel[(n_splits, B * Hkv, m_tiles)](
-        q, k_cache, v_cache, slots, positions, tree, part_o, part_l,
+        q, k_cache, v_cache, slots, positions, tree, prefix_ref, part_o, part_l,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         positions.stride(0), positions.stride(1),
-        tree.stride(0), tree.stride(1), tree.stride(-1),
+        tree.stride(0), tree.stride(1), tree.stride(-1), prefix_ref.stride(0), prefix_ref.stride(1),
         T, Hq, Hkv, S_max, n_splits, split_size, math.log2(math.e) / math.sqrt(D),
         G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        HAS_TREE=tree_mask is not None,
+        HAS_TREE=tree_mask is not None, HAS_PREFIX=prefix is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=8 if q.dtype == torch.float32 else 4, num_stages=2,
     )
@@ -245,7 +273,9 @@ def cached_attention(
     positions: torch.Tensor,
     tree_mask: torch.Tensor | None = None,
     max_len: int | None = None,
+    prefix: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """-> [B, T, Hq, D] in q's dtype, softmax scale 1/sqrt(D)."""
-    impl = cached_attention_triton if q.is_cuda else cached_attention_reference
-    return impl(q, k_cache, v_cache, slots, positions, tree_mask, max_len)
+    if q.is_cuda:
+        return cached_attention_triton(q, k_cache, v_cache, slots, positions, tree_mask, max_len, prefix=prefix)
+    return cached_attention_reference(q, k_cache, v_cache, slots, positions, tree_mask, max_len, prefix)

@@ -1,9 +1,12 @@
-"""y = x @ W.T (+ bias) for a single row x: the batch-1 decode step's matrix-vector products.
+"""y = x @ W.T (+ bias) for 1 to 16 rows of x: the decode and verify steps' linear layers.
 
-At one row a linear layer only streams its weight matrix, and cuBLAS leaves much of the memory
-bandwidth unused on the smaller matrices (benchmarks/RESULTS.md, kernel table). This kernel gives
-each program two output rows and reads them in 1024-wide, fully coalesced strips, accumulating in
-float32. Wider inputs (M > 1: prefill, verification) stay on cuBLAS.
+With few rows a linear layer only streams its weight matrix, and cuBLAS leaves much of the memory
+bandwidth unused on the smaller matrices (benchmarks/RESULTS.md, kernel tables). One Triton kernel
+covers those shapes, for bf16/fp16 weights and for FP8 (e4m3) weights with one float32 scale per
+output channel, converted in registers (weight-only FP8: the step reads half the bytes, and no
+activation quantization kernel runs). One row multiplies and adds in registers; 2 to 16 rows use
+tensor-core dots. `linear` sends bf16 weights with 2 to 16 rows to cuBLAS, which matched the kernel
+there, and FP8 weights with more than 16 rows to `kernels.fp8`.
 """
 
 import torch
@@ -11,53 +14,95 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+MAX_ROWS = 16
 
-def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return F.linear(x, weight, bias)
+
+def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     scale: torch.Tensor | None = None) -> torch.Tensor:
+    if scale is None:
+        return F.linear(x, weight, bias)
+    y = x.float() @ (weight.float() * scale[:, None]).t()
+    return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
 @triton.jit
-def _gemv_kernel(X, W, B, Y, N, K, stride_w, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _small_m_kernel(X, W, S, B, Y, M, N, K, stride_x, stride_w, stride_y, HAS_SCALE: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    rows = W + n[:, None].to(tl.int64) * stride_w
-    # Partial products stay per lane until the end: one reduction per program, not per strip.
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K
-        w = tl.load(rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        x = tl.load(X + k, mask=k_ok, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    y = tl.sum(acc, axis=1)
+    rows = tl.arange(0, BLOCK_M)
+    n_ok, row_ok = n < N, rows < M
+    x_rows = X + rows[:, None] * stride_x
+    w_rows = W + n[:, None].to(tl.int64) * stride_w
+    if BLOCK_M == 1:  # one row: partial products stay per lane, one reduction at the end
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            x = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)
+        y = tl.sum(acc, axis=1)[None, :]
+    else:  # a few rows: tensor-core dots on [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] tiles
+        y = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            x = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            y = tl.dot(x, tl.trans(w.to(x.dtype)), y)
+    if HAS_SCALE:
+        y = y * tl.load(S + n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
-        y += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(Y + n, y.to(Y.dtype.element_ty), mask=n_ok)
+        y += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None] * stride_y + n[None, :], y.to(Y.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
-def linear_gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] holding exactly one row; weight [N, K] with contiguous rows; bias [N] or None."""
-    K = x.shape[-1]
-    N = weight.shape[0]
-    if x.numel() != K:
-        raise ValueError(f"gemv: x {tuple(x.shape)} must hold one row of {K}")
+def small_m_config(M: int, N: int, K: int, weight_bytes: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for M rows against an [N, K] weight: the best
+    of a sweep on the H200 over the 1B, 8B and trained-pair shapes (benchmarks/RESULTS.md, run S3-2)."""
+    if M == 1:  # many small programs, each streaming whole rows
+        return 1, 2 if weight_bytes == 2 else 4, min(1024, triton.next_power_of_2(K)), 4, 1
+    wide = N >= 8192
+    block_n = (64 if weight_bytes == 2 else 32) if wide else 32 if N >= 3072 else 16
+    block_k = (128 if weight_bytes == 2 else 256) if wide else 512
+    return 16, block_n, max(16, min(block_k, triton.next_power_of_2(K))), 4, 3 if wide else 4
+
+
+def small_m_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                          scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] holding 1 to 16 rows; weight [N, K] with contiguous rows, FP8 when `scale` [N] float32 is given."""
+    N, K = weight.shape[0], x.shape[-1]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if not 1 <= M <= MAX_ROWS:
+        raise ValueError(f"small-M linear: x {tuple(x.shape)} must hold 1 to {MAX_ROWS} rows")
     if weight.shape[1] != K or weight.stride(1) != 1:
-        raise ValueError(f"gemv: weight {tuple(weight.shape)} must be [N, {K}] with contiguous rows")
+        raise ValueError(f"small-M linear: weight {tuple(weight.shape)} must be [N, {K}] with contiguous rows")
+    if scale is not None and (weight.dtype != torch.float8_e4m3fn or scale.shape != (N,) or scale.dtype != torch.float32):
+        raise ValueError(f"small-M linear: an FP8 weight needs float8_e4m3fn and a float32 scale [{N}], got "
+                         f"{weight.dtype} and {scale.dtype} {tuple(scale.shape)}")
     if bias is not None and bias.shape != (N,):
-        raise ValueError(f"gemv: bias {tuple(bias.shape)} must be [{N}]")
-    x = x.contiguous()
-    y = torch.empty(*x.shape[:-1], N, device=x.device, dtype=x.dtype)
-    block_k = min(1024, triton.next_power_of_2(K))
-    block_n = 2
-    _gemv_kernel[(triton.cdiv(N, block_n),)](
-        x, weight, weight if bias is None else bias, y, N, K, weight.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=1,
+        raise ValueError(f"small-M linear: bias {tuple(bias.shape)} must be [{N}]")
+    x2 = x2.contiguous()
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    block_m, block_n, block_k, warps, stages = small_m_config(M, N, K, weight.element_size())
+    _small_m_kernel[(triton.cdiv(N, block_n),)](
+        x2, weight, scale if scale is not None else x2, bias if bias is not None else x2, y,
+        M, N, K, x2.stride(0), weight.stride(0), y.stride(0), HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )
-    return y
+    return y.view(*x.shape[:-1], N)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, with the Triton GEMV for a single bf16/fp16 row on CUDA."""
-    if x.is_cuda and x.numel() == x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16) and weight.stride(1) == 1:
-        return linear_gemv_triton(x, weight, bias)
-    return linear_reference(x, weight, bias)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           scale: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear (an FP8 weight when `scale` is given) with the small-M kernel on CUDA for one row, and for
+    up to 16 rows with FP8 weights."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.stride(1) == 1
+            and 1 <= rows <= (MAX_ROWS if scale is not None else 1)):
+        return small_m_linear_triton(x, weight, bias, scale)
+    if scale is not None:
+        from kernels.fp8 import fp8_linear
+        return fp8_linear(x, weight, scale, bias)
+    return F.linear(x, weight, bias)

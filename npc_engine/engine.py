@@ -1,9 +1,11 @@
-"""The batched generation engine: admission, chunked prefill with a persona prefix cache, and the
-speculative step shared by every active request (plain decoding is the K = 0 case).
+"""The batched generation engine: admission, chunked prefill, persona prefixes shared by reference, and
+the speculative step shared by every active request (plain decoding is the K = 0 case).
 
 One `step()` advances all active requests together: the drafter proposes up to K tokens per row,
 the target verifies K+1 positions of every row in one forward, and each row keeps its own accepted
 length. Rows live in fixed KV-cache slots; rolling back a rejected draft is just a shorter length.
+A persona prefix is computed once into a prefix slot of the caches; every request with that prefix
+reads its first positions from there (the prefix reference of each forward) and computes only the rest.
 A prompt may arrive in pieces (`complete=False`, then `update_prompt`): its whole chunks are
 prefilled as they come, and the chunk holding its last token also yields the first new token.
 """
@@ -59,6 +61,12 @@ class StepEvent:
 
 
 @dataclass
+class PrefixEntry:
+    slot: int
+    refs: int = 0  # active requests reading it
+
+
+@dataclass
 class Request:
     rid: str
     prompt: list[int]
@@ -74,6 +82,7 @@ class Request:
     off_steps: int = 0
     draft_valid: int = 0  # positions below this hold the right keys in the draft model's cache
     fed: int = 0  # prompt positions below this are in the target's cache
+    shared: PrefixEntry | None = None  # positions below prefix_len are read from this entry's slot, never written
     complete: bool = True  # False while the prompt is still arriving
     cancelled: bool = False
     stats: RequestStats = field(default_factory=RequestStats)
@@ -84,31 +93,34 @@ class Request:
 
 
 class PrefixCache:
-    """KV of stable prompt prefixes (persona blocks), LRU-evicted under a byte cap; copied into a slot on use."""
+    """Persona prefixes (token tuples) held in dedicated KV-cache slots that their requests read in place:
+    reference-counted, and when no slot is free the least recently used unreferenced entry gives up its slot."""
 
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self.entries: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
-        self.bytes = 0
+    def __init__(self, slots: list[int]):
+        self.free = slots
+        self.entries: OrderedDict[tuple[int, ...], PrefixEntry] = OrderedDict()
         self.hits = 0
 
-    def get(self, key: tuple[int, ...]):
-        kv = self.entries.get(key)
-        if kv is None:
-            return None
-        self.hits += 1
-        self.entries.move_to_end(key)
-        return kv
+    def acquire(self, key: tuple[int, ...]) -> tuple[PrefixEntry | None, bool]:
+        """A reference to key's entry and whether its KV is already computed; (None, False) when every slot is
+        referenced (or there is none)."""
+        entry = self.entries.get(key)
+        hit = entry is not None
+        if hit:
+            self.hits += 1
+            self.entries.move_to_end(key)
+        elif self.free:
+            entry = self.entries[key] = PrefixEntry(self.free.pop())
+        else:
+            victim = next((k for k, e in self.entries.items() if not e.refs), None)  # oldest first
+            if victim is None:
+                return None, False
+            entry = self.entries[key] = PrefixEntry(self.entries.pop(victim).slot)
+        entry.refs += 1
+        return entry, hit
 
-    def put(self, key: tuple[int, ...], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        size = sum(2 * k.numel() * k.element_size() for k, _ in kv)
-        if size > self.max_bytes or key in self.entries:
-            return
-        while self.bytes + size > self.max_bytes:
-            _, old = self.entries.popitem(last=False)
-            self.bytes -= sum(2 * k.numel() * k.element_size() for k, _ in old)
-        self.entries[key] = kv
-        self.bytes += size
+    def release(self, entry: PrefixEntry) -> None:
+        entry.refs -= 1
 
 
 class Engine:
@@ -125,12 +137,17 @@ class Engine:
         # An ONNX Runtime model (onnx_backend.OnnxModel) has no parameters: it states its dtype.
         self.dtype = next(target.parameters()).dtype if isinstance(target, torch.nn.Module) else target.dtype
         self.max_batch, self.max_seq, self.fixed_k = max_batch, max_seq, fixed_k
-        draft_cache = drafter.cache
-        if draft_cache is not None and (draft_cache.max_seq != max_seq or draft_cache.n_slots < max_batch + 1):
-            raise ValueError(f"the draft model's cache has {draft_cache.n_slots} slots of {draft_cache.max_seq} "
-                             f"positions; this engine needs {max_batch + 1} of {max_seq}")
-        # One slot more than the batch: the scratch slot that CUDA-graph padding rows write into.
-        self.cache = KVCache(target.args, max_batch + 1, max_seq, self.device, self.dtype)
+        # Cache slots: one per batch row, the scratch slot that CUDA-graph padding rows write into, then as many
+        # persona-prefix slots as prefix_cache_mb holds (a slot of the target's cache and one of the draft model's).
+        draft_dtype = None if drafter.cache is None else drafter.cache.k.dtype
+        slot_bytes = KVCache.slot_bytes(target.args, max_seq, self.dtype) + (
+            0 if draft_dtype is None else KVCache.slot_bytes(drafter.model.args, max_seq, draft_dtype))
+        n_slots = max_batch + 1 + int(prefix_cache_mb * 2**20) // slot_bytes
+        if draft_dtype is not None and (drafter.cache.max_seq != max_seq or drafter.cache.n_slots < n_slots):
+            drafter.cache = None  # freed before the larger one is allocated
+            drafter.cache = KVCache(drafter.model.args, n_slots, max_seq, self.device, draft_dtype)
+        self.cache = KVCache(target.args, n_slots, max_seq, self.device, self.dtype)
+        self.prefix_cache = PrefixCache(list(range(n_slots - 1, max_batch, -1)))
         self.target_forward = target
         self.greedy_step = partial(greedy_step, target, self.cache, drafter)
         self.graphed = cuda_graphs and self.device.type == "cuda" and isinstance(target, torch.nn.Module)
@@ -140,7 +157,6 @@ class Engine:
             if drafter.name == "model":
                 drafter.forward = GraphedForward(drafter.model, scratch_slot=max_batch)
             self.greedy_step = GraphedStep(self.greedy_step, self.target_forward.pool)
-        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20))
         self.stop_ids = set(tokenizer.stop_ids) if tokenizer is not None else set()
         self.free_slots = list(range(max_batch - 1, -1, -1))
         self.waiting: deque[Request] = deque()
@@ -216,7 +232,10 @@ class Engine:
         r.prompt, r.ids, r.complete = list(prompt_ids), list(prompt_ids), complete
         # A request that has not generated keeps its last prompt token unfed: its logits give the first token.
         r.fed, r.draft_valid = min(r.fed, same, len(prompt_ids) - 1), min(r.draft_valid, same, len(prompt_ids) - 1)
-        if r.prefix_len >= len(prompt_ids):
+        if same < r.prefix_len or len(prompt_ids) <= r.prefix_len:  # the persona prefix no longer leads the prompt
+            if r.shared is not None:  # its own slot never held the prefix: it is computed there from the start
+                self.unshare(r)
+                r.fed = r.draft_valid = r.stats.cached_prefix_tokens = 0
             r.prefix_len = 0
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
@@ -273,7 +292,7 @@ class Engine:
             self.active[r.rid] = r
             admitted.append(r)
         if admitted:
-            self.load_prefixes(admitted)
+            self.attach_prefixes(admitted)
         # Requests whose first token comes out of this step's prefill return with it now: TTFT is one prefill.
         decoding = [r for r in self.active.values() if len(r.ids) > len(r.prompt)]
         events += self.prefill([r for r in self.active.values() if r.fed < len(r.prompt)])
@@ -293,20 +312,37 @@ class Engine:
                         return
 
     # ---- internals --------------------------------------------------------------------------
-    def load_prefixes(self, reqs: list[Request]) -> None:
-        """Copies each request's cached persona prefix into its slot, or computes it and caches it."""
+    def attach_prefixes(self, reqs: list[Request]) -> None:
+        """Points each request at the shared KV of its persona prefix, computing a missing one once into a prefix
+        slot (target and draft model). With no slot to spare the prefix is computed in the request's own slot
+        like the rest of its prompt."""
         missing = []
         for r in reqs:
-            kv = self.prefix_cache.get(tuple(r.prompt[:r.prefix_len])) if r.prefix_len else None
-            if kv is not None:
-                self.copy_prefix_in(r, kv)
-                r.fed = r.draft_valid = r.stats.cached_prefix_tokens = r.prefix_len
-            elif r.prefix_len:
-                missing.append(r)
-        self.prefill_ranges([(r, 0, r.prefix_len) for r in missing])
-        for r in missing:
+            if not r.prefix_len:
+                continue
+            r.shared, hit = self.prefix_cache.acquire(tuple(r.prompt[:r.prefix_len]))
+            if r.shared is None:
+                continue
             r.fed = r.draft_valid = r.prefix_len
-            self.prefix_cache.put(tuple(r.prompt[:r.prefix_len]), self.copy_prefix_out(r))
+            if hit:
+                r.stats.cached_prefix_tokens = r.prefix_len
+            else:
+                missing.append(r)
+        self.prefill_ranges([(r, 0, r.prefix_len) for r in missing], into_prefix=True)
+
+    def unshare(self, r: Request) -> None:
+        if r.shared is not None:
+            self.prefix_cache.release(r.shared)
+            r.shared = None
+
+    @staticmethod
+    def prefix_ref(r: Request) -> list[int]:
+        """A row's prefix reference: (prefix slot, prefix length), or length 0."""
+        return [r.shared.slot, r.prefix_len] if r.shared is not None else [0, 0]
+
+    def prefix_tensor(self, refs: list[list[int]]) -> torch.Tensor | None:
+        """None when no row reads a shared prefix: the forwards then skip the per-key slot choice."""
+        return torch.tensor(refs, device=self.device) if any(n for _, n in refs) else None
 
     def prefill(self, reqs: list[Request]) -> list[StepEvent]:
         """Feeds prompts in chunks, batched across requests: a complete prompt up to its last token, whose
@@ -331,9 +367,10 @@ class Engine:
         return sample(probs, u).tolist()
 
     def prefill_ranges(self, ranges: list[tuple[Request, int, int]], target: bool = True,
-                       chunk: int | None = None) -> list[tuple[Request, torch.Tensor]]:
+                       chunk: int | None = None, into_prefix: bool = False) -> list[tuple[Request, torch.Tensor]]:
         """Feeds positions [a, b) of each request's tokens to the target (unless target=False) and the
-        drafter. Returns the target's logits at the last prompt token of each complete prompt fed to its end."""
+        drafter, into the request's own slot or (into_prefix) its shared prefix slot. Returns the target's
+        logits at the last prompt token of each complete prompt fed to its end."""
         ranges = [(r, a, b) for r, a, b in ranges if b > a]
         chunk = chunk or self.prefill_chunk
         longest = max((b - a for _, a, b in ranges), default=0)
@@ -348,29 +385,19 @@ class Engine:
             positions = [list(range(a, a + width)) for _, a, _ in rows]
             tokens_t = torch.tensor(tokens, device=self.device)
             pos_t = torch.tensor(positions, device=self.device)
-            slots = torch.tensor([r.slot for r, _, _ in rows], device=self.device)
+            slots = torch.tensor([r.shared.slot if into_prefix else r.slot for r, _, _ in rows], device=self.device)
+            prefix = None if into_prefix else self.prefix_tensor([self.prefix_ref(r) for r, _, _ in rows])
             kv_len = kv_bucket(max(p[-1] for p in positions) + 1, self.max_seq)
             if target:
                 ending = [i for i, (r, _, b) in enumerate(rows) if r.complete and b == len(r.prompt)]
                 index = torch.tensor([b - 1 - a for _, a, b in rows], device=self.device) if ending else False
-                logits = self.target_forward(tokens_t, pos_t, self.cache, slots, kv_len, logits=index)
+                logits = self.target_forward(tokens_t, pos_t, self.cache, slots, kv_len, logits=index, prefix=prefix)
                 # copied: a graph's logits buffer is overwritten by its next replay
                 last_logits += [(rows[i][0], logits[i].clone()) for i in ending]
                 for r, a, b in rows:
                     r.stats.prefill_tokens += b - a
-            self.drafter.prefill(tokens_t, pos_t, slots, kv_len)
+            self.drafter.prefill(tokens_t, pos_t, slots, kv_len, prefix)
         return last_logits
-
-    def caches(self) -> list[KVCache]:
-        return [self.cache] + ([self.drafter.cache] if self.drafter.cache is not None else [])
-
-    def copy_prefix_out(self, r: Request):
-        return [(c.k[:, r.slot, :, :r.prefix_len].clone(), c.v[:, r.slot, :, :r.prefix_len].clone()) for c in self.caches()]
-
-    def copy_prefix_in(self, r: Request, kv) -> None:
-        for c, (k, v) in zip(self.caches(), kv):
-            c.k[:, r.slot, :, :r.prefix_len] = k
-            c.v[:, r.slot, :, :r.prefix_len] = v
 
     def speculative_step(self, reqs: list[Request]) -> list[StepEvent]:
         B = len(reqs)
@@ -407,9 +434,10 @@ class Engine:
             host_drafts, k = False, 0
         width = k if host_drafts else 0
         rows = [[r.ids[-2] if len(r.ids) > 1 else r.ids[-1], r.ids[-1], len(r.ids), r.slot,
-                 min(r.k, len(f) if host_drafts else k)] + f + [0] * (width - len(f)) for r, f in zip(reqs, found)]
+                 min(r.k, len(f) if host_drafts else k), *self.prefix_ref(r)] + f + [0] * (width - len(f))
+                for r, f in zip(reqs, found)]
         if self.graphed:  # few graph shapes: pad to the batch bucket with rows on the scratch slot
-            rows += [[0, 0, 2, self.max_batch, 0] + [0] * width] * (batch_bucket(len(reqs)) - len(reqs))
+            rows += [[0, 0, 2, self.max_batch, 0, 0, 0] + [0] * width] * (batch_bucket(len(reqs)) - len(reqs))
         kv_len = kv_bucket(max(len(r.ids) for r in reqs) + k, self.max_seq)
         out = self.greedy_step(torch.tensor(rows).to(self.device), k, kv_len).tolist()  # the one host sync
         return [[n, extra, row[4], *drafts] for (n, extra, *drafts), row in zip(out, rows)]
@@ -418,11 +446,12 @@ class Engine:
         B, dev = len(reqs), self.device
         seqs = [r.ids for r in reqs]
         slots = torch.tensor([r.slot for r in reqs], device=dev)
+        prefix = self.prefix_tensor([self.prefix_ref(r) for r in reqs])
         temperature, top_k, top_p = params_tensors([r.params for r in reqs], dev)
         # As many uniforms every step whatever K is: a seed gives the same stream under any draft length.
         u = torch.stack([torch.rand(2 * K_MAX + 1, generator=r.generator, device=dev) for r in reqs])
         if k_asked > 0:
-            drafts, q, lens = self.drafter.propose(seqs, slots, k_asked, (temperature, top_k, top_p), u[:, :k_asked])
+            drafts, q, lens = self.drafter.propose(seqs, slots, k_asked, (temperature, top_k, top_p), u[:, :k_asked], prefix)
             lens = torch.minimum(lens.to(dev), torch.tensor([r.k for r in reqs], device=dev))
             drafts = drafts.to(dev)
         else:
@@ -432,7 +461,7 @@ class Engine:
         tokens = torch.cat([torch.tensor([s[-1] for s in seqs], device=dev)[:, None], drafts], dim=1)
         positions = (lengths - 1)[:, None] + torch.arange(k + 1, device=dev)
         kv_len = kv_bucket(max(map(len, seqs)) + k, self.max_seq)
-        logits = self.target_forward(tokens, positions, self.cache, slots, kv_len)
+        logits = self.target_forward(tokens, positions, self.cache, slots, kv_len, prefix=prefix)
         q = torch.zeros(B, k, 1, device=dev) if q is None else q.to(dev)
         n_acc, extra = verify(probs_from_logits(logits, temperature, top_k, top_p), q, drafts, lens,
                               u[:, K_MAX:K_MAX + k], u[:, 2 * K_MAX])
@@ -466,6 +495,7 @@ class Engine:
     def finish(self, r: Request, tokens: list[int], reason: str) -> StepEvent:
         del self.active[r.rid]
         self.free_slots.append(r.slot)
+        self.unshare(r)
         return StepEvent(r.rid, tokens, True, reason, r.stats)
 
     def step_cost_fn(self, batch: int):

@@ -138,12 +138,17 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(B, H, groups, S, D).reshape(B, H * groups, S, D)
 
 
-def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A linear layer on the fused path: plain nn.Linear weights go through kernels.linear (a Triton
-    GEMV for one row on CUDA); FP8 layers run themselves."""
-    from kernels import linear
+def gather_kv(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """One layer's keys or values [n_slots, Hkv, S, D] at a `KVCache.gather_index` [B, Hkv, n] -> [B, Hkv, n, D]."""
+    D = cache.shape[-1]
+    return cache.view(-1, D).index_select(0, index.flatten()).view(*index.shape, D)
 
-    return linear(x, layer.weight, layer.bias) if type(layer) is nn.Linear else layer(x)
+
+def linear_params(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(weight, bias, scale) of an nn.Linear (scale None) or a kernels.Fp8Linear, as kernels.linear takes them."""
+    if type(layer) is nn.Linear:
+        return layer.weight, layer.bias, None
+    return layer.weight_fp8, layer.bias, layer.scale
 
 
 class RMSNorm(nn.Module):
@@ -166,10 +171,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
-        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by fuse_projections_
+        # (weight, bias, FP8 scale or None) of q, k, v as one matrix, set by fuse_projections_
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
         self.qkv_sizes = (args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.n_kv_heads * args.head_dim)
 
-    def forward(self, x, cos, sin, input_pos, cache_kv, slots, kv_len):
+    def forward(self, x, cos, sin, input_pos, cache_kv, slots, kv_index):
         B, T, _ = x.shape
         q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
@@ -182,28 +188,26 @@ class Attention(nn.Module):
             rows = slots[:, None]
             k_cache[rows, :, input_pos] = k
             v_cache[rows, :, input_pos] = v
-            keys = repeat_kv(k_cache[:, :, :kv_len].index_select(0, slots), self.n_heads // self.n_kv_heads)
-            values = repeat_kv(v_cache[:, :, :kv_len].index_select(0, slots), self.n_heads // self.n_kv_heads)
+            keys = repeat_kv(gather_kv(k_cache, kv_index), self.n_heads // self.n_kv_heads)
+            values = repeat_kv(gather_kv(v_cache, kv_index), self.n_heads // self.n_kv_heads)
             # A query sees every cached key at or before its own position: stale entries past a
             # row's length (rolled-back drafts, padding) always sit after the query and stay hidden.
-            mask = torch.arange(kv_len, device=x.device)[None, None, :] <= input_pos[:, :, None]
+            mask = torch.arange(kv_index.shape[-1], device=x.device)[None, None, :] <= input_pos[:, :, None]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1))
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
-    def forward_fused(self, x, cos_table, sin_table, input_pos, k_cache, v_cache, slots, kv_len):
+    def forward_fused(self, qkv, cos_table, sin_table, input_pos, k_cache, v_cache, slots, kv_len, prefix=None):
+        """qkv: [B, T, q + k + v] projections (one fused matrix)."""
         from kernels import cached_attention, linear, rope_kv_write
 
-        B, T, _ = x.shape
-        if self.qkv is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:
-            q, k, v = linear(x, *self.qkv).split(self.qkv_sizes, dim=-1)
+        B, T, _ = qkv.shape
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q = rope_kv_write(q, k, v, cos_table, sin_table, input_pos, slots, k_cache, v_cache)
-        out = cached_attention(q, k_cache, v_cache, slots, input_pos, max_len=kv_len)
-        return project(self.o_proj, out.reshape(B, T, -1))
+        out = cached_attention(q, k_cache, v_cache, slots, input_pos, max_len=kv_len, prefix=prefix)
+        return linear(out.reshape(B, T, -1), *linear_params(self.o_proj))
 
 
 class MLP(nn.Module):
@@ -213,19 +217,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
         self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
 
-        self.gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by fuse_projections_
+        self.gate_up: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None  # fuse_projections_
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-    def forward_fused(self, x):
-        from kernels import linear
-
-        if self.gate_up is None:
-            return self.forward(x)
-        gate, up = linear(x, *self.gate_up).chunk(2, dim=-1)
-        return project(self.down_proj, F.silu(gate) * up)
-
 
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -235,8 +230,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, input_pos, cache_kv, slots, kv_len):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, cache_kv, slots, kv_len)
+    def forward(self, x, cos, sin, input_pos, cache_kv, slots, kv_index):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, cache_kv, slots, kv_index)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -249,13 +244,26 @@ class Decoder(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values: [layers, slots, kv_heads, max_seq, head_dim]. A slot is one sequence."""
+    """Preallocated keys and values: [layers, slots, kv_heads, max_seq, head_dim]. A slot is one sequence
+    (or a persona prefix that rows read through a prefix reference)."""
 
     def __init__(self, args: ModelArgs, n_slots: int, max_seq: int, device, dtype):
         shape = (args.n_layers, n_slots, args.n_kv_heads, max_seq, args.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.n_slots, self.max_seq = n_slots, max_seq
+
+    @staticmethod
+    def slot_bytes(args: ModelArgs, max_seq: int, dtype: torch.dtype) -> int:
+        return 2 * args.n_layers * args.n_kv_heads * max_seq * args.head_dim * dtype.itemsize
+
+    def gather_index(self, slots: torch.Tensor, prefix: torch.Tensor | None, n: int) -> torch.Tensor:
+        """[B, Hkv, n] rows of one layer's k or v viewed as [n_slots * Hkv * max_seq, head_dim]: each batch row's
+        first n entries, those below its prefix length (prefix [B, 2]: slot, length) from that prefix slot.
+        Built once per forward for every layer: one index_select then gathers a layer, shared prefix or not."""
+        H, j = self.k.shape[2], torch.arange(n, device=slots.device)
+        rows = slots[:, None] if prefix is None else torch.where(j < prefix[:, 1:], prefix[:, :1], slots[:, None])
+        return (rows[:, None, :] * H + torch.arange(H, device=slots.device)[:, None]) * self.max_seq + j
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i], self.v[i]
@@ -280,10 +288,12 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, cache: KVCache | None = None,
                 slots: torch.Tensor | None = None, kv_len: int | None = None,
-                logits: bool | torch.Tensor = True) -> torch.Tensor | None:
+                logits: bool | torch.Tensor = True, prefix: torch.Tensor | None = None) -> torch.Tensor | None:
         """tokens, input_pos: [B, T]; slots: [B] cache rows; kv_len: keys to attend over (≥ max position + 1).
         logits: True gives [B, T, vocab]; False skips the head (a prefill only needs the cache writes); an
-        index tensor [B] gives [B, vocab] at one position of each row (a prefill's last prompt token)."""
+        index tensor [B] gives [B, vocab] at one position of each row (a prefill's last prompt token).
+        prefix: [B, 2] int64 (slot, length): a row reads cache positions below the length from that slot
+        (a shared persona prefix; every input position is at or past it); None or length 0: none."""
         B, T = tokens.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=tokens.device).expand(B, T)
@@ -291,13 +301,16 @@ class Transformer(nn.Module):
             slots = torch.arange(B, device=tokens.device) if slots is None else slots
             kv_len = cache.max_seq if kv_len is None else kv_len
             if self.fused:
-                return self.forward_fused(tokens, input_pos, cache, slots, kv_len, logits)
+                if self.model.layers[0].self_attn.qkv is None:
+                    raise ValueError("the fused forward needs fuse_projections_(model) first")
+                return self.forward_fused(tokens, input_pos, cache, slots, kv_len, logits, prefix)
+        kv_index = None if cache is None else cache.gather_index(slots, prefix, kv_len)
         freqs = input_pos.float()[..., None] * self.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
         x = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, input_pos, None if cache is None else cache.layer(i), slots, kv_len)
+            x = layer(x, cos, sin, input_pos, None if cache is None else cache.layer(i), slots, kv_index)
         if isinstance(logits, torch.Tensor):
             x = x[torch.arange(B, device=x.device), logits]
         elif not logits:
@@ -305,25 +318,27 @@ class Transformer(nn.Module):
         return self.lm_head(self.model.norm(x))
 
     def forward_fused(self, tokens, input_pos, cache: KVCache, slots, kv_len: int,
-                      logits: bool | torch.Tensor = True) -> torch.Tensor | None:
+                      logits: bool | torch.Tensor = True, prefix: torch.Tensor | None = None) -> torch.Tensor | None:
         """Same function as forward with a cache: fused residual-add + RMSNorm, RoPE + cache write, and
         attention over cached keys as single kernels."""
-        from kernels import add_rmsnorm
+        from kernels import add_rmsnorm, linear
 
         cos, sin = self.rope_table(cache.max_seq, tokens.device)
         h, residual = self.model.embed_tokens(tokens), None
         for i, layer in enumerate(self.model.layers):
-            x, residual = add_rmsnorm(h, residual, layer.input_layernorm.weight, layer.input_layernorm.eps)
-            h = layer.self_attn.forward_fused(x, cos, sin, input_pos, *cache.layer(i), slots, kv_len)
-            x, residual = add_rmsnorm(h, residual, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
-            h = layer.mlp.forward_fused(x)
+            attn, mlp, norm1, norm2 = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
+            x, residual = add_rmsnorm(h, residual, norm1.weight, norm1.eps)
+            h = attn.forward_fused(linear(x, *attn.qkv), cos, sin, input_pos, *cache.layer(i), slots, kv_len, prefix)
+            x, residual = add_rmsnorm(h, residual, norm2.weight, norm2.eps)
+            gate, up = linear(x, *mlp.gate_up).chunk(2, dim=-1)
+            h = linear(F.silu(gate) * up, *linear_params(mlp.down_proj))
         if isinstance(logits, torch.Tensor):
             rows = torch.arange(h.shape[0], device=h.device)
             h, residual = h[rows, logits][:, None], residual[rows, logits][:, None]
         elif not logits:
             return None
         x, _ = add_rmsnorm(h, residual, self.model.norm.weight, self.model.norm.eps)
-        out = project(self.lm_head, x)
+        out = linear(x, *linear_params(self.lm_head))
         return out[:, 0] if isinstance(logits, torch.Tensor) else out
 
     def rope_table(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,23 +350,27 @@ class Transformer(nn.Module):
 
 
 def fuse_projections_(model: Transformer) -> Transformer:
-    """One matrix for q, k, v and one for gate, up, so a decode step reads them in one GEMV each
-    (small GEMVs leave memory bandwidth unused). The separate layers become views of the fused
-    storage: no extra memory, and state_dict() keeps the Hugging Face names. FP8 layers are left alone."""
+    """One matrix for q, k, v and one for gate, up (bf16 or FP8 with their per-channel scales), so a step
+    reads each in one kernel. The separate layers become views of the fused storage: no extra memory,
+    and state_dict() keeps the Hugging Face names."""
+    from kernels.fp8 import Fp8Linear
 
     def fuse(layers: list[nn.Module]):
-        if not all(type(m) is nn.Linear for m in layers):
-            return None
-        weight = torch.cat([m.weight.data for m in layers])
-        bias = torch.cat([m.bias.data for m in layers]) if layers[0].bias is not None else None
+        params = [linear_params(m) for m in layers]
+        weight = torch.cat([w.data for w, _, _ in params])
+        bias = torch.cat([b.data for _, b, _ in params]) if params[0][1] is not None else None
+        scale = torch.cat([s for _, _, s in params]) if params[0][2] is not None else None
         start = 0
         for m in layers:
-            n = m.weight.shape[0]
-            m.weight.data = weight[start:start + n]
+            n = m.out_features
+            if isinstance(m, Fp8Linear):
+                m.weight_fp8, m.scale = weight[start:start + n], scale[start:start + n]
+            else:
+                m.weight.data = weight[start:start + n]
             if bias is not None:
                 m.bias.data = bias[start:start + n]
             start += n
-        return weight, bias
+        return weight, bias, scale
 
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp

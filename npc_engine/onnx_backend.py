@@ -1,10 +1,11 @@
 """ONNX Runtime backend: an exported decoder (see onnx_export.py) called exactly like a Transformer.
 
-`OnnxModel(tokens, input_pos, cache, slots, kv_len) -> logits` keeps the engine's slot-indexed
-`KVCache` (torch tensors on the model's device), so the prefix cache, rollback by length and every
-drafter work unchanged. Each call gathers the slots' first kv_len cache entries as the graph's past,
-binds every input and output to torch memory with I/O binding (no copies through numpy; on CUDA the
-KV cache never leaves the device) and writes the new keys and values back at their positions.
+`OnnxModel(tokens, input_pos, cache, slots, kv_len, logits, prefix) -> logits` keeps the engine's
+slot-indexed `KVCache` (torch tensors on the model's device), so shared persona prefixes, rollback by
+length and every drafter work unchanged. Each call gathers the slots' first kv_len cache entries as the
+graph's past (a row's entries below its prefix length from its prefix slot), binds every input and
+output to torch memory with I/O binding (no copies through numpy; on CUDA the KV cache never leaves
+the device) and writes the new keys and values back at their positions.
 The CPU and CUDA paths are one code path: only the execution provider, the bound device and one
 stream synchronisation before each run differ.
 """
@@ -16,7 +17,7 @@ import onnxruntime as ort
 import torch
 
 from npc_engine.loading import DTYPE_NAMES, read_config
-from npc_engine.model import KVCache
+from npc_engine.model import KVCache, gather_kv
 from npc_engine.onnx_export import MANIFEST_FILE, MANIFEST_FORMAT
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -110,19 +111,20 @@ class OnnxModel:
              tensor.data_ptr())
 
     def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache: KVCache, slots: torch.Tensor,
-                 kv_len: int, logits: bool | torch.Tensor = True) -> torch.Tensor:
+                 kv_len: int, logits: bool | torch.Tensor = True, prefix: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, input_pos: [B, T], each row's positions consecutive; every cache entry of a row before its
-        first position is valid. Entries from that position on are hidden and then overwritten."""
+        first position is valid (below its prefix length: in its prefix slot, see Transformer.forward).
+        Entries from that position on are hidden and then overwritten."""
         args, (B, T) = self.args, tokens.shape
         # Tensors bound to the session must stay alive until the run ends: they are all kept in `bound`.
         past_visible = torch.arange(kv_len, device=self.device)[None, :] < input_pos[:, :1]
         mask = torch.cat([past_visible, torch.ones(B, T, dtype=torch.bool, device=self.device)], dim=1).long()
         bound = {"input_ids": tokens.long().contiguous(), "attention_mask": mask,
                  "position_ids": input_pos.long().contiguous()}
-        presents = {}
+        presents, index = {}, cache.gather_index(slots, prefix, kv_len)
         for i in range(args.n_layers):
-            bound[f"past_key_values.{i}.key"] = cache.k[i, slots, :, :kv_len].contiguous()
-            bound[f"past_key_values.{i}.value"] = cache.v[i, slots, :, :kv_len].contiguous()
+            bound[f"past_key_values.{i}.key"] = gather_kv(cache.k[i], index)
+            bound[f"past_key_values.{i}.value"] = gather_kv(cache.v[i], index)
             for kv in ("key", "value"):
                 presents[f"present.{i}.{kv}"] = torch.empty(B, args.n_kv_heads, kv_len + T, args.head_dim,
                                                              dtype=self.dtype, device=self.device)

@@ -52,17 +52,18 @@ def verify_greedy(logits: torch.Tensor, drafts: torch.Tensor, draft_lens: torch.
 def greedy_step(target: Transformer, target_cache: KVCache, drafter: "NoDrafter | NgramDrafter | ModelDrafter",
                 packed: torch.Tensor, k: int, kv_len: int) -> torch.Tensor:
     """One whole temperature-0 speculative step on the device, so it can be one CUDA graph: draft k
-    tokens, verify them with one target forward, accept. packed [B, 5 (+ k)] int64 rows hold
-    (token before the last, last token, length, slot, drafts allowed (, k drafts from the host)).
-    Returns [B, 2 + k]: (accepted count, the target's next token, the k drafts)."""
+    tokens, verify them with one target forward, accept. packed [B, 7 (+ k)] int64 rows hold
+    (token before the last, last token, length, slot, drafts allowed, prefix slot, prefix length
+    (, k drafts from the host)). Returns [B, 2 + k]: (accepted count, the target's next token, the k drafts)."""
     last2, lengths, slots, allowed = packed[:, :2], packed[:, 2], packed[:, 3].contiguous(), packed[:, 4]
+    prefix = packed[:, 5:7]
     if drafter.name == "model" and k:
-        drafts = drafter.greedy_drafts(last2, lengths, slots, k, kv_len)
+        drafts = drafter.greedy_drafts(last2, lengths, slots, k, kv_len, prefix)
     else:
-        drafts = packed[:, 5:5 + k]
+        drafts = packed[:, 7:7 + k]
     tokens = torch.cat([last2[:, 1:], drafts], dim=1)
     positions = (lengths - 1)[:, None] + torch.arange(k + 1, device=packed.device)
-    logits = target(tokens, positions, target_cache, slots, kv_len)
+    logits = target(tokens, positions, target_cache, slots, kv_len, prefix=prefix)
     n_accepted, extra = verify_greedy(logits, drafts, allowed)
     return torch.cat([n_accepted[:, None], extra[:, None], drafts], dim=1)
 
@@ -91,7 +92,7 @@ class NoDrafter:
     cache = None
     prior_alpha = 0.0
 
-    def prefill(self, tokens, input_pos, slots, kv_len) -> None:
+    def prefill(self, tokens, input_pos, slots, kv_len, prefix=None) -> None:
         pass
 
 
@@ -106,7 +107,7 @@ class NgramDrafter:
     def __init__(self, vocab_size: int, device, max_n: int = 3):
         self.vocab_size, self.device, self.max_n = vocab_size, device, max_n
 
-    def prefill(self, tokens, input_pos, slots, kv_len) -> None:
+    def prefill(self, tokens, input_pos, slots, kv_len, prefix=None) -> None:
         pass
 
     def lookup(self, seq: list[int], k: int) -> list[int]:
@@ -121,7 +122,7 @@ class NgramDrafter:
                 return seq[start + n:start + n + k]
         return []
 
-    def propose(self, seqs, slots, k, sampling, u):
+    def propose(self, seqs, slots, k, sampling, u, prefix=None):
         found = [self.lookup(s, k) for s in seqs]
         width = max(map(len, found))
         drafts = torch.tensor([f + [0] * (width - len(f)) for f in found], dtype=torch.long, device=self.device)
@@ -130,7 +131,8 @@ class NgramDrafter:
 
 
 class ModelDrafter:
-    """A small Llama-family model sharing the target's tokenizer, with its own KV cache slots."""
+    """A small Llama-family model sharing the target's tokenizer, with its own KV cache. An Engine gives that cache
+    its own slot layout (prefix slots included), so one slot index names the same sequence in both caches."""
 
     name = "model"
     prior_alpha = 0.7
@@ -140,10 +142,10 @@ class ModelDrafter:
         self.cache = KVCache(model.args, n_slots, max_seq, device, dtype)
         self.device = device
 
-    def prefill(self, tokens, input_pos, slots, kv_len) -> None:
-        self.forward(tokens, input_pos, self.cache, slots, kv_len, logits=False)
+    def prefill(self, tokens, input_pos, slots, kv_len, prefix=None) -> None:
+        self.forward(tokens, input_pos, self.cache, slots, kv_len, logits=False, prefix=prefix)
 
-    def propose(self, seqs, slots, k, sampling, u):
+    def propose(self, seqs, slots, k, sampling, u, prefix=None):
         """Feeds the last two tokens first: after a step the draft cache may lack one or both of them,
         and rewriting a cached token at its own position is harmless."""
         lengths = torch.tensor([len(s) for s in seqs], device=self.device)
@@ -152,7 +154,7 @@ class ModelDrafter:
         kv_len = kv_bucket(max(map(len, seqs)) + k, self.cache.max_seq)
         drafts, qs = [], []
         for i in range(k):
-            logits = self.forward(tokens, pos, self.cache, slots, kv_len)[:, -1]
+            logits = self.forward(tokens, pos, self.cache, slots, kv_len, prefix=prefix)[:, -1]
             q = probs_from_logits(logits[:, None], *sampling)[:, 0]
             drafts.append(sample(q, u[:, i]))
             qs.append(q)
@@ -160,12 +162,12 @@ class ModelDrafter:
         return torch.stack(drafts, 1), torch.stack(qs, 1), torch.full((len(seqs),), k, device=self.device)
 
     def greedy_drafts(self, last2: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, k: int,
-                      kv_len: int) -> torch.Tensor:
+                      kv_len: int, prefix: torch.Tensor | None = None) -> torch.Tensor:
         """k argmax drafts, all on the device (the raw model: this runs inside `greedy_step`'s graph)."""
         tokens, pos = last2, torch.stack([(lengths - 2).clamp(min=0), lengths - 1], dim=1)
         drafts = []
         for _ in range(k):
-            drafts.append(self.model(tokens, pos, self.cache, slots, kv_len)[:, -1].argmax(-1))
+            drafts.append(self.model(tokens, pos, self.cache, slots, kv_len, prefix=prefix)[:, -1].argmax(-1))
             tokens, pos = drafts[-1][:, None], pos[:, -1:] + 1
         return torch.stack(drafts, 1)
 

@@ -137,6 +137,34 @@ def test_attention_reference_matches_naive(tree):
     torch.testing.assert_close(cached_attention_reference(q, k_cache, v_cache, slots, positions, tree_mask, 22), got)
 
 
+@pytest.mark.parametrize("tree", [False, True])
+@pytest.mark.parametrize("T,prefix_lens", [(1, [7]), (4, [0, 5, 11]), (9, [16, 0, 1, 30])])
+def test_attention_prefix_reference_equals_the_concatenated_slot(T, prefix_lens, tree):
+    """Rows reading their first positions from a shared prefix slot attend as rows whose own slot holds the
+    prefix followed by their own keys; their own entries below the prefix length are never read (NaN here)."""
+    torch.manual_seed(0)
+    B, Hq, Hkv, D, S = len(prefix_lens), 6, 2, 16, 48
+    q = torch.randn(B, T, Hq, D)
+    k_cache, v_cache = torch.randn(B + 3, Hkv, S, D), torch.randn(B + 3, Hkv, S, D)  # rows' slots, then 2 prefix slots
+    slots = torch.randperm(B + 1)[:B]
+    prefix = torch.tensor([[B + 1 + b % 2, n] for b, n in enumerate(prefix_lens)])
+    positions = (prefix[:, 1] + torch.randint(0, 6, (B,)))[:, None] + torch.arange(T)
+    joined_k, joined_v = k_cache[slots].clone(), v_cache[slots].clone()
+    for b, (pslot, n) in enumerate(prefix.tolist()):
+        joined_k[b, :, :n], joined_v[b, :, :n] = k_cache[pslot, :, :n], v_cache[pslot, :, :n]
+        k_cache[slots[b], :, :n] = v_cache[slots[b], :, :n] = float("nan")
+    tree_mask = None
+    if tree:
+        tree_mask = torch.tril(torch.ones(T, T, dtype=torch.bool)).expand(B, T, T).clone()
+        tree_mask[:, 1:, 0] = False  # the later tokens do not see the step's first one
+    got = cached_attention_reference(q, k_cache, v_cache, slots, positions, tree_mask, prefix=prefix)
+    want = cached_attention_reference(q, joined_k, joined_v, torch.arange(B), positions, tree_mask)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    naive = _naive_attention(q, joined_k, joined_v, torch.arange(B), positions, tree_mask)
+    torch.testing.assert_close(got.double(), naive, rtol=1e-5, atol=1e-5)
+
+
 def test_visible_keys_tree():
     positions = torch.tensor([[3, 4, 5]])
     tree_mask = torch.tensor([[[1, 0, 0], [1, 1, 0], [1, 0, 1]]], dtype=torch.bool)  # 1 and 2 are siblings
@@ -152,6 +180,8 @@ def test_attention_rejects_bad_shapes():
     cache = torch.randn(2, 3, 8, 16)
     with pytest.raises(ValueError, match="tree_mask must be bool"):
         kernels.cached_attention(q, cache, cache, torch.tensor([0]), torch.tensor([[0]]), torch.ones(1, 1, 1))
+    with pytest.raises(ValueError, match="prefix must be integer"):
+        kernels.cached_attention(q, cache, cache, torch.tensor([0]), torch.tensor([[0]]), prefix=torch.zeros(1, 3, dtype=torch.long))
 
 
 # ---------------------------------------------------------------- fp8

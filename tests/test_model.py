@@ -55,6 +55,29 @@ def test_chunked_prefill_equals_one_shot(tiny_model_dir):
     assert (chunked_cache.k[:, :, :, :45] - one_shot_cache.k[:, :, :, :45]).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused-kernels"])
+def test_prefix_reference_reads_positions_below_it_from_the_prefix_slot(tiny_model_dir, fused):
+    """Two rows continue one prefix held in a prefix slot, next to a row without one: all get the logits of
+    their whole sequence, and the shared rows' own slots are never read below the prefix length (NaN there)."""
+    model = load_model(tiny_model_dir)
+    if fused:
+        fuse_projections_(model).fused = True
+    P, n = 13, 24
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, model.args.vocab_size, (3, n), generator=g)
+    tokens[1, :P] = tokens[0, :P]
+    with torch.no_grad():
+        expected = model(tokens)
+        cache = KVCache(model.args, 5, 64, "cpu", torch.float32)
+        cache.k[:, :2, :, :P] = cache.v[:, :2, :, :P] = float("nan")
+        model(tokens[:1, :P], torch.arange(P)[None], cache, torch.tensor([4]), 64, logits=False)  # the prefix slot
+        model(tokens[2:, :P], torch.arange(P)[None], cache, torch.tensor([2]), 64, logits=False)  # the unshared row
+        prefix = torch.tensor([[4, P], [4, P], [0, 0]])
+        got = model(tokens[:, P:], torch.arange(P, n).expand(3, -1), cache, torch.tensor([0, 1, 2]), 64, prefix=prefix)
+    assert (got - expected[:, P:]).abs().max() <= 1e-4
+    assert cache.k[:, :2, :, :P].isnan().all() and not cache.k[:, :3, :, P:n].isnan().any()
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_greedy_32_tokens_identical_to_transformers_generate(make_checkpoint, variant):
     path = make_checkpoint(variant)
@@ -77,9 +100,13 @@ def test_fp8_weights_stay_close_and_replace_fused_projections(tiny_model_dir):
 
     ref = load_model(tiny_model_dir)
     model = quantize_fp8_(fuse_projections_(load_model(tiny_model_dir)))
-    model.fused = True
     assert all(layer.self_attn.qkv is None and layer.mlp.gate_up is None for layer in model.model.layers)
     assert isinstance(model.model.layers[0].self_attn.q_proj, Fp8Linear) and isinstance(model.lm_head, Fp8Linear)
+    fuse_projections_(model).fused = True  # FP8 weights fuse with their scales
+    attn = model.model.layers[0].self_attn
+    weight, _, scale = attn.qkv
+    assert weight.dtype == torch.float8_e4m3fn and scale.shape == (weight.shape[0],)
+    assert attn.k_proj.weight_fp8.data_ptr() == weight[attn.q_proj.out_features:].data_ptr()
     tokens = torch.randint(0, ref.args.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
     cache = KVCache(model.args, 2, 64, "cpu", torch.float32)
     with torch.no_grad():

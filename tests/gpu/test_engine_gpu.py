@@ -78,7 +78,7 @@ def test_streamed_prompt_with_graphs_equals_one_shot(tiny_pair_dirs):
 
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_fused_logits_match_torch_path(tiny_model_dir, dtype, bound):
-    model = load_model(tiny_model_dir, "cuda", dtype)
+    model = fuse_projections_(load_model(tiny_model_dir, "cuda", dtype))
     tokens = torch.randint(0, model.args.vocab_size, (3, 40), device="cuda")
     pos = torch.arange(40, device="cuda").expand(3, -1)
     slots = torch.tensor([2, 0, 1], device="cuda")
@@ -93,7 +93,8 @@ def test_fused_logits_match_torch_path(tiny_model_dir, dtype, bound):
 
 
 def test_one_row_decode_through_the_gemv_matches_torch_path(tiny_model_dir):
-    """bf16 decode steps of one row take kernels.linear's Triton GEMV on the fused path."""
+    """bf16 decode steps of one row take kernels.linear's small-M Triton kernel (with the norm and SiLU
+    fused in front) on the fused path."""
     model = fuse_projections_(load_model(tiny_model_dir, "cuda", torch.bfloat16))
     tokens = torch.randint(0, model.args.vocab_size, (1, 24), device="cuda")
     slots = torch.tensor([1], device="cuda")
@@ -115,3 +116,53 @@ def test_fp8_logits_close_to_bf16(tiny_model_dir):
     with torch.no_grad():
         err = rel_err(fp8(tokens), ref(tokens))
     assert err <= 0.1, err
+
+
+def test_fp8_fused_steps_close_to_bf16(tiny_model_dir):
+    """FP8 weights through the fused path (small-M kernel for a 16-token chunk, one-row steps and a 5-row
+    verify; cuBLAS-free): relative L2 error of the logits against the bf16 model <= 0.1, as above."""
+    ref = load_model(tiny_model_dir, "cuda", torch.bfloat16)
+    fp8 = fuse_projections_(quantize_fp8_(load_model(tiny_model_dir, "cuda", torch.bfloat16)))
+    fp8.fused = True
+    tokens = torch.randint(0, ref.args.vocab_size, (1, 22), device="cuda")
+    pos, slots = torch.arange(22, device="cuda")[None], torch.tensor([0], device="cuda")
+    cache = KVCache(fp8.args, 1, 64, "cuda", torch.bfloat16)
+    with torch.no_grad():
+        got = [fp8(tokens[:, :16], pos[:, :16], cache, slots, 64)]
+        got += [fp8(tokens[:, t:t + 1], pos[:, t:t + 1], cache, slots, 64) for t in (16, 17)]
+        got.append(fp8(tokens[:, 18:], pos[:, 18:], cache, slots, 64))
+        err = rel_err(torch.cat(got, 1), ref(tokens))
+    assert err <= 0.1, err
+
+
+@pytest.mark.parametrize("drafter", ["none", "ngram", "model"])
+def test_shared_persona_prefix_with_graphs_and_fused_kernels_equals_unshared_eager(tiny_pair_dirs, drafter):
+    """Conversations reading one persona from a prefix slot (graph replays; the fused attention picks the slot per
+    key) give the greedy lines of eager runs without sharing; the persona is prefilled once per engine."""
+    target_dir, draft_dir = tiny_pair_dirs
+    tok = Tokenizer.from_dir(target_dir)
+    params = SamplingParams(temperature=0, max_tokens=24)
+    persona = tok.encode("<|persona|>I forge swords for the town guard and I never lie about steel.<|eot|>")
+    prompts = [persona + tok.encode(line) for line in ["<|player|>Hi<|eot|><|npc|>", "<|player|>What do you sell?<|eot|><|npc|>",
+                                                       "<|player|>Which blade for the northern woods at night?<|eot|><|npc|>"]]
+
+    def make(graphs, fused):
+        target = load_model(target_dir, "cuda", torch.float32)
+        d = {"none": NoDrafter(), "ngram": NgramDrafter(target.args.vocab_size, "cuda"),
+             "model": ModelDrafter(load_model(draft_dir, "cuda", torch.float32), 9, 1024, "cuda", torch.float32)}[drafter]
+        return Engine(target, d, tok, "cuda", max_batch=8, cuda_graphs=graphs, fused_kernels=fused, fixed_k=4)
+
+    expected = run(make(False, False), prompts, params)
+    assert any(expected)
+    for graphs, fused in [(False, False), (True, False), (True, True)]:
+        engine = make(graphs, fused)
+        for wave in range(2):
+            out = {str(i): [] for i in range(len(prompts))}
+            for i, p in enumerate(prompts):
+                engine.submit(str(i), p, params, prefix_len=len(persona))
+            while engine.has_work():
+                for ev in engine.step():
+                    out[ev.rid] += ev.token_ids
+            assert [out[str(i)] for i in range(len(prompts))] == expected, f"graphs {graphs}, fused {fused}, wave {wave}"
+        (entry,) = engine.prefix_cache.entries.values()
+        assert entry.refs == 0 and engine.prefix_cache.hits == 2 * len(prompts) - 1

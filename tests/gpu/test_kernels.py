@@ -28,7 +28,7 @@ from kernels.fp8 import (  # noqa: E402
     quantize_fp8,
     quantize_rows_fp8,
 )
-from kernels.gemv import linear, linear_gemv_triton, linear_reference  # noqa: E402
+from kernels.gemv import linear, linear_reference, small_m_linear_triton  # noqa: E402
 from kernels.rmsnorm import add_rmsnorm_reference, add_rmsnorm_triton  # noqa: E402
 from kernels.rope import rope_kv_write_reference, rope_kv_write_triton  # noqa: E402
 
@@ -255,6 +255,28 @@ def test_cached_attention_sees_only_its_slot_and_window():
     assert torch.equal(before, after)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ATTN_SHAPES)
+@pytest.mark.parametrize("split_size", SPLITS)
+def test_cached_attention_prefix(shape, dtype, split_size):
+    """Keys below a row's prefix length come from the shared prefix slot (the boundary falls inside a key
+    block and a split); a row with length 0 reads only its own slot. Its own entries below the prefix
+    length are NaN: never read."""
+    B, T, Hq, Hkv, D, S, max_len = shape
+    q, k_cache, v_cache, slots, positions = _attn_inputs(B, T, Hq, Hkv, D, S, max_len, dtype)
+    prefix_slot = next(s for s in range(B + 1) if s not in slots.tolist())
+    lengths = (positions[:, 0] * 2 // 3).tolist()
+    if B > 1:
+        lengths[-1] = 0
+    prefix = torch.tensor([[prefix_slot, n] for n in lengths], device=DEVICE)
+    for b, n in enumerate(lengths):
+        k_cache[slots[b], :, :n] = v_cache[slots[b], :, :n] = float("nan")
+    got = cached_attention_triton(q, k_cache, v_cache, slots, positions, None, max_len, split_size, prefix=prefix)
+    ref = cached_attention_reference(q, k_cache, v_cache, slots, positions, None, max_len, prefix)
+    assert not got.isnan().any() and not ref.isnan().any()
+    assert rel_err(got, ref) <= TOL[dtype]
+
+
 # ---------------------------------------------------------------- fp8
 
 # (M, K, N)
@@ -323,45 +345,62 @@ def test_fp8_module_close_to_linear(dtype):
     assert rel_err(got, linear(x).detach()) <= 0.05
 
 
-# ---------------------------------------------------------------- one-row GEMV
+# ---------------------------------------------------------------- small-M linear (decode and verify steps)
 
-GEMV_SHAPES = gpu_or_tiny([(3072, 2048), (2048, 8192), (16384, 2048), (8192, 256), (1000, 1500), (7, 100)],
-                          [(7, 100), (64, 48), (130, 1030)])
+SMALL_M_SHAPES = gpu_or_tiny([(3072, 2048), (2048, 8192), (16384, 2048), (8192, 256), (1000, 1500), (7, 100)],
+                             [(7, 100), (64, 48), (130, 1030)])
+HALF = [torch.bfloat16, torch.float16]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", GEMV_SHAPES)
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_gemv(shape, dtype, with_bias):
-    N, K = shape
-    g = torch.Generator(DEVICE).manual_seed(0)
+def _small_m_case(N, K, M, dtype, fp8, with_bias, in_features=None, seed=0):
+    g = torch.Generator(DEVICE).manual_seed(seed)
     weight = (torch.randn(N, K, generator=g, device=DEVICE) / math.sqrt(K)).to(dtype)
+    scale = None
+    if fp8:
+        weight, scale = quantize_fp8(weight)
     bias = torch.randn(N, generator=g, device=DEVICE).to(dtype) if with_bias else None
-    x = torch.randn(1, 1, K, generator=g, device=DEVICE).to(dtype)
-    got = linear_gemv_triton(x, weight, bias)
-    ref = linear_reference(x.double(), weight.double(), None if bias is None else bias.double())
-    assert got.shape == (1, 1, N) and got.dtype == dtype and not got.isnan().any()
+    x = torch.randn(M, in_features or K, generator=g, device=DEVICE).to(dtype)
+    return x, weight, bias, scale
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("shape", SMALL_M_SHAPES)
+@pytest.mark.parametrize("rows", [1, 2, 9, 16])
+@pytest.mark.parametrize("fp8,with_bias", [(False, False), (False, True), (True, False), (True, True)])
+def test_small_m_linear(shape, rows, dtype, fp8, with_bias):
+    N, K = shape
+    x, weight, bias, scale = _small_m_case(N, K, rows, dtype, fp8, with_bias)
+    got = small_m_linear_triton(x[:, None], weight, bias, scale)
+    ref = linear_reference(x[:, None].double(), weight.double(), None if bias is None else bias.double(), scale)
+    assert got.shape == (rows, 1, N) and got.dtype == dtype and not got.isnan().any()
     assert rel_err(got, ref) <= TOL[dtype]
 
 
-def test_linear_gemv_refuses_bad_shapes():
-    x = torch.randn(2, 64, device=DEVICE)
-    with pytest.raises(ValueError, match="one row"):
-        linear_gemv_triton(x, torch.randn(8, 64, device=DEVICE))
+def test_small_m_linear_refuses_bad_inputs():
+    w = torch.randn(8, 64, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="1 to 16 rows"):
+        small_m_linear_triton(torch.randn(17, 64, device=DEVICE, dtype=torch.bfloat16), w)
+    x = torch.randn(1, 64, device=DEVICE, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=r"must be \[N, 64\]"):
-        linear_gemv_triton(x[:1], torch.randn(8, 32, device=DEVICE))
+        small_m_linear_triton(x, w[:, :32])
     with pytest.raises(ValueError, match="bias"):
-        linear_gemv_triton(x[:1], torch.randn(8, 64, device=DEVICE), torch.randn(9, device=DEVICE))
+        small_m_linear_triton(x, w, torch.randn(9, device=DEVICE))
+    with pytest.raises(ValueError, match="FP8 weight"):
+        small_m_linear_triton(x, w, scale=torch.ones(8, device=DEVICE))
 
 
 @needs_cuda
 def test_linear_dispatch():
-    """One bf16 row takes the GEMV; several rows, or float32, stay on cuBLAS (same results as F.linear)."""
+    """One bf16 row takes the small-M kernel, more rows or float32 stay on cuBLAS (same results as
+    F.linear); FP8 weights take it up to 16 rows and go to fp8_linear above."""
     weight = torch.randn(96, 64, device=DEVICE, dtype=torch.bfloat16)
-    rows = torch.randn(3, 64, device=DEVICE, dtype=torch.bfloat16)
-    assert torch.equal(linear(rows, weight), linear_reference(rows, weight))
-    assert torch.equal(linear(rows[:1], weight), linear_gemv_triton(rows[:1], weight))
+    rows = torch.randn(17, 64, device=DEVICE, dtype=torch.bfloat16)
+    assert torch.equal(linear(rows[:3], weight), linear_reference(rows[:3], weight))
+    assert torch.equal(linear(rows[:1], weight), small_m_linear_triton(rows[:1], weight))
     assert torch.equal(linear(rows[:1].float(), weight.float()), linear_reference(rows[:1].float(), weight.float()))
+    w8, scale = quantize_fp8(weight)
+    assert torch.equal(linear(rows, w8, None, scale), fp8_linear(rows, w8, scale))
+    assert torch.equal(linear(rows[:4], w8, None, scale), small_m_linear_triton(rows[:4], w8, None, scale))
 
 
 # ---------------------------------------------------------------- CUDA graphs
