@@ -22,6 +22,7 @@ import torch
 from npc_engine.cuda_graphs import GraphedForward, GraphedStep
 from npc_engine.loading import load_model, parse_dtype
 from npc_engine.model import KVCache, Transformer, fuse_projections_
+from npc_engine.quantize import quantize_fp8_
 from npc_engine.sampling import SamplingParams, params_tensors, probs_from_logits, sample
 from npc_engine.speculative import K_MAX, ModelDrafter, NgramDrafter, NoDrafter, choose_k, greedy_step, kv_bucket, verify
 from npc_engine.tokenizer import Tokenizer
@@ -173,7 +174,8 @@ class Engine:
     @classmethod
     def load(cls, model_dir: str | Path, draft: str = "auto", device: str = "cpu", dtype=None, backend: str = "auto",
              onnx_provider: str | None = None, **kwargs) -> "Engine":
-        """draft: "none", "ngram", a model folder, or "auto" (the folder named by npc_engine.json's
+        """dtype: a float dtype name, "auto", or "fp8" (target weights stored as e4m3 with per-channel scales).
+        draft: "none", "ngram", a model folder, or "auto" (the folder named by npc_engine.json's
         "draft" key in the model folder, else n-gram lookup). backend: "torch", "onnx" (the model folders
         are `npc-engine export-onnx` outputs) or "auto" (onnx when model_dir holds an export).
         onnx_provider: "cpu", "cuda" or "auto" (CUDA when usable, else CPU); default: the device."""
@@ -181,14 +183,17 @@ class Engine:
         if backend == "auto":
             backend = "onnx" if (model_dir / "manifest.json").is_file() else "torch"
         if backend == "onnx":
+            if dtype == "fp8":
+                raise ValueError("dtype fp8 needs the torch backend (FP8 weights are not exported to ONNX)")
             from npc_engine.onnx_backend import load_onnx_model
             target = load_onnx_model(model_dir, onnx_provider or device, dtype)
             device, dtype = target.device, target.dtype
             load = partial(load_onnx_model, provider=target.provider, dtype=dtype)
         else:
-            dtype = parse_dtype(dtype, device)
+            fp8 = dtype == "fp8"  # e4m3 target weights; activations (and the draft model) in the device's default
+            dtype = parse_dtype(None if fp8 else dtype, device)
             load = partial(load_model, device=device, dtype=dtype)
-            target = load(model_dir)
+            target = quantize_fp8_(load(model_dir)) if fp8 else load(model_dir)
         tokenizer = Tokenizer.from_dir(model_dir)
         if draft == "auto":
             hint = model_dir / "npc_engine.json"

@@ -113,3 +113,17 @@ def test_fp8_weights_stay_close_and_replace_fused_projections(tiny_model_dir):
         expected = ref(tokens)
         got = model(tokens, torch.arange(20).expand(2, -1), cache, torch.tensor([0, 1]), 64)
     assert ((got - expected).norm() / expected.norm()).item() <= 0.1
+
+
+def test_engine_loads_fp8_target(tiny_model_dir):
+    """dtype="fp8" stores the target's linear layers as e4m3 and still generates; the ONNX backend refuses it."""
+    from kernels.fp8 import Fp8Linear
+    from npc_engine.engine import Engine
+    from npc_engine.sampling import SamplingParams
+
+    engine = Engine.load(tiny_model_dir, draft="none", dtype="fp8", max_batch=2, max_seq=128)
+    assert isinstance(engine.target.lm_head, Fp8Linear) and engine.dtype == torch.float32
+    tokens = list(engine.generate([5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=6)))
+    assert 1 <= len(tokens) <= 6
+    with pytest.raises(ValueError, match="fp8 needs the torch backend"):
+        Engine.load(tiny_model_dir, dtype="fp8", backend="onnx")
