@@ -31,6 +31,7 @@ from npc_engine.speculative import ModelDrafter, NgramDrafter, NoDrafter  # noqa
 
 def ours_line(model, drafter, tokenizer, prompt, new_tokens, device, graphs, repeats):
     engine = Engine(model, drafter, tokenizer, device, max_batch=1, max_seq=512, cuda_graphs=graphs)
+    engine.capture_graphs(sampled=False)  # as a service does at start: no capture inside a timed line
     params = SamplingParams(temperature=0, max_tokens=new_tokens)
     runs, decode_seconds = [], []
 

@@ -88,6 +88,7 @@ def step_times(model, kv_len: int = 384) -> dict:
 
 def engine_numbers(model, drafter, vocab: int, concurrency: int = 0) -> dict:
     engine = Engine(model, drafter, None, "cuda", max_batch=max(concurrency, 2), max_seq=1024)
+    engine.capture_graphs((1, concurrency or 1), sampled=False)  # as a service does at start
     gen = torch.Generator().manual_seed(0)
     persona = torch.randint(0, vocab, (PERSONA,), generator=gen).tolist()
 

@@ -16,6 +16,8 @@ import torch.nn as nn
 import triton
 import triton.language as tl
 
+from kernels.gemv import launch_rows_linear
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 _MIN_SCALE = 1e-12  # all-zero rows: any positive scale works
@@ -84,32 +86,6 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x_fp8, x_scale
 
 
-@triton.jit
-def _fp8_weight_linear_kernel(
-    X, W, Scale, Bias, Y, M, N, K,
-    stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok, n_ok = m < M, n < N
-    x_rows = X + m.to(tl.int64)[:, None] * stride_xm
-    w_rows = W + n.to(tl.int64)[:, None] * stride_wn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K
-        x = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
-    acc = acc * tl.load(Scale + n, mask=n_ok, other=0.0)[None, :]
-    if HAS_BIAS:
-        acc = acc + tl.load(Bias + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + m.to(tl.int64)[:, None] * stride_ym + n[None, :], acc.to(Y.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
-
-
 @functools.lru_cache(maxsize=None)
 def _pick_block_n(N: int, device: torch.device) -> int:
     """Widest tile that still gives every SM a program: small-M matmuls are weight-read bound."""
@@ -130,16 +106,10 @@ def fp8_linear_triton(
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M:
         block_m = max(16, min(64, triton.next_power_of_2(M)))
-        block_n = _pick_block_n(N, x.device)
-        # Long weight rows per stage keep enough bytes in flight at M = 1; fp32 dots spill on big tiles.
+        # Long weight rows per stage keep enough bytes in flight at few rows; fp32 dots spill on big tiles.
         block_k = 32 if x.dtype == torch.float32 else 256 if block_m == 16 else 128
-        _fp8_weight_linear_kernel[(triton.cdiv(N, block_n), triton.cdiv(M, block_m))](
-            x2, w_fp8, scale, scale if bias is None else bias, y, M, N, K,
-            x2.stride(0), w_fp8.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            num_warps=8 if x.dtype == torch.float32 else 4, num_stages=4,
-        )
+        launch_rows_linear(x2, w_fp8, bias, scale, y, (block_m, _pick_block_n(N, x.device), block_k,
+                                                       8 if x.dtype == torch.float32 else 4, 4))
     return y.view(*x.shape[:-1], N)
 
 

@@ -89,6 +89,7 @@ def cmd_bench(args) -> int:
     for draft in ("none", args.draft) if args.draft != "none" else ("none",):
         engine = Engine.load(args.model, draft, args.device, args.dtype, backend=args.backend,
                              onnx_provider=args.onnx_provider, fixed_k=args.k)
+        engine.capture_graphs(sampled=args.temperature > 0)  # graph captures stay out of the timed runs
         prompt = engine.tokenizer.encode(args.prompt)
         rows.append(run_bench(engine, prompt, params, args.repeats))
     for row in rows:

@@ -24,7 +24,7 @@ from npc_engine.loading import load_model, parse_dtype
 from npc_engine.model import KVCache, Transformer, fuse_projections_
 from npc_engine.quantize import quantize_fp8_
 from npc_engine.sampling import SamplingParams, params_tensors, probs_from_logits, sample
-from npc_engine.speculative import K_MAX, ModelDrafter, NgramDrafter, NoDrafter, choose_k, greedy_step, kv_bucket, verify
+from npc_engine.speculative import DRAFT_LENGTHS, K_MAX, ModelDrafter, NgramDrafter, NoDrafter, choose_k, greedy_step, kv_bucket, verify
 from npc_engine.tokenizer import Tokenizer
 
 STREAM_CHUNK = 16  # an open prompt is prefilled in chunks of this many tokens as it arrives
@@ -153,6 +153,9 @@ class Engine:
         self.greedy_step = partial(greedy_step, target, self.cache, drafter)
         self.graphed = cuda_graphs and self.device.type == "cuda" and isinstance(target, torch.nn.Module)
         self.prefill_chunk = PREFILL_CHUNK if self.graphed else EAGER_PREFILL_CHUNK
+        # Keys attended per forward. Graphs attend over the whole cache: the attention kernel stops at each row's
+        # last position (384 vs 1024 keys cost the same on the H200, RESULTS.md S3-6), so one graph serves every length.
+        self.kv_step = max_seq if self.graphed else 64
         if self.graphed:
             self.target_forward = GraphedForward(target, scratch_slot=max_batch)
             if drafter.name == "model":
@@ -305,6 +308,40 @@ class Engine:
             events += self.speculative_step(decoding)
         return events
 
+    def capture_graphs(self, batch_sizes=(1,), sampled: bool = True) -> int:
+        """Captures ahead of serving the CUDA graphs that steps of these batch sizes replay: prefill chunks, and
+        every draft length the policy can pick (greedy steps and, with `sampled`, the sampled steps' target and
+        draft forwards), so no capture lands inside a request. The graphs write only the scratch slot.
+        Returns how many graphs were captured (0 without graphs)."""
+        if not self.graphed:
+            return 0
+        forwards = [self.target_forward] + ([self.drafter.forward] if self.drafter.name == "model" else [])
+        before = sum(len(f.graphs) for f in forwards) + len(self.greedy_step.graphs)
+        ks = [0] if self.drafter.name == "none" else [0] + ([self.fixed_k] if self.fixed_k is not None else list(DRAFT_LENGTHS))
+        for B in sorted({batch_bucket(b) for b in batch_sizes if b <= self.max_batch}):
+            slots = torch.full((B,), self.max_batch, device=self.device)
+
+            def zeros(T: int) -> tuple[torch.Tensor, torch.Tensor]:
+                return (torch.zeros(B, T, dtype=torch.long, device=self.device),
+                        torch.arange(T, device=self.device).expand(B, T))
+
+            for T, kinds in ((self.prefill_chunk, (torch.zeros(B, dtype=torch.long, device=self.device), False)),
+                             (STREAM_CHUNK, (False,))):
+                for logits in kinds:
+                    self.target_forward(*zeros(T), self.cache, slots, self.max_seq, logits=logits)
+                self.drafter.prefill(*zeros(T), slots, self.max_seq)
+            for k in ks:
+                width = k if self.drafter.name == "ngram" else 0
+                self.greedy_step(torch.tensor([[0, 0, 2, self.max_batch, 0, 0, 0] + [0] * width] * B,
+                                              device=self.device), k, self.max_seq)
+                if sampled:
+                    self.target_forward(*zeros(k + 1), self.cache, slots, self.max_seq)
+                    if k and self.drafter.name == "model":  # propose feeds the last two tokens, then one at a time
+                        for T in (2, 1):
+                            self.drafter.forward(*zeros(T), self.drafter.cache, slots, self.max_seq)
+        torch.cuda.synchronize()
+        return sum(len(f.graphs) for f in forwards) + len(self.greedy_step.graphs) - before
+
     def generate(self, prompt_ids: list[int], params: SamplingParams, rid: str = "generate"):
         """Yields token ids of one request as they are produced (for the CLI and benchmarks)."""
         self.submit(rid, prompt_ids, params)
@@ -392,7 +429,7 @@ class Engine:
             pos_t = torch.tensor(positions, device=self.device)
             slots = torch.tensor([r.shared.slot if into_prefix else r.slot for r, _, _ in rows], device=self.device)
             prefix = None if into_prefix else self.prefix_tensor([self.prefix_ref(r) for r, _, _ in rows])
-            kv_len = kv_bucket(max(p[-1] for p in positions) + 1, self.max_seq)
+            kv_len = kv_bucket(max(p[-1] for p in positions) + 1, self.max_seq, self.kv_step)
             if target:
                 ending = [i for i, (r, _, b) in enumerate(rows) if r.complete and b == len(r.prompt)]
                 index = torch.tensor([b - 1 - a for _, a, b in rows], device=self.device) if ending else False
@@ -443,7 +480,7 @@ class Engine:
                 for r, f in zip(reqs, found)]
         if self.graphed:  # few graph shapes: pad to the batch bucket with rows on the scratch slot
             rows += [[0, 0, 2, self.max_batch, 0, 0, 0] + [0] * width] * (batch_bucket(len(reqs)) - len(reqs))
-        kv_len = kv_bucket(max(len(r.ids) for r in reqs) + k, self.max_seq)
+        kv_len = kv_bucket(max(len(r.ids) for r in reqs) + k, self.max_seq, self.kv_step)
         out = self.greedy_step(torch.tensor(rows).to(self.device), k, kv_len).tolist()  # the one host sync
         return [[n, extra, row[4], *drafts] for (n, extra, *drafts), row in zip(out, rows)]
 
@@ -455,8 +492,10 @@ class Engine:
         temperature, top_k, top_p = params_tensors([r.params for r in reqs], dev)
         # As many uniforms every step whatever K is: a seed gives the same stream under any draft length.
         u = torch.stack([torch.rand(2 * K_MAX + 1, generator=r.generator, device=dev) for r in reqs])
+        kv_len = kv_bucket(max(map(len, seqs)) + k_asked, self.max_seq, self.kv_step)
         if k_asked > 0:
-            drafts, q, lens = self.drafter.propose(seqs, slots, k_asked, (temperature, top_k, top_p), u[:, :k_asked], prefix)
+            drafts, q, lens = self.drafter.propose(seqs, slots, k_asked, (temperature, top_k, top_p), u[:, :k_asked],
+                                                   kv_len, prefix)
             lens = torch.minimum(lens.to(dev), torch.tensor([r.k for r in reqs], device=dev))
             drafts = drafts.to(dev)
         else:
@@ -465,7 +504,6 @@ class Engine:
         lengths = torch.tensor([len(s) for s in seqs], device=dev)
         tokens = torch.cat([torch.tensor([s[-1] for s in seqs], device=dev)[:, None], drafts], dim=1)
         positions = (lengths - 1)[:, None] + torch.arange(k + 1, device=dev)
-        kv_len = kv_bucket(max(map(len, seqs)) + k, self.max_seq)
         logits = self.target_forward(tokens, positions, self.cache, slots, kv_len, prefix=prefix)
         q = torch.zeros(B, k, 1, device=dev) if q is None else q.to(dev)
         n_acc, extra = verify(probs_from_logits(logits, temperature, top_k, top_p), q, drafts, lens,
@@ -536,14 +574,15 @@ class Engine:
             return t1, 0.0, verify_cost_per_token
         slots = torch.full((1,), self.max_batch, device=self.device)
         tok = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        t_draft = self.timed(lambda: self.drafter.forward(tok, tok, self.drafter.cache, slots, 64))
+        kv_len = kv_bucket(64, self.max_seq, self.kv_step)
+        t_draft = self.timed(lambda: self.drafter.forward(tok, tok, self.drafter.cache, slots, kv_len))
         return t1, t_draft / t1, verify_cost_per_token
 
     def time_target(self, n: int) -> float:
         slots = torch.full((1,), self.max_batch, device=self.device)
         tok = torch.zeros(1, n, dtype=torch.long, device=self.device)
-        pos = torch.arange(n, device=self.device)[None]
-        return self.timed(lambda: self.target_forward(tok, pos, self.cache, slots, 64))
+        pos, kv_len = torch.arange(n, device=self.device)[None], kv_bucket(64, self.max_seq, self.kv_step)
+        return self.timed(lambda: self.target_forward(tok, pos, self.cache, slots, kv_len))
 
     def timed(self, fn, repeats: int = 5) -> float:
         with torch.no_grad():

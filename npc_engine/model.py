@@ -321,7 +321,7 @@ class Transformer(nn.Module):
                       logits: bool | torch.Tensor = True, prefix: torch.Tensor | None = None) -> torch.Tensor | None:
         """Same function as forward with a cache: fused residual-add + RMSNorm, RoPE + cache write, and
         attention over cached keys as single kernels."""
-        from kernels import add_rmsnorm, linear
+        from kernels import add_rmsnorm, gated_linear, linear
 
         cos, sin = self.rope_table(cache.max_seq, tokens.device)
         h, residual = self.model.embed_tokens(tokens), None
@@ -330,8 +330,7 @@ class Transformer(nn.Module):
             x, residual = add_rmsnorm(h, residual, norm1.weight, norm1.eps)
             h = attn.forward_fused(linear(x, *attn.qkv), cos, sin, input_pos, *cache.layer(i), slots, kv_len, prefix)
             x, residual = add_rmsnorm(h, residual, norm2.weight, norm2.eps)
-            gate, up = linear(x, *mlp.gate_up).chunk(2, dim=-1)
-            h = linear(F.silu(gate) * up, *linear_params(mlp.down_proj))
+            h = linear(gated_linear(x, *mlp.gate_up), *linear_params(mlp.down_proj))
         if isinstance(logits, torch.Tensor):
             rows = torch.arange(h.shape[0], device=h.device)
             h, residual = h[rows, logits][:, None], residual[rows, logits][:, None]

@@ -648,6 +648,10 @@ def serve_command(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
         engine = Engine.load(args.model, args.draft, args.device, args.dtype, max_batch=args.max_batch,
                              backend=args.backend, onnx_provider=args.onnx_provider)
+        if engine.graphed:
+            started = time.perf_counter()
+            count = engine.capture_graphs(range(1, args.max_batch + 1))
+            log.info("captured %d CUDA graphs in %.1f s", count, time.perf_counter() - started)
         service = Service(engine, store, config)
         endpoint = service.bind()
     except (ServiceError, FileNotFoundError, ValueError, OSError) as e:

@@ -17,6 +17,8 @@ from npc_engine.model import KVCache, Transformer
 from npc_engine.sampling import probs_from_logits, sample
 
 K_MAX = 16
+# The draft lengths the policy picks from: each is a CUDA graph that Engine.capture_graphs makes before serving.
+DRAFT_LENGTHS = (1, 2, 3, 4, 6, 8, 12, 16)
 
 
 def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, draft_lens: torch.Tensor,
@@ -73,12 +75,12 @@ def expected_tokens(alpha: float, k: int) -> float:
     return k + 1 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
-def choose_k(alpha: float, step_cost, k_max: int = K_MAX) -> int:
-    """Draft length maximising tokens per second: step_cost(k) is the time of one step drafting k
-    tokens (k = 0: plain decoding). Returns 0 (speculation off) unless some K beats plain decoding by 5%."""
+def choose_k(alpha: float, step_cost) -> int:
+    """Draft length (one of DRAFT_LENGTHS) maximising tokens per second: step_cost(k) is the time of one step
+    drafting k tokens (k = 0: plain decoding). Returns 0 (speculation off) unless some K beats plain decoding by 5%."""
     plain_rate = 1.0 / step_cost(0)
     best_k, best_rate = 0, 1.05 * plain_rate
-    for k in range(1, k_max + 1):
+    for k in DRAFT_LENGTHS:
         rate = expected_tokens(alpha, k) / step_cost(k)
         if rate > best_rate:
             best_k, best_rate = k, rate
@@ -122,9 +124,9 @@ class NgramDrafter:
                 return seq[start + n:start + n + k]
         return []
 
-    def propose(self, seqs, slots, k, sampling, u, prefix=None):
+    def propose(self, seqs, slots, k, sampling, u, kv_len, prefix=None):
         found = [self.lookup(s, k) for s in seqs]
-        width = max(map(len, found))
+        width = k if any(found) else 0  # padded to the asked K: one verify shape per K
         drafts = torch.tensor([f + [0] * (width - len(f)) for f in found], dtype=torch.long, device=self.device)
         lens = torch.tensor([len(f) for f in found], dtype=torch.long, device=self.device)
         return drafts, F.one_hot(drafts, self.vocab_size).float(), lens
@@ -145,13 +147,12 @@ class ModelDrafter:
     def prefill(self, tokens, input_pos, slots, kv_len, prefix=None) -> None:
         self.forward(tokens, input_pos, self.cache, slots, kv_len, logits=False, prefix=prefix)
 
-    def propose(self, seqs, slots, k, sampling, u, prefix=None):
+    def propose(self, seqs, slots, k, sampling, u, kv_len, prefix=None):
         """Feeds the last two tokens first: after a step the draft cache may lack one or both of them,
         and rewriting a cached token at its own position is harmless."""
         lengths = torch.tensor([len(s) for s in seqs], device=self.device)
         tokens = torch.tensor([[s[-2] if len(s) > 1 else s[-1], s[-1]] for s in seqs], device=self.device)
         pos = torch.stack([(lengths - 2).clamp(min=0), lengths - 1], dim=1)
-        kv_len = kv_bucket(max(map(len, seqs)) + k, self.cache.max_seq)
         drafts, qs = [], []
         for i in range(k):
             logits = self.forward(tokens, pos, self.cache, slots, kv_len, prefix=prefix)[:, -1]

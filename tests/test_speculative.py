@@ -8,7 +8,7 @@ from npc_engine.engine import Engine
 from npc_engine.loading import load_model
 from npc_engine.model import KVCache, ModelArgs, Transformer
 from npc_engine.sampling import SamplingParams, sample
-from npc_engine.speculative import ModelDrafter, NgramDrafter, NoDrafter, choose_k, verify
+from npc_engine.speculative import DRAFT_LENGTHS, ModelDrafter, NgramDrafter, NoDrafter, choose_k, verify
 from npc_engine.tokenizer import Tokenizer
 
 PROMPTS = [
@@ -225,6 +225,9 @@ def test_choose_k_follows_acceptance_and_cost():
     assert choose_k(0.9, linear(0.06)) > choose_k(0.5, linear(0.06)) >= 1
     assert choose_k(0.1, linear(0.55)) == 0  # speculation does not pay: switched off
     assert choose_k(0.8, lambda k: 1.0) == 16
+    # only draft lengths with a graph are picked: 5 would be best here, 4 and 6 are what there is
+    assert choose_k(0.8, lambda k: 1.0 if k == 0 else 1.0 + 0.2 * abs(k - 5) + 0.01 * k) in (4, 6)
+    assert all(choose_k(a / 10, linear(0.05)) in (0, *DRAFT_LENGTHS) for a in range(10))
     # host overhead measured on every speculative step (not in a forward-only cost model) turns it off
     assert choose_k(0.5, lambda k: 1.0 if k == 0 else 1.6 + 0.1 * k) == 0
 

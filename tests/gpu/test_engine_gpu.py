@@ -53,6 +53,29 @@ def test_graph_replay_and_fused_kernels_equal_eager(tiny_pair_dirs, drafter, tem
         assert results[2] == results[0], "fused kernels differ from the PyTorch path"
 
 
+@pytest.mark.parametrize("drafter", ["none", "ngram", "model"])
+def test_captured_graphs_serve_every_step(tiny_pair_dirs, drafter):
+    """After capture_graphs, greedy and sampled lines with adaptive K capture nothing more, and greedy lines
+    give the same tokens as an engine that captured as it went (sampled tokens may differ with K)."""
+    target_dir, draft_dir = tiny_pair_dirs
+    tok = Tokenizer.from_dir(target_dir)
+    results = []
+    for precapture in (False, True):
+        target = load_model(target_dir, "cuda", torch.float32)
+        d = {"none": NoDrafter(), "ngram": NgramDrafter(target.args.vocab_size, "cuda"),
+             "model": ModelDrafter(load_model(draft_dir, "cuda", torch.float32), 9, 1024, "cuda", torch.float32)}[drafter]
+        engine = Engine(target, d, tok, "cuda", max_batch=8)
+        forwards = [engine.target_forward] + ([d.forward] if drafter == "model" else [])
+        if precapture:
+            assert engine.capture_graphs(range(1, 9)) > 0
+        counts = [len(f.graphs) for f in forwards] + [len(engine.greedy_step.graphs)]
+        out = [run(engine, prompts(tok), SamplingParams(temperature=t, seed=3, max_tokens=40)) for t in (0, 0.8)]
+        if precapture:
+            assert [len(f.graphs) for f in forwards] + [len(engine.greedy_step.graphs)] == counts
+        results.append(out[0])
+    assert results[1] == results[0]
+
+
 def test_streamed_prompt_with_graphs_equals_one_shot(tiny_pair_dirs):
     target_dir, draft_dir = tiny_pair_dirs
     tok = Tokenizer.from_dir(target_dir)

@@ -28,7 +28,7 @@ from kernels.fp8 import (  # noqa: E402
     quantize_fp8,
     quantize_rows_fp8,
 )
-from kernels.gemv import linear, linear_reference, small_m_linear_triton  # noqa: E402
+from kernels.gemv import gated_linear, linear, linear_reference, small_m_linear_triton  # noqa: E402
 from kernels.rmsnorm import add_rmsnorm_reference, add_rmsnorm_triton  # noqa: E402
 from kernels.rope import rope_kv_write_reference, rope_kv_write_triton  # noqa: E402
 
@@ -367,12 +367,17 @@ def _small_m_case(N, K, M, dtype, fp8, with_bias, in_features=None, seed=0):
 @pytest.mark.parametrize("shape", SMALL_M_SHAPES)
 @pytest.mark.parametrize("rows", [1, 2, 9, 16])
 @pytest.mark.parametrize("fp8,with_bias", [(False, False), (False, True), (True, False), (True, True)])
-def test_small_m_linear(shape, rows, dtype, fp8, with_bias):
+@pytest.mark.parametrize("gated", [False, True])
+def test_small_m_linear(shape, rows, dtype, fp8, with_bias, gated):
     N, K = shape
+    N += N % 2 if gated else 0
     x, weight, bias, scale = _small_m_case(N, K, rows, dtype, fp8, with_bias)
-    got = small_m_linear_triton(x[:, None], weight, bias, scale)
+    got = small_m_linear_triton(x[:, None], weight, bias, scale, gated=gated)
     ref = linear_reference(x[:, None].double(), weight.double(), None if bias is None else bias.double(), scale)
-    assert got.shape == (rows, 1, N) and got.dtype == dtype and not got.isnan().any()
+    if gated:  # silu(gate) * up, the MLP's input half
+        gate, up = ref.chunk(2, dim=-1)
+        ref = torch.nn.functional.silu(gate) * up
+    assert got.shape == (rows, 1, N // 2 if gated else N) and got.dtype == dtype and not got.isnan().any()
     assert rel_err(got, ref) <= TOL[dtype]
 
 
@@ -387,6 +392,8 @@ def test_small_m_linear_refuses_bad_inputs():
         small_m_linear_triton(x, w, torch.randn(9, device=DEVICE))
     with pytest.raises(ValueError, match="FP8 weight"):
         small_m_linear_triton(x, w, scale=torch.ones(8, device=DEVICE))
+    with pytest.raises(ValueError, match="gate and up"):
+        small_m_linear_triton(x, w[:7], gated=True)
 
 
 @needs_cuda
@@ -401,6 +408,9 @@ def test_linear_dispatch():
     w8, scale = quantize_fp8(weight)
     assert torch.equal(linear(rows, w8, None, scale), fp8_linear(rows, w8, scale))
     assert torch.equal(linear(rows[:4], w8, None, scale), small_m_linear_triton(rows[:4], w8, None, scale))
+    gate, up = linear_reference(rows, weight).chunk(2, dim=-1)  # 17 rows: linear, then silu * up
+    assert torch.equal(gated_linear(rows, weight), torch.nn.functional.silu(gate) * up)
+    assert torch.equal(gated_linear(rows[:5], weight), small_m_linear_triton(rows[:5], weight, gated=True))
 
 
 # ---------------------------------------------------------------- CUDA graphs
