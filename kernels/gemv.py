@@ -145,10 +145,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  scale: torch.Tensor | None = None) -> torch.Tensor:
-    """silu(gate) * up of a fused [gate; up] projection (the MLP's input half) in one kernel for up to 16 rows
-    on CUDA: the gate and up products never leave registers."""
+    """silu(gate) * up of a fused [gate; up] projection (the MLP's input half) in one kernel on CUDA, for one row
+    and for up to 16 rows of bf16/fp16 weights: the gate and up products never leave registers. (FP8 weights with
+    several rows ran slower gated than as linear + SiLU + multiply on the H200: RESULTS.md, S3-7.)"""
     rows = x.numel() // max(x.shape[-1], 1)
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.stride(1) == 1 and 1 <= rows <= MAX_ROWS:
+    if (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.stride(1) == 1
+            and 1 <= rows <= (1 if scale is not None else MAX_ROWS)):
         return small_m_linear_triton(x, weight, bias, scale, gated=True)
     gate, up = linear(x, weight, bias, scale).chunk(2, dim=-1)
     return F.silu(gate) * up
