@@ -62,6 +62,26 @@ class StepEvent:
 
 
 @dataclass
+class Acceptance:
+    """Running per-token acceptance rate of drafts: decayed counts of accepted drafts and of trials (an accepted
+    draft, or the first rejected one of a step)."""
+    hits: float
+    trials: float
+
+    @classmethod
+    def prior(cls, alpha: float, weight: float = 2.0) -> "Acceptance":
+        return cls(weight * alpha, weight)
+
+    @property
+    def alpha(self) -> float:
+        return self.hits / self.trials if self.trials else 0.0
+
+    def update(self, accepted: int, drafted: int, decay: float) -> None:
+        self.hits = decay * self.hits + accepted
+        self.trials = decay * self.trials + accepted + (accepted < drafted)
+
+
+@dataclass
 class PrefixEntry:
     slot: int
     refs: int = 0  # active requests reading it
@@ -78,8 +98,7 @@ class Request:
     slot: int = -1
     generated: int = 0
     k: int = 0
-    accept_hits: float = 0.0
-    accept_trials: float = 0.0
+    acceptance: Acceptance = field(default_factory=lambda: Acceptance(0.0, 0.0))
     off_steps: int = 0
     draft_valid: int = 0  # positions below this hold the right keys in the draft model's cache
     fed: int = 0  # prompt positions below this are in the target's cache
@@ -87,10 +106,6 @@ class Request:
     complete: bool = True  # False while the prompt is still arriving
     cancelled: bool = False
     stats: RequestStats = field(default_factory=RequestStats)
-
-    @property
-    def alpha(self) -> float:
-        return self.accept_hits / self.accept_trials if self.accept_trials else 0.0
 
 
 class PrefixCache:
@@ -167,6 +182,7 @@ class Engine:
         self.waiting_ids: set[str] = set()
         self.active: dict[str, Request] = {}
         self.pending_events: list[StepEvent] = []
+        self.acceptance = Acceptance.prior(drafter.prior_alpha)  # over all requests: where each new one starts
         self.seed_source = random.Random()
         # Step wall times measured while serving, per (batch bucket, K): they include the host work the
         # forward-only calibration misses, which decides whether speculation pays for small models.
@@ -295,8 +311,11 @@ class Engine:
             r = self.waiting.popleft()
             self.waiting_ids.discard(r.rid)
             r.slot = self.free_slots.pop()
-            r.k = self.fixed_k if self.fixed_k is not None else choose_k(self.drafter.prior_alpha, self.step_cost_fn(len(self.active) + 1))
-            r.accept_hits, r.accept_trials = 2 * self.drafter.prior_alpha, 2.0
+            # A new request starts from the acceptance the engine has seen lately (lines are short: a request
+            # adapting from the drafter's fixed prior spends much of its line at the wrong K).
+            alpha = self.acceptance.alpha
+            r.k = self.fixed_k if self.fixed_k is not None else choose_k(alpha, self.step_cost_fn(len(self.active) + 1))
+            r.acceptance = Acceptance.prior(alpha)
             self.active[r.rid] = r
             admitted.append(r)
         if admitted:
@@ -512,8 +531,8 @@ class Engine:
 
     def adapt_k(self, r: Request, accepted: int, drafted: int, step_cost) -> None:
         if drafted:
-            r.accept_hits = 0.9 * r.accept_hits + accepted
-            r.accept_trials = 0.9 * r.accept_trials + accepted + (accepted < drafted)
+            r.acceptance.update(accepted, drafted, 0.9)
+            self.acceptance.update(accepted, drafted, 0.98)
         if self.fixed_k is not None or self.drafter.name == "none":
             return
         if r.k == 0:
@@ -521,7 +540,7 @@ class Engine:
             if r.off_steps >= PROBE_AFTER:
                 r.k, r.off_steps = 1, 0
             return
-        r.k = choose_k(r.alpha, step_cost)
+        r.k = choose_k(r.acceptance.alpha, step_cost)
 
     def emit(self, r: Request, new_tokens: list[int]) -> StepEvent | None:
         out = []

@@ -244,6 +244,11 @@ def test_engine_switches_speculation_off_when_it_does_not_pay(tiny_pair_dirs):
         engine.step()
     assert ks[-1] == 0 or 0 in ks[-20:], ks
     assert engine.step_seconds
+    # the engine remembers: the next request starts from the low acceptance seen, not the drafter's prior
+    assert engine.acceptance.alpha < engine.drafter.prior_alpha / 2
+    engine.submit("b", engine.tokenizer.encode(PROMPTS[1]), SamplingParams(temperature=0, max_tokens=4))
+    engine.step()
+    assert engine.active["b"].acceptance.alpha == engine.acceptance.alpha
 
 
 def test_draft_cache_catches_up_after_steps_without_drafting(tiny_pair_dirs):
