@@ -108,6 +108,18 @@ class Request:
     stats: RequestStats = field(default_factory=RequestStats)
 
 
+@dataclass
+class InflightStep:
+    """A greedy step launched before the previous step's tokens reached the host (pipelined decoding)."""
+    reqs: list[Request]
+    rows: list[list[int]]  # as launched (column 4: drafts allowed per row)
+    k: int
+    result: torch.Tensor  # host copy of the step's [B, 2 + k] result, complete once `done` has passed
+    done: torch.cuda.Event | None  # None on the CPU, where the copy is synchronous
+    state: torch.Tensor  # device [B, 3]: the first packed columns of each row's next step
+    chained: bool  # launched while its predecessor was in flight: its arrival time is a step's cost
+
+
 class PrefixCache:
     """Persona prefixes (token tuples) held in dedicated KV-cache slots that their requests read in place:
     reference-counted, and when no slot is free the least recently used unreferenced entry gives up its slot."""
@@ -142,7 +154,9 @@ class PrefixCache:
 class Engine:
     def __init__(self, target: Transformer, drafter, tokenizer: Tokenizer | None, device="cpu", max_batch: int = 16,
                  max_seq: int = 1024, fixed_k: int | None = None, prefix_cache_mb: float = 256,
-                 cuda_graphs: bool = True, fused_kernels: bool | None = None):
+                 cuda_graphs: bool = True, fused_kernels: bool | None = None, pipeline: bool | None = None):
+        """pipeline: launch each greedy step before the previous one's tokens reach the host (default: with
+        CUDA graphs; on the CPU it only adds a wasted step at the end of every request)."""
         self.target, self.drafter, self.tokenizer = target, drafter, tokenizer
         self.device = torch.device(device)
         fused = self.device.type == "cuda" if fused_kernels is None else fused_kernels
@@ -182,6 +196,10 @@ class Engine:
         self.waiting_ids: set[str] = set()
         self.active: dict[str, Request] = {}
         self.pending_events: list[StepEvent] = []
+        self.pipelined = self.graphed if pipeline is None else pipeline
+        self.inflight: InflightStep | None = None
+        self.host_buffers: dict[tuple[int, int], list[torch.Tensor]] = {}  # two per result shape, used in turn
+        self.last_result_at = 0.0
         self.acceptance = Acceptance.prior(drafter.prior_alpha)  # over all requests: where each new one starts
         self.seed_source = random.Random()
         # Step wall times measured while serving, per (batch bucket, K): they include the host work the
@@ -285,7 +303,7 @@ class Engine:
 
     def has_work(self) -> bool:
         """Whether step() would do anything: an open request whose whole chunks are fed waits for its next piece."""
-        return bool((self.waiting and self.free_slots) or self.pending_events or any(
+        return bool((self.waiting and self.free_slots) or self.pending_events or self.inflight or any(
             r.complete or r.cancelled or self.open_prefill_end(r) > r.fed for r in self.active.values()))
 
     @staticmethod
@@ -304,6 +322,9 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[StepEvent]:
         events, self.pending_events = self.pending_events, []
+        if self.inflight is not None and not self.can_chain():
+            events += self.settle(self.inflight)
+            self.inflight = None
         for r in [r for r in self.active.values() if r.cancelled]:
             events.append(self.finish(r, [], "cancelled"))
         admitted = []
@@ -460,21 +481,30 @@ class Engine:
             self.drafter.prefill(tokens_t, pos_t, slots, kv_len, prefix)
         return last_logits
 
+    def asked_k(self, reqs: list[Request]) -> int:
+        """The draft length of a step of these requests: the longest any of them asks for."""
+        k = max(r.k for r in reqs) if self.drafter.name != "none" else 0
+        if self.fixed_k is None and k and (batch_bucket(len(reqs)), 0) not in self.step_seconds:
+            return 0  # measure plain decoding once per batch size: speculation must beat it, host work included
+        return k
+
     def speculative_step(self, reqs: list[Request]) -> list[StepEvent]:
-        B = len(reqs)
-        k_asked = max(r.k for r in reqs) if self.drafter.name != "none" else 0
-        if self.fixed_k is None and k_asked and (batch_bucket(B), 0) not in self.step_seconds:
-            k_asked = 0  # measure plain decoding once per batch size: speculation must beat it, host work included
+        B, k_asked = len(reqs), self.asked_k(reqs)
         if k_asked and self.drafter.cache is not None:  # steps without drafting left the draft cache behind
             self.prefill_ranges([(r, r.draft_valid, len(r.ids) - 2) for r in reqs], target=False)
+        greedy = all(r.params.temperature == 0 for r in reqs)
+        if greedy and self.pipelined and self.drafter.name != "ngram":  # n-gram drafts need the host's tokens
+            return self.pipelined_step(reqs, k_asked)
         started = time.perf_counter()  # a catch-up is paid once; the step time decides every later step
-        if all(r.params.temperature == 0 for r in reqs):
-            result = self.run_greedy_step(reqs, k_asked)
-        else:
-            result = self.run_sampled_step(reqs, k_asked)
+        result = self.run_greedy_step(reqs, k_asked) if greedy else self.run_sampled_step(reqs, k_asked)
         self.record_step_time(B, k_asked, time.perf_counter() - started)
+        return self.apply_step(reqs, result, k_asked)
+
+    def apply_step(self, reqs: list[Request], result: list[list[int]], k_asked: int) -> list[StepEvent]:
+        """Stats, draft length and new tokens of each request from its step result row
+        (accepted, next token, drafted, *drafts)."""
         events = []
-        step_cost = self.step_cost_fn(B)
+        step_cost = self.step_cost_fn(len(reqs))
         for r, (n, extra_tok, n_drafted, *draft_list) in zip(reqs, result):
             r.stats.target_forwards += 1
             r.stats.drafted += n_drafted
@@ -485,6 +515,15 @@ class Engine:
                 r.draft_valid = len(r.ids) - 2
         return [e for e in events if e is not None]
 
+    def greedy_rows(self, reqs: list[Request], k: int, found: list[list[int]], width: int) -> list[list[int]]:
+        """The packed rows of `greedy_step` (padded to the batch bucket with scratch-slot rows under graphs)."""
+        rows = [[r.ids[-2] if len(r.ids) > 1 else r.ids[-1], r.ids[-1], len(r.ids), r.slot,
+                 min(r.k, len(f) if width else k), *self.prefix_ref(r)] + f + [0] * (width - len(f))
+                for r, f in zip(reqs, found)]
+        if self.graphed:  # few graph shapes: pad to the batch bucket with rows on the scratch slot
+            rows += [[0, 0, 2, self.max_batch, 0, 0, 0] + [0] * width] * (batch_bucket(len(reqs)) - len(reqs))
+        return rows
+
     def run_greedy_step(self, reqs: list[Request], k: int) -> list[list[int]]:
         """Temperature 0: the whole step is one `greedy_step` call (one graph replay on CUDA) on one packed
         input tensor. Rows: (accepted, next token, drafted, *drafts)."""
@@ -493,15 +532,69 @@ class Engine:
         found = [self.drafter.lookup(r.ids, k) for r in reqs] if host_drafts else [[]] * len(reqs)
         if host_drafts and not any(found):
             host_drafts, k = False, 0
-        width = k if host_drafts else 0
-        rows = [[r.ids[-2] if len(r.ids) > 1 else r.ids[-1], r.ids[-1], len(r.ids), r.slot,
-                 min(r.k, len(f) if host_drafts else k), *self.prefix_ref(r)] + f + [0] * (width - len(f))
-                for r, f in zip(reqs, found)]
-        if self.graphed:  # few graph shapes: pad to the batch bucket with rows on the scratch slot
-            rows += [[0, 0, 2, self.max_batch, 0, 0, 0] + [0] * width] * (batch_bucket(len(reqs)) - len(reqs))
+        rows = self.greedy_rows(reqs, k, found, k if host_drafts else 0)
         kv_len = kv_bucket(max(len(r.ids) for r in reqs) + k, self.max_seq, self.kv_step)
-        out = self.greedy_step(torch.tensor(rows).to(self.device), k, kv_len).tolist()  # the one host sync
+        out = self.greedy_step(torch.tensor(rows).to(self.device), k, kv_len)[:, :2 + k].tolist()  # the one host sync
         return [[n, extra, row[4], *drafts] for (n, extra, *drafts), row in zip(out, rows)]
+
+    # ---- pipelined greedy decoding: the device runs step N + 1 while the host reads step N -----------------
+    def pipelined_step(self, reqs: list[Request], k: int) -> list[StepEvent]:
+        """Launches the next step from the in-flight one's result (or, starting a chain, this step from the
+        host's tokens and the next from its result), then reads and applies the older step."""
+        previous = self.inflight or self.launch_greedy(reqs, k, None)
+        self.inflight = self.launch_greedy(reqs, k, previous)
+        return self.settle(previous)
+
+    def launch_greedy(self, reqs: list[Request], k: int, previous: InflightStep | None) -> InflightStep:
+        rows = self.greedy_rows(reqs, k, [[]] * len(reqs), 0)
+        packed = torch.tensor(rows).to(self.device)
+        ahead = 0
+        if previous is not None:  # tokens and lengths from the device: the host has not seen them yet
+            packed[:, :3] = previous.state
+            ahead = previous.k + 1
+        kv_len = kv_bucket(max(len(r.ids) for r in reqs) + ahead + k, self.max_seq, self.kv_step)
+        out = self.greedy_step(packed, k, kv_len)
+        result = self.host_buffer(out.shape[0], 2 + k)
+        result.copy_(out[:, :2 + k], non_blocking=True)
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return InflightStep(reqs, rows, k, result, done, out[:, 2 + k:], previous is not None)
+
+    def host_buffer(self, rows: int, cols: int) -> torch.Tensor:
+        """Host memory for a step result (page-locked on CUDA, so the copy is asynchronous); two per shape
+        taken in turn, as at most two steps are unread."""
+        pair = self.host_buffers.get((rows, cols))
+        if pair is None:
+            pinned = self.device.type == "cuda"
+            pair = self.host_buffers[(rows, cols)] = [torch.empty(rows, cols, dtype=torch.long, pin_memory=pinned)
+                                                      for _ in range(2)]
+        pair.reverse()
+        return pair[0]
+
+    def settle(self, step: InflightStep) -> list[StepEvent]:
+        """Waits for a launched step and applies its result to those of its requests still decoding."""
+        if step.done is not None:
+            step.done.synchronize()
+        now = time.perf_counter()
+        if step.chained:  # a step's cost in a running chain: the time between two results
+            self.record_step_time(len(step.reqs), step.k, now - self.last_result_at)
+        self.last_result_at = now
+        live = [(r, [n, extra, row[4], *drafts]) for r, row, (n, extra, *drafts) in
+                zip(step.reqs, step.rows, step.result.tolist()) if self.active.get(r.rid) is r and not r.cancelled]
+        return self.apply_step([r for r, _ in live], [res for _, res in live], step.k)
+
+    def can_chain(self) -> bool:
+        """Whether the next step may start from the in-flight one's result: the same requests decoding, none to
+        admit, prefill or cancel, and (with a draft model) no drafting after a step that did not feed it."""
+        decoding = [r for r in self.active.values() if len(r.ids) > len(r.prompt)]
+        step = self.inflight
+        return (len(decoding) == len(step.reqs) and all(a is b for a, b in zip(decoding, step.reqs))
+                and not (self.waiting and self.free_slots)
+                and not any(r.cancelled or r.fed < (len(r.prompt) if r.complete else self.open_prefill_end(r))
+                            for r in self.active.values())
+                and not (step.k == 0 and self.drafter.cache is not None and self.asked_k(decoding)))
 
     def run_sampled_step(self, reqs: list[Request], k_asked: int) -> list[list[int]]:
         B, dev = len(reqs), self.device

@@ -56,7 +56,9 @@ def greedy_step(target: Transformer, target_cache: KVCache, drafter: "NoDrafter 
     """One whole temperature-0 speculative step on the device, so it can be one CUDA graph: draft k
     tokens, verify them with one target forward, accept. packed [B, 7 (+ k)] int64 rows hold
     (token before the last, last token, length, slot, drafts allowed, prefix slot, prefix length
-    (, k drafts from the host)). Returns [B, 2 + k]: (accepted count, the target's next token, the k drafts)."""
+    (, k drafts from the host)). Returns [B, 2 + k + 3]: (accepted count, the target's next token, the k drafts,
+    then the first three packed columns for the row's next step), so a next step can start from this one's
+    result without the host (pipelined decoding)."""
     last2, lengths, slots, allowed = packed[:, :2], packed[:, 2], packed[:, 3].contiguous(), packed[:, 4]
     prefix = packed[:, 5:7]
     if drafter.name == "model" and k:
@@ -67,7 +69,10 @@ def greedy_step(target: Transformer, target_cache: KVCache, drafter: "NoDrafter 
     positions = (lengths - 1)[:, None] + torch.arange(k + 1, device=packed.device)
     logits = target(tokens, positions, target_cache, slots, kv_len, prefix=prefix)
     n_accepted, extra = verify_greedy(logits, drafts, allowed)
-    return torch.cat([n_accepted[:, None], extra[:, None], drafts], dim=1)
+    emitted = torch.cat([last2[:, 1:], drafts], dim=1)  # the last token, then the accepted drafts
+    before_extra = emitted.gather(1, n_accepted[:, None])[:, 0]
+    return torch.cat([n_accepted[:, None], extra[:, None], drafts,
+                      torch.stack([before_extra, extra, lengths + n_accepted + 1], dim=1)], dim=1)
 
 
 def expected_tokens(alpha: float, k: int) -> float:

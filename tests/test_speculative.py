@@ -1,5 +1,6 @@
 """The speculative core: greedy identity, the exact target distribution under sampling, rollback."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from npc_engine.sampling import SamplingParams, sample
 from npc_engine.speculative import DRAFT_LENGTHS, ModelDrafter, NgramDrafter, NoDrafter, choose_k, verify
 from npc_engine.tokenizer import Tokenizer
 
+EMBEDDED = Path(__file__).resolve().parents[1] / "models"
 PROMPTS = [
     "<|persona|>I forge swords for the town guard.<|eot|><|player|>What do you do?<|eot|><|npc|>",
     "<|player|>Hi<|eot|><|npc|>",
@@ -216,6 +218,43 @@ def test_ngram_lookup_finds_the_latest_earlier_occurrence():
             seq = torch.randint(0, vocab, (int(torch.randint(1, 50, (1,), generator=g)),), generator=g).tolist()
             assert drafter.lookup(seq, 4) == scan(seq, 4), seq
     assert drafter.lookup([7, 1, 2, 3, 9, 1, 2, 3, 5, 1, 2, 3], 3) == [5, 1, 2]
+
+
+@pytest.mark.parametrize("drafter_kind,k", [("none", None), ("model", 3), ("model", None)])
+def test_pipelined_greedy_decoding_is_token_identical(drafter_kind, k):
+    """Each step launched from the previous one's device result before the host reads it: the same tokens
+    with requests of different lengths finishing mid-chain, a request admitted mid-chain and one cancelled.
+    On the embedded trained pair: a random model repeats one token, which hides wrong positions."""
+    target_dir, draft_dir = EMBEDDED / "npc-target", EMBEDDED / "npc-draft"
+    params = [SamplingParams(temperature=0, max_tokens=n) for n in (24, 5, 17, 1, 24, 9, 30, 12)]
+    outputs = []
+    for pipeline in (False, True):
+        engine = make_engine(target_dir, drafter_kind, draft_dir, fixed_k=k, pipeline=pipeline)
+        out, ends, accepted = {f"r{i}": [] for i in range(len(PROMPTS))}, {}, {}
+        for i in range(6):
+            engine.submit(f"r{i}", engine.tokenizer.encode(PROMPTS[i]), params[i])
+        steps = 0
+        while engine.has_work():
+            steps += 1
+            if steps == 4:  # mid-chain: one more request, one cancelled
+                engine.submit("r6", engine.tokenizer.encode(PROMPTS[6]), params[6])
+                assert engine.cancel("r4")
+            for ev in engine.step():
+                out[ev.rid] += ev.token_ids
+                if ev.finished:
+                    ends[ev.rid] = ev.finish_reason
+                    if k is not None and ev.rid != "r4":  # a fixed K: the same drafts (the draft cache is right)
+                        accepted[ev.rid] = (ev.stats.drafted, ev.stats.accepted)
+        assert engine.inflight is None and not engine.active
+        if pipeline:  # only steps launched while their predecessor was in flight are timed
+            assert engine.step_seconds
+        outputs.append((out, ends, accepted))
+    (plain, plain_ends, plain_accepted), (piped, piped_ends, piped_accepted) = outputs
+    assert piped_accepted == plain_accepted
+    assert plain_ends == piped_ends and plain_ends["r4"] == "cancelled" and len(plain_ends) == 7
+    short, long = sorted([plain.pop("r4"), piped.pop("r4")], key=len)  # adaptive K: cancelled after more or
+    assert long[:len(short)] == short  # fewer tokens, the same ones
+    assert piped == plain
 
 
 def test_choose_k_follows_acceptance_and_cost():
