@@ -198,7 +198,7 @@ class Engine:
         self.pending_events: list[StepEvent] = []
         self.pipelined = self.graphed if pipeline is None else pipeline
         self.inflight: InflightStep | None = None
-        self.host_buffers: dict[tuple[int, int], list[torch.Tensor]] = {}  # two per result shape, used in turn
+        self.host_buffers: dict[tuple[str, int, int], list[torch.Tensor]] = {}  # see host_buffer
         self.last_result_at = 0.0
         self.acceptance = Acceptance.prior(drafter.prior_alpha)  # over all requests: where each new one starts
         self.seed_source = random.Random()
@@ -547,14 +547,18 @@ class Engine:
 
     def launch_greedy(self, reqs: list[Request], k: int, previous: InflightStep | None) -> InflightStep:
         rows = self.greedy_rows(reqs, k, [[]] * len(reqs), 0)
-        packed = torch.tensor(rows).to(self.device)
+        # From page-locked memory the copy is queued behind the running step; from pageable memory it would
+        # wait for that step to finish, and the device would idle while the host prepares the next one.
+        staged = self.host_buffer("rows", len(rows), len(rows[0]))
+        staged.copy_(torch.tensor(rows))
+        packed = staged.to(self.device, non_blocking=True)
         ahead = 0
         if previous is not None:  # tokens and lengths from the device: the host has not seen them yet
             packed[:, :3] = previous.state
             ahead = previous.k + 1
         kv_len = kv_bucket(max(len(r.ids) for r in reqs) + ahead + k, self.max_seq, self.kv_step)
         out = self.greedy_step(packed, k, kv_len)
-        result = self.host_buffer(out.shape[0], 2 + k)
+        result = self.host_buffer("result", out.shape[0], 2 + k)
         result.copy_(out[:, :2 + k], non_blocking=True)
         done = None
         if self.device.type == "cuda":
@@ -562,14 +566,14 @@ class Engine:
             done.record()
         return InflightStep(reqs, rows, k, result, done, out[:, 2 + k:], previous is not None)
 
-    def host_buffer(self, rows: int, cols: int) -> torch.Tensor:
-        """Host memory for a step result (page-locked on CUDA, so the copy is asynchronous); two per shape
-        taken in turn, as at most two steps are unread."""
-        pair = self.host_buffers.get((rows, cols))
+    def host_buffer(self, use: str, rows: int, cols: int) -> torch.Tensor:
+        """Host memory for a step's packed rows or its result (page-locked on CUDA, so copies are asynchronous);
+        two per use and shape taken in turn, as at most two steps are unread."""
+        pair = self.host_buffers.get((use, rows, cols))
         if pair is None:
             pinned = self.device.type == "cuda"
-            pair = self.host_buffers[(rows, cols)] = [torch.empty(rows, cols, dtype=torch.long, pin_memory=pinned)
-                                                      for _ in range(2)]
+            pair = self.host_buffers[(use, rows, cols)] = [
+                torch.empty(rows, cols, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         pair.reverse()
         return pair[0]
 
