@@ -8,6 +8,8 @@ A persona prefix is computed once into a prefix slot of the caches; every reques
 reads its first positions from there (the prefix reference of each forward) and computes only the rest.
 A prompt may arrive in pieces (`complete=False`, then `update_prompt`): its whole chunks are
 prefilled as they come, and the chunk holding its last token also yields the first new token.
+Greedy steps can be pipelined: step N + 1 is launched from step N's result on the device before the
+host reads step N's tokens (`pipeline`, on with CUDA graphs).
 """
 import json
 import random
