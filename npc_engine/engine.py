@@ -33,6 +33,7 @@ STREAM_CHUNK = 16  # an open prompt is prefilled in chunks of this many tokens a
 PREFILL_CHUNK = 32  # a complete prompt: most new-token prompts (a player line) fit one chunk
 EAGER_PREFILL_CHUNK = 128  # without CUDA graphs no shape needs repeating: fewer, larger forwards
 PROBE_AFTER = 32  # steps with speculation off before a request tries K = 1 again
+PROBE_ADMISSIONS = 16  # with speculation off, one new request in this many starts at K = 1
 
 
 def batch_bucket(batch: int) -> int:
@@ -116,7 +117,7 @@ class InflightStep:
     reqs: list[Request]
     rows: list[list[int]]  # as launched (column 4: drafts allowed per row)
     k: int
-    result: torch.Tensor  # host copy of the step's [B, 2 + k] result, complete once `done` has passed
+    result: torch.Tensor  # host copy of the step's [B, 2 + k + 3] output, complete once `done` has passed
     done: torch.cuda.Event | None  # None on the CPU, where the copy is synchronous
     state: torch.Tensor  # device [B, 3]: the first packed columns of each row's next step
     chained: bool  # launched while its predecessor was in flight: its arrival time is a step's cost
@@ -202,6 +203,7 @@ class Engine:
         self.inflight: InflightStep | None = None
         self.host_buffers: dict[tuple[str, int, int], list[torch.Tensor]] = {}  # see host_buffer
         self.last_result_at = 0.0
+        self.admitted_without_drafts = 0
         self.acceptance = Acceptance.prior(drafter.prior_alpha)  # over all requests: where each new one starts
         self.seed_source = random.Random()
         # Step wall times measured while serving, per (batch bucket, K): they include the host work the
@@ -325,7 +327,7 @@ class Engine:
     def step(self) -> list[StepEvent]:
         events, self.pending_events = self.pending_events, []
         if self.inflight is not None and not self.can_chain():
-            events += self.settle(self.inflight)
+            events += self.settle(self.inflight, timed=False)  # the time since the last result may be idle time
             self.inflight = None
         for r in [r for r in self.active.values() if r.cancelled]:
             events.append(self.finish(r, [], "cancelled"))
@@ -338,6 +340,11 @@ class Engine:
             # adapting from the drafter's fixed prior spends much of its line at the wrong K).
             alpha = self.acceptance.alpha
             r.k = self.fixed_k if self.fixed_k is not None else choose_k(alpha, self.step_cost_fn(len(self.active) + 1))
+            if r.k == 0 and self.fixed_k is None and self.drafter.name != "none":
+                # Speculation is off: every PROBE_ADMISSIONS-th request drafts one token, so the engine-wide
+                # acceptance can recover (short lines never reach the per-request probe after PROBE_AFTER steps).
+                self.admitted_without_drafts += 1
+                r.k = int(self.admitted_without_drafts % PROBE_ADMISSIONS == 0)
             r.acceptance = Acceptance.prior(alpha)
             self.active[r.rid] = r
             admitted.append(r)
@@ -560,8 +567,8 @@ class Engine:
             ahead = previous.k + 1
         kv_len = kv_bucket(max(len(r.ids) for r in reqs) + ahead + k, self.max_seq, self.kv_step)
         out = self.greedy_step(packed, k, kv_len)
-        result = self.host_buffer("result", out.shape[0], 2 + k)
-        result.copy_(out[:, :2 + k], non_blocking=True)
+        result = self.host_buffer("result", *out.shape)  # all of it: a slice would need a device-side copy first
+        result.copy_(out, non_blocking=True)
         done = None
         if self.device.type == "cuda":
             done = torch.cuda.Event()
@@ -579,27 +586,27 @@ class Engine:
         pair.reverse()
         return pair[0]
 
-    def settle(self, step: InflightStep) -> list[StepEvent]:
+    def settle(self, step: InflightStep, timed: bool = True) -> list[StepEvent]:
         """Waits for a launched step and applies its result to those of its requests still decoding."""
         if step.done is not None:
             step.done.synchronize()
         now = time.perf_counter()
-        if step.chained:  # a step's cost in a running chain: the time between two results
+        if step.chained and timed:  # a step's cost in a running chain: the time between two results
             self.record_step_time(len(step.reqs), step.k, now - self.last_result_at)
         self.last_result_at = now
-        live = [(r, [n, extra, row[4], *drafts]) for r, row, (n, extra, *drafts) in
+        live = [(r, [n, extra, row[4], *rest[:step.k]]) for r, row, (n, extra, *rest) in
                 zip(step.reqs, step.rows, step.result.tolist()) if self.active.get(r.rid) is r and not r.cancelled]
         return self.apply_step([r for r, _ in live], [res for _, res in live], step.k)
 
     def can_chain(self) -> bool:
         """Whether the next step may start from the in-flight one's result: the same requests decoding, none to
-        admit, prefill or cancel, and (with a draft model) no drafting after a step that did not feed it."""
+        admit, cancel or prefill to its end (an open prompt's chunks touch only its own slot), and (with a
+        draft model) no drafting after a step that did not feed it."""
         decoding = [r for r in self.active.values() if len(r.ids) > len(r.prompt)]
         step = self.inflight
         return (len(decoding) == len(step.reqs) and all(a is b for a, b in zip(decoding, step.reqs))
                 and not (self.waiting and self.free_slots)
-                and not any(r.cancelled or r.fed < (len(r.prompt) if r.complete else self.open_prefill_end(r))
-                            for r in self.active.values())
+                and not any(r.cancelled or (r.complete and r.fed < len(r.prompt)) for r in self.active.values())
                 and not (step.k == 0 and self.drafter.cache is not None and self.asked_k(decoding)))
 
     def run_sampled_step(self, reqs: list[Request], k_asked: int) -> list[list[int]]:

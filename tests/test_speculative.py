@@ -290,6 +290,23 @@ def test_engine_switches_speculation_off_when_it_does_not_pay(tiny_pair_dirs):
     assert engine.active["b"].acceptance.alpha == engine.acceptance.alpha
 
 
+def test_speculation_switched_off_engine_wide_is_probed_again(tiny_pair_dirs):
+    """With the engine-wide acceptance low, new requests start without drafting; one in PROBE_ADMISSIONS
+    drafts anyway, so a drafter that agrees (here the target itself) turns speculation back on."""
+    from npc_engine.engine import PROBE_ADMISSIONS, Acceptance
+
+    target_dir, _ = tiny_pair_dirs
+    engine = make_engine(target_dir, "model", target_dir)
+    engine.acceptance = Acceptance(0.2, 2.0)
+    drafted = []
+    for i in range(2 * PROBE_ADMISSIONS):
+        list(engine.generate(engine.tokenizer.encode(PROMPTS[i % len(PROMPTS)]),
+                             SamplingParams(temperature=0, max_tokens=12), rid=f"r{i}"))
+        drafted.append(engine.last_stats.drafted)
+    assert drafted[0] == 0 and drafted[PROBE_ADMISSIONS - 1] > 0  # the 16th request probed
+    assert engine.acceptance.alpha > 0.5 and drafted[-1] > 0  # and speculation stayed on
+
+
 def test_draft_cache_catches_up_after_steps_without_drafting(tiny_pair_dirs):
     """Steps with speculation off leave the draft model's cache behind; the next drafting step feeds
     the missing tokens first, so the draft cache again equals a fresh prefill."""
