@@ -157,8 +157,8 @@ def test_an_open_says_timeout_counts_from_its_final_piece(fake):
     client = connected_client(fake, deadline_grace_ms=50)
     rid = client.say("smith", "Can", deadline_ms=50, open=True)
     assert poll_for(client, 0.4) == []  # typing: no deadline runs yet
+    final_at = time.monotonic()  # before the append: the client's deadline starts inside it
     client.append(rid, " you?", final=True)
-    final_at = time.monotonic()
     events = poll_for(client, 2.0, until=lambda ev: ev)
     assert 0.1 <= time.monotonic() - final_at < 1.0
     assert [(e["id"], e["code"]) for e in events] == [(rid, "timeout")]
