@@ -502,7 +502,8 @@ class Engine:
         if k_asked and self.drafter.cache is not None:  # steps without drafting left the draft cache behind
             self.prefill_ranges([(r, r.draft_valid, len(r.ids) - 2) for r in reqs], target=False)
         greedy = all(r.params.temperature == 0 for r in reqs)
-        if greedy and self.pipelined and self.drafter.name != "ngram":  # n-gram drafts need the host's tokens
+        # n-gram drafts are looked up in the host's tokens: a step that drafts waits for the one before it
+        if greedy and self.pipelined and not (self.drafter.name == "ngram" and k_asked):
             return self.pipelined_step(reqs, k_asked)
         started = time.perf_counter()  # a catch-up is paid once; the step time decides every later step
         result = self.run_greedy_step(reqs, k_asked) if greedy else self.run_sampled_step(reqs, k_asked)
@@ -601,13 +602,15 @@ class Engine:
     def can_chain(self) -> bool:
         """Whether the next step may start from the in-flight one's result: the same requests decoding, none to
         admit, cancel or prefill to its end (an open prompt's chunks touch only its own slot), and (with a
-        draft model) no drafting after a step that did not feed it."""
+        draft model) no drafting after a step that did not feed it, (n-gram) no drafting at all: its lookups read
+        the host's tokens."""
         decoding = [r for r in self.active.values() if len(r.ids) > len(r.prompt)]
         step = self.inflight
         return (len(decoding) == len(step.reqs) and all(a is b for a, b in zip(decoding, step.reqs))
                 and not (self.waiting and self.free_slots)
                 and not any(r.cancelled or (r.complete and r.fed < len(r.prompt)) for r in self.active.values())
-                and not (step.k == 0 and self.drafter.cache is not None and self.asked_k(decoding)))
+                and not ((step.k == 0 and self.drafter.cache is not None or self.drafter.name == "ngram")
+                         and self.asked_k(decoding)))
 
     def run_sampled_step(self, reqs: list[Request], k_asked: int) -> list[list[int]]:
         B, dev = len(reqs), self.device

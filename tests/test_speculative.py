@@ -220,7 +220,7 @@ def test_ngram_lookup_finds_the_latest_earlier_occurrence():
     assert drafter.lookup([7, 1, 2, 3, 9, 1, 2, 3, 5, 1, 2, 3], 3) == [5, 1, 2]
 
 
-@pytest.mark.parametrize("drafter_kind,k", [("none", None), ("model", 3), ("model", None)])
+@pytest.mark.parametrize("drafter_kind,k", [("none", None), ("model", 3), ("model", None), ("ngram", None), ("ngram", 0), ("ngram", 2)])
 def test_pipelined_greedy_decoding_is_token_identical(drafter_kind, k):
     """Each step launched from the previous one's device result before the host reads it: the same tokens
     with requests of different lengths finishing mid-chain, a request admitted mid-chain and one cancelled.
@@ -233,9 +233,10 @@ def test_pipelined_greedy_decoding_is_token_identical(drafter_kind, k):
         out, ends, accepted = {f"r{i}": [] for i in range(len(PROMPTS))}, {}, {}
         for i in range(6):
             engine.submit(f"r{i}", engine.tokenizer.encode(PROMPTS[i]), params[i])
-        steps = 0
+        steps, chained = 0, False
         while engine.has_work():
             steps += 1
+            chained |= engine.inflight is not None
             if steps == 4:  # mid-chain: one more request, one cancelled
                 engine.submit("r6", engine.tokenizer.encode(PROMPTS[6]), params[6])
                 assert engine.cancel("r4")
@@ -248,6 +249,7 @@ def test_pipelined_greedy_decoding_is_token_identical(drafter_kind, k):
         assert engine.inflight is None and not engine.active
         if pipeline:  # only steps launched while their predecessor was in flight are timed
             assert engine.step_seconds
+            assert chained or k  # n-gram steps that draft (fixed K > 0) are never chained
         outputs.append((out, ends, accepted))
     (plain, plain_ends, plain_accepted), (piped, piped_ends, piped_accepted) = outputs
     assert piped_accepted == plain_accepted
