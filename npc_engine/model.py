@@ -196,8 +196,8 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1))
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
-    def forward_fused(self, qkv, cos_table, sin_table, input_pos, k_cache, v_cache, slots, kv_len, prefix=None):
-        """qkv: [B, T, q + k + v] projections (one fused matrix)."""
+    def forward_fused(self, qkv, cos_table, sin_table, input_pos, k_cache, v_cache, slots, kv_len, prefix, residual):
+        """qkv: [B, T, q + k + v] projections (one fused matrix). Returns residual + the attention block's output."""
         from kernels import cached_attention, linear, rope_kv_write
 
         B, T, _ = qkv.shape
@@ -207,7 +207,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q = rope_kv_write(q, k, v, cos_table, sin_table, input_pos, slots, k_cache, v_cache)
         out = cached_attention(q, k_cache, v_cache, slots, input_pos, max_len=kv_len, prefix=prefix)
-        return linear(out.reshape(B, T, -1), *linear_params(self.o_proj))
+        return linear(out.reshape(B, T, -1), *linear_params(self.o_proj), residual=residual)
 
 
 class MLP(nn.Module):
@@ -319,24 +319,24 @@ class Transformer(nn.Module):
 
     def forward_fused(self, tokens, input_pos, cache: KVCache, slots, kv_len: int,
                       logits: bool | torch.Tensor = True, prefix: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Same function as forward with a cache: fused residual-add + RMSNorm, RoPE + cache write, and
-        attention over cached keys as single kernels."""
+        """Same function as forward with a cache (the norms' weights folded into the projections after them by
+        fuse_projections_): each RMSNorm runs inside the linear kernel after it, each residual add in the epilogue of
+        the one before; RoPE + cache write and attention over cached keys are single kernels."""
         from kernels import add_rmsnorm, gated_linear, linear
 
         cos, sin = self.rope_table(cache.max_seq, tokens.device)
-        h, residual = self.model.embed_tokens(tokens), None
+        h = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.model.layers):
-            attn, mlp, norm1, norm2 = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
-            x, residual = add_rmsnorm(h, residual, norm1.weight, norm1.eps)
-            h = attn.forward_fused(linear(x, *attn.qkv), cos, sin, input_pos, *cache.layer(i), slots, kv_len, prefix)
-            x, residual = add_rmsnorm(h, residual, norm2.weight, norm2.eps)
-            h = linear(gated_linear(x, *mlp.gate_up), *linear_params(mlp.down_proj))
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = linear(h, *attn.qkv, rms_eps=layer.input_layernorm.eps)
+            h = attn.forward_fused(qkv, cos, sin, input_pos, *cache.layer(i), slots, kv_len, prefix, residual=h)
+            x = gated_linear(h, *mlp.gate_up, rms_eps=layer.post_attention_layernorm.eps)
+            h = linear(x, *linear_params(mlp.down_proj), residual=h)
         if isinstance(logits, torch.Tensor):
-            rows = torch.arange(h.shape[0], device=h.device)
-            h, residual = h[rows, logits][:, None], residual[rows, logits][:, None]
+            h = h[torch.arange(h.shape[0], device=h.device), logits][:, None]
         elif not logits:
             return None
-        x, _ = add_rmsnorm(h, residual, self.model.norm.weight, self.model.norm.eps)
+        x, _ = add_rmsnorm(h, None, self.model.norm.weight, self.model.norm.eps)
         out = linear(x, *linear_params(self.lm_head))
         return out[:, 0] if isinstance(logits, torch.Tensor) else out
 
@@ -348,10 +348,30 @@ class Transformer(nn.Module):
         return self.rope_tables
 
 
+def fold_norms_(model: Transformer) -> Transformer:
+    """Multiplies each decoder layer's RMSNorm weight into the columns of the projections it feeds (q, k, v; gate,
+    up) and sets it to 1: the same function (up to rounding), and the fused forward normalizes inside the linear
+    kernel. A no-op on folded norms. The final norm stays (the output head may be the tied embedding)."""
+    from kernels.fp8 import Fp8Linear
+
+    for layer in model.model.layers:
+        for norm, projections in ((layer.input_layernorm, (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                                                           layer.self_attn.v_proj)),
+                                  (layer.post_attention_layernorm, (layer.mlp.gate_proj, layer.mlp.up_proj))):
+            if bool((norm.weight == 1).all()):
+                continue
+            if any(isinstance(m, Fp8Linear) for m in projections):
+                raise ValueError("fold_norms_: fold the norms before quantizing (quantize_fp8_ does)")
+            for m in projections:
+                m.weight.data = (m.weight.data.float() * norm.weight.data.float()).to(m.weight.dtype)
+            norm.weight.data = torch.ones_like(norm.weight.data)
+    return model
+
+
 def fuse_projections_(model: Transformer) -> Transformer:
-    """One matrix for q, k, v and one for gate, up (bf16 or FP8 with their per-channel scales), so a step
-    reads each in one kernel. The separate layers become views of the fused storage: no extra memory,
-    and state_dict() keeps the Hugging Face names."""
+    """Folds the norms (fold_norms_), then one matrix for q, k, v and one for gate, up (bf16 or FP8 with their
+    per-channel scales), so a step reads each in one kernel. The separate layers become views of the fused storage:
+    no extra memory, and state_dict() keeps the Hugging Face names."""
     from kernels.fp8 import Fp8Linear
 
     def fuse(layers: list[nn.Module]):
@@ -371,6 +391,7 @@ def fuse_projections_(model: Transformer) -> Transformer:
             start += n
         return weight, bias, scale
 
+    fold_norms_(model)
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         attn.qkv = fuse([attn.q_proj, attn.k_proj, attn.v_proj])

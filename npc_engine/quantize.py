@@ -1,13 +1,15 @@
 """`--dtype fp8`: every linear layer's weight stored as FP8 (e4m3) with one scale per output channel."""
 from torch import nn
 
-from npc_engine.model import Transformer
+from npc_engine.model import Transformer, fold_norms_
 
 
 def quantize_fp8_(model: Transformer) -> Transformer:
-    """Swaps each nn.Linear (attention, MLP, lm_head) for kernels.Fp8Linear in place; embeddings and norms stay."""
+    """Swaps each nn.Linear (attention, MLP, lm_head) for kernels.Fp8Linear in place; embeddings and norms stay (the
+    decoder layers' norm weights folded into the projections first, as the fused forward wants them)."""
     from kernels.fp8 import Fp8Linear
 
+    fold_norms_(model)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):

@@ -101,12 +101,16 @@ def test_streamed_prompt_with_graphs_equals_one_shot(tiny_pair_dirs):
 
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_fused_logits_match_torch_path(tiny_model_dir, dtype, bound):
-    model = fuse_projections_(load_model(tiny_model_dir, "cuda", dtype))
-    tokens = torch.randint(0, model.args.vocab_size, (3, 40), device="cuda")
+    """The torch path runs the checkpoint as loaded; the fused path has its norm weights folded into the projections
+    (the tiny checkpoint's norm weights are random, not 1)."""
+    torch_path = load_model(tiny_model_dir, "cuda", dtype)
+    assert not bool((torch_path.model.layers[0].input_layernorm.weight == 1).all())
+    fused_path = fuse_projections_(load_model(tiny_model_dir, "cuda", dtype))
+    tokens = torch.randint(0, torch_path.args.vocab_size, (3, 40), device="cuda")
     pos = torch.arange(40, device="cuda").expand(3, -1)
     slots = torch.tensor([2, 0, 1], device="cuda")
     outs = []
-    for fused in (False, True):
+    for fused, model in ((False, torch_path), (True, fused_path)):
         model.fused = fused
         cache = KVCache(model.args, 3, 128, "cuda", dtype)
         prefill = model(tokens[:, :33], pos[:, :33], cache, slots, 64)
@@ -116,13 +120,14 @@ def test_fused_logits_match_torch_path(tiny_model_dir, dtype, bound):
 
 
 def test_one_row_decode_through_the_gemv_matches_torch_path(tiny_model_dir):
-    """bf16 decode steps of one row take kernels.linear's small-M Triton kernel (with the norm and SiLU
-    fused in front) on the fused path."""
-    model = fuse_projections_(load_model(tiny_model_dir, "cuda", torch.bfloat16))
-    tokens = torch.randint(0, model.args.vocab_size, (1, 24), device="cuda")
+    """bf16 decode steps of one row take kernels.linear's small-M Triton kernel on the fused path (norms inside it,
+    residual adds and silu(gate) * up in its epilogue), against the unfolded checkpoint on the torch path."""
+    torch_path = load_model(tiny_model_dir, "cuda", torch.bfloat16)
+    fused_path = fuse_projections_(load_model(tiny_model_dir, "cuda", torch.bfloat16))
+    tokens = torch.randint(0, torch_path.args.vocab_size, (1, 24), device="cuda")
     slots = torch.tensor([1], device="cuda")
     outs = []
-    for fused in (False, True):
+    for fused, model in ((False, torch_path), (True, fused_path)):
         model.fused = fused
         cache = KVCache(model.args, 2, 128, "cuda", torch.bfloat16)
         model(tokens[:, :16], torch.arange(16, device="cuda")[None], cache, slots, 64, logits=False)

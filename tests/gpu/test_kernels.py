@@ -97,11 +97,12 @@ RMS_SHAPES = gpu_or_tiny([(1, 2048), (17, 2048), (4, 9, 4096), (3, 1000)], [(1, 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", RMS_SHAPES)
 @pytest.mark.parametrize("with_residual", [True, False])
-def test_add_rmsnorm(shape, dtype, with_residual):
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_add_rmsnorm(shape, dtype, with_residual, with_weight):
     g = torch.Generator(DEVICE).manual_seed(0)
     x = torch.randn(shape, generator=g, device=DEVICE).to(dtype)
     residual = torch.randn(shape, generator=g, device=DEVICE).to(dtype) if with_residual else None
-    weight = (1 + 0.1 * torch.randn(shape[-1], generator=g, device=DEVICE)).to(dtype)
+    weight = (1 + 0.1 * torch.randn(shape[-1], generator=g, device=DEVICE)).to(dtype) if with_weight else None
     out, res_out = nan_like(x), nan_like(x)
     normed, new_res = add_rmsnorm_triton(x, residual, weight, 1e-5, out=out, residual_out=res_out)
     ref_normed, ref_res = add_rmsnorm_reference(x, residual, weight, 1e-5)
@@ -381,6 +382,37 @@ def test_small_m_linear(shape, rows, dtype, fp8, with_bias, gated):
     assert rel_err(got, ref) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("shape", SMALL_M_SHAPES)
+@pytest.mark.parametrize("rows", [1, 9, 16])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("rms,with_residual", [(True, False), (False, True), (True, True)])
+def test_small_m_linear_fused_norm_and_residual(shape, rows, dtype, fp8, gated, rms, with_residual):
+    """An RMSNorm (weight folded into the matrix) computed from the sums of squares the kernel accumulates while it
+    streams x, and the residual add in the epilogue, against norm -> linear -> (silu * up) -> + residual in float64.
+    x is scaled so that a forgotten normalization is far off."""
+    N, K = shape
+    N += N % 2 if gated else 0
+    x, weight, _, scale = _small_m_case(N, K, rows, dtype, fp8, False)
+    x = (x * 7).to(dtype)
+    n_out = N // 2 if gated else N
+    residual = torch.randn(rows, 1, n_out, device=DEVICE).to(dtype) if with_residual else None
+    got = small_m_linear_triton(x[:, None], weight, None, scale, gated=gated, rms_eps=1e-5 if rms else None,
+                                residual=residual)
+    xd = x[:, None].double()
+    if rms:
+        xd = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)
+    ref = linear_reference(xd, weight.double(), None, scale)
+    if gated:
+        gate, up = ref.chunk(2, dim=-1)
+        ref = torch.nn.functional.silu(gate) * up
+    if with_residual:
+        ref = ref + residual.double()
+    assert got.shape == (rows, 1, n_out) and got.dtype == dtype and not got.isnan().any()
+    assert rel_err(got, ref) <= TOL[dtype]
+
+
 def test_small_m_linear_refuses_bad_inputs():
     w = torch.randn(8, 64, device=DEVICE, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="1 to 16 rows"):
@@ -394,6 +426,8 @@ def test_small_m_linear_refuses_bad_inputs():
         small_m_linear_triton(x, w, scale=torch.ones(8, device=DEVICE))
     with pytest.raises(ValueError, match="gate and up"):
         small_m_linear_triton(x, w[:7], gated=True)
+    with pytest.raises(ValueError, match="residual"):
+        small_m_linear_triton(x, w, residual=torch.zeros(1, 9, device=DEVICE, dtype=torch.bfloat16))
 
 
 @needs_cuda
@@ -411,6 +445,15 @@ def test_linear_dispatch():
     gate, up = linear_reference(rows, weight).chunk(2, dim=-1)  # 17 rows: linear, then silu * up
     assert torch.equal(gated_linear(rows, weight), torch.nn.functional.silu(gate) * up)
     assert torch.equal(gated_linear(rows[:5], weight), small_m_linear_triton(rows[:5], weight, gated=True))
+    # a norm or residual to fuse: the kernel up to 16 rows (bf16 too); above, norm -> linear -> add
+    res = torch.randn(17, 96, device=DEVICE, dtype=torch.bfloat16)
+    assert torch.equal(linear(rows[:3], weight, rms_eps=1e-5, residual=res[:3]),
+                       small_m_linear_triton(rows[:3], weight, rms_eps=1e-5, residual=res[:3]))
+    normed = add_rmsnorm_reference(rows, None, None, 1e-5)[0]
+    assert torch.equal(linear(rows, weight, rms_eps=1e-5, residual=res), linear_reference(normed, weight) + res)
+    assert torch.equal(linear(rows, w8, None, scale, rms_eps=1e-5), fp8_linear(normed, w8, scale))
+    gate, up = linear_reference(normed, weight).chunk(2, dim=-1)
+    assert torch.equal(gated_linear(rows, weight, rms_eps=1e-5), torch.nn.functional.silu(gate) * up)
 
 
 # ---------------------------------------------------------------- CUDA graphs
