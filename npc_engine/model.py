@@ -320,23 +320,34 @@ class Transformer(nn.Module):
     def forward_fused(self, tokens, input_pos, cache: KVCache, slots, kv_len: int,
                       logits: bool | torch.Tensor = True, prefix: torch.Tensor | None = None) -> torch.Tensor | None:
         """Same function as forward with a cache (the norms' weights folded into the projections after them by
-        fuse_projections_): each RMSNorm runs inside the linear kernel after it, each residual add in the epilogue of
-        the one before; RoPE + cache write and attention over cached keys are single kernels."""
+        fuse_projections_). One row (a decode step at batch 1): each RMSNorm runs inside the linear kernel after it
+        and each residual add in the epilogue of the one before. More rows: residual add + RMSNorm is one kernel
+        (with several rows the linear kernel ran slower with them fused than cuBLAS after it: RESULTS.md, S4-2).
+        RoPE + cache write and attention over cached keys are single kernels."""
         from kernels import add_rmsnorm, gated_linear, linear
 
         cos, sin = self.rope_table(cache.max_seq, tokens.device)
-        h = self.model.embed_tokens(tokens)
+        one_row = tokens.numel() == 1
+        h, pending = self.model.embed_tokens(tokens), None  # pending: a block's output not yet added to h
         for i, layer in enumerate(self.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            qkv = linear(h, *attn.qkv, rms_eps=layer.input_layernorm.eps)
-            h = attn.forward_fused(qkv, cos, sin, input_pos, *cache.layer(i), slots, kv_len, prefix, residual=h)
-            x = gated_linear(h, *mlp.gate_up, rms_eps=layer.post_attention_layernorm.eps)
-            h = linear(x, *linear_params(mlp.down_proj), residual=h)
+            eps1, eps2 = layer.input_layernorm.eps, layer.post_attention_layernorm.eps
+            if one_row:
+                qkv = linear(h, *attn.qkv, rms_eps=eps1)
+                h = attn.forward_fused(qkv, cos, sin, input_pos, *cache.layer(i), slots, kv_len, prefix, residual=h)
+                h = linear(gated_linear(h, *mlp.gate_up, rms_eps=eps2), *linear_params(mlp.down_proj), residual=h)
+            else:
+                x, h = add_rmsnorm(h, None, None, eps1) if pending is None else add_rmsnorm(pending, h, None, eps1)
+                pending = attn.forward_fused(linear(x, *attn.qkv), cos, sin, input_pos, *cache.layer(i), slots, kv_len,
+                                             prefix, residual=None)
+                x, h = add_rmsnorm(pending, h, None, eps2)
+                pending = linear(gated_linear(x, *mlp.gate_up), *linear_params(mlp.down_proj))
         if isinstance(logits, torch.Tensor):
-            h = h[torch.arange(h.shape[0], device=h.device), logits][:, None]
+            rows = torch.arange(h.shape[0], device=h.device)
+            h, pending = h[rows, logits][:, None], None if pending is None else pending[rows, logits][:, None]
         elif not logits:
             return None
-        x, _ = add_rmsnorm(h, None, self.model.norm.weight, self.model.norm.eps)
+        x, _ = add_rmsnorm(h, pending, self.model.norm.weight, self.model.norm.eps)
         out = linear(x, *linear_params(self.lm_head))
         return out[:, 0] if isinstance(logits, torch.Tensor) else out
 
