@@ -103,10 +103,14 @@ def _rows_linear_kernel(X, W, S, B, R, Y, M, N, K, stride_x, stride_w, stride_r,
     tl.store(Y + rows[:, None] * stride_y + n[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
-def small_m_config(M: int, N: int, K: int, weight_bytes: int) -> tuple[int, int, int, int, int]:
+def small_m_config(M: int, N: int, K: int, weight_bytes: int, gated: bool = False) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for M rows against an [N, K] weight: the best
-    of a sweep on the H200 over the 1B, 8B and trained-pair shapes (benchmarks/RESULTS.md, run S3-2)."""
+    of sweeps on the H200 over the 1B, 8B and trained-pair shapes (benchmarks/RESULTS.md, runs S3-2 and S4-3)."""
     if M == 1:  # many small programs, each streaming whole rows
+        if weight_bytes == 2 and K >= 8192:  # long rows (the MLP's down projection): one weight row per program
+            return 1, 1, min(2048 if K >= 12288 else 1024, triton.next_power_of_2(K)), 4, 1
+        if weight_bytes == 2 and gated and K <= 2048:
+            return 1, 4, min(512, triton.next_power_of_2(K)), 4, 1
         return 1, 2 if weight_bytes == 2 else 4, min(1024, triton.next_power_of_2(K)), 4, 1
     wide = N >= 8192
     block_n = (64 if weight_bytes == 2 else 32) if wide else 32 if N >= 3072 else 16
@@ -139,7 +143,7 @@ def small_m_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         raise ValueError(f"small-M linear: residual {tuple(residual.shape)} must be {(*x.shape[:-1], n_out)}")
     x2 = x2.contiguous()
     y = torch.empty(M, n_out, device=x.device, dtype=x.dtype)
-    block_m, block_n, block_k, warps, stages = small_m_config(M, N, K, weight.element_size())
+    block_m, block_n, block_k, warps, stages = small_m_config(M, N, K, weight.element_size(), gated)
     if gated and block_m > 1:  # each program reads gate and up rows: as many weight bytes as an ungated one
         block_n = max(16, block_n // 2)
     launch_rows_linear(x2, weight, bias, scale, y, (block_m, block_n, block_k, warps, stages), gated, rms_eps,

@@ -320,14 +320,15 @@ class Transformer(nn.Module):
     def forward_fused(self, tokens, input_pos, cache: KVCache, slots, kv_len: int,
                       logits: bool | torch.Tensor = True, prefix: torch.Tensor | None = None) -> torch.Tensor | None:
         """Same function as forward with a cache (the norms' weights folded into the projections after them by
-        fuse_projections_). One row (a decode step at batch 1): each RMSNorm runs inside the linear kernel after it
-        and each residual add in the epilogue of the one before. More rows: residual add + RMSNorm is one kernel
-        (with several rows the linear kernel ran slower with them fused than cuBLAS after it: RESULTS.md, S4-2).
+        fuse_projections_). One row (a decode step at batch 1) with bf16/fp16 weights: each RMSNorm runs inside the
+        linear kernel after it and each residual add in the epilogue of the one before. Otherwise residual add +
+        RMSNorm is one kernel: with several rows the linear kernel ran slower with them fused than cuBLAS after a norm
+        kernel, and with FP8 weights the one-row kernel did too (RESULTS.md, S4-2, S4-3).
         RoPE + cache write and attention over cached keys are single kernels."""
         from kernels import add_rmsnorm, gated_linear, linear
 
         cos, sin = self.rope_table(cache.max_seq, tokens.device)
-        one_row = tokens.numel() == 1
+        one_row = tokens.numel() == 1 and self.model.layers[0].self_attn.qkv[2] is None
         h, pending = self.model.embed_tokens(tokens), None  # pending: a block's output not yet added to h
         for i, layer in enumerate(self.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
