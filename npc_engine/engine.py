@@ -440,10 +440,14 @@ class Engine:
         logits give the request's first token; an open one as far as `open_prefill_end`."""
         complete = [(r, r.fed, len(r.prompt)) for r in reqs if r.complete]
         streaming = [(r, r.fed, self.open_prefill_end(r)) for r in reqs if not r.complete]
-        self.prefill_ranges(streaming, chunk=STREAM_CHUNK)
-        last_logits = self.prefill_ranges(complete)
+        # Requests that start with speculation off leave the draft model's cache behind (a drafting step catches up).
+        drafting = any(r.k for r in reqs)
+        self.prefill_ranges(streaming, chunk=STREAM_CHUNK, draft=drafting)
+        last_logits = self.prefill_ranges(complete, draft=drafting)
         for r, _, end in complete + streaming:
-            r.fed = r.draft_valid = end
+            r.fed = end
+            if drafting:
+                r.draft_valid = end
         if not last_logits:
             return []
         finishing = [r for r, _ in last_logits]
@@ -457,10 +461,10 @@ class Engine:
         u = torch.cat([torch.rand(1, generator=r.generator, device=self.device) for r in reqs])
         return sample(probs, u).tolist()
 
-    def prefill_ranges(self, ranges: list[tuple[Request, int, int]], target: bool = True,
-                       chunk: int | None = None, into_prefix: bool = False) -> list[tuple[Request, torch.Tensor]]:
-        """Feeds positions [a, b) of each request's tokens to the target (unless target=False) and the
-        drafter, into the request's own slot or (into_prefix) its shared prefix slot. Returns the target's
+    def prefill_ranges(self, ranges: list[tuple[Request, int, int]], target: bool = True, chunk: int | None = None,
+                       into_prefix: bool = False, draft: bool = True) -> list[tuple[Request, torch.Tensor]]:
+        """Feeds positions [a, b) of each request's tokens to the target (unless target=False) and the drafter
+        (unless draft=False), into the request's own slot or (into_prefix) its shared prefix slot. Returns the target's
         logits at the last prompt token of each complete prompt fed to its end."""
         ranges = [(r, a, b) for r, a, b in ranges if b > a]
         chunk = chunk or self.prefill_chunk
@@ -487,7 +491,8 @@ class Engine:
                 last_logits += [(rows[i][0], logits[i].clone()) for i in ending]
                 for r, a, b in rows:
                     r.stats.prefill_tokens += b - a
-            self.drafter.prefill(tokens_t, pos_t, slots, kv_len, prefix)
+            if draft:
+                self.drafter.prefill(tokens_t, pos_t, slots, kv_len, prefix)
         return last_logits
 
     def asked_k(self, reqs: list[Request]) -> int:

@@ -259,6 +259,27 @@ def test_pipelined_greedy_decoding_is_token_identical(drafter_kind, k):
     assert piped == plain
 
 
+def test_request_admitted_without_drafting_catches_the_draft_cache_up():
+    """A request admitted with speculation off skips the draft model's prefill; when it starts drafting, the
+    catch-up prefill leaves the draft cache as if it had been fed all along: the same drafts get accepted."""
+    target_dir, draft_dir = EMBEDDED / "npc-target", EMBEDDED / "npc-draft"
+    params = SamplingParams(temperature=0, max_tokens=30)
+    runs = []
+    for first_k in (3, 0):
+        engine = make_engine(target_dir, "model", draft_dir, fixed_k=first_k)
+        engine.submit("a", engine.tokenizer.encode(PROMPTS[0]), params)
+        tokens = [t for ev in engine.step() for t in ev.token_ids]  # admission, prefill, first token
+        r = engine.active["a"]
+        assert r.draft_valid == (len(r.prompt) if first_k else 0)
+        engine.fixed_k = r.k = 3
+        while engine.has_work():
+            for ev in engine.step():
+                tokens += ev.token_ids
+                stats = ev.stats
+        runs.append((tokens, stats.drafted, stats.accepted))
+    assert runs[0] == runs[1] and runs[0][2] > 0
+
+
 def test_choose_k_follows_acceptance_and_cost():
     def linear(per_token):
         return lambda k: 1.0 + per_token * k
