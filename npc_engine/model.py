@@ -198,7 +198,7 @@ class Attention(nn.Module):
 
     def forward_fused(self, qkv, cos_table, sin_table, input_pos, k_cache, v_cache, slots, kv_len, prefix, residual):
         """qkv: [B, T, q + k + v] projections (one fused matrix). Returns residual + the attention block's output."""
-        from kernels import cached_attention, linear, rope_kv_write
+        from kernels import rope_kv_write
 
         B, T, _ = qkv.shape
         q, k, v = qkv.split(self.qkv_sizes, dim=-1)
@@ -206,6 +206,13 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q = rope_kv_write(q, k, v, cos_table, sin_table, input_pos, slots, k_cache, v_cache)
+        return self.attend(q, input_pos, k_cache, v_cache, slots, kv_len, prefix, residual)
+
+    def attend(self, q, input_pos, k_cache, v_cache, slots, kv_len, prefix, residual):
+        """q [B, T, heads, head_dim], rotated, its keys and values in the cache: residual + o_proj(attention)."""
+        from kernels import cached_attention, linear
+
+        B, T = q.shape[:2]
         out = cached_attention(q, k_cache, v_cache, slots, input_pos, max_len=kv_len, prefix=prefix)
         return linear(out.reshape(B, T, -1), *linear_params(self.o_proj), residual=residual)
 
@@ -321,11 +328,12 @@ class Transformer(nn.Module):
                       logits: bool | torch.Tensor = True, prefix: torch.Tensor | None = None) -> torch.Tensor | None:
         """Same function as forward with a cache (the norms' weights folded into the projections after them by
         fuse_projections_). One row (a decode step at batch 1) with bf16/fp16 weights: each RMSNorm runs inside the
-        linear kernel after it and each residual add in the epilogue of the one before. Otherwise residual add +
-        RMSNorm is one kernel: with several rows the linear kernel ran slower with them fused than cuBLAS after a norm
-        kernel, and with FP8 weights the one-row kernel did too (RESULTS.md, S4-2, S4-3).
-        RoPE + cache write and attention over cached keys are single kernels."""
-        from kernels import add_rmsnorm, gated_linear, linear
+        linear kernel after it, each residual add in the epilogue of the one before, and the q/k/v kernel also
+        rotates q and k and writes the cache (kernels.qkv_rope). Otherwise residual add + RMSNorm is one kernel: with
+        several rows the linear kernel ran slower with them fused than cuBLAS after a norm kernel, and with FP8
+        weights the one-row kernel did too (RESULTS.md, S4-2, S4-3); RoPE + cache write is one kernel.
+        Attention over cached keys is one kernel (and its split combine)."""
+        from kernels import add_rmsnorm, gated_linear, linear, qkv_rope_write
 
         cos, sin = self.rope_table(cache.max_seq, tokens.device)
         one_row = tokens.numel() == 1 and self.model.layers[0].self_attn.qkv[2] is None
@@ -334,8 +342,10 @@ class Transformer(nn.Module):
             attn, mlp = layer.self_attn, layer.mlp
             eps1, eps2 = layer.input_layernorm.eps, layer.post_attention_layernorm.eps
             if one_row:
-                qkv = linear(h, *attn.qkv, rms_eps=eps1)
-                h = attn.forward_fused(qkv, cos, sin, input_pos, *cache.layer(i), slots, kv_len, prefix, residual=h)
+                k_cache, v_cache = cache.layer(i)
+                q = qkv_rope_write(h, *attn.qkv[:2], eps1, attn.n_heads, attn.n_kv_heads, cos, sin, input_pos, slots,
+                                   k_cache, v_cache)
+                h = attn.attend(q, input_pos, k_cache, v_cache, slots, kv_len, prefix, residual=h)
                 h = linear(gated_linear(h, *mlp.gate_up, rms_eps=eps2), *linear_params(mlp.down_proj), residual=h)
             else:
                 x, h = add_rmsnorm(h, None, None, eps1) if pending is None else add_rmsnorm(pending, h, None, eps1)

@@ -29,6 +29,7 @@ from kernels.fp8 import (  # noqa: E402
     quantize_rows_fp8,
 )
 from kernels.gemv import gated_linear, linear, linear_reference, small_m_linear_triton  # noqa: E402
+from kernels.qkv_rope import qkv_rope_write_reference, qkv_rope_write_triton  # noqa: E402
 from kernels.rmsnorm import add_rmsnorm_reference, add_rmsnorm_triton  # noqa: E402
 from kernels.rope import rope_kv_write_reference, rope_kv_write_triton  # noqa: E402
 
@@ -428,6 +429,41 @@ def test_small_m_linear_refuses_bad_inputs():
         small_m_linear_triton(x, w[:7], gated=True)
     with pytest.raises(ValueError, match="residual"):
         small_m_linear_triton(x, w, residual=torch.zeros(1, 9, device=DEVICE, dtype=torch.bfloat16))
+
+
+# ---------------------------------------------------------------- q/k/v + RMSNorm + RoPE + cache write (one row)
+
+QKV_SHAPES = gpu_or_tiny([(2048, 32, 8, 64), (256, 4, 2, 64), (4096, 32, 8, 128), (896, 14, 2, 64)],
+                         [(48, 4, 2, 16), (40, 2, 1, 8)])
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("dim,n_heads,n_kv_heads,head_dim", QKV_SHAPES)
+@pytest.mark.parametrize("rms,with_bias", [(True, False), (True, True), (False, False)])
+@pytest.mark.parametrize("position", [0, 37, -1])
+def test_qkv_rope_write(dim, n_heads, n_kv_heads, head_dim, dtype, rms, with_bias, position):
+    """Against linear -> rope_kv_write references: rotated q, and rope(k), v in the row's slot at its position only
+    (the rest of the poisoned caches untouched; position -1 is padding and writes nothing)."""
+    g = torch.Generator(DEVICE).manual_seed(0)
+    rows = (n_heads + 2 * n_kv_heads) * head_dim
+    x = (7 * torch.randn(1, 1, dim, generator=g, device=DEVICE)).to(dtype)
+    weight = (torch.randn(rows, dim, generator=g, device=DEVICE) / math.sqrt(dim)).to(dtype)
+    bias = torch.randn(rows, generator=g, device=DEVICE).to(dtype) if with_bias else None
+    freqs = torch.arange(64, device=DEVICE).float()[:, None] * 0.9 ** torch.arange(head_dim // 2, device=DEVICE)
+    cos, sin = freqs.cos(), freqs.sin()
+    positions, slots = torch.tensor([[position]], device=DEVICE), torch.tensor([2], device=DEVICE)
+    caches = [[nan_like(torch.empty(3, n_kv_heads, 64, head_dim, device=DEVICE, dtype=dtype)) for _ in range(2)]
+              for _ in range(2)]
+    eps = 1e-5 if rms else None
+    got = qkv_rope_write_triton(x, weight, bias, eps, n_heads, n_kv_heads, cos, sin, positions, slots, *caches[0])
+    ref = qkv_rope_write_reference(x, weight, bias, eps, n_heads, n_kv_heads, cos, sin, positions, slots, *caches[1])
+    assert got.shape == (1, 1, n_heads, head_dim) and got.dtype == dtype and not got.isnan().any()
+    assert rel_err(got, ref) <= TOL[dtype]
+    for mine, theirs in zip(caches[0], caches[1]):
+        written = ~theirs.isnan()
+        assert torch.equal(written, ~mine.isnan()) and int(written.sum()) == (n_kv_heads * head_dim if position >= 0 else 0)
+        if position >= 0:
+            assert rel_err(mine[2, :, position], theirs[2, :, position]) <= TOL[dtype]
 
 
 @needs_cuda
