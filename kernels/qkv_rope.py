@@ -18,56 +18,71 @@ BLOCK_V = 4
 
 
 @triton.jit
+def _projected_rows(x_row, W, Bias, rows, ok, K, stride_w, eps, HAS_BIAS: tl.constexpr, RMS: tl.constexpr,
+                    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[1, BLOCK] float32: the weight rows `rows` times the (normalized) x row, plus bias."""
+    y, sum_squares = _dot_rows(x_row, W + rows[:, None].to(tl.int64) * stride_w, tl.arange(0, 1) < 1, ok, K, 1, BLOCK,
+                               BLOCK_K, "ieee", RMS)
+    rstd = sum_squares
+    if RMS:
+        rstd = tl.math.rsqrt(sum_squares / K + eps)
+    return _scaled(y, rstd, Bias, Bias, rows, ok, RMS, False, HAS_BIAS)
+
+
+@triton.jit
+def _rotary_pairs(x_row, W, Bias, Cos, Sin, QOut, KCache, pid, pos, slot, write, K, stride_w, stride_cos, skc_n, skc_h,
+                  skc_s, eps, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  RMS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    HALF: tl.constexpr = D // 2
+    p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    head, j = p // HALF, p % HALF
+    row_a = head * D + j
+    ok = head < HQ + HKV
+    ty = QOut.dtype.element_ty  # the projection is rounded before the rotation, as linear -> rope_kv_write does
+    a = _projected_rows(x_row, W, Bias, row_a, ok, K, stride_w, eps, HAS_BIAS, RMS, BLOCK_P, BLOCK_K).to(ty)
+    b = _projected_rows(x_row, W, Bias, row_a + HALF, ok, K, stride_w, eps, HAS_BIAS, RMS, BLOCK_P, BLOCK_K).to(ty)
+    a, b = a.to(tl.float32), b.to(tl.float32)
+    rot = tl.maximum(pos, 0)[None, :]
+    c = tl.load(Cos + rot * stride_cos + j[None, :]).to(tl.float32)
+    s = tl.load(Sin + rot * stride_cos + j[None, :]).to(tl.float32)
+    rotated_a, rotated_b = a * c - b * s, b * c + a * s
+    is_q = (head < HQ)[None, :]
+    tl.store(QOut + row_a[None, :], rotated_a.to(ty), mask=is_q)
+    tl.store(QOut + row_a[None, :] + HALF, rotated_b.to(ty), mask=is_q)
+    k_ptr = KCache + slot * skc_n + (head - HQ)[None, :].to(tl.int64) * skc_h + pos[None, :] * skc_s + j[None, :]
+    k_mask = (head >= HQ)[None, :] & ok[None, :] & write
+    tl.store(k_ptr, rotated_a.to(KCache.dtype.element_ty), mask=k_mask)
+    tl.store(k_ptr + HALF, rotated_b.to(KCache.dtype.element_ty), mask=k_mask)
+
+
+@triton.jit
+def _value_rows(x_row, W, Bias, VCache, block, pos, slot, write, K, stride_w, svc_n, svc_h, svc_s, eps,
+                HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr,
+                BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    r = block * BLOCK_V + tl.arange(0, BLOCK_V)
+    ok = r < HKV * D
+    v = _projected_rows(x_row, W, Bias, (HQ + HKV) * D + r, ok, K, stride_w, eps, HAS_BIAS, RMS, BLOCK_V, BLOCK_K)
+    v_ptr = VCache + slot * svc_n + (r // D)[None, :].to(tl.int64) * svc_h + pos[None, :] * svc_s + (r % D)[None, :]
+    tl.store(v_ptr, v.to(VCache.dtype.element_ty), mask=ok[None, :] & write)
+
+
+@triton.jit
 def _qkv_rope_kernel(X, W, Bias, Cos, Sin, Pos, Slots, QOut, KCache, VCache,
                      K, stride_w, stride_cos, skc_n, skc_h, skc_s, svc_n, svc_h, svc_s, S_max, eps,
                      HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr,
                      BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    HALF: tl.constexpr = D // 2
     pid = tl.program_id(0)
     pos = tl.load(Pos + tl.zeros([1], tl.int32))  # [1]: masks combine with it like any other vector
     slot = tl.load(Slots).to(tl.int64)
     write = ((pos >= 0) & (pos < S_max))[None, :]  # a negative position is padding: nothing written
     x_row = X + tl.zeros([1, 1], tl.int64)
-    row_ok = tl.arange(0, 1) < 1
-    pair_programs = (HQ + HKV) * HALF // BLOCK_P
+    pair_programs = (HQ + HKV) * (D // 2) // BLOCK_P
     if pid < pair_programs:
-        p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-        head, j = p // HALF, p % HALF
-        row_a = head * D + j
-        ok = head < HQ + HKV
-        a, sum_squares = _dot_rows(x_row, W + row_a[:, None].to(tl.int64) * stride_w, row_ok, ok, K, 1, BLOCK_P,
-                                   BLOCK_K, "ieee", RMS)
-        b, _ = _dot_rows(x_row, W + (row_a + HALF)[:, None].to(tl.int64) * stride_w, row_ok, ok, K, 1, BLOCK_P,
-                         BLOCK_K, "ieee", False)
-        rstd = sum_squares
-        if RMS:
-            rstd = tl.math.rsqrt(sum_squares / K + eps)
-        a = _scaled(a, rstd, Bias, Bias, row_a, ok, RMS, False, HAS_BIAS).to(QOut.dtype.element_ty).to(tl.float32)
-        b = _scaled(b, rstd, Bias, Bias, row_a + HALF, ok, RMS, False, HAS_BIAS).to(QOut.dtype.element_ty)
-        b = b.to(tl.float32)
-        rot = tl.maximum(pos, 0)[None, :]
-        c = tl.load(Cos + rot * stride_cos + j[None, :]).to(tl.float32)
-        s = tl.load(Sin + rot * stride_cos + j[None, :]).to(tl.float32)
-        rotated_a, rotated_b = a * c - b * s, b * c + a * s
-        is_q = (head < HQ)[None, :]
-        tl.store(QOut + row_a[None, :], rotated_a.to(QOut.dtype.element_ty), mask=is_q)
-        tl.store(QOut + row_a[None, :] + HALF, rotated_b.to(QOut.dtype.element_ty), mask=is_q)
-        k_ptr = KCache + slot * skc_n + (head - HQ)[None, :].to(tl.int64) * skc_h + pos[None, :] * skc_s + j[None, :]
-        k_mask = (head >= HQ)[None, :] & ok[None, :] & write
-        tl.store(k_ptr, rotated_a.to(KCache.dtype.element_ty), mask=k_mask)
-        tl.store(k_ptr + HALF, rotated_b.to(KCache.dtype.element_ty), mask=k_mask)
+        _rotary_pairs(x_row, W, Bias, Cos, Sin, QOut, KCache, pid, pos, slot, write, K, stride_w, stride_cos, skc_n,
+                      skc_h, skc_s, eps, HQ, HKV, D, HAS_BIAS, RMS, BLOCK_P, BLOCK_K)
     else:
-        r = (pid - pair_programs) * BLOCK_V + tl.arange(0, BLOCK_V)
-        ok = r < HKV * D
-        row = (HQ + HKV) * D + r
-        v, sum_squares = _dot_rows(x_row, W + row[:, None].to(tl.int64) * stride_w, row_ok, ok, K, 1, BLOCK_V,
-                                   BLOCK_K, "ieee", RMS)
-        rstd = sum_squares
-        if RMS:
-            rstd = tl.math.rsqrt(sum_squares / K + eps)
-        v = _scaled(v, rstd, Bias, Bias, row, ok, RMS, False, HAS_BIAS)
-        v_ptr = VCache + slot * svc_n + (r // D)[None, :].to(tl.int64) * svc_h + pos[None, :] * svc_s + (r % D)[None, :]
-        tl.store(v_ptr, v.to(VCache.dtype.element_ty), mask=ok[None, :] & write)
+        _value_rows(x_row, W, Bias, VCache, pid - pair_programs, pos, slot, write, K, stride_w, svc_n, svc_h, svc_s,
+                    eps, HQ, HKV, D, HAS_BIAS, RMS, BLOCK_V, BLOCK_K)
 
 
 def _check(x, weight, bias, n_heads, n_kv_heads, cos, positions, slots, k_cache):
