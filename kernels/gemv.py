@@ -5,9 +5,11 @@ bandwidth unused on the smaller matrices (benchmarks/RESULTS.md, kernel tables).
 covers those shapes, for bf16/fp16 weights and for FP8 (e4m3) weights with one float32 scale per
 output channel, converted in registers (weight-only FP8: the step reads half the bytes, and no
 activation quantization kernel runs). One row multiplies and adds in registers; 2 to 16 rows use
-tensor-core dots. `linear` sends bf16 weights with 2 to 16 rows to cuBLAS, which matched the kernel
-there, and FP8 weights with more than 16 rows to `kernels.fp8`. `gated_linear` computes the MLP's
-silu(gate) * up in the kernel's epilogue, saving the SiLU and multiply kernels of every layer.
+tensor-core dots. `linear` sends plain bf16 weights with 2 to 16 rows to cuBLAS, which matched the
+kernel there, and FP8 weights with more than 16 rows to `kernels.fp8`. `gated_linear` computes the
+MLP's silu(gate) * up in the kernel's epilogue, saving the SiLU and multiply kernels of every layer.
+Both take an RMSNorm to run in front (its weight folded into the matrix: the kernel accumulates the
+row's sum of squares while it streams x) and `linear` a residual to add in the epilogue.
 """
 
 import torch

@@ -440,8 +440,11 @@ class Engine:
         logits give the request's first token; an open one as far as `open_prefill_end`."""
         complete = [(r, r.fed, len(r.prompt)) for r in reqs if r.complete]
         streaming = [(r, r.fed, self.open_prefill_end(r)) for r in reqs if not r.complete]
-        # Requests that start with speculation off leave the draft model's cache behind (a drafting step catches up).
+        # Requests that start with speculation off leave the draft model's cache behind (a drafting step catches up);
+        # a prefill that feeds the draft model catches its requests up first (an open prompt fed while none drafted).
         drafting = any(r.k for r in reqs)
+        if drafting:
+            self.prefill_ranges([(r, r.draft_valid, r.fed) for r in reqs], target=False)
         self.prefill_ranges(streaming, chunk=STREAM_CHUNK, draft=drafting)
         last_logits = self.prefill_ranges(complete, draft=drafting)
         for r, _, end in complete + streaming:

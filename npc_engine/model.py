@@ -327,7 +327,7 @@ class Transformer(nn.Module):
     def forward_fused(self, tokens, input_pos, cache: KVCache, slots, kv_len: int,
                       logits: bool | torch.Tensor = True, prefix: torch.Tensor | None = None) -> torch.Tensor | None:
         """Same function as forward with a cache (the norms' weights folded into the projections after them by
-        fuse_projections_). One row (a decode step at batch 1) with bf16/fp16 weights: each RMSNorm runs inside the
+        fuse_projections_). One row (a decode step at batch 1) without FP8 weights: each RMSNorm runs inside the
         linear kernel after it, each residual add in the epilogue of the one before, and the q/k/v kernel also
         rotates q and k and writes the cache (kernels.qkv_rope). Otherwise residual add + RMSNorm is one kernel: with
         several rows the linear kernel ran slower with them fused than cuBLAS after a norm kernel, and with FP8
@@ -393,7 +393,7 @@ def fold_norms_(model: Transformer) -> Transformer:
 def fuse_projections_(model: Transformer) -> Transformer:
     """Folds the norms (fold_norms_), then one matrix for q, k, v and one for gate, up (bf16 or FP8 with their
     per-channel scales), so a step reads each in one kernel. The separate layers become views of the fused storage:
-    no extra memory, and state_dict() keeps the Hugging Face names."""
+    no extra memory, and state_dict() keeps the Hugging Face names (with the folded values: the same function)."""
     from kernels.fp8 import Fp8Linear
 
     def fuse(layers: list[nn.Module]):

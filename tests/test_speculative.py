@@ -280,6 +280,32 @@ def test_request_admitted_without_drafting_catches_the_draft_cache_up():
     assert runs[0] == runs[1] and runs[0][2] > 0
 
 
+def test_open_prompt_fed_without_drafting_catches_the_draft_cache_up():
+    """An open prompt admitted with speculation off is prefilled into the target only; when a later prefill feeds the
+    draft model (another request drafts), the draft cache first catches up on what the target got."""
+    from npc_engine.model import KVCache
+
+    engine = make_engine(EMBEDDED / "npc-target", "model", EMBEDDED / "npc-draft", fixed_k=0)
+    tok, params = engine.tokenizer, SamplingParams(temperature=0, max_tokens=5)
+    full = tok.encode("<|persona|>I forge swords for the town guard and I never lie about steel.<|eot|><|player|>Which "
+                      "blade would you carry into the northern woods at night?<|eot|><|npc|>")
+    engine.submit("a", full[:40], params, complete=False)
+    engine.step()
+    a = engine.active["a"]
+    assert a.fed >= 32 and a.draft_valid == 0
+    engine.fixed_k = 3
+    engine.submit("b", tok.encode("<|player|>Hi<|eot|><|npc|>"), params)  # drafts: its prefill feeds the draft model
+    engine.update_prompt("a", full, complete=True)
+    engine.step()
+    assert a.draft_valid == len(full)
+    draft = engine.drafter.model
+    fresh = KVCache(draft.args, 1, 1024, "cpu", torch.float32)
+    with torch.no_grad():
+        draft(torch.tensor([full]), torch.arange(len(full))[None], fresh, torch.tensor([0]), 1024, logits=False)
+    cached = engine.drafter.cache.k[:, a.slot, :, :len(full)]
+    assert (cached - fresh.k[:, 0, :, :len(full)]).abs().max() <= 1e-4
+
+
 def test_choose_k_follows_acceptance_and_cost():
     def linear(per_token):
         return lambda k: 1.0 + per_token * k
