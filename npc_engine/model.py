@@ -12,6 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# One-row decode steps up to this hidden size run q/k/v + RoPE + cache write as one kernel: faster on the H200 for
+# the trained pair (256) and the 1B shape (2048), slower for the 8B shape (4096) (RESULTS.md, S4-9).
+QKV_ROPE_MAX_DIM = 2048
 
 
 @dataclass
@@ -328,8 +331,8 @@ class Transformer(nn.Module):
                       logits: bool | torch.Tensor = True, prefix: torch.Tensor | None = None) -> torch.Tensor | None:
         """Same function as forward with a cache (the norms' weights folded into the projections after them by
         fuse_projections_). One row (a decode step at batch 1) without FP8 weights: each RMSNorm runs inside the
-        linear kernel after it, each residual add in the epilogue of the one before, and the q/k/v kernel also
-        rotates q and k and writes the cache (kernels.qkv_rope). Otherwise residual add + RMSNorm is one kernel: with
+        linear kernel after it, each residual add in the epilogue of the one before, and (hidden size up to
+        QKV_ROPE_MAX_DIM) the q/k/v kernel also rotates q and k and writes the cache (kernels.qkv_rope). Otherwise residual add + RMSNorm is one kernel: with
         several rows the linear kernel ran slower with them fused than cuBLAS after a norm kernel, and with FP8
         weights the one-row kernel did too (RESULTS.md, S4-2, S4-3); RoPE + cache write is one kernel.
         Attention over cached keys is one kernel (and its split combine)."""
@@ -337,15 +340,20 @@ class Transformer(nn.Module):
 
         cos, sin = self.rope_table(cache.max_seq, tokens.device)
         one_row = tokens.numel() == 1 and self.model.layers[0].self_attn.qkv[2] is None
+        rope_in_qkv = one_row and self.args.dim <= QKV_ROPE_MAX_DIM
         h, pending = self.model.embed_tokens(tokens), None  # pending: a block's output not yet added to h
         for i, layer in enumerate(self.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
             eps1, eps2 = layer.input_layernorm.eps, layer.post_attention_layernorm.eps
             if one_row:
                 k_cache, v_cache = cache.layer(i)
-                q = qkv_rope_write(h, *attn.qkv[:2], eps1, attn.n_heads, attn.n_kv_heads, cos, sin, input_pos, slots,
-                                   k_cache, v_cache)
-                h = attn.attend(q, input_pos, k_cache, v_cache, slots, kv_len, prefix, residual=h)
+                if rope_in_qkv:
+                    q = qkv_rope_write(h, *attn.qkv[:2], eps1, attn.n_heads, attn.n_kv_heads, cos, sin, input_pos,
+                                       slots, k_cache, v_cache)
+                    h = attn.attend(q, input_pos, k_cache, v_cache, slots, kv_len, prefix, residual=h)
+                else:
+                    h = attn.forward_fused(linear(h, *attn.qkv, rms_eps=eps1), cos, sin, input_pos, k_cache, v_cache,
+                                           slots, kv_len, prefix, residual=h)
                 h = linear(gated_linear(h, *mlp.gate_up, rms_eps=eps2), *linear_params(mlp.down_proj), residual=h)
             else:
                 x, h = add_rmsnorm(h, None, None, eps1) if pending is None else add_rmsnorm(pending, h, None, eps1)

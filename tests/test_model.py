@@ -5,6 +5,7 @@ from transformers import AutoModelForCausalLM
 
 from npc_engine.engine import Engine
 from npc_engine.loading import load_model
+from npc_engine import model as model_module
 from npc_engine.model import KVCache, fuse_projections_
 from npc_engine.sampling import SamplingParams
 from npc_engine.speculative import NoDrafter
@@ -17,13 +18,15 @@ def hf_model(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused-kernels"])
+@pytest.mark.parametrize("fused", [False, True, "rope-after-qkv"], ids=["torch", "fused-kernels", "rope-after-qkv"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_prefill_and_decode_logits_match_transformers(make_checkpoint, variant, fused):
+def test_prefill_and_decode_logits_match_transformers(make_checkpoint, variant, fused, monkeypatch):
     path = make_checkpoint(variant)
     ours, ref = load_model(path), hf_model(path)
     if fused:  # on CPU the kernels run their PyTorch references: this checks the fused wiring
         fuse_projections_(ours).fused = True
+    if fused == "rope-after-qkv":  # one-row steps of wide models: q/k/v, then RoPE + cache write
+        monkeypatch.setattr(model_module, "QKV_ROPE_MAX_DIM", 0)
     tokens = torch.randint(0, ours.args.vocab_size, (2, 30), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = ref(tokens).logits
