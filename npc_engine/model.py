@@ -332,10 +332,10 @@ class Transformer(nn.Module):
         """Same function as forward with a cache (the norms' weights folded into the projections after them by
         fuse_projections_). One row (a decode step at batch 1) without FP8 weights: each RMSNorm runs inside the
         linear kernel after it, each residual add in the epilogue of the one before, and (hidden size up to
-        QKV_ROPE_MAX_DIM) the q/k/v kernel also rotates q and k and writes the cache (kernels.qkv_rope). Otherwise residual add + RMSNorm is one kernel: with
-        several rows the linear kernel ran slower with them fused than cuBLAS after a norm kernel, and with FP8
-        weights the one-row kernel did too (RESULTS.md, S4-2, S4-3); RoPE + cache write is one kernel.
-        Attention over cached keys is one kernel (and its split combine)."""
+        QKV_ROPE_MAX_DIM) the q/k/v kernel also rotates q and k and writes the cache (kernels.qkv_rope).
+        Otherwise residual add + RMSNorm is one kernel (with several rows the linear kernel ran slower with them
+        fused than cuBLAS after a norm kernel, and with FP8 weights the one-row kernel did too: RESULTS.md, S4-2,
+        S4-3), and so is RoPE + cache write. Attention over cached keys is one kernel (and its split combine)."""
         from kernels import add_rmsnorm, gated_linear, linear, qkv_rope_write
 
         cos, sin = self.rope_table(cache.max_seq, tokens.device)
