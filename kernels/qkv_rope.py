@@ -13,7 +13,7 @@ import triton.language as tl
 from kernels.gemv import _dot_rows, _scaled, linear_reference
 from kernels.rope import rope_kv_write_reference
 
-BLOCK_PAIRS = 2  # rotary pairs per program: 4 weight rows, like the one-row linear kernel's programs
+BLOCK_PAIRS = 2  # rotary pairs per program (4 weight rows); value programs take as many rows
 BLOCK_V = 4
 
 
@@ -42,9 +42,9 @@ def _rotary_pairs(x_row, W, Bias, Cos, Sin, QOut, KCache, pid, pos, slot, write,
     a = _projected_rows(x_row, W, Bias, row_a, ok, K, stride_w, eps, HAS_BIAS, RMS, BLOCK_P, BLOCK_K).to(ty)
     b = _projected_rows(x_row, W, Bias, row_a + HALF, ok, K, stride_w, eps, HAS_BIAS, RMS, BLOCK_P, BLOCK_K).to(ty)
     a, b = a.to(tl.float32), b.to(tl.float32)
-    rot = tl.maximum(pos, 0)[None, :]
-    c = tl.load(Cos + rot * stride_cos + j[None, :]).to(tl.float32)
-    s = tl.load(Sin + rot * stride_cos + j[None, :]).to(tl.float32)
+    rot = tl.maximum(pos, 0)[None, :]  # a position the cache cannot hold is not rotated (nor written)
+    c = tl.load(Cos + rot * stride_cos + j[None, :], mask=write, other=1.0).to(tl.float32)
+    s = tl.load(Sin + rot * stride_cos + j[None, :], mask=write, other=0.0).to(tl.float32)
     rotated_a, rotated_b = a * c - b * s, b * c + a * s
     is_q = (head < HQ)[None, :]
     tl.store(QOut + row_a[None, :], rotated_a.to(ty), mask=is_q)

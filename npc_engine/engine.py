@@ -443,7 +443,7 @@ class Engine:
         # Requests that start with speculation off leave the draft model's cache behind (a drafting step catches up);
         # a prefill that feeds the draft model catches its requests up first (an open prompt fed while none drafted).
         drafting = any(r.k for r in reqs)
-        if drafting:
+        if drafting and self.drafter.cache is not None:
             self.prefill_ranges([(r, r.draft_valid, r.fed) for r in reqs], target=False)
         self.prefill_ranges(streaming, chunk=STREAM_CHUNK, draft=drafting)
         last_logits = self.prefill_ranges(complete, draft=drafting)

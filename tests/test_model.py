@@ -3,9 +3,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import kernels
+from npc_engine import model as model_module
 from npc_engine.engine import Engine
 from npc_engine.loading import load_model
-from npc_engine import model as model_module
 from npc_engine.model import KVCache, fuse_projections_
 from npc_engine.sampling import SamplingParams
 from npc_engine.speculative import NoDrafter
@@ -27,6 +28,12 @@ def test_prefill_and_decode_logits_match_transformers(make_checkpoint, variant, 
         fuse_projections_(ours).fused = True
     if fused == "rope-after-qkv":  # one-row steps of wide models: q/k/v, then RoPE + cache write
         monkeypatch.setattr(model_module, "QKV_ROPE_MAX_DIM", 0)
+    calls = {"qkv_rope_write": 0, "rope_kv_write": 0}
+    for name in calls:  # the fused forward imports them from kernels when it runs
+        def counted(*args, name=name, impl=getattr(kernels, name)):
+            calls[name] += 1
+            return impl(*args)
+        monkeypatch.setattr(kernels, name, counted)
     tokens = torch.randint(0, ours.args.vocab_size, (2, 30), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = ref(tokens).logits
@@ -43,6 +50,17 @@ def test_prefill_and_decode_logits_match_transformers(make_checkpoint, variant, 
         picked = ours(tokens, torch.arange(30).expand(2, -1), cache, slots, 64, logits=index)
         assert picked.shape == (2, ours.args.vocab_size)
         assert (picked - expected[torch.arange(2), index]).abs().max() <= 1e-4
+        # batch 1: one-row decode steps (norms inside the linear kernels; RoPE in the q/k/v kernel up to a width)
+        calls.update(qkv_rope_write=0, rope_kv_write=0)
+        slot = torch.tensor([2])
+        logits = [ours(tokens[:1, :prompt], torch.arange(prompt)[None], cache, slot, 64)]
+        for t in range(prompt, 30):
+            logits.append(ours(tokens[:1, t:t + 1], torch.full((1, 1), t), cache, slot, 64))
+        assert (torch.cat(logits, 1) - expected[:1]).abs().max() <= 1e-4
+    steps = (30 - prompt) * ours.args.n_layers
+    assert calls == {False: {"qkv_rope_write": 0, "rope_kv_write": 0},
+                     True: {"qkv_rope_write": steps, "rope_kv_write": ours.args.n_layers},
+                     "rope-after-qkv": {"qkv_rope_write": 0, "rope_kv_write": steps + ours.args.n_layers}}[fused]
 
 
 def test_chunked_prefill_equals_one_shot(tiny_model_dir):

@@ -433,17 +433,17 @@ def test_small_m_linear_refuses_bad_inputs():
 
 # ---------------------------------------------------------------- q/k/v + RMSNorm + RoPE + cache write (one row)
 
-QKV_SHAPES = gpu_or_tiny([(2048, 32, 8, 64), (256, 4, 2, 64), (4096, 32, 8, 128), (896, 14, 2, 64)],
-                         [(48, 4, 2, 16), (40, 2, 1, 8)])
+QKV_SHAPES = gpu_or_tiny([(2048, 32, 8, 64), (256, 4, 2, 64), (4096, 32, 8, 128), (896, 14, 2, 64), (96, 3, 1, 10)],
+                         [(48, 4, 2, 16), (40, 2, 1, 8), (30, 3, 1, 10)])  # head dim 10: one pair per program
 
 
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("dim,n_heads,n_kv_heads,head_dim", QKV_SHAPES)
 @pytest.mark.parametrize("rms,with_bias", [(True, False), (True, True), (False, False)])
-@pytest.mark.parametrize("position", [0, 37, -1])
+@pytest.mark.parametrize("position", [0, 37, -1, 64])
 def test_qkv_rope_write(dim, n_heads, n_kv_heads, head_dim, dtype, rms, with_bias, position):
     """Against linear -> rope_kv_write references: rotated q, and rope(k), v in the row's slot at its position only
-    (the rest of the poisoned caches untouched; position -1 is padding and writes nothing)."""
+    (the rest of the poisoned caches untouched; position -1 is padding and 64, past the cache, writes nothing)."""
     g = torch.Generator(DEVICE).manual_seed(0)
     rows = (n_heads + 2 * n_kv_heads) * head_dim
     x = (7 * torch.randn(1, 1, dim, generator=g, device=DEVICE)).to(dtype)
@@ -456,13 +456,17 @@ def test_qkv_rope_write(dim, n_heads, n_kv_heads, head_dim, dtype, rms, with_bia
               for _ in range(2)]
     eps = 1e-5 if rms else None
     got = qkv_rope_write_triton(x, weight, bias, eps, n_heads, n_kv_heads, cos, sin, positions, slots, *caches[0])
-    ref = qkv_rope_write_reference(x, weight, bias, eps, n_heads, n_kv_heads, cos, sin, positions, slots, *caches[1])
+    if position < 64:
+        ref = qkv_rope_write_reference(x, weight, bias, eps, n_heads, n_kv_heads, cos, sin, positions, slots, *caches[1])
+    else:  # past the cache (and the rotary tables): q is not rotated
+        ref = linear_reference(x, weight, bias, rms_eps=eps)[..., :n_heads * head_dim].view(1, 1, n_heads, head_dim)
     assert got.shape == (1, 1, n_heads, head_dim) and got.dtype == dtype and not got.isnan().any()
     assert rel_err(got, ref) <= TOL[dtype]
     for mine, theirs in zip(caches[0], caches[1]):
         written = ~theirs.isnan()
-        assert torch.equal(written, ~mine.isnan()) and int(written.sum()) == (n_kv_heads * head_dim if position >= 0 else 0)
-        if position >= 0:
+        assert torch.equal(written, ~mine.isnan())
+        assert int(written.sum()) == (n_kv_heads * head_dim if 0 <= position < 64 else 0)
+        if 0 <= position < 64:
             assert rel_err(mine[2, :, position], theirs[2, :, position]) <= TOL[dtype]
 
 
