@@ -65,6 +65,14 @@ def _dot_rows(x_rows, w_rows, row_ok, n_ok, K, BLOCK_M: tl.constexpr, BLOCK_N: t
 
 
 @triton.jit
+def _rms_scale(sum_squares, K, eps, RMS: tl.constexpr):
+    """Each row's rsqrt(mean(x²) + eps) from _dot_rows' sums of squares (unused without RMS)."""
+    if RMS:
+        sum_squares = tl.math.rsqrt(sum_squares / K + eps)
+    return sum_squares
+
+
+@triton.jit
 def _scaled(y, rstd, S, B, n, n_ok, RMS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
     if RMS:
         y = y * rstd[:, None]
@@ -88,9 +96,7 @@ def _rows_linear_kernel(X, W, S, B, R, Y, M, N, K, stride_x, stride_w, stride_r,
     x_rows = X + rows[:, None] * stride_x
     w_rows = W + n[:, None].to(tl.int64) * stride_w
     y, sum_squares = _dot_rows(x_rows, w_rows, row_ok, n_ok, K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, RMS)
-    rstd = sum_squares
-    if RMS:
-        rstd = tl.math.rsqrt(sum_squares / K + eps)
+    rstd = _rms_scale(sum_squares, K, eps, RMS)
     y = _scaled(y, rstd, S, B, n, n_ok, RMS, HAS_SCALE, HAS_BIAS)
     if GATED:  # rounded like F.silu(gate) * up on half-precision tensors
         up, _ = _dot_rows(x_rows, w_rows + N * stride_w, row_ok, n_ok, K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,

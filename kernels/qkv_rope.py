@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.gemv import _dot_rows, _scaled, linear_reference
+from kernels.gemv import _dot_rows, _rms_scale, _scaled, linear_reference
 from kernels.rope import rope_kv_write_reference
 
 BLOCK_PAIRS = 2  # rotary pairs per program (4 weight rows); value programs take as many rows
@@ -18,15 +18,10 @@ BLOCK_V = 4
 
 
 @triton.jit
-def _projected_rows(x_row, W, Bias, rows, ok, K, stride_w, eps, HAS_BIAS: tl.constexpr, RMS: tl.constexpr,
-                    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[1, BLOCK] float32: the weight rows `rows` times the (normalized) x row, plus bias."""
-    y, sum_squares = _dot_rows(x_row, W + rows[:, None].to(tl.int64) * stride_w, tl.arange(0, 1) < 1, ok, K, 1, BLOCK,
-                               BLOCK_K, "ieee", RMS)
-    rstd = sum_squares
-    if RMS:
-        rstd = tl.math.rsqrt(sum_squares / K + eps)
-    return _scaled(y, rstd, Bias, Bias, rows, ok, RMS, False, HAS_BIAS)
+def _dot_one_row(x_row, W, rows, ok, K, stride_w, SQUARES: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """([1, BLOCK] float32 products of the weight rows `rows` with the x row, its sum of squares [1] with SQUARES)."""
+    return _dot_rows(x_row, W + rows[:, None].to(tl.int64) * stride_w, tl.arange(0, 1) < 1, ok, K, 1, BLOCK, BLOCK_K,
+                     "ieee", SQUARES)
 
 
 @triton.jit
@@ -38,10 +33,12 @@ def _rotary_pairs(x_row, W, Bias, Cos, Sin, QOut, KCache, pid, pos, slot, write,
     head, j = p // HALF, p % HALF
     row_a = head * D + j
     ok = head < HQ + HKV
+    a, sum_squares = _dot_one_row(x_row, W, row_a, ok, K, stride_w, RMS, BLOCK_P, BLOCK_K)
+    b, _ = _dot_one_row(x_row, W, row_a + HALF, ok, K, stride_w, False, BLOCK_P, BLOCK_K)
+    rstd = _rms_scale(sum_squares, K, eps, RMS)
     ty = QOut.dtype.element_ty  # the projection is rounded before the rotation, as linear -> rope_kv_write does
-    a = _projected_rows(x_row, W, Bias, row_a, ok, K, stride_w, eps, HAS_BIAS, RMS, BLOCK_P, BLOCK_K).to(ty)
-    b = _projected_rows(x_row, W, Bias, row_a + HALF, ok, K, stride_w, eps, HAS_BIAS, RMS, BLOCK_P, BLOCK_K).to(ty)
-    a, b = a.to(tl.float32), b.to(tl.float32)
+    a = _scaled(a, rstd, Bias, Bias, row_a, ok, RMS, False, HAS_BIAS).to(ty).to(tl.float32)
+    b = _scaled(b, rstd, Bias, Bias, row_a + HALF, ok, RMS, False, HAS_BIAS).to(ty).to(tl.float32)
     rot = tl.maximum(pos, 0)[None, :]  # a position the cache cannot hold is not rotated (nor written)
     c = tl.load(Cos + rot * stride_cos + j[None, :], mask=write, other=1.0).to(tl.float32)
     s = tl.load(Sin + rot * stride_cos + j[None, :], mask=write, other=0.0).to(tl.float32)
@@ -61,7 +58,9 @@ def _value_rows(x_row, W, Bias, VCache, block, pos, slot, write, K, stride_w, sv
                 BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     r = block * BLOCK_V + tl.arange(0, BLOCK_V)
     ok = r < HKV * D
-    v = _projected_rows(x_row, W, Bias, (HQ + HKV) * D + r, ok, K, stride_w, eps, HAS_BIAS, RMS, BLOCK_V, BLOCK_K)
+    row = (HQ + HKV) * D + r
+    v, sum_squares = _dot_one_row(x_row, W, row, ok, K, stride_w, RMS, BLOCK_V, BLOCK_K)
+    v = _scaled(v, _rms_scale(sum_squares, K, eps, RMS), Bias, Bias, row, ok, RMS, False, HAS_BIAS)
     v_ptr = VCache + slot * svc_n + (r // D)[None, :].to(tl.int64) * svc_h + pos[None, :] * svc_s + (r % D)[None, :]
     tl.store(v_ptr, v.to(VCache.dtype.element_ty), mask=ok[None, :] & write)
 
