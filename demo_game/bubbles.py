@@ -15,6 +15,7 @@ TAIL = 10
 HOLD_S = 4.0  # how long a finished line stays, plus READ_S per character
 READ_S = 0.05
 FADE_S = 1.0
+FONT_SIZE = 20
 
 
 def wrap(text: str, font: pygame.font.Font, width: int) -> list[str]:
@@ -85,8 +86,10 @@ class Bubble:
         return int(255 * min(1.0, max(0.0, 1 - (now - fade_from) / FADE_S)))
 
     def display_text(self, now: float) -> str:
-        # Model output may hold control characters (NUL among them) that fonts cannot render.
-        text = " ".join("".join(c if c.isprintable() else " " for c in self.text).split())
+        # Model output may hold control characters (NUL among them) that fonts cannot render,
+        # and U+FFFD where its bytes were not valid UTF-8: the font draws that as a blank.
+        text = " ".join("".join(c if c.isprintable() and c != "\ufffd" else " "
+                                for c in self.text).split())
         if self.streaming and not text:
             return "." * (1 + int(now * 3) % 3)
         return text

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pygame
 
 from demo_game import tavern
-from demo_game.bubbles import Bubble
+from demo_game.bubbles import FONT_SIZE, Bubble
 from demo_game.cast import CastMember
 from demo_game.chatter import Chatter
 from demo_game.metering import FrameStats, MeteredClient
@@ -66,7 +66,7 @@ class Game:
         self.service = service  # the service this demo started, watched once a second
         self.cast = {m.id: m for m in cast}
         self.options = options
-        self.font = pygame.font.Font(None, 20)
+        self.font = pygame.font.Font(None, FONT_SIZE)
         small = pygame.font.Font(None, 18)
         self.background = tavern.paint_background(pygame.font.Font(None, 22))
         self.labels = {m.id: render_label(small, m.name) for m in cast}
