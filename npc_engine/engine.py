@@ -26,7 +26,9 @@ from npc_engine.loading import load_model, parse_dtype
 from npc_engine.model import KVCache, Transformer, fuse_projections_
 from npc_engine.quantize import quantize_fp8_
 from npc_engine.sampling import SamplingParams, params_tensors, probs_from_logits, sample
-from npc_engine.speculative import DRAFT_LENGTHS, K_MAX, ModelDrafter, NgramDrafter, NoDrafter, choose_k, greedy_step, kv_bucket, verify
+from npc_engine.head import is_head_dir, load_head
+from npc_engine.speculative import (DRAFT_LENGTHS, K_MAX, HeadDrafter, ModelDrafter, NgramDrafter, NoDrafter, choose_k,
+                                    greedy_step, kv_bucket, verify)
 from npc_engine.tokenizer import Tokenizer
 
 STREAM_CHUNK = 16  # an open prompt is prefilled in chunks of this many tokens as it arrives
@@ -171,14 +173,19 @@ class Engine:
         self.dtype = next(target.parameters()).dtype if isinstance(target, torch.nn.Module) else target.dtype
         self.max_batch, self.max_seq, self.fixed_k = max_batch, max_seq, fixed_k
         # Cache slots: one per batch row, the scratch slot that CUDA-graph padding rows write into, then as many
-        # persona-prefix slots as prefix_cache_mb holds (a slot of the target's cache and one of the draft model's).
+        # persona-prefix slots as prefix_cache_mb holds (a slot of the target's cache and one of the drafter's, with
+        # a feature head also a slot of the target's stored features).
         draft_dtype = None if drafter.cache is None else drafter.cache.k.dtype
         slot_bytes = KVCache.slot_bytes(target.args, max_seq, self.dtype) + (
             0 if draft_dtype is None else KVCache.slot_bytes(drafter.model.args, max_seq, draft_dtype))
+        if drafter.name == "head":
+            slot_bytes += max_seq * (target.args.dim * draft_dtype.itemsize + 8)
         n_slots = max_batch + 1 + int(prefix_cache_mb * 2**20) // slot_bytes
         if draft_dtype is not None and (drafter.cache.max_seq != max_seq or drafter.cache.n_slots < n_slots):
             drafter.cache = None  # freed before the larger one is allocated
             drafter.cache = KVCache(drafter.model.args, n_slots, max_seq, self.device, draft_dtype)
+            if drafter.name == "head":
+                drafter.allocate_stores()
         self.cache = KVCache(target.args, n_slots, max_seq, self.device, self.dtype)
         self.prefix_cache = PrefixCache(list(range(n_slots - 1, max_batch, -1)))
         self.target_forward = target
@@ -244,6 +251,10 @@ class Engine:
             drafter = NoDrafter()
         elif draft == "ngram":
             drafter = NgramDrafter(target.args.vocab_size, device)
+        elif is_head_dir(draft):
+            if backend == "onnx":
+                raise ValueError(f"feature head {draft} drafts from the target's hidden states: it needs the torch backend")
+            drafter = HeadDrafter(load_head(draft, target, device, dtype), target, max_batch + 1, max_seq, device, dtype)
         else:
             draft_model = load(draft)
             if draft_model.args.vocab_size != target.args.vocab_size:

@@ -285,6 +285,9 @@ class KVCache:
 class Transformer(nn.Module):
     # With a cache, run the fused kernels of kernels/ (Triton on CUDA, their PyTorch references elsewhere).
     fused: bool = False
+    # [n_slots, max_seq, dim]: when set, every cached forward stores its last hidden states (before the final norm)
+    # at (slot, position), the features a feature-head drafter reads (npc_engine.head).
+    feature_store: torch.Tensor | None = None
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -314,6 +317,19 @@ class Transformer(nn.Module):
                 if self.model.layers[0].self_attn.qkv is None:
                     raise ValueError("the fused forward needs fuse_projections_(model) first")
                 return self.forward_fused(tokens, input_pos, cache, slots, kv_len, logits, prefix)
+        x = self.hidden_states(tokens, input_pos, cache, slots, kv_len, prefix)
+        if cache is not None and self.feature_store is not None:
+            self.feature_store[slots[:, None], input_pos] = x.to(self.feature_store.dtype)
+        if isinstance(logits, torch.Tensor):
+            x = x[torch.arange(B, device=x.device), logits]
+        elif not logits:
+            return None
+        return self.lm_head(self.model.norm(x))
+
+    def hidden_states(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache: KVCache | None = None,
+                      slots: torch.Tensor | None = None, kv_len: int | None = None,
+                      prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """The last decoder layer's output [B, T, dim], before the final norm (forward's arguments)."""
         kv_index = None if cache is None else cache.gather_index(slots, prefix, kv_len)
         freqs = input_pos.float()[..., None] * self.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -321,11 +337,7 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, input_pos, None if cache is None else cache.layer(i), slots, kv_index)
-        if isinstance(logits, torch.Tensor):
-            x = x[torch.arange(B, device=x.device), logits]
-        elif not logits:
-            return None
-        return self.lm_head(self.model.norm(x))
+        return x
 
     def forward_fused(self, tokens, input_pos, cache: KVCache, slots, kv_len: int,
                       logits: bool | torch.Tensor = True, prefix: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -361,6 +373,9 @@ class Transformer(nn.Module):
                                              prefix, residual=None)
                 x, h = add_rmsnorm(pending, h, None, eps2)
                 pending = linear(gated_linear(x, *mlp.gate_up), *linear_params(mlp.down_proj))
+        if self.feature_store is not None:
+            h, pending = h if pending is None else h + pending, None
+            self.feature_store[slots[:, None], input_pos] = h.to(self.feature_store.dtype)
         if isinstance(logits, torch.Tensor):
             rows = torch.arange(h.shape[0], device=h.device)
             h, pending = h[rows, logits][:, None], None if pending is None else pending[rows, logits][:, None]

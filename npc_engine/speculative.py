@@ -13,6 +13,7 @@ from array import array
 import torch
 import torch.nn.functional as F
 
+from npc_engine.head import FeatureHead, head_logits
 from npc_engine.model import KVCache, Transformer
 from npc_engine.sampling import probs_from_logits, sample
 
@@ -51,7 +52,7 @@ def verify_greedy(logits: torch.Tensor, drafts: torch.Tensor, draft_lens: torch.
     return n_accepted, best.gather(1, n_accepted[:, None]).squeeze(1)
 
 
-def greedy_step(target: Transformer, target_cache: KVCache, drafter: "NoDrafter | NgramDrafter | ModelDrafter",
+def greedy_step(target: Transformer, target_cache: KVCache, drafter: "NoDrafter | NgramDrafter | ModelDrafter | HeadDrafter",
                 packed: torch.Tensor, k: int, kv_len: int) -> torch.Tensor:
     """One whole temperature-0 speculative step on the device, so it can be one CUDA graph: draft k
     tokens, verify them with one target forward, accept. packed [B, 7 (+ k)] int64 rows hold
@@ -61,7 +62,7 @@ def greedy_step(target: Transformer, target_cache: KVCache, drafter: "NoDrafter 
     result without the host (pipelined decoding)."""
     last2, lengths, slots, allowed = packed[:, :2], packed[:, 2], packed[:, 3].contiguous(), packed[:, 4]
     prefix = packed[:, 5:7]
-    if drafter.name == "model" and k:
+    if drafter.name in ("model", "head") and k:
         drafts = drafter.greedy_drafts(last2, lengths, slots, k, kv_len, prefix)
     else:
         drafts = packed[:, 7:7 + k]
@@ -176,6 +177,87 @@ class ModelDrafter:
             drafts.append(self.model(tokens, pos, self.cache, slots, kv_len, prefix=prefix)[:, -1].argmax(-1))
             tokens, pos = drafts[-1][:, None], pos[:, -1:] + 1
         return torch.stack(drafts, 1)
+
+
+class HeadDrafter:
+    """A feature head (npc_engine.head) on the target's hidden states. The target stores them for every position
+    it computes (`Transformer.feature_store`, one row per cache slot, prefix slots included); the head has its own
+    one-layer KV cache and the tokens it was fed in the same slot layout. Each draft first re-feeds the last
+    REFEED positions with the target's features, so the head's cache holds only target features up to the last
+    token whatever the previous step accepted, then drafts on its own predicted features."""
+
+    name = "head"
+    prior_alpha = 0.7
+    REFEED = K_MAX + 1  # the last token and every draft a step can accept
+
+    def __init__(self, head: FeatureHead, target: Transformer, n_slots: int, max_seq: int, device, dtype):
+        self.model, self.target, self.device = head, target, device
+        self.cache = KVCache(head.args, n_slots, max_seq, device, dtype)
+        self.allocate_stores()
+
+    def allocate_stores(self) -> None:
+        """The target's feature store and the head's token store, one row per slot of the head's cache (call again
+        after replacing the cache)."""
+        n_slots, max_seq = self.cache.n_slots, self.cache.max_seq
+        self.target.feature_store = self.tokens = None
+        self.target.feature_store = torch.zeros(n_slots, max_seq, self.model.args.dim, device=self.device,
+                                                dtype=self.cache.k.dtype)
+        self.tokens = torch.zeros(n_slots, max_seq, dtype=torch.long, device=self.device)
+
+    @staticmethod
+    def store_rows(slots: torch.Tensor, positions: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
+        """The slot holding each position [B, T]: a shared prefix's below its length, else the row's own."""
+        rows = slots[:, None].expand_as(positions)
+        return rows if prefix is None else torch.where(positions < prefix[:, 1:], prefix[:, :1], rows)
+
+    def features_before(self, slots: torch.Tensor, input_pos: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
+        """The target's feature at each position before input_pos [B, T] (zeros before position 0)."""
+        before = (input_pos - 1).clamp(min=0)
+        return self.target.feature_store[self.store_rows(slots, before, prefix), before] * (input_pos > 0)[..., None]
+
+    def run(self, tokens, input_pos, features, slots, kv_len, prefix) -> torch.Tensor:
+        self.tokens[slots[:, None], input_pos] = tokens
+        return self.model(self.target, tokens, features, input_pos, self.cache, slots, kv_len, prefix)
+
+    def forward(self, tokens, input_pos, cache, slots, kv_len, logits: bool = True, prefix=None):
+        """The head on stored features (prefill, timing), with ModelDrafter.forward's arguments (cache: the head's)."""
+        predicted = self.run(tokens, input_pos, self.features_before(slots, input_pos, prefix), slots, kv_len, prefix)
+        return head_logits(self.target, predicted) if logits else None
+
+    def prefill(self, tokens, input_pos, slots, kv_len, prefix=None) -> None:
+        self.forward(tokens, input_pos, self.cache, slots, kv_len, logits=False, prefix=prefix)
+
+    def draft(self, last: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, k: int, kv_len: int,
+              prefix: torch.Tensor | None, pick) -> list[torch.Tensor]:
+        """k drafts after each row's last token [B] at position lengths - 1; pick(i, logits [B, V]) chooses draft i.
+        Positions before the last were all fed to the target, and to the head as prompt or accepted drafts."""
+        pos = ((lengths - 1)[:, None] + torch.arange(1 - self.REFEED, 1, device=lengths.device)).clamp(min=0)
+        tokens = self.tokens[self.store_rows(slots, pos, prefix), pos]
+        tokens[:, -1] = last
+        features, drafts = self.features_before(slots, pos, prefix), []
+        for i in range(k):
+            predicted = self.run(tokens, pos, features, slots, kv_len, prefix)[:, -1:]
+            drafts.append(pick(i, head_logits(self.target, predicted)[:, -1]))
+            tokens, features, pos = drafts[-1][:, None], predicted, pos[:, -1:] + 1
+        if k:  # the last draft is never fed here; the next step's refeed reads it if it is accepted
+            self.tokens[slots[:, None], pos] = tokens
+        return drafts
+
+    def greedy_drafts(self, last2, lengths, slots, k, kv_len, prefix=None) -> torch.Tensor:
+        return torch.stack(self.draft(last2[:, 1], lengths, slots, k, kv_len, prefix,
+                                      lambda i, logits: logits.argmax(-1)), 1)
+
+    def propose(self, seqs, slots, k, sampling, u, kv_len, prefix=None):
+        qs = []
+
+        def pick(i, logits):
+            qs.append(probs_from_logits(logits[:, None], *sampling)[:, 0])
+            return sample(qs[-1], u[:, i])
+
+        lengths = torch.tensor([len(s) for s in seqs], device=self.device)
+        last = torch.tensor([s[-1] for s in seqs], device=self.device)
+        drafts = self.draft(last, lengths, slots, k, kv_len, prefix, pick)
+        return torch.stack(drafts, 1), torch.stack(qs, 1), torch.full((len(seqs),), k, device=self.device)
 
 
 def kv_bucket(needed: int, max_seq: int, step: int = 64) -> int:

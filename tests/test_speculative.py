@@ -9,7 +9,8 @@ from npc_engine.engine import Engine
 from npc_engine.loading import load_model
 from npc_engine.model import KVCache, ModelArgs, Transformer
 from npc_engine.sampling import SamplingParams, sample
-from npc_engine.speculative import DRAFT_LENGTHS, ModelDrafter, NgramDrafter, NoDrafter, choose_k, verify
+from npc_engine.head import FeatureHead, head_args
+from npc_engine.speculative import DRAFT_LENGTHS, HeadDrafter, ModelDrafter, NgramDrafter, NoDrafter, choose_k, verify
 from npc_engine.tokenizer import Tokenizer
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "models"
@@ -29,11 +30,18 @@ def make_engine(target_dir, drafter_kind, draft_dir=None, **kwargs):
     target = load_model(target_dir)
     if drafter_kind == "model":
         drafter = ModelDrafter(load_model(draft_dir), 9, 1024, "cpu", torch.float32)
+    elif drafter_kind == "head":  # random: mostly wrong drafts
+        drafter = HeadDrafter(random_head(target), target, 9, 1024, "cpu", torch.float32)
     elif drafter_kind == "ngram":
         drafter = NgramDrafter(target.args.vocab_size, "cpu")
     else:
         drafter = NoDrafter()
     return Engine(target, drafter, Tokenizer.from_dir(target_dir), max_batch=8, **kwargs)
+
+
+def random_head(target: Transformer, seed: int = 0) -> FeatureHead:
+    torch.manual_seed(seed)
+    return FeatureHead(head_args(target.args)).eval().requires_grad_(False)
 
 
 def run_batch(engine, prompts, params):
@@ -48,7 +56,8 @@ def run_batch(engine, prompts, params):
 
 
 @pytest.mark.parametrize("drafter_kind,k,fused", [("model", 4, False), ("model", None, False), ("ngram", 8, False),
-                                                  ("ngram", None, False), ("none", 4, False), ("model", 4, True)])
+                                                  ("ngram", None, False), ("none", 4, False), ("model", 4, True),
+                                                  ("head", 5, False), ("head", None, False), ("head", 3, True)])
 def test_greedy_speculative_is_token_identical_across_batch_sizes(tiny_pair_dirs, drafter_kind, k, fused):
     """fused: the kernels' PyTorch references, which check their inputs as the GPU kernels need them."""
     target_dir, draft_dir = tiny_pair_dirs
@@ -183,13 +192,15 @@ def test_speculative_sampling_keeps_the_target_distribution():
         assert p_mutant < 1e-6, f"{mutant.__name__} not caught: p = {p_mutant:.2e}"
 
 
-def test_engine_sampling_matches_the_target_distribution():
-    """End to end through the engine (draft model, KV caches, rollback, per-request seeds): 4096
+@pytest.mark.parametrize("drafter_kind", ["model", "head"])
+def test_engine_sampling_matches_the_target_distribution(drafter_kind):
+    """End to end through the engine (draft model or feature head, KV caches, rollback, per-request seeds): 4096
     two-token samples against the exact distribution, chi-square p > 1e-3."""
     target, draft = tiny_vocab_pair()
     P = conditionals(target, [1, 2, 3], 2)
-    engine = Engine(target, ModelDrafter(draft, 1025, 64, "cpu", torch.float32), tokenizer=None,
-                    max_batch=1024, max_seq=64, fixed_k=3)
+    drafter = (ModelDrafter(draft, 1025, 64, "cpu", torch.float32) if drafter_kind == "model" else
+               HeadDrafter(random_head(target), target, 1025, 64, "cpu", torch.float32))
+    engine = Engine(target, drafter, tokenizer=None, max_batch=1024, max_seq=64, fixed_k=3)
     counts = torch.zeros(10, 10)
     outs = {}
     for i in range(4096):
@@ -220,7 +231,8 @@ def test_ngram_lookup_finds_the_latest_earlier_occurrence():
     assert drafter.lookup([7, 1, 2, 3, 9, 1, 2, 3, 5, 1, 2, 3], 3) == [5, 1, 2]
 
 
-@pytest.mark.parametrize("drafter_kind,k", [("none", None), ("model", 3), ("model", None), ("ngram", None), ("ngram", 0), ("ngram", 2)])
+@pytest.mark.parametrize("drafter_kind,k", [("none", None), ("model", 3), ("model", None), ("ngram", None), ("ngram", 0),
+                                            ("ngram", 2), ("head", 3)])
 def test_pipelined_greedy_decoding_is_token_identical(drafter_kind, k):
     """Each step launched from the previous one's device result before the host reads it: the same tokens
     with requests of different lengths finishing mid-chain, a request admitted mid-chain and one cancelled.
@@ -374,3 +386,52 @@ def test_draft_cache_catches_up_after_steps_without_drafting(tiny_pair_dirs):
     fresh.submit("b", req.ids, SamplingParams(max_tokens=1))
     fresh.step()
     assert torch.allclose(engine.drafter.cache.k[:, req.slot, :, :n - 2], fresh.drafter.cache.k[:, fresh_slot, :, :n - 2], atol=1e-5)
+
+
+def reference_head_drafts(target: Transformer, head: FeatureHead, ids: list[int], k: int) -> list[int]:
+    """Greedy drafts of a feature head without any cache: the target's features of the whole sequence, then the
+    head over every position, one more position per draft fed its own predicted feature."""
+    from npc_engine.head import head_logits
+
+    with torch.no_grad():
+        tokens = torch.tensor([ids])
+        features = target.hidden_states(tokens, torch.arange(len(ids))[None])
+        before = torch.nn.functional.pad(features[:, :-1], (0, 0, 1, 0))
+        drafts = []
+        for _ in range(k):
+            predicted = head(target, tokens, before)
+            drafts.append(int(head_logits(target, predicted[:, -1]).argmax()))
+            tokens = torch.cat([tokens, torch.tensor([[drafts[-1]]])], dim=1)
+            before = torch.cat([before, predicted[:, -1:]], dim=1)
+    return drafts
+
+
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_head_drafts_and_cache_match_an_uncached_run(tiny_pair_dirs, shared_prefix):
+    """After prefill (from a shared persona prefix or not) and sampled steps whose drafts were partly rejected, the
+    feature head's next drafts are those of an uncached run on the accepted tokens, and its cache equals a fresh
+    prefill's: the target's stored features, the head's token store and the refeed after a rollback are right."""
+    target_dir, _ = tiny_pair_dirs
+    engine = make_engine(target_dir, "head", fixed_k=4)
+    persona = engine.tokenizer.encode(PROMPTS[0])
+    prefix_len = len(persona) - 3 if shared_prefix else 0
+    for rid in ("a", "b"):  # the second request reads the prefix the first computed
+        engine.submit(rid, persona, SamplingParams(temperature=1.0, seed=5, max_tokens=200), prefix_len=prefix_len)
+    for _ in range(5):
+        engine.step()
+    r = engine.active["b"]
+    assert r.stats.accepted < r.stats.drafted and (r.shared is not None) == shared_prefix
+    assert r.stats.cached_prefix_tokens == prefix_len
+    drafter = engine.drafter
+    n = len(r.ids)
+    with torch.no_grad():
+        got = drafter.greedy_drafts(torch.tensor([r.ids[-2:]]), torch.tensor([n]), torch.tensor([r.slot]), 4,
+                                    engine.max_seq, engine.prefix_tensor([engine.prefix_ref(r)]))
+    assert got[0].tolist() == reference_head_drafts(engine.target, drafter.model, r.ids, 4)
+    fresh = make_engine(target_dir, "head", fixed_k=4)
+    fresh.drafter.model = drafter.model
+    fresh_slot = fresh.free_slots[-1]
+    fresh.submit("c", r.ids, SamplingParams(max_tokens=1))
+    fresh.step()  # prefills every token: the head's cache as if only these tokens were fed
+    ours = drafter.cache.k[0, r.slot, :, prefix_len:n]
+    assert torch.allclose(ours, fresh.drafter.cache.k[0, fresh_slot, :, prefix_len:n], atol=1e-5)

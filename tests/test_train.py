@@ -152,8 +152,9 @@ def test_mine_dialogue_from_prose_and_plays():
 # ---------------------------------------------------------------- the pipeline
 
 def test_losses_decrease(run):
-    stages = {s: json.loads((run["work"] / "stages" / f"{s}.json").read_text()) for s in ("pretrain", "finetune", "distill")}
-    for name in ("pretrain", "distill"):
+    stages = {s: json.loads((run["work"] / "stages" / f"{s}.json").read_text())
+              for s in ("pretrain", "finetune", "distill", "head")}
+    for name in ("pretrain", "distill", "head"):
         assert stages[name]["last_loss"] < stages[name]["first_loss"] - 0.1, name
     dev = stages["finetune"]["dev_history"]
     assert stages["finetune"]["dev_loss"] < dev[0][1]

@@ -13,20 +13,21 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ["prepare", "tokenizer", "pretrain", "finetune", "distill", "eval"]
+STAGES = ["prepare", "tokenizer", "pretrain", "finetune", "distill", "head", "eval"]
 
 
 def stage_inputs(args) -> dict[str, Path]:
     """What each stage reads, and so what must exist when it runs without the stage before it."""
     return {"tokenizer": args.work / "data" / "split.json", "pretrain": args.work / "tokens" / "counts.json",
             "finetune": args.work / "target-pretrained" / "config.json", "distill": args.out / "npc-target" / "config.json",
+            "head": args.out / "npc-target" / "config.json",
             "eval": args.out / "npc-draft" / "config.json"}
 
 
 def stage_outputs(args) -> dict[str, Path]:
     """Present once a stage has finished: `--resume` skips such stages."""
     return {"prepare": args.work / "data" / "split.json", "tokenizer": args.work / "tokens" / "counts.json",
-            **{s: args.work / "stages" / f"{s}.json" for s in ("pretrain", "finetune", "distill")},
+            **{s: args.work / "stages" / f"{s}.json" for s in ("pretrain", "finetune", "distill", "head")},
             "eval": args.work / "metrics.json"}
 
 
@@ -58,8 +59,9 @@ def parse_minutes(value: str) -> dict[str, float]:
     out = {}
     for item in value.split(","):
         stage, _, minutes = item.partition("=")
-        if stage not in ("pretrain", "finetune", "distill") or not minutes:
-            raise argparse.ArgumentTypeError(f"--max-minutes takes STAGE=MINUTES for pretrain/finetune/distill, got {item!r}")
+        if stage not in ("pretrain", "finetune", "distill", "head") or not minutes:
+            raise argparse.ArgumentTypeError(f"--max-minutes takes STAGE=MINUTES for pretrain/finetune/distill/head, "
+                                             f"got {item!r}")
         out[stage] = float(minutes)
     return out
 
@@ -67,12 +69,12 @@ def parse_minutes(value: str) -> dict[str, float]:
 def add_train_parser(sub) -> argparse.ArgumentParser:
     from npc_engine.train.config import CONFIGS
 
-    p = sub.add_parser("train", help="train the embedded target/draft pair from the corpus")
+    p = sub.add_parser("train", help="train the embedded target, draft model and feature head from the corpus")
     p.add_argument("--stages", type=parse_stages, default=STAGES, help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--config", choices=sorted(CONFIGS), default="default")
     p.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "train", help="intermediate files and checkpoints")
-    p.add_argument("--out", type=Path, default=ROOT / "models", help="gets npc-target/ and npc-draft/")
+    p.add_argument("--out", type=Path, default=ROOT / "models", help="gets npc-target/, npc-draft/ and npc-head/")
     p.add_argument("--personas", type=Path, default=ROOT / "personas", help="demo cast for the sample exchanges")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     p.add_argument("--seed", type=int, default=0)
@@ -86,7 +88,7 @@ def cmd_train(args) -> int:
     import torch
 
     from npc_engine.loading import CheckpointError
-    from npc_engine.train import data, eval as evaluation, loop, tokenizer
+    from npc_engine.train import data, eval as evaluation, feature_head, loop, tokenizer
     from npc_engine.train.config import CONFIGS, with_minutes
     from npc_engine.train.data import CorpusError
 
@@ -110,6 +112,7 @@ def cmd_train(args) -> int:
         "pretrain": lambda: loop.pretrain(ctx),
         "finetune": lambda: loop.finetune(ctx),
         "distill": lambda: loop.distill(ctx),
+        "head": lambda: feature_head.train_head(ctx),
         "eval": lambda: evaluation.evaluate(ctx, args.personas),
     }
     log(f"train: config {config.name}, stages {','.join(args.stages)}, device {args.device}, seed {args.seed}")

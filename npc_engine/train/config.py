@@ -65,6 +65,7 @@ class TrainConfig:
     pretrain: Stage
     finetune: Stage
     distill: Stage
+    head: Stage
     mix: Mix = field(default_factory=Mix)
     tokenizer_sample_chars: int = 30_000_000
     val_book_fraction: float = 0.05  # of books, at least one
@@ -93,6 +94,9 @@ DEFAULT = TrainConfig(
     finetune=Stage(batch_size=32, block_size=1024, lr=6e-4, max_steps=800, max_minutes=1.5, warmup_steps=40),
     distill=Stage(batch_size=32, block_size=1024, lr=3e-3, max_steps=20_000, max_minutes=1.75, warmup_steps=100,
                   ckpt_every=2000),
+    # the feature head: one layer on the target's hidden states (its regional compile is the target's layers only)
+    head=Stage(batch_size=16, block_size=512, lr=1e-3, max_steps=20_000, max_minutes=2, warmup_steps=50,
+               compile=False, ckpt_every=200),
 )
 
 TINY = TrainConfig(
@@ -106,6 +110,8 @@ TINY = TrainConfig(
                    log_every=10, ckpt_every=20, eval_every=10),
     distill=Stage(batch_size=8, block_size=128, lr=3e-3, max_steps=30, max_minutes=0, warmup_steps=3,
                   log_every=10, ckpt_every=20),
+    head=Stage(batch_size=8, block_size=128, lr=3e-3, max_steps=20, max_minutes=0, warmup_steps=3, compile=False,
+               log_every=10, ckpt_every=10),
     tokenizer_sample_chars=2_000_000,
     val_book_fraction=0.2,
     val_persona_fraction=0.2,

@@ -1,0 +1,104 @@
+"""Feature head: a one-layer drafter that reads the target's own hidden states (EAGLE-style).
+
+At position p the head takes the token x_p and the target's feature f_{p-1} (its last hidden state
+before the final norm, at the position before; zeros at position 0), mixes them with one linear
+layer, runs one decoder layer over its own KV cache and predicts the feature f_p. The target's final
+norm and output head turn that prediction into next-token logits, so the head owns no embedding and
+no vocabulary matrix: it drafts with the target's own, and a few draft steps cost one small layer each.
+Drafting feeds each predicted feature back in as the next position's input.
+
+A head folder holds `config.json` (the target's shape with one layer, `architectures`:
+["NpcEngineFeatureHead"]) and `model.safetensors` (`fc.weight`, `layer.*`).
+"""
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from npc_engine.loading import CheckpointError, parse_dtype
+from npc_engine.model import DecoderLayer, KVCache, ModelArgs, Transformer, rope_inv_freq
+
+ARCHITECTURE = "NpcEngineFeatureHead"
+
+
+class FeatureHead(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args  # the target's shape with n_layers = 1 (the KV cache of the head has one layer)
+        self.fc = nn.Linear(2 * args.dim, args.dim, bias=False)
+        self.layer = DecoderLayer(args)
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+
+    def forward(self, target: Transformer, tokens: torch.Tensor, features: torch.Tensor,
+                input_pos: torch.Tensor | None = None, cache: KVCache | None = None, slots: torch.Tensor | None = None,
+                kv_len: int | None = None, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T], features [B, T, dim] (the target's feature at each position before): the predicted
+        features [B, T, dim]. Without a cache the T positions attend causally to each other (training)."""
+        B, T = tokens.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=tokens.device).expand(B, T)
+        kv_index = None
+        if cache is not None:
+            kv_index = cache.gather_index(slots, prefix, cache.max_seq if kv_len is None else kv_len)
+        freqs = input_pos.float()[..., None] * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        x = self.fc(torch.cat([target.model.embed_tokens(tokens), features.to(self.fc.weight.dtype)], dim=-1))
+        return self.layer(x, emb.cos(), emb.sin(), input_pos, None if cache is None else cache.layer(0), slots, kv_index)
+
+
+def head_logits(target: Transformer, features: torch.Tensor) -> torch.Tensor:
+    """Next-token logits of (predicted) features through the target's final norm and output head."""
+    return target.lm_head(target.model.norm(features.to(target.model.norm.weight.dtype)))
+
+
+def head_args(target_args: ModelArgs) -> ModelArgs:
+    return ModelArgs(**{**target_args.__dict__, "n_layers": 1, "architecture": "LlamaForCausalLM"})
+
+
+def is_head_dir(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    return config.is_file() and ARCHITECTURE in (json.loads(config.read_text()).get("architectures") or [])
+
+
+def save_head(head: FeatureHead, path: str | Path, target_name: str, dtype: torch.dtype = torch.bfloat16) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = {**head.args.to_hf_config(), "architectures": [ARCHITECTURE], "model_type": "npc_engine_feature_head",
+           "target": target_name, "torch_dtype": str(dtype).removeprefix("torch.")}
+    (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in head.state_dict().items()}
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def load_head(path: str | Path, target: Transformer, device, dtype=None) -> FeatureHead:
+    """A head folder for this target: its shape must be the target's (hidden size, heads, RoPE)."""
+    path = Path(path)
+    cfg = json.loads((path / "config.json").read_text())
+    args = head_args(ModelArgs.from_hf_config({**cfg, "architectures": ["LlamaForCausalLM"]}))
+    expected = head_args(target.args)
+    for field in ("dim", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "rope_theta", "rope_scaling"):
+        if getattr(args, field) != getattr(expected, field):
+            raise CheckpointError(f"feature head {path} was trained for a target with {field} {getattr(args, field)}, "
+                                  f"this target has {getattr(expected, field)}")
+    head = FeatureHead(args)
+    expected_shapes = {k: v.shape for k, v in head.state_dict().items()}
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing")
+    state = {}
+    with safe_open(str(weights), framework="pt", device="cpu") as f:
+        for name in f.keys():
+            tensor = f.get_tensor(name)
+            if expected_shapes.get(name) != tensor.shape:
+                raise CheckpointError(f"{weights.name}: unexpected tensor {name!r} {tuple(tensor.shape)} for a feature head")
+            state[name] = tensor
+    missing = sorted(set(expected_shapes) - set(state))
+    if missing:
+        raise CheckpointError(f"{path}: missing tensors: {', '.join(missing)}")
+    head.load_state_dict(state)
+    head = head.to(device=device, dtype=parse_dtype(dtype, device))
+    head.inv_freq = rope_inv_freq(args).to(device)  # kept in float32
+    return head.eval().requires_grad_(False)
