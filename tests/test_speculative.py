@@ -389,21 +389,26 @@ def test_draft_cache_catches_up_after_steps_without_drafting(tiny_pair_dirs):
 
 
 def reference_head_drafts(target: Transformer, head: FeatureHead, ids: list[int], k: int) -> list[int]:
-    """Greedy drafts of a feature head without any cache: the target's features of the whole sequence, then the
-    head over every position, one more position per draft fed its own predicted feature."""
-    from npc_engine.head import head_logits
+    """Greedy drafts of a feature head without any cache (the training eval's replay proposer)."""
+    from npc_engine.train.eval import head_proposals
 
     with torch.no_grad():
-        tokens = torch.tensor([ids])
-        features = target.hidden_states(tokens, torch.arange(len(ids))[None])
-        before = torch.nn.functional.pad(features[:, :-1], (0, 0, 1, 0))
-        drafts = []
-        for _ in range(k):
-            predicted = head(target, tokens, before)
-            drafts.append(int(head_logits(target, predicted[:, -1]).argmax()))
-            tokens = torch.cat([tokens, torch.tensor([[drafts[-1]]])], dim=1)
-            before = torch.cat([before, predicted[:, -1:]], dim=1)
-    return drafts
+        work = torch.tensor([ids + [0] * k])
+        return head_proposals(target, head)(work, torch.tensor([len(ids)]), k)[0].tolist()
+
+
+def test_uncached_head_proposals_batch_rows_of_different_lengths(tiny_pair_dirs):
+    from npc_engine.train.eval import head_proposals
+
+    target = load_model(tiny_pair_dirs[0])
+    head = random_head(target, seed=2)
+    rows = [[5, 9, 17, 3, 8, 21, 4], [7, 2, 30]]
+    work = torch.zeros(2, 12, dtype=torch.long)
+    for i, r in enumerate(rows):
+        work[i, :len(r)] = torch.tensor(r)
+    with torch.no_grad():
+        batched = head_proposals(target, head)(work, torch.tensor([len(r) for r in rows]), 4).tolist()
+    assert batched == [reference_head_drafts(target, head, r, 4) for r in rows]
 
 
 @pytest.mark.parametrize("shared_prefix", [False, True])

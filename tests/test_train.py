@@ -19,7 +19,7 @@ from npc_engine.train import batches, loop
 from npc_engine.train.cli import Log, main
 from npc_engine.train.config import TINY
 from npc_engine.train.data import clean_book, mine_dialogue, persona_chat_examples, persona_qa_example, read_jsonl
-from npc_engine.train.eval import adherent, generate, replay_speculation, topic_questions
+from npc_engine.train.eval import adherent, generate, model_proposals, replay_speculation, topic_questions
 from npc_engine.train.tokenizer import encode_conversations, load_tokenizer
 
 WORDS = ("river stone lantern forest castle dragon meadow silver wander whisper ancient golden harbor tower "
@@ -248,13 +248,20 @@ def test_replay_speculation_counts_matches_exactly(run):
     prompts = [[1, 5, 6, 7, 4, 2], [1, 9, 4, 3]]
     replies = generate(target, prompts, 6, set(), 2, "cpu")
     assert all(len(r) == 6 for r in replies)
-    same = replay_speculation(target, prompts, replies, 4, 2, "cpu")
+    same = replay_speculation(model_proposals(target), prompts, replies, 4, 2, "cpu")
     # the target drafting for itself: every proposal matches; 6 reply tokens = (4 accepted + 1) + 1 accepted
     assert same["acceptance_rate"] == 1.0 and same["steps"] == 4 and same["accepted"] == same["proposed"] == 10
     draft = load_model(run["out"] / "npc-draft", dtype=torch.float32)
-    other = replay_speculation(draft, prompts, replies, 4, 2, "cpu")
+    other = replay_speculation(model_proposals(draft), prompts, replies, 4, 2, "cpu")
     assert other["tokens_per_target_forward"] == 12 / other["steps"]
     assert other["accepted"] <= other["proposed"] and other["steps"] >= 4
+
+
+def test_metrics_hold_the_feature_head_acceptance(run):
+    metrics = json.loads((run["work"] / "metrics.json").read_text())
+    head = metrics["acceptance_feature_head"]
+    assert head["prompts"] == metrics["acceptance"]["prompts"] > 0
+    assert 0 <= head["k4"]["accepted"] <= head["k4"]["proposed"] and head["k4"]["steps"] > 0
 
 
 def test_persona_adherence_measure():

@@ -10,7 +10,8 @@ Writes `<work>/metrics.json` and `<work>/samples.md`.
   min(K, tokens left in the reply) tokens; accepted = the length of the prefix that matches the
   reference; the step then commits accepted + 1 tokens (the target's own next token). Acceptance
   rate = accepted / proposed over all steps; mean accepted length = accepted per step; tokens per
-  target forward = reply tokens / steps.
+  target forward = reply tokens / steps. The feature head (`npc-head`, when trained) is replayed on the
+  same prompts and replies (`acceptance_feature_head`).
 - Persona adherence: for every held-out Persona-Chat persona, each fact is matched by keywords to
   at most one topic (`data.fact_topics`); each topic with a matching fact is asked once, as the first
   player turn, in the words of EVAL_QUESTIONS (training's question-answer exchanges use others). The greedy reply counts as adherent when it shares a content word with one of that
@@ -25,8 +26,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+from npc_engine.head import FeatureHead, head_logits, load_head
 from npc_engine.loading import load_model
+from npc_engine.model import Transformer
 from npc_engine.persona import PersonaError, load_persona_dir
 from npc_engine.prompt import NPC, PromptPersona, Turn, build_prompt
 from npc_engine.train.batches import Rows, book_windows, conversation_windows, load_book_stream, load_conversations, pack
@@ -123,9 +127,41 @@ def generate(model, prompts: list[list[int]], max_new: int, stop_ids: set[int], 
     return results
 
 
+def model_proposals(draft: Transformer):
+    """propose(work [B, S], cur [B], k) -> [B, k]: a draft model's greedy tokens after each row's first cur
+    tokens (written into work as they are proposed)."""
+    def propose(work: torch.Tensor, cur: torch.Tensor, k: int) -> torch.Tensor:
+        rows, proposals = torch.arange(len(cur), device=cur.device), []
+        for _ in range(k):
+            proposals.append(draft(work[:, :int(cur.max())])[rows, cur - 1].argmax(-1))
+            work[rows, cur] = proposals[-1]
+            cur = cur + 1
+        return torch.stack(proposals, 1)
+    return propose
+
+
+def head_proposals(target: Transformer, head: FeatureHead):
+    """The same for a feature head, without caches: the target's features of the committed tokens, then per draft
+    one head pass over the row, its new position fed the head's own predicted feature (as the engine drafts)."""
+    def propose(work: torch.Tensor, cur: torch.Tensor, k: int) -> torch.Tensor:
+        rows, proposals = torch.arange(len(cur), device=cur.device), []
+        length = int(cur.max()) + k
+        features = target.hidden_states(work[:, :length], torch.arange(length, device=cur.device).expand(len(cur), -1))
+        before = F.pad(features[:, :-1], (0, 0, 1, 0))  # positions past cur are overwritten before they are read
+        for _ in range(k):
+            end = int(cur.max())
+            predicted = head(target, work[:, :end], before[:, :end])[rows, cur - 1]
+            proposals.append(head_logits(target, predicted).argmax(-1))
+            work[rows, cur], before[rows, cur] = proposals[-1], predicted.to(before.dtype)
+            cur = cur + 1
+        return torch.stack(proposals, 1)
+    return propose
+
+
 @torch.no_grad()
-def replay_speculation(draft, prompts: list[list[int]], replies: list[list[int]], k: int, batch: int, device) -> dict:
-    """Greedy speculative decoding replayed against the target's greedy replies (module docstring)."""
+def replay_speculation(propose, prompts: list[list[int]], replies: list[list[int]], k: int, batch: int, device) -> dict:
+    """Greedy speculative decoding replayed against the target's greedy replies (module docstring); propose: a
+    `model_proposals` or `head_proposals` function."""
     steps = proposed = accepted = 0
     for i in range(0, len(prompts), batch):
         chunk_p, chunk_r = prompts[i:i + batch], replies[i:i + batch]
@@ -142,13 +178,7 @@ def replay_speculation(draft, prompts: list[list[int]], replies: list[list[int]]
             active = pos < rlen
             if not active.any():
                 break
-            work, cur = seq.clone(), plen + pos
-            proposals = torch.zeros(B, k, dtype=torch.long, device=device)
-            for j in range(k):
-                nxt = draft(work[:, :int(cur.max())])[rows, cur - 1].argmax(-1)
-                proposals[:, j] = nxt
-                work[rows, cur] = nxt
-                cur = cur + 1
+            proposals = propose(seq.clone(), plen + pos, k)
             n_prop = torch.minimum(rlen - pos, torch.tensor(k, device=device))
             reference = seq[rows[:, None], (plen + pos)[:, None] + cols]
             match = (proposals == reference) & (cols < n_prop[:, None])
@@ -219,8 +249,15 @@ def evaluate(ctx: Context, personas_dir: Path) -> dict:
 
     prompts = acceptance_prompts(conv_rows, tok.token_to_id(NPC), cfg.eval_prompts)
     replies = generate(target, prompts, cfg.eval_max_new_tokens, stop, cfg.eval_batch, device)
-    acceptance = {f"k{k}": replay_speculation(draft, prompts, replies, k, cfg.eval_batch, device) for k in (4, 8)}
+    acceptance = {f"k{k}": replay_speculation(model_proposals(draft), prompts, replies, k, cfg.eval_batch, device)
+                  for k in (4, 8)}
     ctx.log(f"eval: acceptance over {len(prompts)} prompts {acceptance}")
+    head_acceptance = None
+    if (ctx.out / "npc-head" / "config.json").is_file():
+        propose = head_proposals(target, load_head(ctx.out / "npc-head", target, device, torch.float32))
+        head_acceptance = {f"k{k}": replay_speculation(propose, prompts, replies, k, cfg.eval_batch, device)
+                           for k in (4, 8)}
+        ctx.log(f"eval: feature head acceptance {head_acceptance}")
 
     questions = persona_questions(ctx.work, cfg.eval_max_adherence)
     q_prompts = [tok.encode(build_prompt(p, [Turn("player", q)])).ids for p, _, q, _ in questions]
@@ -249,6 +286,7 @@ def evaluate(ctx: Context, personas_dir: Path) -> dict:
                   "bytes": folder_bytes(ctx.out / "npc-draft")},
         "perplexity": ppl,
         "acceptance": {"prompts": len(prompts), "max_new_tokens": cfg.eval_max_new_tokens, **acceptance},
+        "acceptance_feature_head": head_acceptance and {"prompts": len(prompts), **head_acceptance},
         "persona_adherence": adherence,
         "stages": {k: {kk: vv for kk, vv in v.items() if kk != "loss_history"} for k, v in stages.items()},
         "loss_history": {k: v.get("loss_history") for k, v in stages.items()},
