@@ -3,10 +3,11 @@
 Random-weight Llama shapes (50-token prompt, 40 new tokens, greedy) and, with --pair, the embedded
 trained target/draft pair on persona prompts: `transformers.generate` (plain and assisted with the
 draft), our autoregressive path (eager, and with CUDA graphs on GPU), our speculative path with the
-draft model and with n-gram lookup. Medians over --repeats runs after one warm-up run. For our lines
-the decoding phase (first token to last) is also timed on its own: prefill is the same work with or
-without speculation, so "decode ms/token" is where drafting shows. --ignore-stop makes every line
---new-tokens long (stop tokens are generated like any other), so short answers do not hide it.
+draft model, with n-gram lookup and with the feature head (--head, default models/npc-head). Medians
+over --repeats runs after one warm-up run. For our lines the decoding phase (first token to last) is
+also timed on its own: prefill is the same work with or without speculation, so "decode ms/token" is
+where drafting shows. --ignore-stop makes every line --new-tokens long (stop tokens are generated
+like any other), so short answers do not hide it.
 
     python benchmarks/bench_decode.py --device cuda --shapes 1b,8b --pair models/npc-target
     python benchmarks/bench_decode.py --device cpu --shapes small --pair models/npc-target
@@ -26,7 +27,8 @@ from benchmarks.common import header, median_time, random_pair  # noqa: E402
 from npc_engine.engine import Engine, RequestStats  # noqa: E402
 from npc_engine.loading import load_model  # noqa: E402
 from npc_engine.sampling import SamplingParams  # noqa: E402
-from npc_engine.speculative import ModelDrafter, NgramDrafter, NoDrafter  # noqa: E402
+from npc_engine.head import load_head  # noqa: E402
+from npc_engine.speculative import HeadDrafter, ModelDrafter, NgramDrafter, NoDrafter  # noqa: E402
 
 
 def ours_line(model, drafter, tokenizer, prompt, new_tokens, device, graphs, repeats):
@@ -127,6 +129,7 @@ def bench_pair(target_dir, draft_dir, device, dtype, args):
     target, draft = load_model(target_dir, device, dtype), load_model(draft_dir, device, dtype)
     hf_target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype).to(device).eval()
     hf_draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=dtype).to(device).eval()
+    head = load_head(args.head, target, device, dtype) if args.head else None
     graphs = torch.device(device).type == "cuda"
     totals: dict[str, list] = {}
     same: dict[str, list[bool]] = {}
@@ -137,10 +140,15 @@ def bench_pair(target_dir, draft_dir, device, dtype, args):
         runs = {"transformers generate": hf_line(hf_target, prompt, args.new_tokens, device, args.repeats, stop_ids=stop_ids),
                 "transformers assisted (draft)": hf_line(hf_target, prompt, args.new_tokens, device, args.repeats,
                                                          assistant=hf_draft, stop_ids=stop_ids)}
-        for name, drafter, k in [("ours autoregressive", NoDrafter(), None),
-                                 ("ours speculative, draft model", ModelDrafter(draft, 2, 512, device, dtype), None),
-                                 ("ours speculative, n-gram", NgramDrafter(target.args.vocab_size, device), None)]:
-            s, n, stats, tokens, decode_s = ours_line(target, drafter, ours_tokenizer, prompt, args.new_tokens, device, graphs, args.repeats)
+        drafters = [("ours autoregressive", NoDrafter),
+                    ("ours speculative, draft model", lambda: ModelDrafter(draft, 2, 512, device, dtype)),
+                    ("ours speculative, n-gram", lambda: NgramDrafter(target.args.vocab_size, device))]
+        if head is not None:
+            drafters.append(("ours speculative, feature head", lambda: HeadDrafter(head, target, 2, 512, device, dtype)))
+        for name, make_drafter in drafters:
+            s, n, stats, tokens, decode_s = ours_line(target, make_drafter(), ours_tokenizer, prompt, args.new_tokens,
+                                                      device, graphs, args.repeats)
+            target.feature_store = None  # only the feature head's runs store the target's features
             runs[name] = (s, n, tokens, stats, decode_s)
         ref_tokens = runs["ours autoregressive"][2]
         lines.append((prompt, ref_tokens))
@@ -193,6 +201,8 @@ def main():
     ap.add_argument("--shapes", default="small", help="comma-separated: small, 1b, 8b (empty for none)")
     ap.add_argument("--pair", default=None, help="trained target folder (its draft: --draft)")
     ap.add_argument("--draft", default="models/npc-draft")
+    ap.add_argument("--head", default="models/npc-head" if Path("models/npc-head").is_dir() else "",
+                    help="feature head folder for --pair (empty: none)")
     ap.add_argument("--prompts", type=int, default=4, help="persona prompts for --pair")
     ap.add_argument("--prompt-tokens", type=int, default=50)
     ap.add_argument("--new-tokens", type=int, default=40)

@@ -223,7 +223,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/npc-target", help="model folder served")
     ap.add_argument("--random-shape", choices=sorted(SHAPES), help="serve random weights of this shape instead of --model")
-    ap.add_argument("--draft", default="auto", help="draft model folder, 'ngram', 'none' or 'auto'")
+    ap.add_argument("--draft", default="auto", help="draft model folder, feature-head folder, 'ngram', 'none' or 'auto'")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--max-batch", type=int, default=16, help="engine slots (requests generated together)")
     ap.add_argument("--concurrency", default="1,8,32,64")

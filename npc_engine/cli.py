@@ -14,7 +14,7 @@ DEFAULT_MODEL = "models/npc-target"
 
 def add_model_args(p: argparse.ArgumentParser, model_default: str | None = DEFAULT_MODEL) -> None:
     p.add_argument("--model", default=model_default, required=model_default is None, help="Hugging Face layout model folder")
-    p.add_argument("--draft", default="auto", help="draft model folder, 'ngram', 'none' or 'auto' (default)")
+    p.add_argument("--draft", default="auto", help="draft model folder, feature-head folder, 'ngram', 'none' or 'auto' (default)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 (default: bfloat16 on cuda, float32 on cpu), or fp8: e4m3 target weights, activations in the default")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],

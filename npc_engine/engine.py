@@ -253,8 +253,10 @@ class Engine:
             drafter = NgramDrafter(target.args.vocab_size, device)
         elif is_head_dir(draft):
             if backend == "onnx":
-                raise ValueError(f"feature head {draft} drafts from the target's hidden states: it needs the torch backend")
-            drafter = HeadDrafter(load_head(draft, target, device, dtype), target, max_batch + 1, max_seq, device, dtype)
+                raise ValueError(f"feature head {draft} drafts from the target's hidden states: "
+                                 f"it needs the torch backend")
+            head = load_head(draft, target, device, dtype)
+            drafter = HeadDrafter(head, target, max_batch + 1, max_seq, device, dtype)
         else:
             draft_model = load(draft)
             if draft_model.args.vocab_size != target.args.vocab_size:

@@ -80,3 +80,25 @@ def test_save_shards_and_reload(tiny_model_dir, tmp_path):
     reloaded = load_model(tmp_path / "sharded")
     tokens = torch.arange(10)[None]
     assert torch.equal(model(tokens), reloaded(tokens))
+
+
+def test_feature_head_for_another_target_or_backend_is_refused(tiny_pair_dirs, tmp_path):
+    from npc_engine.engine import Engine
+    from npc_engine.head import FeatureHead, head_args, is_head_dir, load_head, save_head
+
+    target_dir, other_dir = tiny_pair_dirs  # hidden sizes differ
+    target = load_model(target_dir)
+    head_dir = tmp_path / "head"
+    save_head(FeatureHead(head_args(target.args)), head_dir, target_name=target_dir.name)
+    assert is_head_dir(head_dir) and not is_head_dir(target_dir)
+    assert load_head(head_dir, target, "cpu").fc.in_features == 2 * target.args.dim
+    other = load_model(other_dir)
+    with pytest.raises(CheckpointError, match=f"trained for a target with dim {target.args.dim}, this target has "
+                                              f"{other.args.dim}"):
+        load_head(head_dir, other, "cpu")
+    with pytest.raises(CheckpointError, match=f"trained for a target with dim"):
+        Engine.load(other_dir, draft=str(head_dir))
+    state = load_file(head_dir / "model.safetensors")
+    save_file({k: v for k, v in state.items() if k != "fc.weight"}, head_dir / "model.safetensors")
+    with pytest.raises(CheckpointError, match="missing tensors: fc.weight"):
+        load_head(head_dir, target, "cpu")

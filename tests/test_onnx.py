@@ -252,3 +252,12 @@ def test_cuda_provider_keeps_the_cache_on_the_device_and_matches(tiny_model_dir,
     assert all(g.device.type == "cuda" for g in got) and cache.k.device.type == "cuda"
     for e, g in zip(expected, got):
         assert torch.allclose(g.cpu(), e, atol=1e-4, rtol=0)
+
+
+def test_feature_head_needs_the_torch_backend(tiny_model_dir, export, tmp_path):
+    from npc_engine.head import FeatureHead, head_args, save_head
+    from npc_engine.loading import load_model
+
+    save_head(FeatureHead(head_args(load_model(tiny_model_dir).args)), tmp_path / "head", target_name="tiny")
+    with pytest.raises(ValueError, match="feature head .* needs the torch backend"):
+        Engine.load(export(tiny_model_dir), draft=str(tmp_path / "head"))

@@ -10,7 +10,8 @@ from npc_engine.loading import load_model  # noqa: E402
 from npc_engine.model import KVCache, fuse_projections_  # noqa: E402
 from npc_engine.quantize import quantize_fp8_  # noqa: E402
 from npc_engine.sampling import SamplingParams  # noqa: E402
-from npc_engine.speculative import ModelDrafter, NgramDrafter, NoDrafter  # noqa: E402
+from npc_engine.head import FeatureHead, head_args  # noqa: E402
+from npc_engine.speculative import HeadDrafter, ModelDrafter, NgramDrafter, NoDrafter  # noqa: E402
 from npc_engine.tokenizer import Tokenizer  # noqa: E402
 
 
@@ -21,6 +22,17 @@ def rel_err(out, ref):
 def prompts(tok):
     return [tok.encode(t) for t in ["<|persona|>I forge swords.<|eot|><|player|>Hi<|eot|><|npc|>", "Once upon a time",
                                     "The tavern is warm. The tavern is warm. The tavern", "What"]]
+
+
+def make_drafter(kind, target, draft_dir):
+    """A drafter on CUDA; the feature head is random (seeded: the same weights in every engine of a test)."""
+    if kind == "head":
+        torch.manual_seed(0)
+        head = FeatureHead(head_args(target.args)).to("cuda").eval().requires_grad_(False)
+        return HeadDrafter(head, target, 9, 1024, "cuda", torch.float32)
+    return {"none": NoDrafter, "ngram": lambda: NgramDrafter(target.args.vocab_size, "cuda"),
+            "model": lambda: ModelDrafter(load_model(draft_dir, "cuda", torch.float32), 9, 1024, "cuda", torch.float32)
+            }[kind]()
 
 
 def run(engine, prompt_ids, params):
@@ -35,7 +47,7 @@ def run(engine, prompt_ids, params):
 
 
 @pytest.mark.parametrize("temperature,k", [(0, 4), (0, None), (0.8, 4)], ids=["greedy-k4", "greedy-adaptive", "sampled-k4"])
-@pytest.mark.parametrize("drafter", ["none", "ngram", "model"])
+@pytest.mark.parametrize("drafter", ["none", "ngram", "model", "head"])
 def test_graph_replay_and_fused_kernels_equal_eager(tiny_pair_dirs, drafter, temperature, k):
     """Greedy steps replay one graph for the whole speculative step; sampled ones replay forwards."""
     target_dir, draft_dir = tiny_pair_dirs
@@ -44,8 +56,7 @@ def test_graph_replay_and_fused_kernels_equal_eager(tiny_pair_dirs, drafter, tem
     results = []
     for graphs, fused in [(False, False), (True, False), (True, True)]:
         target = load_model(target_dir, "cuda", torch.float32)
-        d = {"none": NoDrafter(), "ngram": NgramDrafter(target.args.vocab_size, "cuda"),
-             "model": ModelDrafter(load_model(draft_dir, "cuda", torch.float32), 9, 1024, "cuda", torch.float32)}[drafter]
+        d = make_drafter(drafter, target, draft_dir)
         engine = Engine(target, d, tok, "cuda", max_batch=8, cuda_graphs=graphs, fused_kernels=fused, fixed_k=k)
         results.append(run(engine, prompts(tok), params))
     assert results[1] == results[0], "CUDA-graph replay differs from eager"
@@ -53,7 +64,7 @@ def test_graph_replay_and_fused_kernels_equal_eager(tiny_pair_dirs, drafter, tem
         assert results[2] == results[0], "fused kernels differ from the PyTorch path"
 
 
-@pytest.mark.parametrize("drafter", ["none", "ngram", "model"])
+@pytest.mark.parametrize("drafter", ["none", "ngram", "model", "head"])
 def test_captured_graphs_serve_every_step(tiny_pair_dirs, drafter):
     """After capture_graphs, greedy and sampled lines with adaptive K capture nothing more, and greedy lines
     give the same tokens as an engine that captured as it went (sampled tokens may differ with K)."""
@@ -62,8 +73,7 @@ def test_captured_graphs_serve_every_step(tiny_pair_dirs, drafter):
     results = []
     for precapture in (False, True):
         target = load_model(target_dir, "cuda", torch.float32)
-        d = {"none": NoDrafter(), "ngram": NgramDrafter(target.args.vocab_size, "cuda"),
-             "model": ModelDrafter(load_model(draft_dir, "cuda", torch.float32), 9, 1024, "cuda", torch.float32)}[drafter]
+        d = make_drafter(drafter, target, draft_dir)
         engine = Engine(target, d, tok, "cuda", max_batch=8)
         forwards = [engine.target_forward] + ([d.forward] if drafter == "model" else [])
         if precapture:
@@ -163,7 +173,7 @@ def test_fp8_fused_steps_close_to_bf16(tiny_model_dir):
     assert err <= 0.1, err
 
 
-@pytest.mark.parametrize("drafter", ["none", "ngram", "model"])
+@pytest.mark.parametrize("drafter", ["none", "ngram", "model", "head"])
 def test_shared_persona_prefix_with_graphs_and_fused_kernels_equals_unshared_eager(tiny_pair_dirs, drafter):
     """Conversations reading one persona from a prefix slot (graph replays; the fused attention picks the slot per
     key) give the greedy lines of eager runs without sharing; the persona is prefilled once per engine."""
@@ -176,8 +186,7 @@ def test_shared_persona_prefix_with_graphs_and_fused_kernels_equals_unshared_eag
 
     def make(graphs, fused):
         target = load_model(target_dir, "cuda", torch.float32)
-        d = {"none": NoDrafter(), "ngram": NgramDrafter(target.args.vocab_size, "cuda"),
-             "model": ModelDrafter(load_model(draft_dir, "cuda", torch.float32), 9, 1024, "cuda", torch.float32)}[drafter]
+        d = make_drafter(drafter, target, draft_dir)
         return Engine(target, d, tok, "cuda", max_batch=8, cuda_graphs=graphs, fused_kernels=fused, fixed_k=4)
 
     expected = run(make(False, False), prompts, params)
