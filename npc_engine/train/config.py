@@ -94,9 +94,9 @@ DEFAULT = TrainConfig(
     finetune=Stage(batch_size=32, block_size=1024, lr=6e-4, max_steps=800, max_minutes=1.5, warmup_steps=40),
     distill=Stage(batch_size=32, block_size=1024, lr=3e-3, max_steps=20_000, max_minutes=1.75, warmup_steps=100,
                   ckpt_every=2000),
-    # the feature head: one layer on the target's hidden states (its regional compile is the target's layers only)
-    head=Stage(batch_size=16, block_size=512, lr=1e-3, max_steps=20_000, max_minutes=2, warmup_steps=50,
-               compile=False, ckpt_every=200),
+    # the feature head: one layer on the frozen target's hidden states, on the distillation mix
+    head=Stage(batch_size=32, block_size=1024, lr=1e-3, max_steps=20_000, max_minutes=2, warmup_steps=100,
+               ckpt_every=2000),
 )
 
 TINY = TrainConfig(
@@ -110,7 +110,7 @@ TINY = TrainConfig(
                    log_every=10, ckpt_every=20, eval_every=10),
     distill=Stage(batch_size=8, block_size=128, lr=3e-3, max_steps=30, max_minutes=0, warmup_steps=3,
                   log_every=10, ckpt_every=20),
-    head=Stage(batch_size=8, block_size=128, lr=3e-3, max_steps=20, max_minutes=0, warmup_steps=3, compile=False,
+    head=Stage(batch_size=8, block_size=128, lr=3e-3, max_steps=20, max_minutes=0, warmup_steps=3,
                log_every=10, ckpt_every=10),
     tokenizer_sample_chars=2_000_000,
     val_book_fraction=0.2,

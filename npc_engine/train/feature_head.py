@@ -12,7 +12,7 @@ from npc_engine.head import FeatureHead, head_args, head_logits, save_head
 from npc_engine.loading import load_model
 from npc_engine.model import Transformer
 from npc_engine.train.batches import MixedSampler
-from npc_engine.train.loop import Context, conversation_pools, count_params, mix_shares, record, train
+from npc_engine.train.loop import Context, compile_layers, conversation_pools, count_params, mix_shares, record, train
 
 
 def head_loss(target: Transformer):
@@ -37,6 +37,7 @@ def head_loss(target: Transformer):
 def train_head(ctx: Context) -> dict:
     stage = ctx.config.head
     target = load_model(ctx.out / "npc-target", ctx.device, torch.float32)
+    compile_layers(target, stage.compile and ctx.device.type == "cuda")
     torch.manual_seed(ctx.seed + 3)
     head = FeatureHead(head_args(target.args)).to(ctx.device)
     torch.nn.init.normal_(head.fc.weight, 0.0, 0.02)
