@@ -148,7 +148,6 @@ def bench_pair(target_dir, draft_dir, device, dtype, args):
         for name, make_drafter in drafters:
             s, n, stats, tokens, decode_s = ours_line(target, make_drafter(), ours_tokenizer, prompt, args.new_tokens,
                                                       device, graphs, args.repeats)
-            target.feature_store = None  # only the feature head's runs store the target's features
             runs[name] = (s, n, tokens, stats, decode_s)
         ref_tokens = runs["ours autoregressive"][2]
         lines.append((prompt, ref_tokens))

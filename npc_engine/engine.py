@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from npc_engine.cuda_graphs import GraphedForward, GraphedStep
+from npc_engine.head import is_head_dir, load_head
 from npc_engine.loading import load_model, parse_dtype
 from npc_engine.model import KVCache, Transformer, fuse_projections_
 from npc_engine.quantize import quantize_fp8_
 from npc_engine.sampling import SamplingParams, params_tensors, probs_from_logits, sample
-from npc_engine.head import is_head_dir, load_head
 from npc_engine.speculative import (DRAFT_LENGTHS, K_MAX, HeadDrafter, ModelDrafter, NgramDrafter, NoDrafter, choose_k,
                                     greedy_step, kv_bucket, verify)
 from npc_engine.tokenizer import Tokenizer
@@ -105,7 +105,7 @@ class Request:
     k: int = 0
     acceptance: Acceptance = field(default_factory=lambda: Acceptance(0.0, 0.0))
     off_steps: int = 0
-    draft_valid: int = 0  # positions below this hold the right keys in the draft model's cache
+    draft_valid: int = 0  # positions below this were fed to the drafter's cache (see its `guessed`)
     fed: int = 0  # prompt positions below this are in the target's cache
     shared: PrefixEntry | None = None  # positions below prefix_len are read from this entry's slot, never written
     complete: bool = True  # False while the prompt is still arriving
@@ -163,6 +163,8 @@ class Engine:
         """pipeline: launch each greedy step before the previous one's tokens reach the host (default: with
         CUDA graphs; on the CPU it only adds a wasted step at the end of every request)."""
         self.target, self.drafter, self.tokenizer = target, drafter, tokenizer
+        if drafter.name != "head" and isinstance(target, Transformer):
+            target.feature_store = None  # a feature head's store, left by an earlier engine on this target
         self.device = torch.device(device)
         fused = self.device.type == "cuda" if fused_kernels is None else fused_kernels
         for model in [target] + ([drafter.model] if drafter.name == "model" else []):
@@ -520,8 +522,11 @@ class Engine:
 
     def speculative_step(self, reqs: list[Request]) -> list[StepEvent]:
         B, k_asked = len(reqs), self.asked_k(reqs)
-        if k_asked and self.drafter.cache is not None:  # steps without drafting left the draft cache behind
-            self.prefill_ranges([(r, r.draft_valid, len(r.ids) - 2) for r in reqs], target=False)
+        drafter = self.drafter
+        if k_asked and drafter.cache is not None:  # steps without drafting left the draft cache behind
+            behind = [r for r in reqs if r.draft_valid < len(r.ids) - drafter.feeds_last]
+            self.prefill_ranges([(r, max(0, r.draft_valid - drafter.guessed), len(r.ids) - drafter.feeds_last)
+                                 for r in behind], target=False)
         greedy = all(r.params.temperature == 0 for r in reqs)
         # n-gram drafts are looked up in the host's tokens: a step that drafts waits for the one before it
         if greedy and self.pipelined and not (self.drafter.name == "ngram" and k_asked):
@@ -542,8 +547,8 @@ class Engine:
             r.stats.accepted += n
             self.adapt_k(r, n, n_drafted, step_cost)
             events.append(self.emit(r, draft_list[:n] + [extra_tok]))
-            if k_asked > 0:  # the drafter fed every token but the last two
-                r.draft_valid = len(r.ids) - 2
+            if k_asked > 0 and self.drafter.cache is not None:  # fed every token but those it re-feeds
+                r.draft_valid = len(r.ids) - self.drafter.feeds_last
         return [e for e in events if e is not None]
 
     def greedy_rows(self, reqs: list[Request], k: int, found: list[list[int]], width: int) -> list[list[int]]:
@@ -724,6 +729,8 @@ class Engine:
         slots = torch.full((1,), self.max_batch, device=self.device)
         tok = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         kv_len = kv_bucket(64, self.max_seq, self.kv_step)
+        # one-token forwards; a feature head's first draft of a step also re-feeds REFEED positions, which the
+        # measured step times (record_step_time) count once there are some
         t_draft = self.timed(lambda: self.drafter.forward(tok, tok, self.drafter.cache, slots, kv_len))
         return t1, t_draft / t1, verify_cost_per_token
 

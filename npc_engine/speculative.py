@@ -52,8 +52,9 @@ def verify_greedy(logits: torch.Tensor, drafts: torch.Tensor, draft_lens: torch.
     return n_accepted, best.gather(1, n_accepted[:, None]).squeeze(1)
 
 
-def greedy_step(target: Transformer, target_cache: KVCache, drafter: "NoDrafter | NgramDrafter | ModelDrafter | HeadDrafter",
-                packed: torch.Tensor, k: int, kv_len: int) -> torch.Tensor:
+def greedy_step(target: Transformer, target_cache: KVCache,
+                drafter: "NoDrafter | NgramDrafter | ModelDrafter | HeadDrafter", packed: torch.Tensor, k: int,
+                kv_len: int) -> torch.Tensor:
     """One whole temperature-0 speculative step on the device, so it can be one CUDA graph: draft k
     tokens, verify them with one target forward, accept. packed [B, 7 (+ k)] int64 rows hold
     (token before the last, last token, length, slot, drafts allowed, prefix slot, prefix length
@@ -144,6 +145,8 @@ class ModelDrafter:
 
     name = "model"
     prior_alpha = 0.7
+    feeds_last = 2  # each proposal re-feeds the last two tokens: its cache needs every token before them
+    guessed = 0  # positions before those whose cache entries may rest on its own guesses
 
     def __init__(self, model: Transformer, n_slots: int, max_seq: int, device, dtype):
         self.model = self.forward = model  # forward may become a CUDA-graph replayer
@@ -184,11 +187,14 @@ class HeadDrafter:
     it computes (`Transformer.feature_store`, one row per cache slot, prefix slots included); the head has its own
     one-layer KV cache and the tokens it was fed in the same slot layout. Each draft first re-feeds the last
     REFEED positions with the target's features, so the head's cache holds only target features up to the last
-    token whatever the previous step accepted, then drafts on its own predicted features."""
+    token whatever the previous step accepted, then drafts on its own predicted features. After steps without
+    drafting the engine's catch-up feeds it again from `guessed` positions before where it stopped."""
 
     name = "head"
     prior_alpha = 0.7
     REFEED = K_MAX + 1  # the last token and every draft a step can accept
+    feeds_last = 1  # the last token comes from the step; the refeed reads the others from the token store
+    guessed = K_MAX  # accepted drafts' entries were computed from predicted features until the next refeed
 
     def __init__(self, head: FeatureHead, target: Transformer, n_slots: int, max_seq: int, device, dtype):
         self.model, self.target, self.device = head, target, device

@@ -148,3 +148,25 @@ def test_engine_loads_fp8_target(tiny_model_dir):
     assert 1 <= len(tokens) <= 6
     with pytest.raises(ValueError, match="fp8 needs the torch backend"):
         Engine.load(tiny_model_dir, dtype="fp8", backend="onnx")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_feature_store_holds_the_last_hidden_states(tiny_model_dir, fused):
+    """With a feature store, each cached forward (several rows and one) stores the final norm's input at
+    (slot, position), in the eager and the fused forward (the kernels' references on CPU)."""
+    model = load_model(tiny_model_dir)
+    tokens = torch.randint(0, model.args.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(8).expand(2, 8)
+    with torch.no_grad():
+        expected = model.hidden_states(tokens, positions)
+        if fused:
+            fuse_projections_(model)
+            model.fused = True
+        cache = KVCache(model.args, 3, 64, "cpu", torch.float32)
+        model.feature_store = torch.zeros(3, 64, model.args.dim)
+        slots = torch.tensor([2, 0])
+        model(tokens[:, :7], positions[:, :7], cache, slots, 64)
+        model(tokens[:1, 7:], positions[:1, 7:], cache, slots[:1], 64)
+    assert torch.allclose(model.feature_store[2, :8], expected[0], atol=1e-4)
+    assert torch.allclose(model.feature_store[0, :7], expected[1, :7], atol=1e-4)
+    assert model.feature_store[1].abs().max() == 0 and model.feature_store[0, 7:].abs().max() == 0

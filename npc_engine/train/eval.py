@@ -286,7 +286,7 @@ def evaluate(ctx: Context, personas_dir: Path) -> dict:
                   "bytes": folder_bytes(ctx.out / "npc-draft")},
         "perplexity": ppl,
         "acceptance": {"prompts": len(prompts), "max_new_tokens": cfg.eval_max_new_tokens, **acceptance},
-        "acceptance_feature_head": head_acceptance and {"prompts": len(prompts), **head_acceptance},
+        "acceptance_feature_head": None if head_acceptance is None else {"prompts": len(prompts), **head_acceptance},
         "persona_adherence": adherence,
         "stages": {k: {kk: vv for kk, vv in v.items() if kk != "loss_history"} for k, v in stages.items()},
         "loss_history": {k: v.get("loss_history") for k, v in stages.items()},
