@@ -95,7 +95,7 @@ DEFAULT = TrainConfig(
     distill=Stage(batch_size=32, block_size=1024, lr=3e-3, max_steps=20_000, max_minutes=1.75, warmup_steps=100,
                   ckpt_every=2000),
     # the feature head: one layer on the frozen target's hidden states, on the distillation mix
-    head=Stage(batch_size=32, block_size=1024, lr=1e-3, max_steps=20_000, max_minutes=2, warmup_steps=100,
+    head=Stage(batch_size=32, block_size=1024, lr=3e-3, max_steps=20_000, max_minutes=2, warmup_steps=100,
                ckpt_every=2000),
 )
 
