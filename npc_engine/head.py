@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from npc_engine.loading import CheckpointError, parse_dtype
-from npc_engine.model import DecoderLayer, KVCache, ModelArgs, Transformer, rope_inv_freq
+from npc_engine.model import DecoderLayer, KVCache, ModelArgs, Transformer, rope_cos_sin, rope_inv_freq
 
 ARCHITECTURE = "NpcEngineFeatureHead"
 
@@ -43,10 +43,9 @@ class FeatureHead(nn.Module):
         kv_index = None
         if cache is not None:
             kv_index = cache.gather_index(slots, prefix, cache.max_seq if kv_len is None else kv_len)
-        freqs = input_pos.float()[..., None] * self.inv_freq.float()
-        emb = torch.cat((freqs, freqs), dim=-1)
         x = self.fc(torch.cat([target.model.embed_tokens(tokens), features.to(self.fc.weight.dtype)], dim=-1))
-        return self.layer(x, emb.cos(), emb.sin(), input_pos, None if cache is None else cache.layer(0), slots, kv_index)
+        return self.layer(x, *rope_cos_sin(input_pos, self.inv_freq), input_pos,
+                          None if cache is None else cache.layer(0), slots, kv_index)
 
 
 def head_logits(target: Transformer, features: torch.Tensor) -> torch.Tensor:
@@ -76,6 +75,9 @@ def save_head(head: FeatureHead, path: str | Path, target_name: str, dtype: torc
 def load_head(path: str | Path, target: Transformer, device, dtype=None) -> FeatureHead:
     """A head folder for this target: its shape must be the target's (hidden size, heads, RoPE)."""
     path = Path(path)
+    if not is_head_dir(path):
+        raise CheckpointError(f"{path}: not a feature-head folder (config.json with architectures "
+                              f"[\"{ARCHITECTURE}\"], written by `npc-engine train --stages head`)")
     cfg = json.loads((path / "config.json").read_text())
     args = head_args(ModelArgs.from_hf_config({**cfg, "architectures": ["LlamaForCausalLM"]}))
     expected = head_args(target.args)

@@ -122,6 +122,13 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
 
 
+def rope_cos_sin(input_pos: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B, T, head_dim] in float32 at positions input_pos [B, T]."""
+    freqs = input_pos.float()[..., None] * inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -331,9 +338,7 @@ class Transformer(nn.Module):
                       prefix: torch.Tensor | None = None) -> torch.Tensor:
         """The last decoder layer's output [B, T, dim], before the final norm (forward's arguments)."""
         kv_index = None if cache is None else cache.gather_index(slots, prefix, kv_len)
-        freqs = input_pos.float()[..., None] * self.inv_freq.float()
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos(), emb.sin()
+        cos, sin = rope_cos_sin(input_pos, self.inv_freq)
         x = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, input_pos, None if cache is None else cache.layer(i), slots, kv_index)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import npc_engine
 from npc_engine.loading import CheckpointError, load_model
-from npc_engine.model import Transformer, apply_rope
+from npc_engine.model import Transformer, apply_rope, rope_cos_sin
 
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
@@ -58,9 +58,7 @@ class DecoderWithPast(nn.Module):
         m, args = self.model, self.model.args
         B, T = input_ids.shape
         P = past[0].shape[2]
-        freqs = position_ids.float()[..., None] * m.inv_freq.float()
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos(), emb.sin()
+        cos, sin = rope_cos_sin(position_ids, m.inv_freq)
         key_index = torch.arange(P + T, device=input_ids.device)
         query_index = torch.arange(T, device=input_ids.device) + P
         allowed = (key_index[None, :] <= query_index[:, None])[None] & attention_mask[:, None, :].bool()

@@ -102,3 +102,10 @@ def test_feature_head_for_another_target_or_backend_is_refused(tiny_pair_dirs, t
     save_file({k: v for k, v in state.items() if k != "fc.weight"}, head_dir / "model.safetensors")
     with pytest.raises(CheckpointError, match="missing tensors: fc.weight"):
         load_head(head_dir, target, "cpu")
+
+
+def test_feature_head_folder_that_is_not_one_is_named(model_copy):
+    from npc_engine.head import load_head
+
+    with pytest.raises(CheckpointError, match="not a feature-head folder"):
+        load_head(model_copy, load_model(model_copy), "cpu")
