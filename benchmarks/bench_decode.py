@@ -24,11 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import header, median_time, random_pair  # noqa: E402
+from npc_engine.drafters import HeadDrafter, ModelDrafter, NgramDrafter, NoDrafter  # noqa: E402
 from npc_engine.engine import Engine, RequestStats  # noqa: E402
+from npc_engine.head import load_head  # noqa: E402
 from npc_engine.loading import load_model  # noqa: E402
 from npc_engine.sampling import SamplingParams  # noqa: E402
-from npc_engine.head import load_head  # noqa: E402
-from npc_engine.speculative import HeadDrafter, ModelDrafter, NgramDrafter, NoDrafter  # noqa: E402
 
 
 def ours_line(model, drafter, tokenizer, prompt, new_tokens, device, graphs, repeats):
@@ -46,7 +46,8 @@ def ours_line(model, drafter, tokenizer, prompt, new_tokens, device, graphs, rep
         runs.append(tokens)
 
     seconds = median_time(run, device, repeats)
-    return seconds, len(runs[-1]), engine.last_stats, runs[-1], statistics.median(decode_seconds[1:])  # after the warm-up run
+    decode = statistics.median(decode_seconds[1:])  # after the warm-up run
+    return seconds, len(runs[-1]), engine.last_stats, runs[-1], decode
 
 
 def hf_line(hf, prompt, new_tokens, device, repeats, assistant=None, stop_ids=None):
@@ -79,7 +80,8 @@ def row(name, seconds, tokens, base=None, stats=None, decode_seconds=None, decod
 
 def bench_shape(shape, device, dtype, args):
     hf, ours = random_pair(shape, device, dtype)
-    prompt = torch.randint(0, ours.args.vocab_size, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, ours.args.vocab_size, (args.prompt_tokens,), generator=gen).tolist()
     rows = []
     s, n, _ = hf_line(hf, prompt, args.new_tokens, device, args.repeats)
     rows.append(row("transformers generate", s, n))
@@ -137,14 +139,16 @@ def bench_pair(target_dir, draft_dir, device, dtype, args):
     ours_tokenizer = None if args.ignore_stop else tokenizer  # no tokenizer: the engine has no stop tokens
     lines = []
     for prompt in persona_prompts(tokenizer, args.prompts):
-        runs = {"transformers generate": hf_line(hf_target, prompt, args.new_tokens, device, args.repeats, stop_ids=stop_ids),
+        runs = {"transformers generate": hf_line(hf_target, prompt, args.new_tokens, device, args.repeats,
+                                                 stop_ids=stop_ids),
                 "transformers assisted (draft)": hf_line(hf_target, prompt, args.new_tokens, device, args.repeats,
                                                          assistant=hf_draft, stop_ids=stop_ids)}
         drafters = [("ours autoregressive", NoDrafter),
                     ("ours speculative, draft model", lambda: ModelDrafter(draft, 2, 512, device, dtype)),
                     ("ours speculative, n-gram", lambda: NgramDrafter(target.args.vocab_size, device))]
         if head is not None:
-            drafters.append(("ours speculative, feature head", lambda: HeadDrafter(head, target, 2, 512, device, dtype)))
+            drafters.append(("ours speculative, feature head",
+                             lambda: HeadDrafter(head, target, 2, 512, device, dtype)))
         for name, make_drafter in drafters:
             s, n, stats, tokens, decode_s = ours_line(target, make_drafter(), ours_tokenizer, prompt, args.new_tokens,
                                                       device, graphs, args.repeats)
@@ -160,7 +164,8 @@ def bench_pair(target_dir, draft_dir, device, dtype, args):
         seconds, tokens = sum(r[0] for r in results), sum(r[1] for r in results)
         stats = decode = None
         if len(results[0]) == 5:  # ours: decode ms/token = decoding time over the tokens after each line's first
-            stats = RequestStats(drafted=sum(r[3].drafted for r in results), accepted=sum(r[3].accepted for r in results),
+            stats = RequestStats(drafted=sum(r[3].drafted for r in results),
+                                 accepted=sum(r[3].accepted for r in results),
                                  target_forwards=sum(r[3].target_forwards for r in results))
             decode = (sum(r[4] for r in results), sum(r[1] - 1 for r in results))
         rows.append(row(name, seconds, tokens, None, stats, *(decode or ()))
@@ -178,7 +183,8 @@ def bench_pair(target_dir, draft_dir, device, dtype, args):
 
 def print_table(title, rows):
     print(f"\n## {title}")
-    print(f"| impl | ms/token | tokens/s | line ms | decode ms/token | acceptance | mean accepted len | vs transformers | vs our AR | decode vs our AR | same tokens as our AR |")
+    print("| impl | ms/token | tokens/s | line ms | decode ms/token | acceptance | mean accepted len | vs transformers "
+          "| vs our AR | decode vs our AR | same tokens as our AR |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["impl"] == "draft agreement":
@@ -186,12 +192,14 @@ def print_table(title, rows):
                   f"of {r['positions']} positions")
             continue
         dec = f"{r['decode_ms_per_token']:.3f}" if "decode_ms_per_token" in r else "-"
-        dec_ar = f"{r['decode_speedup_vs_ours_autoregressive']:.2f}x" if "decode_speedup_vs_ours_autoregressive" in r else "-"
+        dec_ar = r.get("decode_speedup_vs_ours_autoregressive")
+        dec_ar = f"{dec_ar:.2f}x" if dec_ar is not None else "-"
         acc = f"{r['acceptance']:.2f}" if r.get("acceptance") is not None else "-"
         mal = f"{r['mean_accepted_length']:.2f}" if r.get("mean_accepted_length") else "-"
         vs = f"{r['speedup_vs_transformers']:.2f}x" if "speedup_vs_transformers" in r else "1.00x"
         vs_ar = f"{r['speedup_vs_ours_autoregressive']:.2f}x" if "speedup_vs_ours_autoregressive" in r else "-"
-        print(f"| {r['impl']} | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.1f} | {r['line_ms']:.1f} | {dec} | {acc} | {mal} | {vs} | {vs_ar} | {dec_ar} | {r.get('same_tokens_as_ours_ar', '-')} |")
+        print(f"| {r['impl']} | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.1f} | {r['line_ms']:.1f} | {dec} | {acc} "
+              f"| {mal} | {vs} | {vs_ar} | {dec_ar} | {r.get('same_tokens_as_ours_ar', '-')} |")
 
 
 def main():
@@ -215,11 +223,14 @@ def main():
     with torch.no_grad():
         for shape in filter(None, args.shapes.split(",")):
             results[shape] = bench_shape(shape, args.device, dtype, args)
-            print_table(f"{shape}: random weights, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens", results[shape])
+            print_table(f"{shape}: random weights, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens",
+                        results[shape])
         if args.pair:
             results["pair"] = bench_pair(args.pair, args.draft, args.device, dtype, args)
-            length = f"{args.new_tokens} tokens each (stop tokens ignored)" if args.ignore_stop else f"up to {args.new_tokens} tokens"
-            print_table(f"trained pair {args.pair} + {args.draft}: {args.prompts} persona prompts, {length}", results["pair"])
+            length = (f"{args.new_tokens} tokens each (stop tokens ignored)" if args.ignore_stop
+                      else f"up to {args.new_tokens} tokens")
+            print_table(f"trained pair {args.pair} + {args.draft}: {args.prompts} persona prompts, {length}",
+                        results["pair"])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

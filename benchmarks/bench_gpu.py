@@ -14,6 +14,7 @@ import json
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,12 +22,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import header, random_pair  # noqa: E402
 from npc_engine.cuda_graphs import GraphedForward  # noqa: E402
+from npc_engine.drafters import ModelDrafter, NgramDrafter, NoDrafter  # noqa: E402
 from npc_engine.engine import Engine  # noqa: E402
+from npc_engine.fusion import fuse_projections_  # noqa: E402
 from npc_engine.loading import load_model  # noqa: E402
-from npc_engine.model import KVCache, fuse_projections_  # noqa: E402
+from npc_engine.model import KVCache  # noqa: E402
 from npc_engine.quantize import quantize_fp8_  # noqa: E402
 from npc_engine.sampling import SamplingParams  # noqa: E402
-from npc_engine.speculative import ModelDrafter, NgramDrafter, NoDrafter  # noqa: E402
 
 PERSONA, NEW, LINE = 300, 20, 40
 
@@ -80,7 +82,7 @@ def step_times(model, kv_len: int = 384) -> dict:
             tokens = torch.randint(0, model.args.vocab_size, (1, T), device="cuda")
             pos = torch.arange(kv_len - T, kv_len, device="cuda")[None]
             slots = torch.zeros(1, dtype=torch.long, device="cuda")
-            out[T if fused else f"{T}_unfused"] = event_time(lambda: graphed(tokens, pos, cache, slots, kv_len)) * 1e3
+            out[T if fused else f"{T}_unfused"] = event_time(partial(graphed, tokens, pos, cache, slots, kv_len)) * 1e3
         del graphed, cache
     model.fused = True
     return out
@@ -128,7 +130,8 @@ def engine_numbers(model, drafter, vocab: int, concurrency: int = 0) -> dict:
         wall = time.perf_counter() - t0
         ttft = sorted(first.values())
         out.update(concurrent=concurrency, aggregate_tokens_per_s=tokens / wall,
-                   concurrent_ttft_p50_ms=ttft[len(ttft) // 2] * 1e3, concurrent_ttft_p99_ms=ttft[int(0.99 * (len(ttft) - 1))] * 1e3)
+                   concurrent_ttft_p50_ms=ttft[len(ttft) // 2] * 1e3,
+                   concurrent_ttft_p99_ms=ttft[int(0.99 * (len(ttft) - 1))] * 1e3)
     return out
 
 
@@ -193,15 +196,17 @@ def bench_pair(target_dir: str, draft_dir: str, bandwidth: float) -> dict:
     row.update(decode_ms=steps[1], verify4_ms=steps[5], verify8_ms=steps[9], verify16_ms=steps[17])
     ar = engine_numbers(target, NoDrafter(), vocab)
     row.update(ttft_ms=ar["ttft_ms"], line_ar_ms=ar["line_ms"])
-    row["line_spec_draft_ms"] = engine_numbers(target, ModelDrafter(draft, 3, 1024, "cuda", torch.bfloat16), vocab)["line_ms"]
+    drafter = ModelDrafter(draft, 3, 1024, "cuda", torch.bfloat16)
+    row["line_spec_draft_ms"] = engine_numbers(target, drafter, vocab)["line_ms"]
     hf = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.bfloat16).cuda().eval()
     row.update(hf_numbers(hf, vocab))
     print(json.dumps(row), flush=True)
     return row
 
 
-COLUMNS = [("model", "{}"), ("dtype", "{}"), ("floor_ms", "{:.3f}"), ("decode_unfused_ms", "{:.3f}"), ("decode_ms", "{:.3f}"), ("verify4_ms", "{:.3f}"),
-           ("verify8_ms", "{:.3f}"), ("verify16_ms", "{:.3f}"), ("ttft_ms", "{:.2f}"), ("line_ar_ms", "{:.1f}"),
+COLUMNS = [("model", "{}"), ("dtype", "{}"), ("floor_ms", "{:.3f}"), ("decode_unfused_ms", "{:.3f}"),
+           ("decode_ms", "{:.3f}"), ("verify4_ms", "{:.3f}"), ("verify8_ms", "{:.3f}"), ("verify16_ms", "{:.3f}"),
+           ("ttft_ms", "{:.2f}"), ("line_ar_ms", "{:.1f}"),
            ("line_spec_ngram_ms", "{:.1f}"), ("line_spec_draft_ms", "{:.1f}"), ("hf_ms_per_token", "{:.2f}"),
            ("hf_line_ms", "{:.1f}")]
 
@@ -229,7 +234,8 @@ def main():
         print("| " + " | ".join(fmt.format(r[c]) if c in r else "-" for c, fmt in COLUMNS) + " |")
     for r in rows:
         if "aggregate_tokens_per_s" in r:
-            print(f"\n{r['model']} {r['dtype']}: {r['concurrent']} concurrent requests: {r['aggregate_tokens_per_s']:.0f} tokens/s, "
+            print(f"\n{r['model']} {r['dtype']}: {r['concurrent']} concurrent requests: "
+                  f"{r['aggregate_tokens_per_s']:.0f} tokens/s, "
                   f"TTFT p50 {r['concurrent_ttft_p50_ms']:.1f} ms, p99 {r['concurrent_ttft_p99_ms']:.1f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps({"bandwidth_GBps": bandwidth / 1e9, "rows": rows}, indent=2))

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import traceback
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -109,7 +110,7 @@ def attention_cases():
                 }
                 if not tree:
                     mask = (torch.arange(max_len, device="cuda") <= positions[0, :, None])[None, None]
-                    impls["sdpa"] = lambda q=q, mask=mask, L=max_len: sdpa_attention(q, k_cache, v_cache, slots, mask, L)
+                    impls["sdpa"] = partial(sdpa_attention, q, k_cache, v_cache, slots, mask, max_len)
                 name = "attention" + ("+tree" if tree else "")
                 yield (name, f"ctx={ctx} T={T} L={max_len}", moved, impls)
 

@@ -25,13 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import SHAPES, header  # noqa: E402
+from npc_engine.drafters import NoDrafter  # noqa: E402
 from npc_engine.engine import Engine  # noqa: E402
+from npc_engine.engine.forwards import kv_bucket  # noqa: E402
 from npc_engine.loading import load_model, save_model  # noqa: E402
 from npc_engine.model import KVCache, ModelArgs, Transformer  # noqa: E402
 from npc_engine.onnx_backend import OnnxModel  # noqa: E402
 from npc_engine.onnx_export import export_onnx  # noqa: E402
 from npc_engine.sampling import SamplingParams  # noqa: E402
-from npc_engine.speculative import NoDrafter, kv_bucket  # noqa: E402
 from npc_engine.train.config import DEFAULT  # noqa: E402
 
 MAX_SEQ = 512
@@ -54,7 +55,8 @@ def decode_step_seconds(model, prompt: list[int], new_tokens: int) -> tuple[floa
     """Prefill, then new_tokens greedy single-token forwards; seconds per forward and the tokens."""
     cache = KVCache(model.args, 1, MAX_SEQ, "cpu", torch.float32)
     slots = torch.zeros(1, dtype=torch.long)
-    logits = model(torch.tensor([prompt]), torch.arange(len(prompt))[None], cache, slots, kv_bucket(len(prompt), MAX_SEQ))
+    kv_len = kv_bucket(len(prompt), MAX_SEQ)
+    logits = model(torch.tensor([prompt]), torch.arange(len(prompt))[None], cache, slots, kv_len)
     token, out = logits[:, -1:].argmax(-1), []
     t0 = time.perf_counter()
     for pos in range(len(prompt), len(prompt) + new_tokens):
@@ -71,11 +73,13 @@ def line_seconds(engine: Engine, prompt: list[int], new_tokens: int, rid: str) -
 
 
 def bench_model(name: str, model_dir: Path, onnx_dir: Path, args) -> list[dict]:
-    models = {"pytorch": load_model(model_dir, "cpu", torch.float32), "onnxruntime": OnnxModel(onnx_dir, "cpu", args.threads)}
+    models = {"pytorch": load_model(model_dir, "cpu", torch.float32),
+              "onnxruntime": OnnxModel(onnx_dir, "cpu", args.threads)}
     vocab = models["pytorch"].args.vocab_size
     prompt = torch.randint(0, vocab, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     # No tokenizer: no stop tokens, so every line has exactly --new-tokens tokens.
-    engines = {b: Engine(m, NoDrafter(), None, "cpu", max_batch=1, max_seq=MAX_SEQ, cuda_graphs=False) for b, m in models.items()}
+    engines = {b: Engine(m, NoDrafter(), None, "cpu", max_batch=1, max_seq=MAX_SEQ, cuda_graphs=False)
+               for b, m in models.items()}
     step_s, line_s, tokens = {b: [] for b in models}, {b: [] for b in models}, {}
     for repeat in range(args.repeats + 1):  # run 0 is the warm-up
         for backend in models:
@@ -98,7 +102,8 @@ def bench_model(name: str, model_dir: Path, onnx_dir: Path, args) -> list[dict]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default="npc-target,npc-draft", help="comma-separated: npc-target, npc-draft, small (empty for none)")
+    ap.add_argument("--shapes", default="npc-target,npc-draft",
+                    help="comma-separated: npc-target, npc-draft, small (empty for none)")
     ap.add_argument("--model", action="append", default=[], help="a Hugging Face model folder (repeatable)")
     ap.add_argument("--threads", type=int, default=1, help="threads of both backends (default 1)")
     ap.add_argument("--prompt-tokens", type=int, default=50)
@@ -121,8 +126,9 @@ def main():
             export_onnx(model_dir, onnx_dir, progress=False)
             for r in bench_model(name, model_dir, onnx_dir, args):
                 rows.append(r)
-                print(f"| {r['model']} | {r['backend']} | {r['threads']} | {r['decode_ms_per_step']:.2f} | {r['line_ms']:.1f} "
-                      f"| {r['tokens_per_s']:.1f} | {r['tokens_per_s_vs_pytorch']:.2f}x | {r['same_greedy_tokens']} |", flush=True)
+                print(f"| {r['model']} | {r['backend']} | {r['threads']} | {r['decode_ms_per_step']:.2f} "
+                      f"| {r['line_ms']:.1f} | {r['tokens_per_s']:.1f} | {r['tokens_per_s_vs_pytorch']:.2f}x "
+                      f"| {r['same_greedy_tokens']} |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 

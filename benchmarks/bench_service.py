@@ -1,7 +1,7 @@
 """The service over ZeroMQ on loopback: its own overhead, and whole lines for many NPCs at once.
 
-1. Overhead, model excluded: the service runs with `ScriptedEngine` (below), which hands every
-   active request its next token from a fixed script without any model, so what is timed is
+1. Overhead, model excluded: the service runs with tests/fakes.py's `ScriptedEngine`, which hands
+   every active request its next token from a fixed script without any model, so what is timed is
    sockets, msgpack, validation, persona prompt building and tokenization, scheduling and
    detokenization. Sequential round trips: `ping` -> `pong`, and a 1-token `say` -> `done`.
 2. End to end with the real engine: N concurrent `say` requests (N in --concurrency), each from its
@@ -37,60 +37,16 @@ REPO = Path(__file__).resolve().parent.parent
 PLAYER_LINE = "What news from the north road?"
 
 
-class ScriptedEngine:
-    """The Engine interface without a model: each step gives every active request its next token
-    of a fixed script (finishing at max_tokens). Used to time the service alone."""
-
-    def __init__(self, tokenizer, max_batch: int = 64, max_seq: int = 1024):
-        from npc_engine.engine import RequestStats, StepEvent
-
-        self.tokenizer, self.max_batch, self.max_seq = tokenizer, max_batch, max_seq
-        self.script = tokenizer.encode(" Hm. Steel first, talk later, traveller.", add_special_tokens=False)
-        self.active: dict[str, list[int]] = {}  # rid -> [tokens given, max_tokens, prompt complete]
-        self.cancelled: list[str] = []
-        self.event, self.stats = StepEvent, RequestStats
-
-    def submit(self, rid, prompt_ids, params, prefix_len=0, complete=True):
-        self.active[rid] = [0, params.max_tokens, complete]
-
-    def update_prompt(self, rid, prompt_ids, complete):
-        self.active[rid][2] = complete
-
-    def cancel(self, rid):
-        if self.active.pop(rid, None) is not None:
-            self.cancelled.append(rid)
-
-    def has_work(self):
-        return bool(self.cancelled or any(state[2] for state in self.active.values()))
-
-    def capacity_left(self):
-        return self.max_batch - len(self.active)
-
-    def max_prompt_len(self):
-        return self.max_seq - 34
-
-    def step(self):
-        events = [self.event(rid, [], True, "cancelled", self.stats()) for rid in self.cancelled]
-        self.cancelled = []
-        for rid, state in [(rid, state) for rid, state in self.active.items() if state[2]]:
-            token = self.script[state[0] % len(self.script)]
-            state[0] += 1
-            finished = state[0] >= state[1]
-            events.append(self.event(rid, [token], finished, "length" if finished else None, self.stats()))
-            if finished:
-                del self.active[rid]
-        return events
-
-
 def serve(model: str, draft: str, device: str, max_batch: int, scripted: bool, conn) -> None:
     """Child process: run the service until SIGTERM; send its endpoint through `conn`."""
     from npc_engine.engine import Engine
     from npc_engine.persona import PersonaStore
     from npc_engine.service import Service, ServiceConfig
     from npc_engine.tokenizer import Tokenizer
+    from tests.fakes import ScriptedEngine
 
     if scripted:
-        engine = ScriptedEngine(Tokenizer.from_dir(model), max_batch=max_batch)
+        engine = ScriptedEngine(Tokenizer.from_dir(model), max_batch=max_batch, max_seq=1024)
     else:
         engine = Engine.load(model, draft, device, max_batch=max_batch)
     service = Service(engine, PersonaStore(REPO / "personas"), ServiceConfig(bind="tcp://127.0.0.1:*"))

@@ -163,6 +163,40 @@ class Client:
     def npcs(self) -> str:
         return self._request("npcs")
 
+    # -- conversation state (protocol 1.2, cap `memory`; replies arrive through poll) -----------
+
+    def export_session(self, session: str, npc: str | None = None) -> str:
+        """Ask for the save-file blob of `session`: one NPC's conversation, or with npc None every NPC's.
+        Answered by a `session.blob` event whose `blob` (bytes) goes into the save as is."""
+        return self._state_request({"type": "session.export", "session": session, "npc": npc})
+
+    def import_session(self, blob: bytes, session: str | None = None) -> str:
+        """Restore a blob of `export_session` (into `session`, else the one it came from); answered by
+        `session.imported`, or an `error` (`bad_blob`, `blob_version`, `too_large`) that changed nothing."""
+        return self._state_request({"type": "session.import", "blob": bytes(blob), "session": session})
+
+    def add_memory(self, npc: str, session: str, text: str) -> str:
+        """Tell `npc` something to remember about this player; answered by `memory.added` (`memory_id`)."""
+        return self._state_request({"type": "memory.add", "npc": npc, "session": session, "text": text})
+
+    def list_memories(self, npc: str, session: str) -> str:
+        """Answered by `memories`: `[{"memory_id", "text"}, ...]`, oldest first."""
+        return self._state_request({"type": "memory.list", "npc": npc, "session": session})
+
+    def forget_memory(self, npc: str, session: str, memory_id: int | None = None) -> str:
+        """Forget one memory, or all with memory_id None; answered by `memory.forgotten` (`forgotten`)."""
+        return self._state_request({"type": "memory.forget", "npc": npc, "session": session, "memory_id": memory_id})
+
+    def _state_request(self, msg: dict) -> str:
+        if self.server is None or "memory" not in self.server.get("caps", []):
+            raise ValueError("conversation state needs the service's welcome with 'memory' in its caps (protocol "
+                             "1.2): poll until the connection event first")
+        msg = {k: v for k, v in msg.items() if v is not None}
+        msg["id"] = next(self._ids)
+        self._check(msg)
+        self._send(msg)
+        return msg["id"]
+
     def _limits(self) -> protocol.Limits:
         return protocol.Limits.from_wire(self.server["limits"]) if self.server else protocol.Limits()
 
@@ -234,6 +268,29 @@ class Client:
                 if left <= 0:
                     self.cancel(rid)
                     self._abandon(rid)
+                    raise BridgeError("timeout", f"no reply within {timeout} s")
+                self.wait(min(left, self.ping_interval_s))
+        finally:
+            self._events[:0] = others
+
+    def reply(self, rid: str, timeout: float = 10.0) -> dict:
+        """Blocking, for scripts: the event answering request `rid` (not a `say`: see `ask`). Raises
+        BridgeError on an `error` or after `timeout` seconds. Other events are kept for the next `poll()`."""
+        end = time.monotonic() + timeout
+        others: list[dict] = []
+        try:
+            while True:
+                events = self.poll(budget_ms=5.0)
+                mine = [i for i, event in enumerate(events) if event.get("id") == rid]
+                if mine:
+                    event = events.pop(mine[0])
+                    others += events
+                    if event["type"] == "error":
+                        raise BridgeError(event["code"], event["message"])
+                    return event
+                others += events
+                left = end - time.monotonic()
+                if left <= 0:
                     raise BridgeError("timeout", f"no reply within {timeout} s")
                 self.wait(min(left, self.ping_interval_s))
         finally:

@@ -11,18 +11,22 @@ from typing import Any
 import msgpack
 
 TAG = b"NPC1"
-VERSION = (1, 1)  # (major, minor); the major is also in the tag
+VERSION = (1, 2)  # (major, minor); the major is also in the tag
 DEFAULT_ADDR = "tcp://127.0.0.1:5555"
 
-CLIENT_TYPES = ("hello", "say", "say.append", "cancel", "ping", "npcs")
-RESERVED_TYPES = ("session.export", "session.import")
-RESERVED_PREFIXES = ("scene.",)
+CLIENT_TYPES = ("hello", "say", "say.append", "cancel", "ping", "npcs",
+                "session.export", "session.import", "memory.add", "memory.list", "memory.forget",
+                "scene.open", "scene.say", "scene.next", "scene.event", "scene.cast", "scene.close", "scene.state")
+RESERVED_PREFIXES = ("scene.",)  # other scene.* types: later minor versions
 PRIORITIES = ("player", "ambient")
-CAPS = ("stream", "cancel", "deadline", "priority", "history", "fallback", "guard", "hot_reload", "append")
+CAPS = ("stream", "cancel", "deadline", "priority", "history", "fallback", "guard", "hot_reload", "append", "memory",
+        "scene")
 
 ERROR_CODES = (
     "bad_request", "unknown_type", "unknown_npc", "too_large", "overloaded", "version_mismatch",
-    "duplicate_id", "unsupported", "shutting_down", "internal", "open_timeout",
+    "duplicate_id", "unsupported", "shutting_down", "internal", "open_timeout", "bad_blob", "blob_version",
+    "too_many_members", "scene_not_found", "duplicate_scene", "bad_itinerary", "scene_busy", "not_in_cast",
+    "no_speaker",
 )
 # Codes only a client library produces, never the service (see "Client-side events" in PROTOCOL.md).
 CLIENT_ERROR_CODES = ("disconnected", "timeout")
@@ -31,6 +35,9 @@ MAX_ID_CHARS = 128
 MAX_NPC_CHARS = 64
 MAX_SESSION_CHARS = 128
 MAX_NAME_CHARS = 128
+MAX_SCENE_CHARS = 64
+MAX_SITUATION_CHARS = 500
+MAX_ROLE_CHARS = 200
 MAX_SEED = 2**63 - 1
 MAX_TEMPERATURE = 2.0
 
@@ -45,6 +52,13 @@ class Limits:
     max_inflight: int = 64  # unfinished `say` requests per client; more are answered `overloaded`
     max_deadline_ms: int = 600_000
     max_open_ms: int = 30_000  # an open `say` that gets no `say.append` for this long ends with `open_timeout`
+    max_blob_bytes: int = 48 * 1024  # a state blob (session.export / session.import)
+    max_memories: int = 16  # per (npc, session); one more forgets the oldest
+    max_memory_chars: int = 200  # `memory.add.text`
+    max_scene_cast: int = 8  # NPCs in one scene
+    max_scenes: int = 256  # open scenes per CURVE key
+    max_itinerary: int = 32  # items of a scene's itinerary
+    max_guests: int = 64  # a scene's guest list
 
     def to_wire(self) -> dict:
         return asdict(self)
@@ -166,7 +180,7 @@ def validate(msg: dict, limits: Limits) -> dict:
         raise ProtocolError("bad_request", "missing field 'type'", msg_id)
     if not isinstance(kind, str):
         raise _bad(msg_id, "type", "a string", kind)
-    if kind in RESERVED_TYPES or kind.startswith(RESERVED_PREFIXES):
+    if kind not in CLIENT_TYPES and kind.startswith(RESERVED_PREFIXES):
         raise ProtocolError("unsupported", f"message type '{kind[:64]}' is reserved and not served by this version", msg_id)
     if kind not in CLIENT_TYPES:
         raise ProtocolError("unknown_type", f"unknown message type '{kind[:64]}'", msg_id)
@@ -177,6 +191,21 @@ def validate(msg: dict, limits: Limits) -> dict:
         out.update(_say(msg, msg_id, limits))
     elif kind == "say.append":
         out.update(_append(msg, msg_id, limits))
+    elif kind == "session.export":
+        out["session"] = _string(msg, "session", msg_id, MAX_SESSION_CHARS)
+        out["npc"] = _string(msg, "npc", msg_id, MAX_NPC_CHARS, required=False)
+    elif kind == "session.import":
+        out["blob"] = _blob(msg, msg_id, limits)
+        out["session"] = _string(msg, "session", msg_id, MAX_SESSION_CHARS, required=False)
+    elif kind.startswith("memory."):
+        out["npc"] = _string(msg, "npc", msg_id, MAX_NPC_CHARS)
+        out["session"] = _string(msg, "session", msg_id, MAX_SESSION_CHARS)
+        if kind == "memory.add":
+            out["text"] = _memory_text(msg, msg_id, limits)
+        elif kind == "memory.forget":
+            out["memory_id"] = _int(msg, "memory_id", msg_id, 1, MAX_SEED)
+    elif kind.startswith("scene."):
+        out.update(_scene(kind, msg, msg_id, limits))
     return out
 
 
@@ -214,6 +243,66 @@ def _say(msg: dict, msg_id: str | None, limits: Limits) -> dict:
     return out
 
 
+def _scene(kind: str, msg: dict, msg_id: str | None, limits: Limits) -> dict:
+    """The fields of a `scene.*` message (1.2, cap `scene`). Itinerary items and guests are checked by the
+    service's scene (npc_engine.scenes) against its limits: `bad_itinerary`, `bad_request`."""
+    out = {"scene": _string(msg, "scene", msg_id, MAX_SCENE_CHARS)}
+    if kind == "scene.open":
+        out["cast"] = _ids(msg, "cast", msg_id, required=True)
+        out["situation"] = _string(msg, "situation", msg_id, MAX_SITUATION_CHARS)
+        out["host"] = _string(msg, "host", msg_id, MAX_NPC_CHARS, required=False)
+        for field in ("itinerary", "guests"):
+            value = [] if msg.get(field) is None else msg[field]
+            if not isinstance(value, list):
+                raise ProtocolError("bad_itinerary" if field == "itinerary" else "bad_request",
+                                    f"field '{field}' must be an array, got {_kind(value)}", msg_id)
+            out[field] = value
+        out["player"] = _bool(msg, "player", msg_id, True)
+        out["player_role"] = _string(msg, "player_role", msg_id, MAX_ROLE_CHARS, False, "", 0)
+    elif kind in ("scene.say", "scene.next"):
+        if kind == "scene.say":
+            out["text"] = _text(msg, msg_id, limits)
+            if not out["text"].strip():
+                raise ProtocolError("bad_request", "field 'text' must not be blank", msg_id)
+        else:
+            out["speaker"] = _string(msg, "speaker", msg_id, MAX_NPC_CHARS, required=False)
+        out["to"] = _string(msg, "to", msg_id, MAX_NPC_CHARS, required=False)
+        out["max_tokens"] = _int(msg, "max_tokens", msg_id, 1, limits.max_tokens)
+        out["temperature"] = _number(msg, "temperature", msg_id, 0.0, MAX_TEMPERATURE)
+        out["seed"] = _int(msg, "seed", msg_id, 0, MAX_SEED)
+        out["deadline_ms"] = _number(msg, "deadline_ms", msg_id, 0.0, limits.max_deadline_ms, lo_open=True)
+        out["stream"] = _bool(msg, "stream", msg_id, True)
+    elif kind == "scene.event":
+        out["text"] = _string(msg, "text", msg_id, MAX_SITUATION_CHARS, required=False)
+        out["arrive"] = _string(msg, "arrive", msg_id, MAX_NPC_CHARS, required=False)
+        out["leave"] = _string(msg, "leave", msg_id, MAX_NPC_CHARS, required=False)
+        item = msg.get("itinerary")
+        if item is not None and item != "next" and (isinstance(item, bool) or not isinstance(item, int) or item < 0):
+            raise _bad(msg_id, "itinerary", "'next' or an item number >= 0", item)
+        out["itinerary"] = item
+        if all(out[k] is None for k in ("text", "arrive", "leave", "itinerary")):
+            raise ProtocolError("bad_request", "scene.event needs one of 'text', 'arrive', 'leave', 'itinerary'",
+                                msg_id)
+    elif kind == "scene.cast":
+        out["add"], out["remove"] = _ids(msg, "add", msg_id), _ids(msg, "remove", msg_id)
+        if not out["add"] and not out["remove"]:
+            raise ProtocolError("bad_request", "scene.cast needs 'add' or 'remove'", msg_id)
+    return out
+
+
+def _ids(msg: dict, field: str, msg_id: str | None, required: bool = False) -> list[str]:
+    """An array of persona ids (at most 64; the service's limits are smaller)."""
+    if msg.get(field) is None and not required:
+        return []
+    value = msg.get(field)
+    if (not isinstance(value, list) or len(value) > 64
+            or not all(isinstance(v, str) and 0 < len(v) <= MAX_NPC_CHARS for v in value)):
+        if field not in msg:
+            raise ProtocolError("bad_request", f"missing field '{field}'", msg_id)
+        raise _bad(msg_id, field, f"an array of persona ids (strings of 1 to {MAX_NPC_CHARS} characters)", value)
+    return value
+
+
 def _append(msg: dict, msg_id: str | None, limits: Limits) -> dict:
     return {"text": _text(msg, msg_id, limits), "final": _bool(msg, "final", msg_id, False)}
 
@@ -226,6 +315,34 @@ def _text(msg: dict, msg_id: str | None, limits: Limits) -> str:
         raise _bad(msg_id, "text", "a string", text)
     if len(text) > limits.max_text_chars:
         raise ProtocolError("too_large", f"field 'text' has {len(text)} characters, the limit is {limits.max_text_chars}", msg_id)
+    return text
+
+
+def _blob(msg: dict, msg_id: str | None, limits: Limits) -> bytes:
+    if "blob" not in msg:
+        raise ProtocolError("bad_request", "missing field 'blob'", msg_id)
+    blob = msg["blob"]
+    if not isinstance(blob, bytes):
+        raise ProtocolError("bad_blob", f"field 'blob' must be bin, as session.blob sent it; got {_kind(blob)}",
+                            msg_id)
+    if len(blob) > limits.max_blob_bytes:
+        raise ProtocolError("too_large", f"field 'blob' has {len(blob)} bytes, the limit is {limits.max_blob_bytes}",
+                            msg_id)
+    return blob
+
+
+def _memory_text(msg: dict, msg_id: str | None, limits: Limits) -> str:
+    """The memory with runs of white space made one space (what the service keeps)."""
+    if "text" not in msg:
+        raise ProtocolError("bad_request", "missing field 'text'", msg_id)
+    if not isinstance(msg["text"], str):
+        raise _bad(msg_id, "text", "a string", msg["text"])
+    text = " ".join(msg["text"].split())
+    if not text:
+        raise ProtocolError("bad_request", "field 'text' must not be blank", msg_id)
+    if len(text) > limits.max_memory_chars:
+        raise ProtocolError("too_large", f"field 'text' has {len(text)} characters, the limit is "
+                            f"{limits.max_memory_chars}", msg_id)
     return text
 
 

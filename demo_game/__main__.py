@@ -49,6 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def missing_display() -> str | None:
+    """Why a window would not be seen here, or None. Without a display SDL falls back to an invisible
+    offscreen window, and the demo would seem to hang."""
+    if os.environ.get("SDL_VIDEODRIVER"):
+        return None  # chosen on purpose
+    import pygame
+
+    try:
+        pygame.display.init()
+        driver = pygame.display.get_driver()
+    except pygame.error as e:
+        return f"no video driver works here ({e})"
+    finally:
+        pygame.display.quit()
+    if driver in ("offscreen", "dummy"):
+        return f"no display (DISPLAY and WAYLAND_DISPLAY are unset or unusable; SDL chose '{driver}')"
+    return None
+
+
 def wait_for_service(client, service, timeout_s: float) -> bool:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
@@ -64,10 +83,15 @@ def wait_for_service(client, service, timeout_s: float) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+    if not args.headless and (why := missing_display()):
+        print(f"demo_game: {why}, so no window can be seen. Play it in a desktop session (or over `ssh -X`); "
+              "here it runs the scripted session without a window instead, as "
+              "`python -m demo_game --headless --screenshot shot.png` would.", file=sys.stderr, flush=True)
+        args.headless = True
     if args.headless:
         os.environ["SDL_VIDEODRIVER"] = "dummy"
         os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
-    os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
     import pygame
 
     from bridge import Client

@@ -16,6 +16,9 @@ HOLD_S = 4.0  # how long a finished line stays, plus READ_S per character
 READ_S = 0.05
 FADE_S = 1.0
 FONT_SIZE = 20
+THINKING_SIZE = (58, 30)  # the box of the thinking dots
+THINKING_STEPS_PER_S = 3  # the dark one of the three dots moves on this often
+THINKING_DOT = (190, 176, 150)
 
 
 def wrap(text: str, font: pygame.font.Font, width: int) -> list[str]:
@@ -54,11 +57,11 @@ class Bubble:
         self.streaming = False
         self.ended_at: float | None = None
         self._surface: pygame.Surface | None = None
-        self._rendered_text: str | None = None
+        self._rendered: tuple | None = None  # what _surface shows: (text or thinking phase, below)
         self.rect: pygame.Rect | None = None  # the box (tail excluded) as last drawn
 
     def start(self) -> None:
-        """A line is on its way: show a thinking ellipsis until the first piece arrives."""
+        """A line is on its way: show thinking dots until the first piece arrives."""
         self.text, self.streaming, self.ended_at = "", True, None
 
     def append(self, piece: str) -> None:
@@ -85,34 +88,32 @@ class Bubble:
         fade_from = self.ended_at + HOLD_S + READ_S * len(self.text)
         return int(255 * min(1.0, max(0.0, 1 - (now - fade_from) / FADE_S)))
 
-    def display_text(self, now: float) -> str:
+    def display_text(self) -> str:
         # Model output may hold control characters (NUL among them) that fonts cannot render,
         # and U+FFFD where its bytes were not valid UTF-8: the font draws that as a blank.
-        text = " ".join("".join(c if c.isprintable() and c != "\ufffd" else " "
-                                for c in self.text).split())
-        if self.streaming and not text:
-            return "." * (1 + int(now * 3) % 3)
-        return text
+        return " ".join("".join(c if c.isprintable() and c != "\ufffd" else " " for c in self.text).split())
 
-    def draw(self, surface: pygame.Surface, now: float) -> None:
-        alpha = self.alpha(now)
-        if alpha == 0:
-            self.rect = None
-            return
-        text = self.display_text(now)
-        if self._rendered_text != text:
-            self._surface = self._render(text)
-            self._rendered_text = text
-        self._surface.set_alpha(alpha)
+    def footprint(self, surface: pygame.Surface, now: float) -> pygame.Rect | None:
+        """Where the bubble (tail included) is drawn on `surface` now; None while it is not shown."""
+        if self.alpha(now) == 0:
+            return None
+        text = self.display_text()
+        key = (text, None if text else int(now * THINKING_STEPS_PER_S) % 3, self.below)
+        if self._rendered != key:
+            self._surface = self._render(text) if text else self._render_thinking(key[1])
+            self._rendered = key
         w, h = self._surface.get_size()
         x = min(max(4, self.anchor[0] - self._tail_x(w)), surface.get_width() - w - 4)
-        if self.below:
-            y = min(self.anchor[1], surface.get_height() - h - 4)
-            self.rect = pygame.Rect(x, y + TAIL, w, h - TAIL)
-        else:
-            y = max(4, self.anchor[1] - h)
-            self.rect = pygame.Rect(x, y, w, h - TAIL)
-        surface.blit(self._surface, (x, y))
+        y = min(self.anchor[1], surface.get_height() - h - 4) if self.below else max(4, self.anchor[1] - h)
+        return pygame.Rect(x, y, w, h)
+
+    def draw(self, surface: pygame.Surface, now: float) -> None:
+        box = self.footprint(surface, now)
+        self.rect = None
+        if box is not None:
+            self.rect = pygame.Rect(box.x, box.y + (TAIL if self.below else 0), box.w, box.h - TAIL)
+            self._surface.set_alpha(self.alpha(now))
+            surface.blit(self._surface, box.topleft)
 
     def _tail_x(self, width: int) -> int:
         return {-1: width - 24, 0: width // 2, 1: 24}[self.side]
@@ -123,7 +124,21 @@ class Bubble:
             lines = ["..." + lines[-MAX_LINES]] + lines[-MAX_LINES + 1:]
         line_h = self.font.get_linesize()
         w = max(40, max(self.font.size(line)[0] for line in lines) + 2 * PAD)
-        h = len(lines) * line_h + 2 * PAD
+        out, box = self._frame(w, len(lines) * line_h + 2 * PAD)
+        for i, line in enumerate(lines):
+            out.blit(self.font.render(line, True, INK), (PAD, box.top + PAD + i * line_h))
+        return out
+
+    def _render_thinking(self, phase: int) -> pygame.Surface:
+        """Three dots, one of them dark in turn: the character is thinking."""
+        out, box = self._frame(THINKING_SIZE[0], THINKING_SIZE[1])
+        for i in range(3):
+            centre = (box.centerx + (i - 1) * 14, box.centery)
+            pygame.draw.circle(out, INK if i == phase else THINKING_DOT, centre, 4)
+        return out
+
+    def _frame(self, w: int, h: int) -> tuple[pygame.Surface, pygame.Rect]:
+        """An empty bubble: a box of w x h with its tail; returns the surface and the box in it."""
         out = pygame.Surface((w, h + TAIL), pygame.SRCALPHA)
         box = pygame.Rect(0, TAIL if self.below else 0, w, h)
         tx = self._tail_x(w)
@@ -135,6 +150,4 @@ class Bubble:
         pygame.draw.rect(out, BACKGROUND, box, border_radius=8)
         pygame.draw.rect(out, EDGE, box, 2, border_radius=8)
         pygame.draw.line(out, BACKGROUND, (tx - 6, base), (tx + 6, base), 3)
-        for i, line in enumerate(lines):
-            out.blit(self.font.render(line, True, INK), (PAD, box.top + PAD + i * line_h))
-        return out
+        return out, box

@@ -3,8 +3,8 @@ import os
 import random
 from dataclasses import dataclass
 
-from npc_engine.persona import load_persona_dir
 from demo_game.tavern import HOST_SEAT, SEATS, Seat
+from npc_engine.persona import load_persona_dir
 
 HOST_ID = "host"
 TUNICS = [(178, 58, 52), (58, 110, 170), (70, 140, 80), (150, 100, 170), (200, 150, 50),

@@ -8,8 +8,8 @@ answers the call at the same moment, the heaviest load the room produces.
 import math
 import random
 
-from demo_game.cast import HOST_ID, CastMember
 from demo_game.bubbles import Bubble
+from demo_game.cast import HOST_ID, CastMember
 from demo_game.talk import Conversations, Line
 
 HEARING_PX = 330

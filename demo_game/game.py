@@ -20,12 +20,13 @@ from demo_game.metering import FrameStats, MeteredClient
 from demo_game.overlay import Overlay
 from demo_game.script import ScriptRunner
 from demo_game.service import ServiceProcess
-from demo_game.sprites import draw_npc, draw_player, render_label
+from demo_game.sprites import LABEL_DY, draw_npc, draw_player, render_label
 from demo_game.talk import Conversations, Line
 
 FPS = 60
-TALK_RANGE = 80  # px between centres within which the player can talk to an NPC
-LEAVE_RANGE = 120  # walking further than this from an NPC cancels its reply to the player
+TALK_RANGE = 100  # px between centres within which the player can talk to an NPC (the host: across the bar)
+APPROACH = TALK_RANGE - 6  # how close walking to an NPC gets (path cells are 16 px apart)
+LEAVE_RANGE = 140  # walking further than this from an NPC cancels its reply to the player
 PLAYER_SPEED = 220.0
 PLAYER_MAX_TOKENS = 48
 PLAYER_DEADLINE_MS = 12000
@@ -59,6 +60,16 @@ class Options:
     record: bool = True  # keep every frame's times for the report
 
 
+def label_rect(label: pygame.Surface, pos: tuple[int, int]) -> pygame.Rect:
+    """Where sprites.draw_npc puts an NPC's name label."""
+    return pygame.Rect((pos[0] - label.get_width() // 2, pos[1] + LABEL_DY), label.get_size())
+
+
+def first_clear(options: list[pygame.Rect], taken: list[pygame.Rect]) -> pygame.Rect:
+    """The first of `options` that overlaps none of `taken`, else the first."""
+    return next((r for r in options if r.collidelist(taken) == -1), options[0])
+
+
 class Game:
     def __init__(self, screen: pygame.Surface, cast: list[CastMember], client, options: Options,
                  service: ServiceProcess | None = None):
@@ -70,6 +81,9 @@ class Game:
         small = pygame.font.Font(None, 18)
         self.background = tavern.paint_background(pygame.font.Font(None, 22))
         self.labels = {m.id: render_label(small, m.name) for m in cast}
+        # NPC names and bodies (head to feet), which the hint and the player's bubble keep clear of
+        self.label_rects = [label_rect(self.labels[m.id], m.pos) for m in cast]
+        self.npc_rects = [pygame.Rect(m.pos[0] - 15, m.pos[1] - 22, 30, 40) for m in cast]
         self.bubbles = {m.id: Bubble(self.font, (m.pos[0], m.pos[1] - 24), m.seat.bubble_side)
                         for m in cast}
         self.player_bubble = Bubble(self.font, (0, 0), 0, below=True)
@@ -123,7 +137,7 @@ class Game:
         return bool(self.path)
 
     def walk_to_npc(self, npc: str) -> bool:
-        path = tavern.find_path(self.player, self.cast[npc].pos, TALK_RANGE - 20, self.rects)
+        path = tavern.find_path(self.player, self.cast[npc].pos, APPROACH, self.rects)
         self.path = path or []
         return path is not None
 
@@ -293,16 +307,35 @@ class Game:
         for npc, member in self.cast.items():
             draw_npc(screen, member, self.labels[npc], t, self.talk.busy(npc), npc == reach)
         draw_player(screen, self.player)
+        taken = self.label_rects + self.npc_rects
         if reach is not None and self.typing_to is None:
-            screen.blit(self.hint, (self.player[0] - self.hint.get_width() // 2,
-                                    self.player[1] + 18))
-        self.player_bubble.anchor = (int(self.player[0]), int(self.player[1]) + 30)
+            taken.append(self.place_hint(taken))
+            screen.blit(self.hint, taken[-1])
+        self.place_player_bubble(now, taken)
         self.player_bubble.draw(screen, now)  # under the NPCs' bubbles: their replies stay readable
         for bubble in self.bubbles.values():
             bubble.draw(screen, now)
         if self.typing_to is not None:
             self.draw_input(now)
         self.overlay.draw(screen, now)
+
+    def place_hint(self, taken: list[pygame.Rect]) -> pygame.Rect:
+        """Under the player, or right, left or above it where that keeps NPCs and their names in view."""
+        x, y = int(self.player[0]), int(self.player[1])
+        w, h = self.hint.get_size()
+        spots = [(x - w // 2, y + 18), (x + 18, y - h // 2), (x - 18 - w, y - h // 2), (x - w // 2, y - 26 - h)]
+        return first_clear([pygame.Rect(spot, (w, h)) for spot in spots], taken)
+
+    def place_player_bubble(self, now: float, taken: list[pygame.Rect]) -> None:
+        """Hang the player's bubble under the player, or over its head where that keeps names and the hint clear."""
+        x, y = int(self.player[0]), int(self.player[1])
+        bubble = self.player_bubble
+        for below, anchor in ((True, (x, y + 30)), (False, (x, y - 22))):
+            bubble.below, bubble.anchor = below, anchor
+            box = bubble.footprint(self.screen, now)
+            if box is None or box.collidelist(taken) == -1:
+                return
+        bubble.below, bubble.anchor = True, (x, y + 30)
 
     def draw_input(self, now: float) -> None:
         box = pygame.Rect(0, 0, 640, 36)
@@ -319,7 +352,7 @@ class Game:
     def bubbles_with_text(self) -> list[dict]:
         """The NPC bubbles on screen, fully opaque and showing words (not the thinking dots)."""
         now = time.perf_counter()
-        return [{"npc": npc, "rect": list(b.rect), "text": b.display_text(now),
+        return [{"npc": npc, "rect": list(b.rect), "text": b.display_text(),
                  "finished": not b.streaming}
                 for npc, b in self.bubbles.items()
                 if b.rect is not None and b.alpha(now) == 255 and b.text.strip()]

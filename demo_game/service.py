@@ -46,10 +46,10 @@ class ServiceProcess:
 
 def start_service(personas: Path, model: str | None = None, draft: str | None = None,
                   device: str | None = None, threads: int | None = None) -> ServiceProcess:
-    """`python -m npc_engine.cli serve` on a free loopback port; its output goes to a log file.
+    """`python -m npc_engine serve` on a free loopback port; its output goes to a log file.
     `threads` caps the service's CPU threads, so a CPU model leaves cores to the game."""
     address = f"tcp://127.0.0.1:{free_port()}"
-    command = [sys.executable, "-m", "npc_engine.cli", "serve", "--bind", address,
+    command = [sys.executable, "-m", "npc_engine", "serve", "--bind", address,
                "--personas", str(personas)]
     for flag, value in (("--model", model), ("--draft", draft), ("--device", device)):
         if value is not None:

@@ -9,6 +9,7 @@ PLAYER_CLOAK = (40, 70, 150)
 PLAYER_TRIM = (240, 200, 80)
 LABEL = (250, 240, 210)
 LABEL_SHADOW = (20, 14, 10)
+LABEL_DY = 18  # the name label's top, below the character's centre
 
 
 def render_label(font: pygame.font.Font, text: str) -> pygame.Surface:
@@ -31,7 +32,7 @@ def draw_npc(surface: pygame.Surface, member: CastMember, label: pygame.Surface,
     pygame.draw.circle(surface, member.skin, (x, y - 12 + bob), 9)
     pygame.draw.circle(surface, (40, 30, 20), (x - 3, y - 13 + bob), 1)
     pygame.draw.circle(surface, (40, 30, 20), (x + 3, y - 13 + bob), 1)
-    surface.blit(label, (x - label.get_width() // 2, y + 18))
+    surface.blit(label, (x - label.get_width() // 2, y + LABEL_DY))
 
 
 def draw_player(surface: pygame.Surface, pos: tuple[float, float]) -> None:

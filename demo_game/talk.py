@@ -10,14 +10,24 @@ connection or a passed deadline as one), the NPC says one of its persona's fallb
 """
 import random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from demo_game.bubbles import Bubble
 from demo_game.cast import CastMember
 from demo_game.metering import MeteredClient
 
 SEND_SHARE = 0.5  # of the per-frame bridge budget that sending new lines may use
+
+
+def trailing_off(text: str) -> str:
+    """A line that `max_tokens` cut short: back to its last whole word, then "..." (its last word may be cut)."""
+    text = text.rstrip()
+    if not text or text[-1] in ".!?\"'":
+        return text  # the line ended a sentence anyway
+    if " " in text:
+        text = text[:text.rfind(" ")]
+    return text.rstrip(" ,;:-") + "..."
 
 
 @dataclass
@@ -66,6 +76,12 @@ class Line:
                 "seqs_in_order": self.seqs == list(range(len(self.seqs))), "reply": self.reply,
                 "said": self.said, "cancel_requested": self.cancel_requested,
                 "local": self.local, "terminal": self.terminal}
+
+
+def was_cut(done: dict, max_tokens: int) -> bool:
+    """A generated line (not a substitute) that used all its tokens: `max_tokens` ended it."""
+    substitute = done.get("fallback") or done.get("deflected") or done.get("cancelled")
+    return not substitute and done.get("tokens", 0) >= max_tokens
 
 
 class Conversations:
@@ -186,6 +202,8 @@ class Conversations:
             line.terminal = message
             if kind == "done" and shown:
                 line.said = message.get("text", line.reply)
+                if was_cut(message, line.max_tokens):
+                    line.said = trailing_off(line.said)
                 self._finish(line, now)
             elif kind == "error":
                 self._say_fallback(line, now, None)

@@ -1,12 +1,17 @@
 """GPU kernels (Triton) with a PyTorch reference each; every op runs Triton on CUDA tensors and
-the reference otherwise."""
+the reference otherwise.
 
-from kernels.attention import cached_attention
-from kernels.fp8 import Fp8Linear, fp8_linear, quantize_fp8
-from kernels.gemv import gated_linear, linear
-from kernels.qkv_rope import qkv_rope_write
-from kernels.rmsnorm import add_rmsnorm
-from kernels.rope import rope_kv_write
+The ops load on first use: importing one torch-only module (`kernels.prefix`) must not import Triton."""
 
-__all__ = ["Fp8Linear", "add_rmsnorm", "cached_attention", "fp8_linear", "gated_linear", "linear", "qkv_rope_write",
-           "quantize_fp8", "rope_kv_write"]
+import importlib
+
+_MODULES = {"cached_attention": "attention", "Fp8Linear": "fp8", "fp8_linear": "fp8", "quantize_fp8": "fp8",
+            "gated_linear": "gemv", "linear": "gemv", "qkv_rope_write": "qkv_rope", "add_rmsnorm": "rmsnorm",
+            "rope_kv_write": "rope"}
+__all__ = sorted(_MODULES)
+
+
+def __getattr__(name: str):
+    if name not in _MODULES:
+        raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"kernels.{_MODULES[name]}"), name)

@@ -23,21 +23,27 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.prefix import prefix_rows
+
 
 def _check(q, k_cache, v_cache, slots, positions, tree_mask, prefix=None):
     B, T, Hq, D = q.shape
     if k_cache.dim() != 4 or k_cache.shape[3] != D or v_cache.shape != k_cache.shape:
-        raise ValueError(f"attention: caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} must be [n_slots, Hkv, S_max, {D}]")
+        raise ValueError(f"attention: caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} "
+                         f"must be [n_slots, Hkv, S_max, {D}]")
     if Hq % k_cache.shape[1]:
         raise ValueError(f"attention: query heads ({Hq}) must be a multiple of kv heads ({k_cache.shape[1]})")
     if positions.shape != (B, T) or slots.shape != (B,):
-        raise ValueError(f"attention: positions {tuple(positions.shape)} must be [{B}, {T}], slots {tuple(slots.shape)} [{B}]")
+        raise ValueError(f"attention: positions {tuple(positions.shape)} must be [{B}, {T}], "
+                         f"slots {tuple(slots.shape)} [{B}]")
     if not slots.is_contiguous():
         raise ValueError("attention: slots must be contiguous")
     if tree_mask is not None and (tree_mask.shape != (B, T, T) or tree_mask.dtype != torch.bool):
-        raise ValueError(f"attention: tree_mask must be bool [{B}, {T}, {T}], got {tree_mask.dtype} {tuple(tree_mask.shape)}")
+        raise ValueError(f"attention: tree_mask must be bool [{B}, {T}, {T}], "
+                         f"got {tree_mask.dtype} {tuple(tree_mask.shape)}")
     if prefix is not None and (prefix.shape != (B, 2) or prefix.dtype.is_floating_point):
-        raise ValueError(f"attention: prefix must be integer [{B}, 2] (slot, length), got {prefix.dtype} {tuple(prefix.shape)}")
+        raise ValueError(f"attention: prefix must be integer [{B}, 2] (slot, length), "
+                         f"got {prefix.dtype} {tuple(prefix.shape)}")
 
 
 def visible_keys(positions: torch.Tensor, tree_mask: torch.Tensor | None, n_keys: int) -> torch.Tensor:
@@ -58,8 +64,7 @@ def gather_rows(cache: torch.Tensor, slots: torch.Tensor, prefix: torch.Tensor |
     if prefix is None:
         return cache[slots, :, :n]
     j = torch.arange(n, device=cache.device)
-    rows = torch.where(j < prefix[:, 1:], prefix[:, :1], slots[:, None])  # [B, n]
-    return cache[rows, :, j].transpose(1, 2)
+    return cache[prefix_rows(slots, j, prefix), :, j].transpose(1, 2)
 
 
 def cached_attention_reference(
@@ -189,7 +194,7 @@ def _attn_combine_kernel(
     tl.store(Out + row * D + d, out.to(Out.dtype.element_ty), mask=d < D)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 8

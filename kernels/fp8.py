@@ -16,7 +16,7 @@ import torch.nn as nn
 import triton
 import triton.language as tl
 
-from kernels.gemv import launch_rows_linear
+from kernels.rows_linear import launch_rows_linear
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -86,7 +86,7 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x_fp8, x_scale
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pick_block_n(N: int, device: torch.device) -> int:
     """Widest tile that still gives every SM a program: small-M matmuls are weight-read bound."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
@@ -113,7 +113,7 @@ def fp8_linear_triton(
     return y.view(*x.shape[:-1], N)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _scaled_mm_supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 

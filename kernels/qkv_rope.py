@@ -10,8 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.gemv import _dot_rows, _rms_scale, _scaled, linear_reference
+from kernels.gemv import linear_reference
 from kernels.rope import rope_kv_write_reference
+from kernels.rows_linear import dot_rows, rms_scale, scaled
 
 BLOCK_PAIRS = 2  # rotary pairs per program (4 weight rows); value programs take as many rows
 BLOCK_V = 4
@@ -20,7 +21,7 @@ BLOCK_V = 4
 @triton.jit
 def _dot_one_row(x_row, W, rows, ok, K, stride_w, SQUARES: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     """([1, BLOCK] float32 products of the weight rows `rows` with the x row, its sum of squares [1] with SQUARES)."""
-    return _dot_rows(x_row, W + rows[:, None].to(tl.int64) * stride_w, tl.arange(0, 1) < 1, ok, K, 1, BLOCK, BLOCK_K,
+    return dot_rows(x_row, W + rows[:, None].to(tl.int64) * stride_w, tl.arange(0, 1) < 1, ok, K, 1, BLOCK, BLOCK_K,
                      "ieee", SQUARES)
 
 
@@ -35,10 +36,10 @@ def _rotary_pairs(x_row, W, Bias, Cos, Sin, QOut, KCache, pid, pos, slot, write,
     ok = head < HQ + HKV
     a, sum_squares = _dot_one_row(x_row, W, row_a, ok, K, stride_w, RMS, BLOCK_P, BLOCK_K)
     b, _ = _dot_one_row(x_row, W, row_a + HALF, ok, K, stride_w, False, BLOCK_P, BLOCK_K)
-    rstd = _rms_scale(sum_squares, K, eps, RMS)
+    rstd = rms_scale(sum_squares, K, eps, RMS)
     ty = QOut.dtype.element_ty  # the projection is rounded before the rotation, as linear -> rope_kv_write does
-    a = _scaled(a, rstd, Bias, Bias, row_a, ok, RMS, False, HAS_BIAS).to(ty).to(tl.float32)
-    b = _scaled(b, rstd, Bias, Bias, row_a + HALF, ok, RMS, False, HAS_BIAS).to(ty).to(tl.float32)
+    a = scaled(a, rstd, Bias, Bias, row_a, ok, RMS, False, HAS_BIAS).to(ty).to(tl.float32)
+    b = scaled(b, rstd, Bias, Bias, row_a + HALF, ok, RMS, False, HAS_BIAS).to(ty).to(tl.float32)
     rot = tl.maximum(pos, 0)[None, :]  # a position the cache cannot hold is not rotated (nor written)
     c = tl.load(Cos + rot * stride_cos + j[None, :], mask=write, other=1.0).to(tl.float32)
     s = tl.load(Sin + rot * stride_cos + j[None, :], mask=write, other=0.0).to(tl.float32)
@@ -60,7 +61,7 @@ def _value_rows(x_row, W, Bias, VCache, block, pos, slot, write, K, stride_w, sv
     ok = r < HKV * D
     row = (HQ + HKV) * D + r
     v, sum_squares = _dot_one_row(x_row, W, row, ok, K, stride_w, RMS, BLOCK_V, BLOCK_K)
-    v = _scaled(v, _rms_scale(sum_squares, K, eps, RMS), Bias, Bias, row, ok, RMS, False, HAS_BIAS)
+    v = scaled(v, rms_scale(sum_squares, K, eps, RMS), Bias, Bias, row, ok, RMS, False, HAS_BIAS)
     v_ptr = VCache + slot * svc_n + (r // D)[None, :].to(tl.int64) * svc_h + pos[None, :] * svc_s + (r % D)[None, :]
     tl.store(v_ptr, v.to(VCache.dtype.element_ty), mask=ok[None, :] & write)
 
@@ -92,7 +93,8 @@ def _check(x, weight, bias, n_heads, n_kv_heads, cos, positions, slots, k_cache)
         raise ValueError(f"qkv_rope: weight {tuple(weight.shape)} must be [(q + k + v heads) * {D}, {x.shape[-1]}] "
                          "with contiguous rows")
     if D % 2 or k_cache.shape[1] != n_kv_heads:
-        raise ValueError(f"qkv_rope: cache {tuple(k_cache.shape)} must be [n_slots, {n_kv_heads}, S_max, even head dim]")
+        raise ValueError(f"qkv_rope: cache {tuple(k_cache.shape)} "
+                         f"must be [n_slots, {n_kv_heads}, S_max, even head dim]")
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"qkv_rope: bias {tuple(bias.shape)} must be [{weight.shape[0]}]")
     if cos.dim() != 2 or cos.shape[1] < D // 2 or cos.stride(1) != 1:

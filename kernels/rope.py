@@ -24,11 +24,13 @@ def _check(q, k, v, cos, sin, positions, slots, k_cache, v_cache, cache_position
     if k.shape != (B, T, Hkv, D) or v.shape != k.shape:
         raise ValueError(f"rope: k {tuple(k.shape)} / v {tuple(v.shape)} must be [{B}, {T}, Hkv, {D}]")
     if k_cache.dim() != 4 or k_cache.shape[1] != Hkv or k_cache.shape[3] != D or v_cache.shape != k_cache.shape:
-        raise ValueError(f"rope: caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} must be [n_slots, {Hkv}, S_max, {D}]")
+        raise ValueError(f"rope: caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} "
+                         f"must be [n_slots, {Hkv}, S_max, {D}]")
     if cos.dim() != 2 or cos.shape[1] not in (D // 2, D) or sin.shape != cos.shape:
         raise ValueError(f"rope: cos/sin {tuple(cos.shape)} must be [S, {D // 2}] or [S, {D}]")
     if positions.shape != (B, T) or slots.shape != (B,):
-        raise ValueError(f"rope: positions {tuple(positions.shape)} must be [{B}, {T}], slots {tuple(slots.shape)} [{B}]")
+        raise ValueError(f"rope: positions {tuple(positions.shape)} must be [{B}, {T}], "
+                         f"slots {tuple(slots.shape)} [{B}]")
     if not slots.is_contiguous():
         raise ValueError("rope: slots must be contiguous")
     if cache_positions is not None and cache_positions.shape != (B, T):

@@ -1,11 +1,13 @@
 """Import Character Card V2 files (JSON, or PNG with the card as base64 JSON in a `chara` tEXt
 chunk; V1 cards with the fields at the top level work too) into the persona TOML schema.
 
-Mapping: description -> facts (first person where the sentence starts with the character's name
-and is/was/has), personality -> style (its first short line; the rest become facts), scenario and
-lorebook entries -> knowledge, first_mes -> greeting, the character's lines in mes_example and
-the alternate greetings -> fallback_lines. Long text is cut into short lines: the embedded model
-is small and the persona block is read on every request.
+Mapping: "My name is <name>." plus description -> facts (a sentence about the character, by name or
+by the pronoun the card uses for it, is put in the first person), personality -> style (its first
+short line; the rest become facts), scenario (in the first person too) and lorebook entries ->
+knowledge, first_mes -> greeting. {{user}} is "the traveler" in narration and "traveler" in speech.
+Fallback lines are said whenever an answer misses its deadline, so they stay generic; the card's
+example dialogue and alternate greetings are written beside them as comments to adapt. Long text is
+cut into short lines: the embedded model is small and the persona block is read on every request.
 """
 import base64
 import binascii
@@ -22,9 +24,22 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_LINE = 160
 MAX_FACTS = 12
 MAX_KNOWLEDGE = 12
-MAX_FALLBACKS = 5
+MAX_EXAMPLES = 5
 MAX_GREETING = 240
 DEFAULT_FALLBACKS = ["Hm. Give me a moment.", "Let me think on that.", "Ask me again in a bit."]
+# subject, object, possessive, reflexive
+PRONOUNS = {"she": ("she", "her", "her", "herself"), "he": ("he", "him", "his", "himself"),
+            "they": ("they", "them", "their", "themselves")}
+FIRST_PERSON_VERBS = {"is": "am", "are": "am", "was": "was", "were": "was", "has": "have", "have": "have",
+                      "does": "do", "goes": "go"}
+# the same for "I": modals and common irregular past forms (regular ones end in -ed)
+SAME_FOR_I = set("can could will would shall should may might must had did became began brought built came fought "
+                 "found fled gave grew hid kept knew left lost made met ran rode saw sold spent swore taught told "
+                 "took wore won wrote".split())
+ADVERB = r"(?:\s+(?:often|always|never|still|also|usually|rarely|sometimes|once|only|seldom|now|even))?"
+# what follows an object pronoun ("tell her."), not a possessive one ("her sword")
+AFTER_OBJECT = (r"[.,;:!?)\"]|$|\s+(?:and|or|but|to|for|with|from|in|on|at|by|of|as|the|a|an|again|too|now|"
+                r"once|back|up|down|away|out|off|well|alone|all)\b")
 
 
 class CardError(ValueError):
@@ -97,13 +112,21 @@ def _fill_names(text: str, name: str, user: str) -> str:
     return re.sub(r"\{\{user\}\}|<USER>", user, text, flags=re.IGNORECASE)
 
 
-def short_lines(text: str, limit: int = MAX_LINE) -> list[str]:
-    """Sentences of `text`, with sentences longer than `limit` cut at commas, then at words."""
+def _narrated(text: str, name: str) -> str:
+    """Narration with {{char}} as the name and {{user}} as a third person, so verbs still agree."""
+    text = re.sub(r"(^|[.!?]\s+|\n\s*)(?:\{\{user\}\}|<USER>)", r"\1The traveler", text.strip(), flags=re.IGNORECASE)
+    return _fill_names(text, name, "the traveler")
+
+
+def short_lines(text: str, limit: int = MAX_LINE, convert=None) -> list[str]:
+    """Sentences of `text` (each passed through `convert` first, if given), with sentences longer than
+    `limit` cut at commas, then at words."""
     text = text.replace("*", "")
     lines = []
     for paragraph in re.split(r"\n\s*", text):
         for sentence in re.split(r"(?<=[.!?])\s+", paragraph.strip()):
             sentence = " ".join(sentence.split())
+            sentence = convert(sentence) if convert else sentence
             if len(sentence) <= limit:
                 lines.append(sentence)
                 continue
@@ -122,15 +145,54 @@ def _name_pattern(name: str) -> str:
     return rf"(?:{re.escape(name)}|{re.escape(name.split()[0])})"
 
 
-def first_person(line: str, name: str) -> str:
-    """'Aria is a knight.' -> 'I am a knight.' for sentences that start with the name."""
-    subject = "^" + _name_pattern(name)
-    for pattern, repl in ((r"\s+is\b", "I am"), (r"\s+was\b", "I was"), (r"\s+has\b", "I have"),
-                          (r"'s\b", "My")):
-        new, count = re.subn(subject + pattern, repl, line)
-        if count:
-            return new
-    return line
+def card_pronoun(text: str) -> str | None:
+    """The pronoun the card uses for its character: she or he, whichever is more frequent, else they."""
+    counts = {k: len(re.findall(rf"\b(?:{'|'.join(forms)})\b", text, re.IGNORECASE)) for k, forms in PRONOUNS.items()}
+    if counts["she"] or counts["he"]:
+        return "she" if counts["she"] >= counts["he"] else "he"
+    return "they" if counts["they"] else None
+
+
+def verb_for_i(verb: str, plural: bool) -> str | None:
+    """The first-person form of a third-person verb ('lives' -> 'live'), or None if it does not look like one."""
+    lower = verb.lower()
+    if lower in FIRST_PERSON_VERBS:
+        return FIRST_PERSON_VERBS[lower]
+    if plural or lower in SAME_FOR_I or lower.endswith("ed"):
+        return verb
+    if re.fullmatch(r"[a-z]+(?:ss|sh|ch|x|z|o)es", lower):
+        return verb[:-2]
+    if re.fullmatch(r"[a-z]+[^aeiou]ies", lower):
+        return verb[:-3] + "y"
+    if re.fullmatch(r"[a-z]+[^su]s", lower):
+        return verb[:-1]
+    return None
+
+
+def first_person(sentence: str, name: str, pronoun: str | None = None) -> str:
+    """A sentence that starts with the character (by name or `pronoun`), in the first person:
+    'Aria lives in the north.' -> 'I live in the north.', "She keeps her sword." -> 'I keep my sword.'
+    Other sentences come back unchanged."""
+    subject, obj, possessive, reflexive = PRONOUNS.get(pronoun, ("", "", "", ""))
+    owner = rf"(?:{_name_pattern(name)}'s|{possessive})" if pronoun else rf"{_name_pattern(name)}'s"
+    who = rf"(?:{_name_pattern(name)}|{subject})" if pronoun else _name_pattern(name)
+    if m := re.match(rf"{owner}\s+", sentence, re.IGNORECASE):
+        converted = "My " + sentence[m.end():]
+    elif m := re.match(rf"{who}({ADVERB})\s+([A-Za-z]+)\b", sentence, re.IGNORECASE):
+        verb = verb_for_i(m.group(2), plural=pronoun == "they" and m.group(0).lower().startswith("they"))
+        if verb is None:
+            return sentence
+        converted = f"I{m.group(1)} {verb}{sentence[m.end():]}"
+    else:
+        return sentence
+    if pronoun:  # its own things are mine; an object pronoun ("tells him") is someone else
+        converted = re.sub(rf"\b{reflexive}\b", "myself", converted, flags=re.IGNORECASE)
+        protect = rf"(?!{AFTER_OBJECT})" if obj == possessive else ""  # "her sword", not "tell her."
+        converted = re.sub(rf"\b{possessive}\b{protect}", "my", converted, flags=re.IGNORECASE)
+    # a second verb of the same subject, "... and tells my friends"; not a plural noun, "swords and shields to ..."
+    return re.sub(r"\b(and|but|or|then)\s+([a-z]+s)\b(?=\s+(?!(?:to|for|with|from|in|on|at|by|of|as|and|or|but|"
+                  r"that|which|who|than|are|were)\b)[a-z])",
+                  lambda m: f"{m.group(1)} {verb_for_i(m.group(2), False) or m.group(2)}", converted)
 
 
 def _spoken(text: str) -> str:
@@ -188,29 +250,31 @@ def card_to_toml(fields: dict, npc_id: str, source_name: str = "") -> ImportedCa
         raise CardError(f"{npc_id!r} is not a valid persona id")
     name = " ".join(fields["name"].split())
 
-    def told(text: str) -> str:  # narration: {{user}} is "you"
-        return _fill_names(text, name, "you")
-
     def said(text: str) -> str:  # spoken by the character: {{user}} is "traveler"
         return _fill_names(text, name, "traveler")
 
-    personality = short_lines(told(_text(fields, "personality")))
-    facts = [first_person(line, name) for line in short_lines(told(_text(fields, "description")))]
-    facts = facts + personality[1:] or [f"My name is {name}."]
-    knowledge = short_lines(told(_text(fields, "scenario")))
+    description = _narrated(_text(fields, "description"), name)
+    pronoun = card_pronoun(description)
+
+    def mine(sentence: str) -> str:
+        return first_person(sentence, name, pronoun)
+
+    personality = short_lines(_narrated(_text(fields, "personality"), name))
+    facts = [f"My name is {name}."] + short_lines(description, convert=mine) + personality[1:]
+    facts = list(dict.fromkeys(facts))
+    knowledge = short_lines(_narrated(_text(fields, "scenario"), name), convert=mine)
     book = fields.get("character_book")
     for entry in (book.get("entries", []) if isinstance(book, dict) else []):
         if isinstance(entry, dict) and entry.get("enabled", True) \
                 and isinstance(entry.get("content"), str):
-            knowledge += short_lines(told(entry["content"]))
+            knowledge += short_lines(_narrated(entry["content"], name))
     greeting = _spoken_lead(said(_text(fields, "first_mes")), MAX_GREETING) \
         or f"Hello. I am {name}."
-    fallbacks = _example_lines(said(_text(fields, "mes_example")), name)
+    examples = _example_lines(said(_text(fields, "mes_example")), name)
     for alternate in fields.get("alternate_greetings") or []:
         if isinstance(alternate, str) and (line := _spoken_lead(said(alternate), MAX_LINE)):
-            fallbacks.append(line)
-    fallbacks = list(dict.fromkeys(fallbacks))[:MAX_FALLBACKS]
-    fallbacks += DEFAULT_FALLBACKS[:max(0, 3 - len(fallbacks))]
+            examples.append(line)
+    examples = list(dict.fromkeys(examples))[:MAX_EXAMPLES]
     dropped = max(0, len(facts) - MAX_FACTS) + max(0, len(knowledge) - MAX_KNOWLEDGE)
     facts, knowledge = facts[:MAX_FACTS], knowledge[:MAX_KNOWLEDGE]
     header = f"# Imported from the character card {source_name}\n" if source_name \
@@ -221,7 +285,7 @@ def card_to_toml(fields: dict, npc_id: str, source_name: str = "") -> ImportedCa
         header,
         f"id = {toml_string(npc_id)}",
         f"name = {toml_string(name)}",
-        f"role = {toml_string(_role(told(_text(fields, 'description')), name))}",
+        f"role = {toml_string(_role(description, name))}",
         f"style = {toml_string(personality[0] if personality else '')}",
         f"greeting = {toml_string(greeting)}",
         "",
@@ -229,15 +293,21 @@ def card_to_toml(fields: dict, npc_id: str, source_name: str = "") -> ImportedCa
         "",
         _toml_array("knowledge", knowledge),
         "",
-        _toml_array("fallback_lines", fallbacks),
+        *(["# The card's example dialogue and alternate greetings. Fallback lines are said whenever an answer",
+            "# misses its deadline, at any moment of a conversation: adapt only lines that fit anywhere."]
+          + [f"#   {toml_string(line)}," for line in examples] if examples else []),
+        _toml_array("fallback_lines", DEFAULT_FALLBACKS),
         "",
     ]
     return ImportedCard("\n".join(parts), dropped)
 
 
-def import_card(card_path: str | Path, out_path: str | Path, npc_id: str | None = None) -> ImportedCard:
-    """Read a card, write it as a persona file, and check that the file validates."""
+def import_card(card_path: str | Path, out_path: str | Path, npc_id: str | None = None,
+                force: bool = False) -> ImportedCard:
+    """Read a card, write it as a persona file (an existing one only with `force`), and check that it validates."""
     out_path = Path(out_path)
+    if out_path.exists() and not force:
+        raise CardError(f"{out_path} exists; give --force to replace it")
     fields = read_card(card_path)
     imported = card_to_toml(fields, npc_id or slug(out_path.stem), Path(card_path).name)
     _, issues = parse_persona(imported.toml, out_path)
@@ -247,9 +317,3 @@ def import_card(card_path: str | Path, out_path: str | Path, npc_id: str | None 
     out_path.write_text(imported.toml, encoding="utf-8")
     return imported
 
-
-def cmd_persona_import(args) -> int:
-    imported = import_card(args.card, args.output, args.id)
-    print(f"wrote {args.output}" + (f" ({imported.dropped_lines} long-text lines dropped)"
-                                    if imported.dropped_lines else ""))
-    return 0

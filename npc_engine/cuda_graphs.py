@@ -1,8 +1,8 @@
 """CUDA-graph replay of model forwards (prefill chunks, sampled speculative steps) and of whole
 greedy speculative steps, with static input buffers.
 
-One forward graph per (batch bucket, tokens per row, keys attended, logits wanted) shape. Rows that pad a batch up to its
-bucket write into a scratch cache slot that no request owns, so padding never touches live rows. Every graph reads
+One forward graph per (batch bucket, tokens per row, keys attended, logits wanted) shape. Rows that pad a batch up to
+its bucket write into a scratch cache slot that no request owns, so padding never touches live rows. Every graph reads
 a prefix reference per row (a shared persona prefix slot and its length; length 0 for rows without one).
 """
 from collections.abc import Callable
@@ -36,7 +36,8 @@ class GraphedForward:
         self.graphs: dict[tuple[int, int, int], CapturedStep] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
-    def __call__(self, tokens, input_pos, cache, slots, kv_len, logits: bool = True, prefix: torch.Tensor | None = None):
+    def __call__(self, tokens, input_pos, cache, slots, kv_len, logits: bool = True,
+                 prefix: torch.Tensor | None = None):
         B, T = tokens.shape
         bucket = next((b for b in BATCH_BUCKETS if b >= B), None)
         if bucket is None or T > MAX_GRAPH_TOKENS:

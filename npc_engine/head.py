@@ -95,7 +95,8 @@ def load_head(path: str | Path, target: Transformer, device, dtype=None) -> Feat
         for name in f.keys():
             tensor = f.get_tensor(name)
             if expected_shapes.get(name) != tensor.shape:
-                raise CheckpointError(f"{weights.name}: unexpected tensor {name!r} {tuple(tensor.shape)} for a feature head")
+                raise CheckpointError(f"{weights.name}: unexpected tensor {name!r} {tuple(tensor.shape)} "
+                                      "for a feature head")
             state[name] = tensor
     missing = sorted(set(expected_shapes) - set(state))
     if missing:

@@ -7,6 +7,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from npc_engine.model import ModelArgs, Transformer, rope_inv_freq
+from npc_engine.paths import resolve_model
 
 SUPPORTED_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -61,9 +62,11 @@ def shard_files(path: Path) -> list[Path]:
     return files
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> Transformer:
-    """Build a Transformer from a Hugging Face folder. Tensors are memory-mapped, shard by shard."""
-    path = Path(path)
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+               adapter: str | Path | None = None) -> Transformer:
+    """Build a Transformer from a Hugging Face folder or a GGUF file (converted once, see paths.resolve_model).
+    Tensors are memory-mapped, shard by shard. adapter: a PEFT LoRA folder merged into the weights."""
+    path = resolve_model(path)
     args = read_config(path)
     dtype = parse_dtype(dtype, device)
     with torch.device("meta"):
@@ -90,11 +93,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str 
                 state[name] = tensor.to(device=device, dtype=dtype)
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise CheckpointError(f"{path}: missing tensors: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+        raise CheckpointError(f"{path}: missing tensors: {', '.join(missing[:5])}"
+                              + (" ..." if len(missing) > 5 else ""))
     model.load_state_dict(state, strict=False, assign=True)
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(args).to(device)  # the meta-device buffer is recomputed, never stored
+    if adapter is not None:
+        from npc_engine.adapters import merge_adapter
+
+        merge_adapter(model, adapter)
     return model.eval().requires_grad_(False)
 
 
@@ -130,5 +138,6 @@ def save_model(model: Transformer, path: str | Path, dtype: torch.dtype = torch.
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(path / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())}, "weight_map": weight_map}
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -11,9 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+from kernels.prefix import prefix_rows
+
+MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
 # One-row decode steps up to this hidden size run q/k/v + RoPE + cache write as one kernel: faster on the H200 for
-# the trained pair (256) and the 1B shape (2048), slower for the 8B shape (4096) (RESULTS.md, S4-9).
+# the trained pair (256) and the 1B shape (2048), slower for the 8B shape (4096) (benchmarks/README.md,
+# "One-row q/k/v + RoPE kernel").
 QKV_ROPE_MAX_DIM = 2048
 
 
@@ -79,7 +83,7 @@ class ModelArgs:
     def to_hf_config(self) -> dict:
         cfg = {
             "architectures": [self.architecture],
-            "model_type": {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}[self.architecture],
+            "model_type": MODEL_TYPES[self.architecture],
             "vocab_size": self.vocab_size,
             "hidden_size": self.dim,
             "num_hidden_layers": self.n_layers,
@@ -140,12 +144,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """[B, Hkv, S, D] -> [B, Hkv * groups, S, D]: explicit GQA, faster than SDPA's enable_gqa on CPU."""
-    if groups == 1:
-        return x
-    B, H, S, D = x.shape
-    return x[:, :, None].expand(B, H, groups, S, D).reshape(B, H * groups, S, D)
+def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q [B, Hq, T, D]; keys, values [B, Hkv, n, D]; mask [B, T, n] (True: visible) -> [B, Hq, T, D]. The G = Hq / Hkv
+    query heads of each KV head attend as one block of G * T query rows, so keys and values are never copied per
+    query head (that copy took 12 % of a CPU decode step of SmolLM2-135M's shape: benchmarks/README.md, "CPU decode
+    step")."""
+    B, Hq, T, D = q.shape
+    Hkv, n = keys.shape[1], keys.shape[2]
+    G = Hq // Hkv
+    q = q.reshape(B, Hkv, G * T, D)  # query head h = kv head h // G, as in the checkpoints' GQA layout
+    mask = mask[:, None].expand(B, G, T, n).reshape(B, 1, G * T, n)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask).view(B, Hq, T, D)
 
 
 def gather_kv(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -181,9 +190,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
-        # (weight, bias, FP8 scale or None) of q, k, v as one matrix, set by fuse_projections_
+        # (weight, bias, FP8 scale or None) of q, k, v as one matrix, set by npc_engine.fusion.fuse_projections_
         self.qkv: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
-        self.qkv_sizes = (args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.n_kv_heads * args.head_dim)
+        kv_size = args.n_kv_heads * args.head_dim
+        self.qkv_sizes = (args.n_heads * args.head_dim, kv_size, kv_size)
 
     def forward(self, x, cos, sin, input_pos, cache_kv, slots, kv_index):
         B, T, _ = x.shape
@@ -192,18 +202,17 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         q = q.transpose(1, 2)
         if cache_kv is None:
-            out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                                 enable_gqa=True)
         else:
             k_cache, v_cache = cache_kv
             rows = slots[:, None]
             k_cache[rows, :, input_pos] = k
             v_cache[rows, :, input_pos] = v
-            keys = repeat_kv(gather_kv(k_cache, kv_index), self.n_heads // self.n_kv_heads)
-            values = repeat_kv(gather_kv(v_cache, kv_index), self.n_heads // self.n_kv_heads)
             # A query sees every cached key at or before its own position: stale entries past a
             # row's length (rolled-back drafts, padding) always sit after the query and stay hidden.
             mask = torch.arange(kv_index.shape[-1], device=x.device)[None, None, :] <= input_pos[:, :, None]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1))
+            out = grouped_attention(q, gather_kv(k_cache, kv_index), gather_kv(v_cache, kv_index), mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def forward_fused(self, qkv, cos_table, sin_table, input_pos, k_cache, v_cache, slots, kv_len, prefix, residual):
@@ -234,7 +243,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
         self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
 
-        self.gate_up: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None  # fuse_projections_
+        self.gate_up: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None  # npc_engine.fusion
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -279,14 +288,11 @@ class KVCache:
         first n entries, those below its prefix length (prefix [B, 2]: slot, length) from that prefix slot.
         Built once per forward for every layer: one index_select then gathers a layer, shared prefix or not."""
         H, j = self.k.shape[2], torch.arange(n, device=slots.device)
-        rows = slots[:, None] if prefix is None else torch.where(j < prefix[:, 1:], prefix[:, :1], slots[:, None])
+        rows = prefix_rows(slots, j, prefix)
         return (rows[:, None, :] * H + torch.arange(H, device=slots.device)[:, None]) * self.max_seq + j
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i], self.v[i]
-
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
 
 
 class Transformer(nn.Module):
@@ -322,7 +328,7 @@ class Transformer(nn.Module):
             kv_len = cache.max_seq if kv_len is None else kv_len
             if self.fused:
                 if self.model.layers[0].self_attn.qkv is None:
-                    raise ValueError("the fused forward needs fuse_projections_(model) first")
+                    raise ValueError("the fused forward needs npc_engine.fusion.fuse_projections_(model) first")
                 return self.forward_fused(tokens, input_pos, cache, slots, kv_len, logits, prefix)
         x = self.hidden_states(tokens, input_pos, cache, slots, kv_len, prefix)
         if cache is not None and self.feature_store is not None:
@@ -347,12 +353,13 @@ class Transformer(nn.Module):
     def forward_fused(self, tokens, input_pos, cache: KVCache, slots, kv_len: int,
                       logits: bool | torch.Tensor = True, prefix: torch.Tensor | None = None) -> torch.Tensor | None:
         """Same function as forward with a cache (the norms' weights folded into the projections after them by
-        fuse_projections_). One row (a decode step at batch 1) without FP8 weights: each RMSNorm runs inside the
-        linear kernel after it, each residual add in the epilogue of the one before, and (hidden size up to
-        QKV_ROPE_MAX_DIM) the q/k/v kernel also rotates q and k and writes the cache (kernels.qkv_rope).
+        npc_engine.fusion.fuse_projections_). One row (a decode step at batch 1) without FP8 weights: each RMSNorm
+        runs inside the linear kernel after it, each residual add in the epilogue of the one before, and (hidden size
+        up to QKV_ROPE_MAX_DIM) the q/k/v kernel also rotates q and k and writes the cache (kernels.qkv_rope).
         Otherwise residual add + RMSNorm is one kernel (with several rows the linear kernel ran slower with them
-        fused than cuBLAS after a norm kernel, and with FP8 weights the one-row kernel did too: RESULTS.md, S4-2,
-        S4-3), and so is RoPE + cache write. Attention over cached keys is one kernel (and its split combine)."""
+        fused than cuBLAS after a norm kernel, and with FP8 weights the one-row kernel did too:
+        benchmarks/README.md, "Fused norm and residual"), and so is RoPE + cache write. Attention over cached keys is
+        one kernel (and its split combine)."""
         from kernels import add_rmsnorm, gated_linear, linear, qkv_rope_write
 
         cos, sin = self.rope_table(cache.max_seq, tokens.device)
@@ -392,58 +399,8 @@ class Transformer(nn.Module):
 
     def rope_table(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [n, head_dim / 2] in float32, built once (before any CUDA-graph capture)."""
-        if self.rope_tables is None or self.rope_tables[0].shape[0] < n or self.rope_tables[0].device != torch.device(device):
+        tables = self.rope_tables
+        if tables is None or tables[0].shape[0] < n or tables[0].device != torch.device(device):
             freqs = torch.arange(n, device=device).float()[:, None] * self.inv_freq.to(device).float()
             self.rope_tables = (freqs.cos(), freqs.sin())
         return self.rope_tables
-
-
-def fold_norms_(model: Transformer) -> Transformer:
-    """Multiplies each decoder layer's RMSNorm weight into the columns of the projections it feeds (q, k, v; gate,
-    up) and sets it to 1: the same function (up to rounding), and the fused forward normalizes inside the linear
-    kernel. A no-op on folded norms. The final norm stays (the output head may be the tied embedding)."""
-    from kernels.fp8 import Fp8Linear
-
-    for layer in model.model.layers:
-        for norm, projections in ((layer.input_layernorm, (layer.self_attn.q_proj, layer.self_attn.k_proj,
-                                                           layer.self_attn.v_proj)),
-                                  (layer.post_attention_layernorm, (layer.mlp.gate_proj, layer.mlp.up_proj))):
-            if bool((norm.weight == 1).all()):
-                continue
-            if any(isinstance(m, Fp8Linear) for m in projections):
-                raise ValueError("fold_norms_: fold the norms before quantizing (quantize_fp8_ does)")
-            for m in projections:
-                m.weight.data = (m.weight.data.float() * norm.weight.data.float()).to(m.weight.dtype)
-            norm.weight.data = torch.ones_like(norm.weight.data)
-    return model
-
-
-def fuse_projections_(model: Transformer) -> Transformer:
-    """Folds the norms (fold_norms_), then one matrix for q, k, v and one for gate, up (bf16 or FP8 with their
-    per-channel scales), so a step reads each in one kernel. The separate layers become views of the fused storage:
-    no extra memory, and state_dict() keeps the Hugging Face names (with the folded values: the same function)."""
-    from kernels.fp8 import Fp8Linear
-
-    def fuse(layers: list[nn.Module]):
-        params = [linear_params(m) for m in layers]
-        weight = torch.cat([w.data for w, _, _ in params])
-        bias = torch.cat([b.data for _, b, _ in params]) if params[0][1] is not None else None
-        scale = torch.cat([s for _, _, s in params]) if params[0][2] is not None else None
-        start = 0
-        for m in layers:
-            n = m.out_features
-            if isinstance(m, Fp8Linear):
-                m.weight_fp8, m.scale = weight[start:start + n], scale[start:start + n]
-            else:
-                m.weight.data = weight[start:start + n]
-            if bias is not None:
-                m.bias.data = bias[start:start + n]
-            start += n
-        return weight, bias, scale
-
-    fold_norms_(model)
-    for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv = fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-        mlp.gate_up = fuse([mlp.gate_proj, mlp.up_proj])
-    return model

@@ -82,7 +82,8 @@ class OnnxModel:
         self.args = read_config(path)
         self.dtype = DTYPES[manifest["dtype"]]
         self.provider = resolve_provider(provider)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if self.provider == "cuda" else torch.device("cpu")
+        cuda = self.provider == "cuda"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         provider_options = {"device_id": str(self.device.index)} if self.provider == "cuda" else {}
@@ -94,15 +95,18 @@ class OnnxModel:
             if "opset" in message.lower():
                 raise OnnxBackendError(
                     f"{path}: exported with opset {manifest['opset']} (manifest), which onnxruntime {ort.__version__} "
-                    f"cannot load; re-export with a lower --opset or upgrade onnxruntime. ({message.strip()[-200:]})") from None
+                    f"cannot load; re-export with a lower --opset or upgrade onnxruntime. "
+                    f"({message.strip()[-200:]})") from None
             raise OnnxBackendError(f"{path}: onnxruntime {ort.__version__} cannot load the model on "
                                    f"{PROVIDERS[self.provider]}: {message.strip()[-300:]}") from None
         if self.session.get_providers()[0] != PROVIDERS[self.provider]:
             raise OnnxBackendError(f"onnxruntime did not start {PROVIDERS[self.provider]} (it gave "
-                                   f"{self.session.get_providers()[0]}); check the CUDA libraries onnxruntime-gpu needs")
+                                   f"{self.session.get_providers()[0]}); "
+                                   "check the CUDA libraries onnxruntime-gpu needs")
         names = [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()]
         if names != (manifest["inputs"], manifest["outputs"]):
-            raise OnnxBackendError(f"{path}: model inputs/outputs differ from {MANIFEST_FILE}; re-run npc-engine export-onnx")
+            raise OnnxBackendError(f"{path}: model inputs/outputs differ from {MANIFEST_FILE}; "
+                                   "re-run npc-engine export-onnx")
         self.binding = self.session.io_binding()
 
     def bind(self, name: str, tensor: torch.Tensor, output: bool = False) -> None:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 import npc_engine
 from npc_engine.loading import CheckpointError, load_model
 from npc_engine.model import Transformer, apply_rope, rope_cos_sin
+from npc_engine.paths import resolve_model
 
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
@@ -106,7 +107,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
     and config files and manifest.json. Returns the path of model.onnx."""
     import onnx  # only the exporter needs it; the runtime backend does not
 
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model_dir, out_dir = resolve_model(model_dir), Path(out_dir)  # a .gguf file: its converted folder
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"--dtype {dtype!r} not supported; choose one of {', '.join(EXPORT_DTYPES)}")
     if not MIN_OPSET <= opset <= MAX_OPSET:
@@ -155,7 +156,8 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
     manifest = {
         "format": MANIFEST_FORMAT, "format_version": 1, "model_file": MODEL_FILE, "external_data": external_data,
         "opset": opset, "dtype": dtype, "inputs": inputs, "outputs": outputs,
-        "n_layers": args.n_layers, "n_kv_heads": args.n_kv_heads, "head_dim": args.head_dim, "vocab_size": args.vocab_size,
+        "n_layers": args.n_layers, "n_kv_heads": args.n_kv_heads, "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size,
         "source_model": str(model_dir.resolve()), "npc_engine_version": npc_engine.__version__,
         "torch_version": torch.__version__, "onnx_version": onnx.__version__,
     }
@@ -178,7 +180,9 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 def add_subparser(sub) -> None:
     p = sub.add_parser("export-onnx", help="export a model folder to ONNX with explicit KV-cache inputs and outputs")
     p.add_argument("--model", required=True, help="Hugging Face layout model folder (target or draft)")
-    p.add_argument("-o", "--output", required=True, help="folder to write model.onnx, manifest.json and the tokenizer to")
+    p.add_argument("-o", "--output", required=True,
+                   help="folder to write model.onnx, manifest.json and the tokenizer to")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
-    p.add_argument("--dtype", default="fp32", choices=list(EXPORT_DTYPES), help="weight and KV-cache dtype (default fp32)")
+    p.add_argument("--dtype", default="fp32", choices=list(EXPORT_DTYPES),
+                   help="weight and KV-cache dtype (default fp32)")
     p.set_defaults(func=cmd_export_onnx)

@@ -4,6 +4,7 @@ the prompt built from a persona, and a store that hot-reloads a directory of per
 tomllib reports no positions for values, so the line of a field is found by scanning the file text
 for its key or table header (`key_lines`). A syntax error carries its line from tomllib itself.
 """
+import difflib
 import os
 import random
 import re
@@ -39,9 +40,10 @@ class PersonaIssue:
     line: int
     field: str
     message: str
+    warning: bool = False  # the file loads, but something in it will misbehave
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.field}: {self.message}"
+        return f"{self.file}:{self.line}: {self.field}: {'warning: ' if self.warning else ''}{self.message}"
 
 
 class PersonaError(Exception):
@@ -75,7 +77,8 @@ class Persona:
         # The model sees relationship descriptions only, so each one names the other character.
         return PromptPersona(name=self.name, role=self.role, facts=list(self.facts), style=self.style,
                              knowledge=list(self.knowledge),
-                             relationships=list(self.relationships.values()))
+                             relationships=list(self.relationships.values()),
+                             banned_topics=list(self.banned_topics), deflection=self.deflection)
 
     def prefix(self) -> str:
         """The persona block: the stable, cacheable start of every prompt for this NPC."""
@@ -142,11 +145,18 @@ def _type_name(value) -> str:
     return names.get(type(value), f"a {type(value).__name__}")
 
 
+def unknown_key(key: str, allowed: list[str]) -> str:
+    """The message for a key not in `allowed`, suggesting the nearest one if any is near."""
+    nearest = difflib.get_close_matches(key, allowed, n=1)
+    hint = f"; did you mean {nearest[0]}?" if nearest else ""
+    return f"unknown key{hint} (allowed: {', '.join(allowed)})"
+
+
 def _check_persona_data(data: dict, issue) -> None:
     """Call `issue(path, message)` for every schema problem in a parsed persona file."""
     for key in data:
         if key not in KNOWN_KEYS:
-            issue((key,), f"unknown key (allowed: {', '.join(sorted(KNOWN_KEYS))})")
+            issue((key,), unknown_key(key, sorted(KNOWN_KEYS)))
     for key, required in STRING_FIELDS.items():
         if key not in data:
             if required:
@@ -205,7 +215,7 @@ def _check_sampling(data: dict, issue) -> None:
         return
     for key, value in sampling.items():
         if key not in SAMPLING_FIELDS:
-            issue(("sampling", key), f"unknown key (allowed: {', '.join(SAMPLING_FIELDS)})")
+            issue(("sampling", key), unknown_key(key, list(SAMPLING_FIELDS)))
             continue
         types, valid, wanted = SAMPLING_FIELDS[key]
         if isinstance(value, bool) or not isinstance(value, types) or not valid(value):
@@ -312,44 +322,6 @@ def load_persona_dir(directory: str | os.PathLike) -> dict[str, Persona]:
     return {p.id: p for p in personas}
 
 
-def check_paths(paths: list[str | os.PathLike]) -> tuple[list[Path], list[PersonaIssue]]:
-    """Validate persona files and directories (the `persona check` command). Relationships may
-    point at personas in the same directory as a checked file. Returns (files checked, issues)."""
-    files: list[Path] = []
-    issues: list[PersonaIssue] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            files += persona_files(path)
-        elif path.is_file():
-            files.append(path)
-        else:
-            issues.append(PersonaIssue(str(path), 1, "(file)", "no such file or directory"))
-    files = list(dict.fromkeys(files))
-    personas, other_ids = [], set()
-    for path in files:
-        try:
-            personas.append(load_persona_file(path))
-        except PersonaError as e:
-            issues += e.issues
-            other_ids.add(declared_id(path))
-    checked = {f.resolve() for f in files}
-    for directory in {f.resolve().parent for f in files}:
-        other_ids |= {declared_id(f) for f in persona_files(directory) if f.resolve() not in checked}
-    issues += cast_issues(personas, other_ids - {None})
-    return files, sorted(issues, key=lambda i: (i.file, i.line))
-
-
-def cmd_persona_check(args) -> int:
-    files, issues = check_paths(args.paths)
-    for issue in issues:
-        print(issue)
-    if issues:
-        print(f"{len(issues)} problem(s) in {len({i.file for i in issues})} file(s)")
-        return 1
-    print(f"{len(files)} persona file(s) OK")
-    return 0
-
-
 # ---------------------------------------------------------------- hot reload
 
 class PersonaStore:
@@ -387,6 +359,13 @@ class PersonaStore:
                 continue
             signatures[path] = (st.st_mtime_ns, st.st_size, st.st_ino)
         return signatures
+
+    def describe(self, changed: list[str]) -> str:
+        """'reloaded: a, b; removed: c' for ids that `reload_if_changed` returned."""
+        live = set(self._personas)
+        parts = [(verb, [i for i in changed if (i in live) == present])
+                 for verb, present in (("reloaded", True), ("removed", False))]
+        return "; ".join(f"{verb}: {', '.join(ids)}" for verb, ids in parts if ids)
 
     def reload_if_changed(self) -> list[str]:
         """Check file signatures (mtime, size, inode); load what changed. Returns the ids whose

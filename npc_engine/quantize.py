@@ -1,7 +1,8 @@
 """`--dtype fp8`: every linear layer's weight stored as FP8 (e4m3) with one scale per output channel."""
 from torch import nn
 
-from npc_engine.model import Transformer, fold_norms_
+from npc_engine.fusion import fold_norms_
+from npc_engine.model import Transformer
 
 
 def quantize_fp8_(model: Transformer) -> Transformer:

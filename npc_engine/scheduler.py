@@ -1,6 +1,7 @@
-"""Ordering of the service's waiting work: which request enters the engine next, which deadline
-falls due next. Both are min-heaps of request keys that support removal (lazily: a removed or
-re-pushed key's old heap entries are skipped when they surface)."""
+"""Ordering of the service's waiting work: which request enters the engine next and how many at once,
+which open say gives its slot up for a complete one, which deadline falls due next. Queues are
+KeyedHeaps: min-heaps of request keys that support removal (lazily: a removed or re-pushed key's old
+heap entries are skipped when they surface)."""
 import heapq
 import itertools
 import math
@@ -42,10 +43,41 @@ class KeyedHeap:
     def __len__(self) -> int:
         return len(self._live)
 
+    def keys(self) -> list[Hashable]:
+        return list(self._live)
+
     def __contains__(self, key: Hashable) -> bool:
         return key in self._live
 
 
-def admission_order(priority: str, deadline: float | None, arrival: int) -> tuple:
-    """`player` before `ambient`; within a class, earliest deadline first (none = last), then arrival."""
-    return PRIORITY_RANK[priority], math.inf if deadline is None else deadline, arrival
+def admission_key(priority: str, open: bool, deadline: float | None, arrival: int) -> tuple:
+    """The queue order of a say: `player` before `ambient`; within a class a complete say before an open
+    one (an open say only prefills while the player types), then earliest deadline first (none = last),
+    then arrival."""
+    return PRIORITY_RANK[priority], open, math.inf if deadline is None else deadline, arrival
+
+
+class PrefillBudget:
+    """How many waiting requests enter the engine at once: while their prompt tokens still to prefill fit
+    the budget, and always the first. The engine prefills an admitted prompt in its next step, so this
+    bounds that step: it never runs far past the earliest deadline."""
+
+    def __init__(self, tokens: int):
+        self.left, self.first = tokens, True
+
+    def take(self, tokens: int) -> bool:
+        if not self.first and tokens > self.left:
+            return False
+        self.left, self.first = self.left - tokens, False
+        return True
+
+
+def pick_preemption(holders: dict[Hashable, list[tuple[int, Hashable]]]) -> Hashable | None:
+    """Fairness across connections: when a complete say waits and every engine slot is held, one open say
+    (prefilling a line still being typed) gives its slot up. `holders` maps each connection to its admitted
+    open says as (arrival, key); the victim is the newest open say of the connection holding the most
+    slots with open says."""
+    if not holders:
+        return None
+    says = max(holders.values(), key=len)
+    return max(says)[1] if says else None

@@ -5,7 +5,15 @@ import zlib
 
 import pytest
 
-from npc_engine.cards import CardError, card_to_toml, import_card, read_card, short_lines
+from npc_engine.cards import (
+    DEFAULT_FALLBACKS,
+    CardError,
+    card_to_toml,
+    first_person,
+    import_card,
+    read_card,
+    short_lines,
+)
 from npc_engine.persona import load_persona_file
 
 CARD = {
@@ -16,9 +24,10 @@ CARD = {
         "description": "{{char}} is a wandering knight from the north. {{char}}'s sword was forged "
                        "by her father, a smith who lived in the high mountains beyond the frozen "
                        "lakes, where the wind never stops and the snow never melts, and where the "
-                       "wolves sing all night to the moon. Aria has a grey horse named Ash.",
+                       "wolves sing all night to the moon. Aria has a grey horse named Ash. She is three hundred "
+                       "years old. She often guards the pass and warns travelers.",
         "personality": "Brave, loyal, dry humor.\nHates liars.",
-        "scenario": "{{char}} meets {{user}} at a crossroads inn during a storm.",
+        "scenario": "{{char}} meets {{user}} at a crossroads inn during a storm. {{user}} enters soaked.",
         "first_mes": "*Aria looks up from her ale.* Well met, {{user}}. The storm will not pass soon.",
         "mes_example": "<START>\n{{user}}: Who are you?\n{{char}}: *smiles* Aria. A knight, once.\n"
                        "{{user}}: Why do you ride alone?\nAria: Because someone must.",
@@ -49,21 +58,27 @@ def check_aria(path):
     p = load_persona_file(path)
     assert (p.id, p.name, p.role) == ("aria", "Aria Stormwind", "wandering knight")
     assert p.facts == [
+        "My name is Aria Stormwind.",
         "I am a wandering knight from the north.",
         # the long sentence is cut at a comma to stay within 160 characters
-        "My sword was forged by her father, a smith who lived in the high mountains beyond the "
-        "frozen lakes,",
-        "where the wind never stops and the snow never melts, and where the wolves sing all night "
-        "to the moon.",
+        "My sword was forged by my father, a smith who lived in the high mountains beyond the "
+        "frozen lakes, where the wind never stops and the snow never melts,",
+        "and where the wolves sing all night to the moon.",
         "I have a grey horse named Ash.",
+        "I am three hundred years old.",  # the card's pronoun, too
+        "I often guard the pass and warn travelers.",
         "Hates liars.",
     ]
     assert p.style == "Brave, loyal, dry humor."
     assert p.greeting == "Well met, traveler. The storm will not pass soon."
-    assert p.knowledge == ["Aria Stormwind meets you at a crossroads inn during a storm.",
+    # {{user}} is a third person in narration, so the verb still agrees
+    assert p.knowledge == ["I meet the traveler at a crossroads inn during a storm.", "The traveler enters soaked.",
                            "The north is ruled by the Frost Queen."]
-    assert p.fallback_lines == ["Aria. A knight, once.", "Because someone must.",
-                                "Oh. You again, traveler."]
+    # example dialogue answers one question: never a fallback, only a comment beside them to adapt
+    assert p.fallback_lines == DEFAULT_FALLBACKS
+    text = path.read_text()
+    for line in ("Aria. A knight, once.", "Because someone must.", "Oh. You again, traveler."):
+        assert f'#   "{line}",' in text
 
 
 def test_import_json_card(tmp_path):
@@ -89,14 +104,14 @@ def test_import_v1_card_and_escaping(tmp_path):
     out = tmp_path / "tom.toml"
     import_card(card, out, npc_id="tom")
     p = load_persona_file(out)
-    assert p.name == 'Old "Quote" Tom' and p.facts == ["Tom\\Back slash \u00e9."]
+    assert p.name == 'Old "Quote" Tom' and p.facts == ['My name is Old "Quote" Tom.', "Tom\\Back slash \u00e9."]
     assert p.greeting == 'Hello. I am Old "Quote" Tom.' and len(p.fallback_lines) == 3
 
 
 def test_long_text_is_capped_and_counted():
     fields = {"name": "Bo", "description": " ".join(f"Fact number {i}." for i in range(20))}
     imported = card_to_toml(fields, "bo")
-    assert imported.dropped_lines == 8 and imported.toml.count("Fact number") == 12
+    assert imported.dropped_lines == 9 and imported.toml.count("Fact number") == 11
 
 
 def test_short_lines_cuts_at_commas_then_words():
@@ -132,3 +147,30 @@ def test_import_command(tmp_path, capsys):
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IEND", b""))
     assert main(["persona", "import", str(broken), "-o", str(tmp_path / "b.toml")]) == 2
     assert "no 'chara' tEXt chunk" in capsys.readouterr().err and not (tmp_path / "b.toml").exists()
+
+
+def test_import_refuses_to_overwrite_without_force(tmp_path, capsys):
+    from npc_engine.cli import main
+
+    card = tmp_path / "aria.json"
+    card.write_text(json.dumps(CARD))
+    out = tmp_path / "aria.toml"
+    out.write_text("# my edits\n")
+    assert main(["persona", "import", str(card), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "exists" in err and "--force" in err and out.read_text() == "# my edits\n"
+    assert main(["persona", "import", str(card), "-o", str(out), "--force"]) == 0
+    check_aria(out)
+
+
+@pytest.mark.parametrize("sentence, pronoun, expected", [
+    ("Aria lives by the sea.", "she", "I live by the sea."),
+    ("She carries her bow and watches the road.", "she", "I carry my bow and watch the road."),
+    ("He trusts his brother and fears him.", "he", "I trust my brother and fear him."),  # "him": someone else
+    ("They were born here.", "they", "I was born here."),
+    ("She taught herself to read.", "she", "I taught myself to read."),
+    ("Aria sells swords and shields to the guard.", "she", "I sell swords and shields to the guard."),
+    ("The north is cold.", "she", "The north is cold."),
+])
+def test_first_person(sentence, pronoun, expected):
+    assert first_person(sentence, "Aria Stormwind", pronoun) == expected

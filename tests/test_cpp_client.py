@@ -8,10 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from test_service import LONG, PLAIN_FALLBACKS, chatty_model_dir, personas_dir, service  # noqa: F401 (fixtures)
+from test_service import LONG, PLAIN_FALLBACKS, chatty_model_dir, personas_dir, service  # noqa: F401 (fixtures by name)
 
 CPP = Path(__file__).resolve().parents[1] / "bridge" / "cpp"
 PROBE = "#include <zmq.hpp>\n#include <zmq_addon.hpp>\n#include <msgpack.hpp>\nint main() {}\n"
+
+
+@pytest.fixture(scope="module")
+def endpoint(request) -> str:
+    """The live service of test_service (asked for by name: its fixtures stay in that module)."""
+    return request.getfixturevalue("service")
 
 
 def missing_toolchain() -> str | None:
@@ -21,7 +27,8 @@ def missing_toolchain() -> str | None:
     probe = subprocess.run([compiler, "-std=c++17", "-fsyntax-only", "-DMSGPACK_NO_BOOST", "-x", "c++", "-"],
                            input=PROBE, capture_output=True, text=True)
     if probe.returncode != 0:
-        return f"cppzmq/msgpack-cxx headers missing (apt-get install libzmq3-dev cppzmq-dev libmsgpack-cxx-dev): {probe.stderr[:200]}"
+        return ("cppzmq/msgpack-cxx headers missing (apt-get install libzmq3-dev cppzmq-dev libmsgpack-cxx-dev): "
+                + probe.stderr[:200])
     return None
 
 
@@ -31,7 +38,8 @@ def example(tmp_path_factory) -> Path:
     if reason:
         pytest.skip(reason)
     out = tmp_path_factory.mktemp("cpp") / "example"
-    build = subprocess.run(["make", "-C", str(CPP), f"OUT={out}", "CXXFLAGS=-std=c++17 -O0 -Wall -Wextra"], capture_output=True, text=True, timeout=300)
+    build = subprocess.run(["make", "-C", str(CPP), f"OUT={out}", "CXXFLAGS=-std=c++17 -O0 -Wall -Wextra"],
+                           capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stdout + build.stderr
     assert "warning" not in build.stderr, build.stderr
     return out
@@ -52,8 +60,8 @@ def run(example: Path, endpoint: str, *args: str, timeout: float = 60) -> tuple[
     return result.returncode, parsed
 
 
-def test_cpp_client_streams_a_line(example, service):
-    rc, out = run(example, service, "--max-tokens", "12", "plain", "Hello", "there")
+def test_cpp_client_streams_a_line(example, endpoint):
+    rc, out = run(example, endpoint, "--max-tokens", "12", "plain", "Hello", "there")
     assert rc == 0, out
     done = out["done"]
     assert (done["tokens"], done["fallback"], done["cancelled"], done["deflected"]) == ("12", "0", "0", "0")
@@ -62,34 +70,34 @@ def test_cpp_client_streams_a_line(example, service):
     assert "[connected]" in out["stderr"]
 
 
-def test_cpp_client_sends_a_line_in_pieces(example, service):
+def test_cpp_client_sends_a_line_in_pieces(example, endpoint):
     args = ["--max-tokens", "8", "--seed", "3", "plain", "Can", "you", "mend", "my", "sword?"]
-    rc, whole = run(example, service, "--session", "cpp-whole", *args)
+    rc, whole = run(example, endpoint, "--session", "cpp-whole", *args)
     assert rc == 0, whole
-    rc, pieces = run(example, service, "--session", "cpp-pieces", "--pieces", *args)
+    rc, pieces = run(example, endpoint, "--session", "cpp-pieces", "--pieces", *args)
     assert rc == 0, pieces
     assert pieces["text"] == pieces["streamed"] == whole["text"]
     assert pieces["done"]["tokens"] == "8"
 
 
-def test_cpp_client_cancels_mid_stream(example, service):
-    rc, out = run(example, service, "--max-tokens", str(LONG), "--cancel-after", "1", "plain", "Talk", "a", "lot")
+def test_cpp_client_cancels_mid_stream(example, endpoint):
+    rc, out = run(example, endpoint, "--max-tokens", str(LONG), "--cancel-after", "1", "plain", "Talk", "a", "lot")
     assert rc == 0, out
     assert out["done"]["cancelled"] == "1" and int(out["done"]["tokens"]) < LONG
     assert out["text"] == out["streamed"]
 
 
-def test_cpp_client_gets_the_fallback_at_the_deadline(example, service):
-    rc, out = run(example, service, "--max-tokens", str(LONG), "--deadline-ms", "100", "plain", "Talk", "a", "lot")
+def test_cpp_client_gets_the_fallback_at_the_deadline(example, endpoint):
+    rc, out = run(example, endpoint, "--max-tokens", str(LONG), "--deadline-ms", "100", "plain", "Talk", "a", "lot")
     assert rc == 0, out
     assert out["done"]["fallback"] == "1"
     assert out["text"] in PLAIN_FALLBACKS
 
 
-def test_cpp_client_reports_errors_and_deflections(example, service):
-    rc, out = run(example, service, "nobody", "hi")
+def test_cpp_client_reports_errors_and_deflections(example, endpoint):
+    rc, out = run(example, endpoint, "nobody", "hi")
     assert rc == 1 and out["error"].startswith("unknown_npc ")
-    rc, out = run(example, service, "blacksmith", "What", "about", "the", "war?")
+    rc, out = run(example, endpoint, "blacksmith", "What", "about", "the", "war?")
     assert rc == 0 and out["done"]["deflected"] == "1"
     assert out["text"] == "I don't talk about that. Ask me about steel."
 
@@ -101,3 +109,10 @@ def test_cpp_client_reports_a_missing_service(example):
     rc, out = run(example, f"tcp://127.0.0.1:{port}", "plain", "hi", timeout=30)
     assert rc == 1
     assert out["error"].startswith("disconnected ") and out["error"].endswith("(client-side)")
+
+
+def test_cpp_example_answers_help_and_refuses_unknown_options(example):
+    result = subprocess.run([str(example), "--help"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and result.stdout.startswith("usage: example ") and result.stderr == ""
+    result = subprocess.run([str(example), "--bogus", "plain", "hi"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and result.stderr.startswith("unknown option --bogus")

@@ -16,6 +16,7 @@ pygame = pytest.importorskip("pygame")
 from demo_game.bubbles import BACKGROUND, FONT_SIZE, TAIL, Bubble, wrap  # noqa: E402
 from demo_game.cast import HOST_ID, load_cast  # noqa: E402
 from demo_game.service import free_port  # noqa: E402
+from demo_game.talk import trailing_off, was_cut  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PERSONAS = REPO / "personas"
@@ -27,6 +28,14 @@ def run_demo(args: list[str], **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "demo_game", "--headless", *map(str, args)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             **kwargs)
+
+
+def shown(request: dict) -> str:
+    """What a player line's bubble ends with: the line, trailing off if max_tokens cut it."""
+    from demo_game.game import PLAYER_MAX_TOKENS
+
+    done = request["terminal"]
+    return trailing_off(done["text"]) if was_cut(done, PLAYER_MAX_TOKENS) else done["text"]
 
 
 def patrons() -> list[str]:
@@ -104,7 +113,7 @@ def test_every_request_ends_with_one_terminal_message(scripted_run):
     for npc in (first, third, HOST_ID):
         r = next(r for r in requests if r["npc"] == npc and r["priority"] == "player")
         assert not r["cancel_requested"] and r["terminal"]["cancelled"] is False
-        assert r["said"] == r["terminal"]["text"]
+        assert r["said"] == shown(r)
     streamed = [r for r in requests if r["token_messages"] > 0]
     assert streamed and all(r["ttft_ms"] > 0 for r in streamed)
     assert report["peak_streaming"] >= 4
@@ -163,7 +172,7 @@ def test_fallback_lines_while_the_service_is_down_then_reconnects(tiny_model_dir
             if "wait_connected" in line:
                 break
         service = subprocess.Popen(
-            [sys.executable, "-m", "npc_engine.cli", "serve", "--model", str(tiny_model_dir),
+            [sys.executable, "-m", "npc_engine", "serve", "--model", str(tiny_model_dir),
              "--draft", "none", "--personas", str(PERSONAS), "--bind", address],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env=dict(os.environ, OMP_NUM_THREADS="1"))  # one core stays with the demo
@@ -182,7 +191,7 @@ def test_fallback_lines_while_the_service_is_down_then_reconnects(tiny_model_dir
     assert offline["said"] in fallback_lines
     assert online["local"] is None and online["terminal"]["type"] == "done", online
     assert not online["terminal"].get("synthetic"), online
-    assert online["said"] == online["terminal"]["text"]
+    assert online["said"] == shown(online)
 
 
 def test_bad_script_is_refused_with_the_action_named(tmp_path):
@@ -204,7 +213,7 @@ def test_wrap_keeps_lines_within_width_and_bubbles_drop_control_characters():
     bubble = Bubble(font, (100, 100), 0)
     bubble.start()
     bubble.append("bad\x00 char\nhere\ufffd!")
-    assert bubble.display_text(0.0) == "bad char here !"
+    assert bubble.display_text() == "bad char here !"
 
 
 class StubClient:
@@ -265,14 +274,14 @@ def test_walking_away_mid_reply_cancels_the_line(game):
     client.inbox = [{"type": "token", "id": rid, "seq": 0, "text": "Well met,"},
                     {"type": "token", "id": rid, "seq": 1, "text": " stranger"}]
     frames(game)
-    assert game.bubbles[npc].display_text(0) == "Well met, stranger"
+    assert game.bubbles[npc].display_text() == "Well met, stranger"
     assert game.walk_away_from(npc)
     while not game.out_of_reach(npc):
         assert game.walking
         frames(game)
     frames(game)
     assert client.cancelled == [rid]
-    assert game.bubbles[npc].display_text(0) == "Well met, stranger -"
+    assert game.bubbles[npc].display_text() == "Well met, stranger -"
     client.inbox = [{"type": "done", "id": rid, "text": "Well met, stranger", "tokens": 2,
                      "fallback": False, "cancelled": True, "stats": {}}]
     frames(game)
@@ -374,3 +383,77 @@ def test_without_the_append_cap_a_typed_line_goes_whole(game):
     type_keys(game, "\n")
     (_, to, text, kwargs), = client.sent
     assert (to, text, kwargs.get("open", False)) == (npc, "Any work going?", False) and client.appended == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the display comes from DISPLAY/WAYLAND_DISPLAY on Linux only")
+def test_without_a_display_it_says_so_and_runs_headless():
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "SDL_VIDEODRIVER")}
+    demo = subprocess.run([sys.executable, "-m", "demo_game", "--connect", f"tcp://127.0.0.1:{free_port()}",
+                           "--frames", "3", "--wait-connect", "0.1"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert demo.returncode == 0, demo.stderr
+    assert "no display" in demo.stderr and "--headless" in demo.stderr
+    assert demo.stdout.startswith("frames ") or "\nframes " in demo.stdout  # the headless summary
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("I forge swords for the gua", "I forge swords for the..."),
+    ("Steel first, talk", "Steel first..."),
+    ("It is done.", "It is done."),
+    ("Hm", "Hm..."),
+])
+def test_a_line_cut_by_max_tokens_trails_off(text, expected):
+    assert trailing_off(text) == expected
+
+
+def test_cut_line_ends_with_an_ellipsis_in_the_bubble(game):
+    game, client = game
+    npc = patrons()[0]
+    now = time.perf_counter()
+    game.talk.say(npc, "Tell me everything.", now, priority="ambient", session="s", max_tokens=3, deadline_ms=1000)
+    game.talk.say(patrons()[1], "Hi", now, priority="ambient", session="s", max_tokens=3, deadline_ms=1000)
+    frames(game)
+    (cut, *_), (whole, *_) = client.sent
+    client.inbox = [{"type": "done", "id": cut, "text": "Well, the mines have", "tokens": 3, "fallback": False},
+                    {"type": "done", "id": whole, "text": "Hello.", "tokens": 2, "fallback": False}]
+    frames(game)
+    assert game.bubbles[npc].text == "Well, the mines..." and game.talk.lines[0].said == "Well, the mines..."
+    assert game.bubbles[patrons()[1]].text == "Hello."
+
+
+def test_thinking_bubble_is_three_dots_not_a_speck():
+    from demo_game.bubbles import THINKING_SIZE
+
+    pygame.font.init()
+    surface = pygame.Surface((400, 300))
+    bubble = Bubble(pygame.font.Font(None, FONT_SIZE), (200, 200), 0)
+    bubble.start()
+    bubble.draw(surface, 0.0)
+    assert bubble.rect.size == THINKING_SIZE
+    dark = sum(sum(surface.get_at((x, y))[:3]) < 150 for x in range(bubble.rect.left + 4, bubble.rect.right - 4)
+               for y in range(bubble.rect.top + 4, bubble.rect.bottom - 4))
+    assert dark >= 20  # one dark dot of radius 4 (the others are light)
+
+
+def test_host_can_be_reached_from_in_front_of_the_bar(game):
+    from demo_game import tavern
+
+    game, _ = game
+    game.player = (tavern.HOST_SEAT.pos[0], tavern.BAR.bottom + tavern.PLAYER_RADIUS)
+    assert not tavern.blocked(game.player, game.rects) and game.npc_in_reach() == HOST_ID
+    game.player = tavern.PLAYER_START
+    assert game.walk_to_npc(HOST_ID)
+    assert game.path[-1][1] > tavern.BAR.bottom  # the path ends in front of the bar, not behind it
+
+
+def test_hint_and_player_bubble_keep_name_labels_readable(game):
+    game, _ = game
+    npc = game.cast[patrons()[0]]
+    labels = game.label_rects + game.npc_rects
+    game.player = (npc.pos[0] - 30, npc.pos[1])  # beside the NPC: its name is where the hint would go
+    assert game.npc_in_reach() == npc.id and game.place_hint(labels).collidelist(labels) == -1
+    game.player = (npc.pos[0], npc.pos[1] - 44)  # just above the NPC: its name is under the player
+    now = time.perf_counter()
+    game.player_bubble.show("Evening. What news from the mines?", now)
+    game.draw(now)
+    assert not game.player_bubble.below and game.player_bubble.footprint(game.screen, now).collidelist(labels) == -1

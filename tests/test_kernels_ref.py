@@ -181,7 +181,8 @@ def test_attention_rejects_bad_shapes():
     with pytest.raises(ValueError, match="tree_mask must be bool"):
         kernels.cached_attention(q, cache, cache, torch.tensor([0]), torch.tensor([[0]]), torch.ones(1, 1, 1))
     with pytest.raises(ValueError, match="prefix must be integer"):
-        kernels.cached_attention(q, cache, cache, torch.tensor([0]), torch.tensor([[0]]), prefix=torch.zeros(1, 3, dtype=torch.long))
+        kernels.cached_attention(q, cache, cache, torch.tensor([0]), torch.tensor([[0]]),
+                                 prefix=torch.zeros(1, 3, dtype=torch.long))
 
 
 # ---------------------------------------------------------------- fp8

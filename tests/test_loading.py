@@ -96,7 +96,7 @@ def test_feature_head_for_another_target_or_backend_is_refused(tiny_pair_dirs, t
     with pytest.raises(CheckpointError, match=f"trained for a target with dim {target.args.dim}, this target has "
                                               f"{other.args.dim}"):
         load_head(head_dir, other, "cpu")
-    with pytest.raises(CheckpointError, match=f"trained for a target with dim"):
+    with pytest.raises(CheckpointError, match="trained for a target with dim"):
         Engine.load(other_dir, draft=str(head_dir))
     state = load_file(head_dir / "model.safetensors")
     save_file({k: v for k, v in state.items() if k != "fc.weight"}, head_dir / "model.safetensors")
@@ -109,3 +109,33 @@ def test_feature_head_folder_that_is_not_one_is_named(model_copy):
 
     with pytest.raises(CheckpointError, match="not a feature-head folder"):
         load_head(model_copy, load_model(model_copy), "cpu")
+
+
+# ---------------------------------------------------------------- defaults that do not depend on the current folder
+
+def test_default_voice_and_its_fallback(tmp_path, monkeypatch, capsys):
+    from npc_engine import paths
+    from npc_engine.cli.common import voice_args
+
+    monkeypatch.setattr(paths, "BASE_GGUF", tmp_path / "base.gguf")
+    monkeypatch.setattr(paths, "DEFAULT_ADAPTER", tmp_path / "adapter")
+    assert paths.default_voice() == (paths.TINY_MODEL, None)
+    assert "make model" in capsys.readouterr().err  # says how to fetch the real base
+    (tmp_path / "base.gguf").write_bytes(b"GGUF")
+    assert paths.default_voice() == (tmp_path / "base.gguf", None)
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    assert voice_args(None, None) == (str(tmp_path / "base.gguf"), str(tmp_path / "adapter"))
+    assert voice_args("m", None) == ("m", None) and voice_args(None, "a")[1] == "a"
+
+
+def test_defaults_resolve_from_the_project_not_the_cwd(tmp_path, monkeypatch):
+    from npc_engine.cli import build_parser
+    from npc_engine.paths import PERSONAS_DIR, TINY_MODEL
+
+    monkeypatch.chdir(tmp_path)
+    parser = build_parser()
+    assert parser.parse_args(["serve"]).personas == str(PERSONAS_DIR) and PERSONAS_DIR.is_dir()
+    assert parser.parse_args(["chat", "--npc", "host"]).personas == str(PERSONAS_DIR)
+    assert parser.parse_args(["generate", "--prompt", "x"]).model == str(TINY_MODEL)
+    assert (TINY_MODEL / "config.json").is_file()

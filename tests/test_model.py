@@ -5,11 +5,12 @@ from transformers import AutoModelForCausalLM
 
 import kernels
 from npc_engine import model as model_module
+from npc_engine.drafters import NoDrafter
 from npc_engine.engine import Engine
+from npc_engine.fusion import fuse_projections_
 from npc_engine.loading import load_model
-from npc_engine.model import KVCache, fuse_projections_
+from npc_engine.model import KVCache
 from npc_engine.sampling import SamplingParams
-from npc_engine.speculative import NoDrafter
 from npc_engine.tokenizer import Tokenizer
 
 VARIANTS = ["llama_gqa", "llama3_rope", "qwen2_bias", "llama_tied"]
@@ -17,6 +18,13 @@ VARIANTS = ["llama_gqa", "llama3_rope", "qwen2_bias", "llama_tied"]
 
 def hf_model(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def counting(calls: dict, name: str, impl):
+    def counted(*args):
+        calls[name] += 1
+        return impl(*args)
+    return counted
 
 
 @pytest.mark.parametrize("fused", [False, True, "rope-after-qkv"], ids=["torch", "fused-kernels", "rope-after-qkv"])
@@ -30,10 +38,7 @@ def test_prefill_and_decode_logits_match_transformers(make_checkpoint, variant, 
         monkeypatch.setattr(model_module, "QKV_ROPE_MAX_DIM", 0)
     calls = {"qkv_rope_write": 0, "rope_kv_write": 0}
     for name in calls:  # the fused forward imports them from kernels when it runs
-        def counted(*args, name=name, impl=getattr(kernels, name)):
-            calls[name] += 1
-            return impl(*args)
-        monkeypatch.setattr(kernels, name, counted)
+        monkeypatch.setattr(kernels, name, counting(calls, name, getattr(kernels, name)))
     tokens = torch.randint(0, ours.args.vocab_size, (2, 30), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = ref(tokens).logits
@@ -70,8 +75,8 @@ def test_chunked_prefill_equals_one_shot(tiny_model_dir):
         one_shot_cache = KVCache(model.args, 1, 128, "cpu", torch.float32)
         one_shot = model(tokens, torch.arange(45)[None], one_shot_cache, torch.tensor([0]), 128)
         chunked_cache = KVCache(model.args, 1, 128, "cpu", torch.float32)
-        chunks = [model(tokens[:, a:a + 16], torch.arange(a, min(a + 16, 45))[None], chunked_cache, torch.tensor([0]), 128)
-                  for a in range(0, 45, 16)]
+        chunks = [model(tokens[:, a:a + 16], torch.arange(a, min(a + 16, 45))[None], chunked_cache, torch.tensor([0]),
+                        128) for a in range(0, 45, 16)]
     assert (torch.cat(chunks, 1) - one_shot).abs().max() <= 1e-5
     assert (chunked_cache.k[:, :, :, :45] - one_shot_cache.k[:, :, :, :45]).abs().max() <= 1e-5
 

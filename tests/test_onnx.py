@@ -10,13 +10,13 @@ import torch
 
 from npc_engine import onnx_export
 from npc_engine.cli import main
+from npc_engine.drafters import ModelDrafter, NgramDrafter
 from npc_engine.engine import Engine
 from npc_engine.loading import load_model
 from npc_engine.model import KVCache
 from npc_engine.onnx_backend import OnnxBackendError, OnnxModel, cuda_usable, load_onnx_model
 from npc_engine.onnx_export import ExportError, export_onnx
 from npc_engine.sampling import SamplingParams
-from npc_engine.speculative import ModelDrafter, NgramDrafter
 from npc_engine.tokenizer import Tokenizer
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "models"
@@ -84,7 +84,8 @@ def test_export_writes_a_valid_graph_manifest_and_tokenizer(tiny_model_dir, expo
     assert manifest["inputs"][:4] == ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key"]
     assert manifest["outputs"][:2] == ["logits", "present.0.key"] and len(manifest["outputs"]) == 1 + 2 * 2
     graph = onnx.load(str(out / "model.onnx")).graph
-    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*graph.input, *graph.output]}
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in [*graph.input, *graph.output]}
     assert dims["input_ids"] == ["batch", "sequence"]
     assert dims["past_key_values.1.value"] == ["batch", 2, "past_sequence", 16]
     assert dims["present.1.value"] == ["batch", 2, "total_sequence", 16]
@@ -162,14 +163,16 @@ def test_cli_export_then_generate_with_the_onnx_backend(tiny_model_dir, tmp_path
     out = tmp_path / "export"
     assert main(["export-onnx", "--model", str(tiny_model_dir), "-o", str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out / "model.onnx")
-    generate = ["generate", "--prompt", "<|player|>Hi<|eot|><|npc|>", "--greedy", "--ids", "--max-tokens", "12", "--draft", "ngram"]
+    generate = ["generate", "--prompt", "<|player|>Hi<|eot|><|npc|>", "--greedy", "--ids", "--max-tokens", "12",
+                "--draft", "ngram"]
     assert main([*generate, "--model", str(tiny_model_dir), "--backend", "torch"]) == 0
     expected = capsys.readouterr().out.split()
     assert main([*generate, "--model", str(out), "--backend", "onnx", "--onnx-provider", "cpu"]) == 0
     assert capsys.readouterr().out.split() == expected and expected
 
 
-@pytest.mark.skipif(not (EMBEDDED / "npc-target").is_dir(), reason="the embedded pair is not in models/ (models/npc-target absent)")
+@pytest.mark.skipif(not (EMBEDDED / "npc-target").is_dir(),
+                    reason="the embedded pair is not in models/ (models/npc-target absent)")
 def test_embedded_pair_exports_and_matches(export):
     target_dir, draft_dir = EMBEDDED / "npc-target", EMBEDDED / "npc-draft"
     for model_dir in (target_dir, draft_dir):
@@ -180,7 +183,8 @@ def test_embedded_pair_exports_and_matches(export):
             assert torch.allclose(g, e, atol=1e-4, rtol=0), (g - e).abs().max()
     params = SamplingParams(temperature=0, max_tokens=24)
     torch_engine = Engine.load(target_dir, draft=str(draft_dir), backend="torch", max_batch=4, max_seq=512, fixed_k=4)
-    onnx_engine = Engine.load(export(target_dir), draft=str(export(draft_dir)), backend="onnx", max_batch=4, max_seq=512, fixed_k=4)
+    onnx_engine = Engine.load(export(target_dir), draft=str(export(draft_dir)), backend="onnx", max_batch=4,
+                              max_seq=512, fixed_k=4)
     assert run_batch(onnx_engine, PROMPTS, params) == run_batch(torch_engine, PROMPTS, params)
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from npc_engine.persona import (PersonaError, PersonaStore, SAMPLING_FIELDS, check_paths,
-                                load_persona_dir, load_persona_file)
+from npc_engine.lint import check_paths
+from npc_engine.persona import SAMPLING_FIELDS, PersonaError, PersonaStore, load_persona_dir, load_persona_file
 from npc_engine.prompt import EOT, NPC, PromptPersona, Turn, build_prompt, persona_block
 from npc_engine.sampling import SamplingParams
 
@@ -70,7 +70,8 @@ def test_prompt_uses_the_conditioning_format():
     p = load_persona_dir(PERSONAS)["blacksmith"]
     turns = [Turn("player", "Who are you?"), Turn("npc", "Brom."), Turn("player", "What do you make?")]
     expected = PromptPersona(name=p.name, role=p.role, facts=p.facts, style=p.style,
-                             knowledge=p.knowledge, relationships=list(p.relationships.values()))
+                             knowledge=p.knowledge, relationships=list(p.relationships.values()),
+                             banned_topics=p.banned_topics, deflection=p.deflection)
     assert p.to_prompt_persona() == expected
     assert p.prefix() == persona_block(expected)
     assert p.prompt(turns) == build_prompt(expected, turns)
@@ -107,8 +108,15 @@ def test_unknown_keys(tmp_path):
         f"{path}:7: colour: unknown key (allowed: actions, banned_topics, deflection, emotions, "
         "facts, fallback_lines, greeting, id, knowledge, model, name, relationships, role, "
         "sampling, style)",
-        f"{path}:9: sampling.top_q: unknown key (allowed: temperature, top_k, top_p, seed, max_tokens)",
+        f"{path}:9: sampling.top_q: unknown key; did you mean top_p? (allowed: temperature, top_k, top_p, seed, "
+        "max_tokens)",
     ]
+
+
+def test_unknown_key_suggests_the_nearest(tmp_path):
+    path = write(tmp_path, "a.toml", VALID.replace("fallback_lines", "fallback_line"))
+    assert any(i.startswith(f"{path}:6: fallback_line: unknown key; did you mean fallback_lines? (")
+               for i in issues_of(path))
 
 
 def test_wrong_types_all_reported(tmp_path):
@@ -172,6 +180,25 @@ def test_dangling_relationship(tmp_path):
     assert files == [path] and [str(i) for i in issues] == [str(e.value.issues[0])]
 
 
+def test_banned_topic_in_own_text_warns_naming_both_places(tmp_path, capsys):
+    from npc_engine.cli import main
+
+    facts = 'facts = [\n    "I forge swords.",\n    "I fought in the Wars.",\n]'
+    text = VALID.replace('facts = ["I forge swords."]', facts)
+    text += 'banned_topics = ["brother", "war"]\ndeflection = "No."\n[relationships]\nhost = "My brother Tom."\n'
+    path = write(tmp_path, "smith.toml", text)
+    write(tmp_path, "host.toml", VALID.replace('"smith"', '"host"'))
+    load_persona_file(path)  # a warning, not an error: the file still loads
+    assert [str(i) for i in check_paths([path])[1]] == [
+        f"{path}:7: facts[1]: warning: mentions banned_topics[1] 'war' (line 10): the model will repeat it, "
+        "and every line that does is replaced by the deflection",
+        f"{path}:13: relationships.host: warning: mentions banned_topics[0] 'brother' (line 10): the model will "
+        "repeat it, and every line that does is replaced by the deflection",
+    ]
+    assert main(["persona", "check", str(path)]) == 0
+    assert capsys.readouterr().out.endswith("1 persona file(s) OK, 2 warning(s)\n")
+
+
 def test_load_dir_collects_errors_of_every_file(tmp_path):
     write(tmp_path, "a.toml", VALID.replace("name = \"Brom\"\n", ""))
     write(tmp_path, "b.toml", VALID.replace('"smith"', '"b"').replace('greeting = "Hm."\n', ""))
@@ -228,9 +255,27 @@ def test_store_swaps_edited_added_and_removed_files(tmp_path):
     write(tmp_path, "extra.toml", VALID.replace('"smith"', '"extra"'))
     assert store.reload_if_changed() == ["extra"] and "extra" in store.ids()
     (tmp_path / "extra.toml").unlink()
-    assert store.reload_if_changed() == ["extra"]
+    host.write_text(host.read_text().replace('"Greta Stoutbarrel"', '"Greta"'))
+    bump_mtime(host)
+    assert store.reload_if_changed() == ["extra", "host"]
+    assert store.describe(["extra", "host"]) == "reloaded: host; removed: extra"
     with pytest.raises(KeyError):
         store.get("extra")
+
+
+def test_service_logs_a_deleted_persona_as_removed(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from npc_engine.service import Service
+
+    small_cast(tmp_path)
+    write(tmp_path, "extra.toml", VALID.replace('"smith"', '"extra"'))
+    store = PersonaStore(tmp_path)
+    service = Service(SimpleNamespace(tokenizer=None, max_prompt_len=lambda: 1024), store)
+    (tmp_path / "extra.toml").unlink()
+    with caplog.at_level("INFO", logger="npc_engine.service"):
+        service.reload_personas()
+    assert "personas removed: extra" in caplog.messages
 
 
 def test_store_keeps_old_version_on_error(tmp_path):
@@ -306,7 +351,7 @@ def test_chat_streams_replies_keeps_history_and_guards(tiny_model_dir, tmp_path)
     assert turns[0].text == "Hm." and turns[4].text == "Ask me about steel."
     assert len(submitted) == 2  # the banned question never reached the model
     for (ids, prefix_len), n_turns in zip(submitted, (2, 6)):
-        assert ids == engine.tokenizer.encode(persona.prompt(turns[:n_turns]))
+        assert ids == engine.tokenizer.encode(persona.prompt(turns[1:n_turns]))  # the greeting is not history
         assert prefix_len == len(engine.tokenizer.encode(persona.prefix())) and prefix_len < len(ids)
     # the streamed text is the reply kept in the history (or its replacement, when one was needed)
     text = out.getvalue()
@@ -315,28 +360,10 @@ def test_chat_streams_replies_keeps_history_and_guards(tiny_model_dir, tmp_path)
     assert "[guard: the player touched the banned topic 'war']" in text
 
 
-class ScriptedEngine:
-    """Engine stand-in that answers every request with the next scripted text, two tokens a step."""
-
-    def __init__(self, tokenizer, replies: list[str]):
-        self.tokenizer, self.replies, self.pending = tokenizer, iter(replies), []
-
-    def max_prompt_len(self) -> int:
-        return 1000
-
-    def submit(self, rid, prompt_ids, params, prefix_len=0):
-        self.pending = [rid, self.tokenizer.encode(next(self.replies), add_special_tokens=False)]
-
-    def step(self):
-        from npc_engine.engine import StepEvent
-        rid, ids = self.pending
-        self.pending = [rid, ids[2:]]
-        return [StepEvent("other", [1]), StepEvent(rid, ids[:2], finished=len(ids) <= 2)]
-
-
 def test_chat_guards_the_reply_and_falls_back_on_empty(tiny_model_dir, tmp_path):
     import io
 
+    from fakes import ScriptedEngine
     from npc_engine.chat import run_chat
     from npc_engine.tokenizer import Tokenizer
 
@@ -346,7 +373,7 @@ def test_chat_guards_the_reply_and_falls_back_on_empty(tiny_model_dir, tmp_path)
                                                'banned_topics = ["guard"]\ndeflection = "No."'))
     store = PersonaStore(tmp_path)
     engine = ScriptedEngine(Tokenizer.from_dir(tiny_model_dir),
-                            ["I forge swords.", "I forge swords for the town guard.", ""])
+                            ["I forge swords.", "I forge swords for the town guard.", ""], tokens_per_step=2)
     lines = iter(["Hello?", "For whom?", "And?", ""])
 
     def read_line(prompt: str) -> str:

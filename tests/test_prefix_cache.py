@@ -5,7 +5,6 @@ import pytest
 
 from npc_engine.model import KVCache
 from npc_engine.sampling import SamplingParams
-
 from test_speculative import make_engine
 
 PERSONAS = ["<|persona|>I forge swords for the town guard and I never lie about steel.<|eot|>",

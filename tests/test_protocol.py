@@ -69,8 +69,9 @@ def test_validate_say_append():
 
 
 @pytest.mark.parametrize("kind, code", [
-    ("scene.start", "unsupported"), ("session.export", "unsupported"), ("SAY.APPEND", "unknown_type"),
-    ("session.import", "unsupported"), ("shout", "unknown_type"), ("SAY", "unknown_type"),
+    ("scene.start", "unsupported"), ("session.export", "bad_request"), ("SAY.APPEND", "unknown_type"),
+    ("session.import", "bad_request"), ("shout", "unknown_type"), ("SAY", "unknown_type"),
+    ("memory.add", "bad_request"), ("MEMORY.LIST", "unknown_type"),
 ])
 def test_reserved_and_unknown_types(kind, code):
     err = validate_error({"type": kind, "id": "x"})
@@ -149,6 +150,7 @@ def test_hello_versions():
 def test_limits_travel_as_plain_ints():
     wire = Limits().to_wire()
     assert set(wire) == {"max_message_bytes", "max_text_chars", "max_tokens", "max_inflight", "max_deadline_ms",
-                         "max_open_ms"}
+                         "max_open_ms", "max_blob_bytes", "max_memories", "max_memory_chars", "max_scene_cast",
+                         "max_scenes", "max_itinerary", "max_guests"}
     assert all(type(v) is int for v in wire.values())
     assert Limits.from_wire({**wire, "max_text_chars": 10, "added_later": 1}) == Limits(max_text_chars=10)

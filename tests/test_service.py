@@ -200,7 +200,7 @@ def test_hello_ping_and_npcs(service, personas_dir):
     welcome = raw.request({"type": "hello", "id": "h", "protocol": [1, 3], "client": "test", "caps": ["x"], "extra": 1})
     ids = sorted(p.stem for p in personas_dir.glob("*.toml"))
     assert welcome["type"] == "welcome" and welcome["id"] == "h"
-    assert welcome["protocol"] == [1, 1]
+    assert welcome["protocol"] == [1, 2]
     assert raw.request({"type": "hello", "id": "h0", "protocol": [1, 0]})["protocol"] == [1, 0]
     assert welcome["npcs"] == ids
     assert set(welcome["caps"]) == set(protocol.CAPS)
@@ -270,8 +270,8 @@ BAD_MESSAGES = [
     ([b"NPC1", msgpack.packb({"type": "dance", "id": "d"})], "unknown_type", "d"),
     ([b"NPC1", msgpack.packb({"type": "say.append", "id": 5, "text": "x"})], "bad_request", None),
     ([b"NPC1", msgpack.packb({"type": "scene.start", "id": "r2"})], "unsupported", "r2"),
-    ([b"NPC1", msgpack.packb({"type": "session.export", "id": "r3"})], "unsupported", "r3"),
-    ([b"NPC1", msgpack.packb({"type": "session.import", "id": "r4"})], "unsupported", "r4"),
+    ([b"NPC1", msgpack.packb({"type": "memory.add", "id": "r3", "npc": "plain", "session": "s"})], "bad_request", "r3"),
+    ([b"NPC1", msgpack.packb({"type": "session.import", "id": "r4", "blob": "text"})], "bad_blob", "r4"),
     ([b"NPC1", msgpack.packb({"type": "hello", "id": "v", "protocol": [2, 0]})], "version_mismatch", "v"),
     ([b"NPC1", msgpack.packb({"type": "say", "id": "s1", "npc": "plain", "session": "s"})], "bad_request", "s1"),
     ([b"NPC1", msgpack.packb({"type": "say", "id": "s2", "npc": "plain", "session": "s", "text": "hi",
@@ -554,7 +554,7 @@ def quick_open(chatty_model_dir, personas_dir):
 
     def update_prompt(rid, prompt_ids, complete):
         if complete and rid in engine.active:
-            stats, call = engine.active[rid].stats, service.by_rid[rid]
+            stats, call = engine.active[rid].stats, service.calls.by_rid[rid]
             service.prefilled_at_final[call.id] = stats.prefill_tokens + stats.cached_prefix_tokens - call.prefix_len
         real_update(rid, prompt_ids, complete)
 
@@ -621,7 +621,7 @@ def test_pieces_over_the_text_limit_end_the_say_with_too_large(quick_open):
 
 
 def test_the_text_so_far_is_prefilled_before_the_final_piece(quick_open):
-    from npc_engine.engine import STREAM_CHUNK
+    from npc_engine.engine.prefill import STREAM_CHUNK
 
     service, endpoint = quick_open
     raw = Raw(endpoint)
@@ -653,7 +653,7 @@ def test_banned_topic_in_player_text_is_deflected(service):
     ("awa", 0, 3), ("A sword. The wa", 2, 13), ("", 0, 0),
 ])
 def test_unsafe_start_holds_only_what_could_become_a_topic(text, start, expected):
-    from npc_engine.service import unsafe_start
+    from npc_engine.guard import unsafe_start
 
     assert unsafe_start(text, start, ["war", "duke's daughter", "  "]) == expected
 
@@ -774,7 +774,7 @@ def malformed(rng: random.Random) -> list[bytes]:
     elif kind == 5:  # a required field missing
         del msg[rng.choice(["type", "id", "npc", "session", "text"])]
     elif kind == 6:
-        msg["type"] = rng.choice(["scene.x", "session.export", "yell", "", "PING"])
+        msg["type"] = rng.choice(["scene.x", "SESSION.EXPORT", "yell", "", "PING"])
     elif kind == 7:
         msg["text"] = "x" * rng.choice([2001, 5000])
     else:
@@ -924,7 +924,7 @@ def test_a_fault_in_one_request_answers_internal_and_the_service_keeps_serving(c
         return real_build(persona, session, text, *rest, **kwargs)
 
     def step():
-        if failures["step"] == 0 and any(c.text == "engine fault" for c in service.calls.values() if c.admitted):
+        if failures["step"] == 0 and any(c.text == "engine fault" for c in service.calls.admitted()):
             failures["step"] += 1
             raise RuntimeError("injected engine fault")
         return real_step()

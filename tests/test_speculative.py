@@ -5,12 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from npc_engine.drafters import HeadDrafter, ModelDrafter, NgramDrafter, NoDrafter
 from npc_engine.engine import Engine
+from npc_engine.engine.policy import DRAFT_LENGTHS, PROBE_ADMISSIONS, Acceptance, choose_k
+from npc_engine.engine.stepping import verify
+from npc_engine.head import FeatureHead, head_args
 from npc_engine.loading import load_model
 from npc_engine.model import KVCache, ModelArgs, Transformer
 from npc_engine.sampling import SamplingParams, sample
-from npc_engine.head import FeatureHead, head_args
-from npc_engine.speculative import DRAFT_LENGTHS, HeadDrafter, ModelDrafter, NgramDrafter, NoDrafter, choose_k, verify
 from npc_engine.tokenizer import Tokenizer
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "models"
@@ -92,7 +94,7 @@ def test_rollback_leaves_caches_as_if_only_accepted_tokens_were_fed(tiny_pair_di
     req = engine.active["a"]
     assert req.stats.accepted < req.stats.drafted  # some drafts were rolled back
     fresh = make_engine(target_dir, "model", draft_dir)
-    fresh_slot = fresh.free_slots[-1]
+    fresh_slot = fresh.slots.free[-1]
     fresh.submit("b", req.ids, SamplingParams(max_tokens=1))
     fresh.step()  # prefills every token but the last: the state the rollback invariant promises
     n = len(req.ids)
@@ -110,7 +112,8 @@ def conditionals(model: Transformer, prompt: list[int], depth: int) -> list[torc
     tables = []
     with torch.no_grad():
         for d in range(depth):
-            conts = torch.cartesian_prod(*[torch.arange(V)] * d).reshape(-1, d) if d else torch.zeros(1, 0, dtype=torch.long)
+            conts = (torch.cartesian_prod(*[torch.arange(V)] * d).reshape(-1, d) if d
+                     else torch.zeros(1, 0, dtype=torch.long))
             tokens = torch.cat([torch.tensor(prompt).expand(len(conts), -1), conts], 1)
             tables.append(torch.softmax(model(tokens)[:, -1].float(), -1).reshape([V] * d + [V]))
     return tables
@@ -121,8 +124,10 @@ def simulate_two_tokens(P, Q, n: int, verify_fn, gen) -> torch.Tensor:
     drafts from the draft's exact conditionals Q, verified against the target's P with `verify_fn`;
     rows that emit a single token take a second step (K = 1)."""
     V = P[0].shape[-1]
-    rows = torch.arange(n)
-    u = lambda *shape: torch.rand(*shape, generator=gen)
+
+    def u(*shape):
+        return torch.rand(*shape, generator=gen)
+
     d1 = sample(Q[0].expand(n, V), u(n))
     d2 = sample(Q[1][d1], u(n))
     p = torch.stack([P[0].expand(n, V), P[1][d1], P[2][d1, d2]], 1)
@@ -172,7 +177,8 @@ def verify_without_residual_clamp(p, q, drafts, draft_lens, u_accept, u_extra):
     """Another one-line bug: residual p - q without max(0, .), renormalised (negative mass leaks in)."""
     n_accepted, _ = verify(p, q, drafts, draft_lens, u_accept, u_extra)
     rows = torch.arange(len(n_accepted))
-    q_next = torch.nn.functional.pad(q * (torch.arange(q.shape[1])[None] < draft_lens[:, None])[..., None], (0, 0, 0, 1))
+    proposed = torch.arange(q.shape[1])[None] < draft_lens[:, None]
+    q_next = torch.nn.functional.pad(q * proposed[..., None], (0, 0, 0, 1))
     residual = (p[rows, n_accepted] - q_next[rows, n_accepted]).abs()
     return n_accepted, sample(residual, u_extra)
 
@@ -215,24 +221,8 @@ def test_engine_sampling_matches_the_target_distribution(drafter_kind):
     assert p_value > 1e-3, f"chi-square p = {p_value:.2e} (df {df})"
 
 
-def test_ngram_lookup_finds_the_latest_earlier_occurrence():
-    def scan(seq, k, max_n=3):
-        for n in range(min(max_n, len(seq) - 1), 0, -1):
-            for start in range(len(seq) - n - 1, -1, -1):
-                if seq[start:start + n] == seq[-n:]:
-                    return seq[start + n:start + n + k]
-        return []
-
-    drafter, g = NgramDrafter(2**20, "cpu"), torch.Generator().manual_seed(0)
-    for vocab in (2, 5, 300, 2**20):  # large ids: byte patterns that also match across token boundaries
-        for _ in range(300):
-            seq = torch.randint(0, vocab, (int(torch.randint(1, 50, (1,), generator=g)),), generator=g).tolist()
-            assert drafter.lookup(seq, 4) == scan(seq, 4), seq
-    assert drafter.lookup([7, 1, 2, 3, 9, 1, 2, 3, 5, 1, 2, 3], 3) == [5, 1, 2]
-
-
-@pytest.mark.parametrize("drafter_kind,k", [("none", None), ("model", 3), ("model", None), ("ngram", None), ("ngram", 0),
-                                            ("ngram", 2), ("head", 3)])
+@pytest.mark.parametrize("drafter_kind,k", [("none", None), ("model", 3), ("model", None), ("ngram", None),
+                                            ("ngram", 0), ("ngram", 2), ("head", 3)])
 def test_pipelined_greedy_decoding_is_token_identical(drafter_kind, k):
     """Each step launched from the previous one's device result before the host reads it: the same tokens
     with requests of different lengths finishing mid-chain, a request admitted mid-chain and one cancelled.
@@ -260,7 +250,7 @@ def test_pipelined_greedy_decoding_is_token_identical(drafter_kind, k):
                         accepted[ev.rid] = (ev.stats.drafted, ev.stats.accepted)
         assert engine.inflight is None and not engine.active
         if pipeline:  # only steps launched while their predecessor was in flight are timed
-            assert engine.step_seconds
+            assert engine.policy.step_seconds
             assert chained or k  # n-gram steps that draft (fixed K > 0) are never chained
         outputs.append((out, ends, accepted))
     (plain, plain_ends, plain_accepted), (piped, piped_ends, piped_accepted) = outputs
@@ -283,7 +273,7 @@ def test_request_admitted_without_drafting_catches_the_draft_cache_up():
         tokens = [t for ev in engine.step() for t in ev.token_ids]  # admission, prefill, first token
         r = engine.active["a"]
         assert r.draft_valid == (len(r.prompt) if first_k else 0)
-        engine.fixed_k = r.k = 3
+        engine.policy.fixed_k = r.k = 3
         while engine.has_work():
             for ev in engine.step():
                 tokens += ev.token_ids
@@ -295,7 +285,6 @@ def test_request_admitted_without_drafting_catches_the_draft_cache_up():
 def test_open_prompt_fed_without_drafting_catches_the_draft_cache_up():
     """An open prompt admitted with speculation off is prefilled into the target only; when a later prefill feeds the
     draft model (another request drafts), the draft cache first catches up on what the target got."""
-    from npc_engine.model import KVCache
 
     engine = make_engine(EMBEDDED / "npc-target", "model", EMBEDDED / "npc-draft", fixed_k=0)
     tok, params = engine.tokenizer, SamplingParams(temperature=0, max_tokens=5)
@@ -305,7 +294,7 @@ def test_open_prompt_fed_without_drafting_catches_the_draft_cache_up():
     engine.step()
     a = engine.active["a"]
     assert a.fed >= 32 and a.draft_valid == 0
-    engine.fixed_k = 3
+    engine.policy.fixed_k = 3
     engine.submit("b", tok.encode("<|player|>Hi<|eot|><|npc|>"), params)  # drafts: its prefill feeds the draft model
     engine.update_prompt("a", full, complete=True)
     engine.step()
@@ -343,31 +332,29 @@ def test_engine_switches_speculation_off_when_it_does_not_pay(tiny_pair_dirs):
         ks += [r.k for r in engine.active.values()]
         engine.step()
     assert ks[-1] == 0 or 0 in ks[-20:], ks
-    assert engine.step_seconds
+    assert engine.policy.step_seconds
     # the engine remembers: the next request starts from the low acceptance seen, not the drafter's prior
-    assert engine.acceptance.alpha < engine.drafter.prior_alpha / 2
+    assert engine.policy.acceptance.alpha < engine.drafter.prior_alpha / 2
     engine.submit("b", engine.tokenizer.encode(PROMPTS[1]), SamplingParams(temperature=0, max_tokens=4))
     engine.step()
-    assert engine.active["b"].acceptance.alpha == engine.acceptance.alpha
+    assert engine.active["b"].acceptance.alpha == engine.policy.acceptance.alpha
 
 
 def test_speculation_switched_off_engine_wide_is_probed_again(tiny_pair_dirs):
     """With the engine-wide acceptance low, new requests start without drafting; one in PROBE_ADMISSIONS
     drafts anyway, so a drafter that agrees (here the target itself) turns speculation back on."""
-    from npc_engine.engine import PROBE_ADMISSIONS, Acceptance
-
     target_dir, _ = tiny_pair_dirs
     engine = make_engine(target_dir, "model", target_dir)
-    engine.acceptance = Acceptance(0.2, 2.0)
+    engine.policy.acceptance = Acceptance(0.2, 2.0)
     # drafts cost a tenth of a step: whether speculation pays follows acceptance, not this machine's load
-    engine.step_cost_fn = lambda batch: lambda k: 1.0 + 0.1 * k
+    engine.policy.step_cost_fn = lambda batch: lambda k: 1.0 + 0.1 * k
     drafted = []
     for i in range(2 * PROBE_ADMISSIONS):
         list(engine.generate(engine.tokenizer.encode(PROMPTS[i % len(PROMPTS)]),
                              SamplingParams(temperature=0, max_tokens=12), rid=f"r{i}"))
         drafted.append(engine.last_stats.drafted)
     assert drafted[0] == 0 and drafted[PROBE_ADMISSIONS - 1] > 0  # the 16th request probed
-    assert engine.acceptance.alpha > 0.5 and drafted[-1] > 0  # and speculation stayed on
+    assert engine.policy.acceptance.alpha > 0.5 and drafted[-1] > 0  # and speculation stayed on
 
 
 def test_draft_cache_catches_up_after_steps_without_drafting(tiny_pair_dirs):
@@ -379,96 +366,13 @@ def test_draft_cache_catches_up_after_steps_without_drafting(tiny_pair_dirs):
     for _ in range(5):  # plain decoding: nothing reaches the draft model
         engine.step()
     req = engine.active["a"]
-    engine.fixed_k = req.k = 3
+    engine.policy.fixed_k = req.k = 3
     engine.step()
     n = len(req.ids)
     assert req.draft_valid == n - 2
     fresh = make_engine(target_dir, "model", draft_dir)
-    fresh_slot = fresh.free_slots[-1]
+    fresh_slot = fresh.slots.free[-1]
     fresh.submit("b", req.ids, SamplingParams(max_tokens=1))
     fresh.step()
-    assert torch.allclose(engine.drafter.cache.k[:, req.slot, :, :n - 2], fresh.drafter.cache.k[:, fresh_slot, :, :n - 2], atol=1e-5)
-
-
-def reference_head_drafts(target: Transformer, head: FeatureHead, ids: list[int], k: int) -> list[int]:
-    """Greedy drafts of a feature head without any cache (the training eval's replay proposer)."""
-    from npc_engine.train.eval import head_proposals
-
-    with torch.no_grad():
-        work = torch.tensor([ids + [0] * k])
-        return head_proposals(target, head)(work, torch.tensor([len(ids)]), k)[0].tolist()
-
-
-def test_uncached_head_proposals_batch_rows_of_different_lengths(tiny_pair_dirs):
-    from npc_engine.train.eval import head_proposals
-
-    target = load_model(tiny_pair_dirs[0])
-    head = random_head(target, seed=2)
-    rows = [[5, 9, 17, 3, 8, 21, 4], [7, 2, 30]]
-    work = torch.zeros(2, 12, dtype=torch.long)
-    for i, r in enumerate(rows):
-        work[i, :len(r)] = torch.tensor(r)
-    with torch.no_grad():
-        batched = head_proposals(target, head)(work, torch.tensor([len(r) for r in rows]), 4).tolist()
-    assert batched == [reference_head_drafts(target, head, r, 4) for r in rows]
-
-
-@pytest.mark.parametrize("shared_prefix,temperature,pipeline", [(False, 1.0, False), (True, 1.0, False),
-                                                                (True, 0.0, False), (False, 0.0, True)])
-def test_head_drafts_and_cache_match_an_uncached_run(tiny_pair_dirs, shared_prefix, temperature, pipeline):
-    """After prefill (from a shared persona prefix or not) and steps whose drafts were partly rejected (sampled,
-    greedy, pipelined greedy), the feature head's next drafts are those of an uncached run on the accepted tokens,
-    whatever they accepted, and its cache equals a fresh prefill's: the target's stored features, the head's token
-    store and the refeed after a rollback are right."""
-    target_dir, _ = tiny_pair_dirs
-    engine = make_engine(target_dir, "head", fixed_k=4, pipeline=pipeline)
-    persona = engine.tokenizer.encode(PROMPTS[0])
-    prefix_len = len(persona) - 3 if shared_prefix else 0
-    for rid in ("a", "b"):  # the second request reads the prefix the first computed
-        engine.submit(rid, persona, SamplingParams(temperature=temperature, seed=5, max_tokens=200), prefix_len=prefix_len)
-    for _ in range(5):
-        engine.step()
-    if engine.inflight is not None:  # the host's tokens are one step behind the device: read that step first
-        engine.settle(engine.inflight)
-    r = engine.active["b"]
-    assert r.stats.drafted > 0 and (r.shared is not None) == shared_prefix
-    assert r.stats.cached_prefix_tokens == prefix_len
-    drafter = engine.drafter
-    n = len(r.ids)
-    with torch.no_grad():
-        got = drafter.greedy_drafts(torch.tensor([r.ids[-2:]]), torch.tensor([n]), torch.tensor([r.slot]), 4,
-                                    engine.max_seq, engine.prefix_tensor([engine.prefix_ref(r)]))
-    assert got[0].tolist() == reference_head_drafts(engine.target, drafter.model, r.ids, 4)
-    fresh = make_engine(target_dir, "head", fixed_k=4)
-    fresh.drafter.model = drafter.model
-    fresh_slot = fresh.free_slots[-1]
-    fresh.submit("c", r.ids, SamplingParams(max_tokens=1))
-    fresh.step()  # prefills every token: the head's cache as if only these tokens were fed
-    ours = drafter.cache.k[0, r.slot, :, prefix_len:n]
-    assert torch.allclose(ours, fresh.drafter.cache.k[0, fresh_slot, :, prefix_len:n], atol=1e-5)
-
-
-def test_head_catches_up_after_steps_without_drafting(tiny_pair_dirs):
-    """Drafting, then more plain steps than a refeed covers, then drafting again: the catch-up re-feeds the
-    positions whose head entries rest on its own guesses and the token before the last, so the head's cache
-    again equals a fresh prefill's."""
-    target_dir, _ = tiny_pair_dirs
-    engine = make_engine(target_dir, "head", fixed_k=4)
-    engine.submit("a", engine.tokenizer.encode(PROMPTS[2]), SamplingParams(temperature=1.0, seed=7, max_tokens=200))
-    for _ in range(4):
-        engine.step()
-    r = engine.active["a"]
-    assert 0 < r.stats.accepted < r.stats.drafted
-    engine.fixed_k = r.k = 0
-    for _ in range(25):
-        engine.step()
-    engine.fixed_k = r.k = 3
-    before = len(r.ids)
-    engine.step()  # the catch-up, then a drafting step: exact below `before`, where this step's drafts begin
-    fresh = make_engine(target_dir, "head", fixed_k=4)
-    fresh.drafter.model = engine.drafter.model
-    fresh_slot = fresh.free_slots[-1]
-    fresh.submit("c", r.ids, SamplingParams(max_tokens=1))
-    fresh.step()
-    ours, theirs = engine.drafter.cache.k[0, r.slot, :, :before], fresh.drafter.cache.k[0, fresh_slot, :, :before]
-    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().amax(dim=(0, 2)).nonzero().flatten()
+    ours, theirs = engine.drafter.cache.k[:, req.slot, :, :n - 2], fresh.drafter.cache.k[:, fresh_slot, :, :n - 2]
+    assert torch.allclose(ours, theirs, atol=1e-5)

@@ -2,9 +2,8 @@
 out of the prefill that feeds a prompt's last token."""
 import pytest
 
-from npc_engine.engine import PREFILL_CHUNK, STREAM_CHUNK
+from npc_engine.engine.prefill import PREFILL_CHUNK, STREAM_CHUNK
 from npc_engine.sampling import SamplingParams
-
 from test_speculative import make_engine
 
 PERSONA = "<|persona|>I forge swords for the town guard and I never lie about steel.<|eot|>"
@@ -43,7 +42,8 @@ def test_prompt_in_pieces_gives_the_one_shot_line_and_prefills_while_it_arrives(
         ids = tok.encode(PERSONA + " ".join(words[:i]))
         engine.update_prompt("a", ids, complete=False)
         assert engine.step() == []
-        assert req.fed <= len(ids) - 1 and (len(ids) - 1 - req.fed) < STREAM_CHUNK  # only whole chunks, last token kept back
+        # only whole chunks, the last token kept back
+        assert req.fed <= len(ids) - 1 and (len(ids) - 1 - req.fed) < STREAM_CHUNK
     assert not engine.has_work()  # idle until the next piece: a service loop may sleep
     fed_before_final = req.fed
     assert fed_before_final > prefix_len  # the utterance was prefilled while it arrived
@@ -135,6 +135,7 @@ def test_update_prompt_errors(tiny_pair_dirs):
 def test_first_token_arrives_in_the_admitting_step(tiny_pair_dirs):
     target_dir, draft_dir = tiny_pair_dirs
     engine = make_engine(target_dir, "model", draft_dir)
-    engine.submit("a", engine.tokenizer.encode(PERSONA + LINE + CLOSE), SamplingParams(temperature=0.7, seed=3, max_tokens=5))
+    engine.submit("a", engine.tokenizer.encode(PERSONA + LINE + CLOSE),
+                  SamplingParams(temperature=0.7, seed=3, max_tokens=5))
     events = engine.step()
     assert [len(ev.token_ids) for ev in events] == [1]

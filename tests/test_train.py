@@ -341,3 +341,109 @@ def test_resume_skips_finished_stages(run, capsys):
     out = capsys.readouterr().out
     assert "tokenizer: already done, skipped" in out and "distill: already done, skipped" in out
     assert (run["out"] / "npc-draft" / "model.safetensors").stat().st_mtime_ns == before
+
+
+# ---------------------------------------------------------------- the persona stage (LoRA on an instruct base)
+
+@pytest.fixture(scope="module")
+def persona_run(tmp_path_factory) -> dict:
+    from voice_data import build_chat_base, write_corpus
+
+    root = tmp_path_factory.mktemp("persona")
+    corpus = write_corpus(root / "corpus")
+    base = build_chat_base(root / "base", corpus)
+    args = ["--config", "tiny", "--device", "cpu", "--corpus", str(corpus), "--work", str(root / "work"),
+            "--stages", "persona", "--base", str(base), "--adapter-out", str(root / "adapter")]
+    assert main(args) == 0
+    return {"root": root, "corpus": corpus, "base": base, "adapter": root / "adapter", "args": args}
+
+
+def test_persona_stage_trains_an_adapter_whose_loss_falls(persona_run):
+    adapter = persona_run["adapter"]
+    info = json.loads((adapter / "training.json").read_text())
+    assert info["steps"] == info["planned_steps"] == 4 * 4  # 16 examples (12 conversations, 4 scene seats), batch 4
+    assert info["last_loss"] < info["first_loss"] * 0.8
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == TINY.persona.rank
+    assert set(config["target_modules"]) == set(TINY.persona.targets)
+    assert (adapter / "adapter_model.safetensors").stat().st_size < 12 * 2**20
+
+
+def test_persona_adapter_loads_through_the_engine_and_matches_peft_merged(persona_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from npc_engine.engine import Engine
+    from npc_engine.prompt import chat_messages
+    from npc_engine.sampling import SamplingParams
+    from npc_engine.train.npc_dialogue import prompt_persona
+    from voice_data import persona
+
+    base, adapter = persona_run["base"], persona_run["adapter"]
+    tok = AutoTokenizer.from_pretrained(base)
+    messages = chat_messages(prompt_persona(persona(40)), [Turn("player", "Where do you live?")])
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+
+    def greedy(adapter_dir):
+        engine = Engine.load(base, draft="none", dtype="float32", adapter=adapter_dir)
+        return list(engine.generate(engine.tokenizer.encode(prompt, add_special_tokens=False), params))
+
+    plain, tuned = greedy(None), greedy(adapter)
+    assert tuned != plain
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).merge_and_unload()
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    expected = merged.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert tuned == expected[:len(tuned)] and (len(tuned) == 12 or expected[len(tuned)] == tok.eos_token_id)
+
+
+def test_persona_examples_mask_only_npc_tokens_and_keep_labels(persona_run):
+    from transformers import AutoTokenizer
+
+    from npc_engine.train.npc_dialogue import train_examples
+    from npc_engine.train.persona import encode
+
+    tok = AutoTokenizer.from_pretrained(persona_run["base"])
+    examples = train_examples(persona_run["corpus"])
+    conversation = examples[0]
+    ids, mask = encode(tok, conversation, 1024)
+    trained = tok.decode([t for t, m in zip(ids, mask) if m])
+    assert trained == "".join(t.text + "<|im_end|>" for t in conversation.turns if t.speaker == "npc")
+    assert len(conversation.labels) == sum(t.speaker == "npc" for t in conversation.turns)
+    seat = next(e for e in examples if e.kind == "scene" and e.persona.name.endswith("21"))  # the guest of scene 20
+    text = tok.decode(encode(tok, seat, 1024)[0])
+    assert "Alda Vorn20 to Alda Vorn21: Well said" not in text  # cut after the speaker's last line
+    assert "Alda Vorn20: Welcome, all!\nPlayer to Alda Vorn21: What do you make?" in text
+    assert "Present: Alda Vorn20, fisher of Carrow20; the player." in text and "The host is Alda Vorn20." in text
+    assert not (persona_run["corpus"] / "npc-dialogue" / "dev.jsonl").read_text() in "".join(
+        tok.decode(encode(tok, e, 1024)[0]) for e in examples)
+
+
+def test_persona_stage_resumes_to_the_same_adapter(persona_run, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from npc_engine.train import persona
+
+    args = [a if a != str(persona_run["adapter"]) else str(tmp_path / "adapter") for a in persona_run["args"]]
+    args = [a if a != str(persona_run["root"] / "work") else str(tmp_path / "work") for a in args]
+    real, calls = persona.save_checkpoint, []
+
+    def crash_after_checkpoint(path, state):
+        real(path, state)
+        calls.append(state["step"])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(persona, "save_checkpoint", crash_after_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    assert calls == [TINY.persona.ckpt_every]
+    monkeypatch.setattr(persona, "save_checkpoint", real)
+    assert main(args + ["--resume"]) == 0
+    expected = load_file(str(persona_run["adapter"] / "adapter_model.safetensors"))
+    resumed = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert expected.keys() == resumed.keys() and all(torch.equal(expected[k], resumed[k]) for k in expected)
+
+
+def test_persona_stage_needs_a_base(tmp_path, capsys):
+    assert main(["--stages", "persona", "--device", "cpu", "--work", str(tmp_path)]) == 2
+    assert "needs --base" in capsys.readouterr().err

@@ -7,7 +7,7 @@
 // say.append per frame with the next word, the last one final.
 // Prints "npc: " and the streamed text (control characters escaped), then one line per terminal
 // event: "done: ..." and "text: <done.text>", or "error: CODE MESSAGE". Exit status: 0 after
-// done, 1 after an error, 2 for bad arguments.
+// done (and for --help), 1 after an error, 2 for bad arguments.
 #include "npc_bridge.hpp"
 
 #include <cstdio>
@@ -32,6 +32,11 @@ static std::string printable(const std::string& s) {
   return out;
 }
 
+static const char* kUsage =
+    "usage: example [--connect ADDR] [--deadline-ms N] [--cancel-after N] [--frame-ms N] [--max-tokens N]\n"
+    "               [--seed N] [--session S] [--pieces] NPC TEXT...\n"
+    "Asks NPC for a line (service tcp://127.0.0.1:5555 unless --connect) and prints it as it streams.\n";
+
 int main(int argc, char** argv) {
   std::string addr = npc::kDefaultAddr, npc_id;
   std::vector<std::string> words;
@@ -50,12 +55,17 @@ int main(int argc, char** argv) {
     else if (arg == "--seed" && has_value) options.seed = std::stoll(argv[++i]);
     else if (arg == "--session" && has_value) options.session = argv[++i];
     else if (arg == "--pieces") options.open = true;
-    else if (npc_id.empty()) npc_id = arg;
+    else if (arg == "-h" || arg == "--help") {
+      std::cout << kUsage;
+      return 0;
+    } else if (npc_id.empty() && arg.rfind("-", 0) == 0) {
+      std::cerr << "unknown option " << arg << "\n" << kUsage;
+      return 2;
+    } else if (npc_id.empty()) npc_id = arg;
     else words.push_back(arg);
   }
   if (npc_id.empty()) {
-    std::cerr << "usage: example [--connect ADDR] [--deadline-ms N] [--cancel-after N] [--frame-ms N] "
-                 "[--max-tokens N] [--seed N] [--session S] [--pieces] NPC TEXT...\n";
+    std::cerr << kUsage;
     return 2;
   }
   std::string text;

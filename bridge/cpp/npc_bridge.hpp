@@ -17,6 +17,11 @@
 //   std::string id = client.say("blacksmith", "Can you", o);
 //   client.append(id, " mend");
 //   client.append(id, " my sword?", /*final=*/true);   // the NPC starts answering now
+//
+// Strings are UTF-8; say() and append() throw std::invalid_argument for what the service would
+// refuse as a whole message (invalid UTF-8, an id out of range), since no reply could name it.
+// CURVE: set ClientOptions::curve_server_key, curve_public_key and curve_secret_key (Z85).
+// bridge/c/ wraps this client in a C ABI (a shared library) for other languages and engines.
 #pragma once
 
 #ifndef MSGPACK_NO_BOOST
@@ -34,6 +39,8 @@
 #include <deque>
 #include <functional>
 #include <iterator>
+#include <limits>
+#include <map>
 #include <optional>
 #include <random>
 #include <stdexcept>
@@ -54,6 +61,9 @@ struct Stats {
   double total_ms = 0;
   int64_t drafted = 0;
   int64_t accepted = 0;
+  int64_t target_forwards = 0;
+  int64_t cached_prefix_tokens = 0;
+  int64_t prompt_tokens = 0;
 };
 
 // One message from the service or one client-side event. Fields not carried by `type` keep
@@ -71,6 +81,7 @@ struct Event {
   std::string code, message;     // error
   std::vector<std::string> npcs; // welcome, npcs: persona ids
   std::vector<std::string> caps; // welcome
+  std::map<std::string, int64_t> limits;  // welcome
   std::string instance;          // welcome, pong
   bool connected = false;        // connection
   bool synthetic = false;        // made by this client, not sent by the service
@@ -94,6 +105,9 @@ struct ClientOptions {
   double ping_interval_s = 1.0;      // ping after this much silence
   double heartbeat_timeout_s = 3.0;  // lost when a ping stays unanswered this long
   double deadline_grace_ms = 1000;   // synthetic "timeout" this long after a missed deadline
+  // CURVE (section 10 of PROTOCOL.md): the service's public key and this client's key pair, each
+  // 40 Z85 characters (zmq.auth certificates); all empty: no CURVE.
+  std::string curve_server_key, curve_public_key, curve_secret_key;
 };
 
 namespace detail {
@@ -119,8 +133,7 @@ inline std::string get_string(const msgpack::object& map, const char* key) {
   return v && v->type == msgpack::type::STR ? std::string(v->via.str.ptr, v->via.str.size) : std::string();
 }
 
-inline std::optional<double> get_number(const msgpack::object& map, const char* key) {
-  const msgpack::object* v = find(map, key);
+inline std::optional<double> as_number(const msgpack::object* v) {
   if (!v) return std::nullopt;
   switch (v->type) {
     case msgpack::type::POSITIVE_INTEGER: return static_cast<double>(v->via.u64);
@@ -131,9 +144,40 @@ inline std::optional<double> get_number(const msgpack::object& map, const char* 
   }
 }
 
+inline std::optional<double> get_number(const msgpack::object& map, const char* key) { return as_number(find(map, key)); }
+
 inline int64_t get_int(const msgpack::object& map, const char* key, int64_t fallback) {
   std::optional<double> v = get_number(map, key);
   return v ? static_cast<int64_t>(*v) : fallback;
+}
+
+// Code points in s, or -1 when s is not valid UTF-8 (overlong forms, surrogates and values past
+// U+10FFFF are invalid too: the service would reject the whole message).
+inline int64_t utf8_length(const std::string& s) {
+  int64_t n = 0;
+  for (size_t i = 0; i < s.size(); ++n) {
+    unsigned char c = static_cast<unsigned char>(s[i]);
+    size_t extra = c < 0x80 ? 0 : (c >> 5) == 0x6 ? 1 : (c >> 4) == 0xe ? 2 : (c >> 3) == 0x1e ? 3 : 4;
+    if (extra == 4 || s.size() - i <= extra) return -1;  // a bad lead byte, or cut short
+    uint32_t cp = extra == 0 ? c : c & (0x3f >> extra);
+    for (size_t k = 1; k <= extra; ++k) {
+      unsigned char cc = static_cast<unsigned char>(s[i + k]);
+      if ((cc >> 6) != 0x2) return -1;
+      cp = (cp << 6) | (cc & 0x3f);
+    }
+    static const uint32_t kMin[] = {0, 0x80, 0x800, 0x10000};
+    if (cp < kMin[extra] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return -1;
+    i += extra + 1;
+  }
+  return n;
+}
+
+inline void check_text(const char* name, const std::string& s, int64_t min_chars, int64_t max_chars) {
+  int64_t n = utf8_length(s);
+  if (n < 0) throw std::invalid_argument(std::string(name) + " is not valid UTF-8");
+  if (n < min_chars || n > max_chars)
+    throw std::invalid_argument(std::string(name) + " must be " + std::to_string(min_chars) + " to " +
+                                std::to_string(max_chars) + " characters");
 }
 
 inline bool get_bool(const msgpack::object& map, const char* key) {
@@ -150,6 +194,19 @@ inline std::vector<std::string> get_ids(const msgpack::object& map, const char* 
     const msgpack::object& item = v->via.array.ptr[i];
     if (item.type == msgpack::type::STR) out.emplace_back(item.via.str.ptr, item.via.str.size);
     if (item.type == msgpack::type::MAP) out.push_back(get_string(item, "id"));
+  }
+  return out;
+}
+
+inline std::map<std::string, int64_t> get_limits(const msgpack::object& map) {
+  std::map<std::string, int64_t> out;
+  const msgpack::object* v = find(map, "limits");
+  if (!v || v->type != msgpack::type::MAP) return out;
+  for (uint32_t i = 0; i < v->via.map.size; ++i) {
+    const msgpack::object_kv& kv = v->via.map.ptr[i];
+    if (kv.key.type != msgpack::type::STR) continue;
+    if (std::optional<double> n = as_number(&kv.val))
+      out[std::string(kv.key.via.str.ptr, kv.key.via.str.size)] = static_cast<int64_t>(*n);
   }
   return out;
 }
@@ -197,15 +254,17 @@ class Client {
   // The latest welcome (limits, npcs, caps): valid once connected() has been true.
   const Event& server() const { return server_; }
 
-  // Ask `npc` for a line; returns the request id. Arguments the service would reject throw
-  // std::invalid_argument.
+  // Ask `npc` for a line; returns the request id. Arguments the service would reject as a whole
+  // message (so that no reply could name the request) throw std::invalid_argument; strings are UTF-8.
   std::string say(const std::string& npc, const std::string& text, const SayOptions& o = {}) {
     if (o.priority != "player" && o.priority != "ambient")
       throw std::invalid_argument("priority must be \"player\" or \"ambient\"");
-    if (npc.empty() || npc.size() > 64) throw std::invalid_argument("npc must be 1 to 64 characters");
-    if (o.session.empty() || o.session.size() > 128) throw std::invalid_argument("session must be 1 to 128 characters");
-    std::string id = o.id.empty() ? next_id() : o.id;
-    if (id.size() > 128 || id[0] == '~') throw std::invalid_argument("id must be 1 to 128 characters, not starting with '~'");
+    detail::check_text("npc", npc, 1, 64);
+    detail::check_text("session", o.session, 1, 128);
+    detail::check_text("text", text, 0, std::numeric_limits<int64_t>::max());
+    std::string id = o.id.empty() ? new_id() : o.id;
+    detail::check_text("id", id, 1, 128);
+    if (id[0] == '~') throw std::invalid_argument("id must not start with '~' (reserved for the client's own probes)");
     if (pending_.count(id)) throw std::invalid_argument("request " + id + " is still running");
     if (o.open && !serves_append())
       throw std::invalid_argument("the service does not serve open says (no \"append\" in welcome.caps)");
@@ -240,6 +299,7 @@ class Client {
   void append(const std::string& id, const std::string& text, bool final = false) {
     if (!pending_.count(id)) return;
     if (!open_.count(id)) throw std::invalid_argument("request " + id + " is not open");
+    detail::check_text("text", text, 0, std::numeric_limits<int64_t>::max());
     if (final) {
       open_.erase(id);
       Pending& p = pending_[id];
@@ -258,9 +318,14 @@ class Client {
     send(w.buffer());
   }
 
-  std::string hello() { return request_hello(next_id()); }
-  std::string ping() { return request("ping", next_id()); }
-  std::string npcs() { return request("npcs", next_id()); }
+  // hello (answered by welcome), ping (pong), npcs (npcs); return the request id, made by the
+  // client when `id` is empty.
+  std::string hello(const std::string& id = {}) { return request_hello(id.empty() ? new_id() : id); }
+  std::string ping(const std::string& id = {}) { return request("ping", id.empty() ? new_id() : id); }
+  std::string npcs(const std::string& id = {}) { return request("npcs", id.empty() ? new_id() : id); }
+
+  // A request id this client has not used (say() makes one when SayOptions::id is empty).
+  std::string new_id() { return prefix_ + std::to_string(counter_++); }
 
   // Every event available now, reading for at most budget_ms; never waits for messages.
   std::vector<Event> poll(double budget_ms = 1.0) {
@@ -301,8 +366,6 @@ class Client {
                       std::chrono::duration<double, std::milli>(deadline_ms + options_.deadline_grace_ms));
   }
 
-  std::string next_id() { return prefix_ + std::to_string(counter_++); }
-
   // True until a welcome says otherwise: the first say may go out before the service has answered.
   bool serves_append() const {
     // Before the welcome nothing is known: a 1.0 service would answer the first piece as a whole line.
@@ -327,6 +390,11 @@ class Client {
     socket_ = zmq::socket_t(context_, zmq::socket_type::dealer);
     socket_.set(zmq::sockopt::linger, 0);
     socket_.set(zmq::sockopt::rcvhwm, 0);
+    if (!options_.curve_server_key.empty()) {
+      socket_.set(zmq::sockopt::curve_serverkey, options_.curve_server_key);
+      socket_.set(zmq::sockopt::curve_publickey, options_.curve_public_key);
+      socket_.set(zmq::sockopt::curve_secretkey, options_.curve_secret_key);
+    }
     socket_.connect(addr_);
     auto now = detail::Clock::now();
     last_heard_ = now;
@@ -336,7 +404,7 @@ class Client {
   }
 
   void probe(bool hello) {
-    std::string id = "~" + next_id();
+    std::string id = "~" + new_id();
     auto now = detail::Clock::now();
     probes_[id] = now;
     last_probe_ = now;
@@ -395,11 +463,15 @@ class Client {
     e.instance = detail::get_string(m, "instance");
     e.npcs = detail::get_ids(m, "npcs");
     e.caps = detail::get_ids(m, "caps");
+    e.limits = detail::get_limits(m);
     if (const msgpack::object* s = detail::find(m, "stats"); s && s->type == msgpack::type::MAP) {
       e.stats.ttft_ms = detail::get_number(*s, "ttft_ms");
       e.stats.total_ms = detail::get_number(*s, "total_ms").value_or(0.0);
       e.stats.drafted = detail::get_int(*s, "drafted", 0);
       e.stats.accepted = detail::get_int(*s, "accepted", 0);
+      e.stats.target_forwards = detail::get_int(*s, "target_forwards", 0);
+      e.stats.cached_prefix_tokens = detail::get_int(*s, "cached_prefix_tokens", 0);
+      e.stats.prompt_tokens = detail::get_int(*s, "prompt_tokens", 0);
     }
     return e;
   }

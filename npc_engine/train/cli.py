@@ -5,15 +5,23 @@
     npc-engine train --stages eval                     # re-measure the pair in models/
     npc-engine train --resume                          # after an interruption: skip finished stages,
                                                        # continue the current one from its checkpoint
+    npc-engine train --base DIR --stages persona --budget-minutes 5
+                                                       # the persona LoRA adapter on an instruct base
+                                                       # (a model folder or .gguf), into --adapter-out
+
+Without --stages, the embedded pair's stages run (PAIR_STAGES); `persona` runs when named.
 """
 import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ["prepare", "tokenizer", "pretrain", "finetune", "distill", "head", "eval"]
+PAIR_STAGES = ["prepare", "tokenizer", "pretrain", "finetune", "distill", "head", "eval"]
+STAGES = PAIR_STAGES + ["persona"]
+TIMED_STAGES = ("pretrain", "finetune", "distill", "head", "persona")
 
 
 def stage_inputs(args) -> dict[str, Path]:
@@ -21,13 +29,13 @@ def stage_inputs(args) -> dict[str, Path]:
     return {"tokenizer": args.work / "data" / "split.json", "pretrain": args.work / "tokens" / "counts.json",
             "finetune": args.work / "target-pretrained" / "config.json", "distill": args.out / "npc-target" / "config.json",
             "head": args.out / "npc-target" / "config.json",
-            "eval": args.out / "npc-draft" / "config.json"}
+            "eval": args.out / "npc-draft" / "config.json", "persona": args.corpus / "npc-dialogue" / "train.jsonl"}
 
 
 def stage_outputs(args) -> dict[str, Path]:
     """Present once a stage has finished: `--resume` skips such stages."""
     return {"prepare": args.work / "data" / "split.json", "tokenizer": args.work / "tokens" / "counts.json",
-            **{s: args.work / "stages" / f"{s}.json" for s in ("pretrain", "finetune", "distill", "head")},
+            **{s: args.work / "stages" / f"{s}.json" for s in ("pretrain", "finetune", "distill", "head", "persona")},
             "eval": args.work / "metrics.json"}
 
 
@@ -55,14 +63,22 @@ def parse_stages(value: str) -> list[str]:
 
 
 def parse_minutes(value: str) -> dict[str, float]:
-    """`pretrain=3,finetune=1.5`: per-stage wall-clock budgets in minutes (0 = run max_steps)."""
+    """`pretrain=3,finetune=1.5`: per-stage wall-clock budgets in minutes (0 = run max_steps); a bare number is
+    every stage's budget."""
+    try:
+        return dict.fromkeys(TIMED_STAGES, float(value))
+    except ValueError:
+        pass
     out = {}
     for item in value.split(","):
         stage, _, minutes = item.partition("=")
-        if stage not in ("pretrain", "finetune", "distill", "head") or not minutes:
-            raise argparse.ArgumentTypeError(f"--max-minutes takes STAGE=MINUTES for pretrain/finetune/distill/head, "
-                                             f"got {item!r}")
-        out[stage] = float(minutes)
+        try:
+            if stage not in TIMED_STAGES:
+                raise ValueError
+            out[stage] = float(minutes)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--budget-minutes takes MINUTES or STAGE=MINUTES for "
+                                             f"{'/'.join(TIMED_STAGES)}, got {item!r}") from None
     return out
 
 
@@ -70,16 +86,28 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     from npc_engine.train.config import CONFIGS
 
     p = sub.add_parser("train", help="train the embedded target, draft model and feature head from the corpus")
-    p.add_argument("--stages", type=parse_stages, default=STAGES, help=f"comma-separated subset of {','.join(STAGES)}")
-    p.add_argument("--config", choices=sorted(CONFIGS), default="default")
-    p.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus")
+    p.add_argument("--stages", type=parse_stages, default=PAIR_STAGES,
+                   help=f"comma-separated subset of {','.join(STAGES)} (default: all but persona)")
+    p.add_argument("--config", choices=sorted(CONFIGS), default="default", help="model sizes and step counts")
+    p.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus", help="training corpus folder")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "train", help="intermediate files and checkpoints")
     p.add_argument("--out", type=Path, default=ROOT / "models", help="gets npc-target/, npc-draft/ and npc-head/")
     p.add_argument("--personas", type=Path, default=ROOT / "personas", help="demo cast for the sample exchanges")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of data order and initialisation")
     p.add_argument("--resume", action="store_true", help="skip finished stages and continue from checkpoints")
-    p.add_argument("--max-minutes", type=parse_minutes, default={}, help="e.g. pretrain=3,finetune=1.5,distill=1.5")
+    p.add_argument("--budget-minutes", "--max-minutes", dest="max_minutes", type=parse_minutes, default={},
+                   help="wall-clock budget per stage, e.g. 5 (every stage) or pretrain=3,finetune=1.5,persona=5")
+    p.add_argument("--base", type=Path, default=None,
+                   help="persona stage: the instruct base model, a Hugging Face folder or a .gguf file")
+    p.add_argument("--adapter-out", type=Path, default=ROOT / "models" / "smollm2-npc-persona",
+                   help="persona stage: the LoRA adapter folder written")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="persona stage: passes over the data (default: the config's)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="persona stage: examples per step (default: the config's)")
+    p.add_argument("--lr", type=float, default=None, help="persona stage: peak learning rate (default: the config's)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (default: the config's, else torch's)")
     p.set_defaults(func=cmd_train)
     return p
 
@@ -88,7 +116,7 @@ def cmd_train(args) -> int:
     import torch
 
     from npc_engine.loading import CheckpointError
-    from npc_engine.train import data, eval as evaluation, feature_head, loop, tokenizer
+    from npc_engine.train import data, eval as evaluation, feature_head, loop, persona, tokenizer
     from npc_engine.train.config import CONFIGS, with_minutes
     from npc_engine.train.data import CorpusError
 
@@ -96,14 +124,20 @@ def cmd_train(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("npc-engine train: error: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
+    if "persona" in args.stages and args.base is None:
+        print("npc-engine train: error: the persona stage needs --base (an instruct model folder or .gguf)",
+              file=sys.stderr)
+        return 2
     config = with_minutes(CONFIGS[args.config], args.max_minutes)
+    config = replace(config, persona=replace(config.persona, **{k: v for k, v in (
+        ("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}))
     log = Log(args.work / "train.log")
     ctx = loop.Context(config=config, work=args.work, out=args.out, device=torch.device(args.device),
                        seed=args.seed, resume=args.resume, log=log)
     torch.set_float32_matmul_precision("high")
     threads = torch.get_num_threads()
-    if args.device == "cpu" and config.cpu_threads:
-        torch.set_num_threads(config.cpu_threads)
+    if args.device == "cpu" and (args.threads or config.cpu_threads):
+        torch.set_num_threads(args.threads or config.cpu_threads)
     inputs, outputs = stage_inputs(args), stage_outputs(args)
     runners = {
         "prepare": lambda: data.prepare(args.corpus, args.work, config, log),
@@ -114,6 +148,7 @@ def cmd_train(args) -> int:
         "distill": lambda: loop.distill(ctx),
         "head": lambda: feature_head.train_head(ctx),
         "eval": lambda: evaluation.evaluate(ctx, args.personas),
+        "persona": lambda: persona.train_persona(ctx, args.base, args.corpus, args.adapter_out),
     }
     log(f"train: config {config.name}, stages {','.join(args.stages)}, device {args.device}, seed {args.seed}")
     try:
@@ -122,8 +157,8 @@ def cmd_train(args) -> int:
                 log(f"{stage}: already done, skipped")
                 continue
             if stage in inputs and not inputs[stage].is_file():
-                before = STAGES[STAGES.index(stage) - 1]
-                raise FileNotFoundError(f"stage {stage} needs {inputs[stage]}: run stage {before} first")
+                fix = "check --corpus" if stage == "persona" else f"run stage {STAGES[STAGES.index(stage) - 1]} first"
+                raise FileNotFoundError(f"stage {stage} needs {inputs[stage]}: {fix}")
             outputs[stage].unlink(missing_ok=True)
             t0 = time.perf_counter()
             result = runners[stage]()

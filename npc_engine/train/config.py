@@ -1,5 +1,6 @@
-"""Training configurations: `default` (the shipped pair, sized for one H200 run of under 9 minutes)
-and `tiny` (the CPU test pipeline)."""
+"""Training configurations: `default` (the shipped pair, sized for one H200 run of under 9 minutes; the
+persona adapter's few epochs fit an H200 in about 5 minutes, a CPU run stops at its time budget) and
+`tiny` (the CPU test pipeline)."""
 from dataclasses import dataclass, field, replace
 
 from npc_engine.prompt import EOT, SPECIAL_TOKENS
@@ -57,6 +58,25 @@ class Mix:
 
 
 @dataclass
+class PersonaStage:
+    """The persona adapter: LoRA on every projection of an instruct base, in its own chat template."""
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    epochs: int = 4
+    batch_size: int = 16
+    max_len: int = 1024  # tokens per example, system message included (SmolLM2: the longest train example is 774)
+    lr: float = 4e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    max_minutes: float = 0  # wall-clock budget (model loading excluded); 0 = all epochs
+    log_every: int = 10
+    ckpt_every: int = 50
+
+
+@dataclass
 class TrainConfig:
     name: str
     vocab_size: int
@@ -79,6 +99,7 @@ class TrainConfig:
     eval_batch: int = 64
     eval_max_adherence: int = 400
     cpu_threads: int = 0  # torch threads on CPU; 0 = torch's default
+    persona: PersonaStage = field(default_factory=PersonaStage)
 
 
 DEFAULT = TrainConfig(
@@ -122,6 +143,8 @@ TINY = TrainConfig(
     eval_batch=8,
     eval_max_adherence=16,
     cpu_threads=1,  # its matrices are too small to share out; two busy threads run ten times slower
+    persona=PersonaStage(rank=4, alpha=8, dropout=0.0, epochs=4, batch_size=4, max_len=384, lr=3e-2, warmup_steps=2,
+                         log_every=2, ckpt_every=4),
 )
 
 CONFIGS = {"default": DEFAULT, "tiny": TINY}

@@ -5,13 +5,14 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
+from npc_engine.drafters import HeadDrafter, ModelDrafter, NgramDrafter, NoDrafter  # noqa: E402
 from npc_engine.engine import Engine  # noqa: E402
+from npc_engine.fusion import fuse_projections_  # noqa: E402
+from npc_engine.head import FeatureHead, head_args  # noqa: E402
 from npc_engine.loading import load_model  # noqa: E402
-from npc_engine.model import KVCache, fuse_projections_  # noqa: E402
+from npc_engine.model import KVCache  # noqa: E402
 from npc_engine.quantize import quantize_fp8_  # noqa: E402
 from npc_engine.sampling import SamplingParams  # noqa: E402
-from npc_engine.head import FeatureHead, head_args  # noqa: E402
-from npc_engine.speculative import HeadDrafter, ModelDrafter, NgramDrafter, NoDrafter  # noqa: E402
 from npc_engine.tokenizer import Tokenizer  # noqa: E402
 
 
@@ -46,7 +47,8 @@ def run(engine, prompt_ids, params):
     return [out[str(i)] for i in range(len(prompt_ids))]
 
 
-@pytest.mark.parametrize("temperature,k", [(0, 4), (0, None), (0.8, 4)], ids=["greedy-k4", "greedy-adaptive", "sampled-k4"])
+@pytest.mark.parametrize("temperature,k", [(0, 4), (0, None), (0.8, 4)],
+                         ids=["greedy-k4", "greedy-adaptive", "sampled-k4"])
 @pytest.mark.parametrize("drafter", ["none", "ngram", "model", "head"])
 def test_graph_replay_and_fused_kernels_equal_eager(tiny_pair_dirs, drafter, temperature, k):
     """Greedy steps replay one graph for the whole speculative step; sampled ones replay forwards."""
@@ -75,13 +77,13 @@ def test_captured_graphs_serve_every_step(tiny_pair_dirs, drafter):
         target = load_model(target_dir, "cuda", torch.float32)
         d = make_drafter(drafter, target, draft_dir)
         engine = Engine(target, d, tok, "cuda", max_batch=8)
-        forwards = [engine.target_forward] + ([d.forward] if drafter == "model" else [])
+        forwards = [engine.fw.forward] + ([d.forward] if drafter == "model" else [])
         if precapture:
             assert engine.capture_graphs(range(1, 9)) > 0
-        counts = [len(f.graphs) for f in forwards] + [len(engine.greedy_step.graphs)]
+        counts = [len(f.graphs) for f in forwards] + [len(engine.fw.greedy_step.graphs)]
         out = [run(engine, prompts(tok), SamplingParams(temperature=t, seed=3, max_tokens=40)) for t in (0, 0.8)]
         if precapture:
-            assert [len(f.graphs) for f in forwards] + [len(engine.greedy_step.graphs)] == counts
+            assert [len(f.graphs) for f in forwards] + [len(engine.fw.greedy_step.graphs)] == counts
         results.append(out[0])
     assert results[1] == results[0]
 
@@ -90,7 +92,8 @@ def test_streamed_prompt_with_graphs_equals_one_shot(tiny_pair_dirs):
     target_dir, draft_dir = tiny_pair_dirs
     tok = Tokenizer.from_dir(target_dir)
     params = SamplingParams(temperature=0, max_tokens=16)
-    text = "<|persona|>I forge swords for the guard.<|eot|><|player|>Which blade for the northern woods at night, smith?"
+    text = ("<|persona|>I forge swords for the guard.<|eot|><|player|>Which blade for the northern woods at night, "
+            "smith?")
     full = tok.encode(text + "<|eot|><|npc|>")
     engines = [Engine(load_model(target_dir, "cuda", torch.float32),
                       ModelDrafter(load_model(draft_dir, "cuda", torch.float32), 9, 1024, "cuda", torch.float32),
@@ -181,8 +184,9 @@ def test_shared_persona_prefix_with_graphs_and_fused_kernels_equals_unshared_eag
     tok = Tokenizer.from_dir(target_dir)
     params = SamplingParams(temperature=0, max_tokens=24)
     persona = tok.encode("<|persona|>I forge swords for the town guard and I never lie about steel.<|eot|>")
-    prompts = [persona + tok.encode(line) for line in ["<|player|>Hi<|eot|><|npc|>", "<|player|>What do you sell?<|eot|><|npc|>",
-                                                       "<|player|>Which blade for the northern woods at night?<|eot|><|npc|>"]]
+    lines = ["<|player|>Hi<|eot|><|npc|>", "<|player|>What do you sell?<|eot|><|npc|>",
+             "<|player|>Which blade for the northern woods at night?<|eot|><|npc|>"]
+    prompts = [persona + tok.encode(line) for line in lines]
 
     def make(graphs, fused):
         target = load_model(target_dir, "cuda", torch.float32)
@@ -200,6 +204,7 @@ def test_shared_persona_prefix_with_graphs_and_fused_kernels_equals_unshared_eag
             while engine.has_work():
                 for ev in engine.step():
                     out[ev.rid] += ev.token_ids
-            assert [out[str(i)] for i in range(len(prompts))] == expected, f"graphs {graphs}, fused {fused}, wave {wave}"
+            got = [out[str(i)] for i in range(len(prompts))]
+            assert got == expected, f"graphs {graphs}, fused {fused}, wave {wave}"
         (entry,) = engine.prefix_cache.entries.values()
         assert entry.refs == 0 and engine.prefix_cache.hits == 2 * len(prompts) - 1

@@ -457,7 +457,8 @@ def test_qkv_rope_write(dim, n_heads, n_kv_heads, head_dim, dtype, rms, with_bia
     eps = 1e-5 if rms else None
     got = qkv_rope_write_triton(x, weight, bias, eps, n_heads, n_kv_heads, cos, sin, positions, slots, *caches[0])
     if position < 64:
-        ref = qkv_rope_write_reference(x, weight, bias, eps, n_heads, n_kv_heads, cos, sin, positions, slots, *caches[1])
+        ref = qkv_rope_write_reference(x, weight, bias, eps, n_heads, n_kv_heads, cos, sin, positions, slots,
+                                       *caches[1])
     else:  # past the cache (and the rotary tables): q is not rotated
         ref = linear_reference(x, weight, bias, rms_eps=eps)[..., :n_heads * head_dim].view(1, 1, n_heads, head_dim)
     assert got.shape == (1, 1, n_heads, head_dim) and got.dtype == dtype and not got.isnan().any()

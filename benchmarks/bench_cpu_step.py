@@ -1,0 +1,96 @@
+"""One decode step of a Llama-shaped model on the CPU: wall and process CPU time per step and, with --profile, the
+share of each PyTorch op (torch.profiler). On a shared machine the CPU time moves less than the wall time.
+
+Random weights at SmolLM2-135M's shape (30 layers, hidden 576, 9 heads, 3 KV heads, vocabulary 49,152), float32 (or
+bfloat16), batch 1, the eager forward the engine runs on the CPU (a slotted KV cache, `context` cached positions).
+
+    python benchmarks/bench_cpu_step.py --threads 2 --profile
+"""
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from npc_engine.model import KVCache, ModelArgs, Transformer  # noqa: E402
+
+SMOLLM2_135M = dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, intermediate_size=1536,
+                    rope_theta=100000.0, tie_word_embeddings=True)
+
+
+def random_cache(model: Transformer, max_seq: int) -> KVCache:
+    """Random keys and values in every position: attention costs the same whatever they are."""
+    cache = KVCache(model.args, 2, max_seq, "cpu", model.lm_head.weight.dtype)
+    cache.k.normal_()
+    cache.v.normal_()
+    return cache
+
+
+def step_seconds(model: Transformer, cache: KVCache, context: int, steps: int) -> list[tuple[float, float]]:
+    """(wall, process CPU) seconds of `steps` one-token forwards at positions context, context + 1, ... as the eager
+    engine runs them (keys attended rounded up to a multiple of 64)."""
+    max_seq, slots, token = cache.max_seq, torch.tensor([0]), torch.tensor([[1]])
+    times = []
+    with torch.no_grad():
+        for i in range(steps):
+            pos = torch.tensor([[context + i]])
+            start, cpu = time.perf_counter(), time.process_time()
+            model(token, pos, cache, slots, min(max_seq, -(-(context + i + 1) // 64) * 64))
+            times.append((time.perf_counter() - start, time.process_time() - cpu))
+    return times
+
+
+def profile_ops(model: Transformer, cache: KVCache, context: int, top: int) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    step_seconds(model, cache, context, 3)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step_seconds(model, cache, context, 10)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
+    ranked = ranked[:top] + [e for e in ranked[top:] if e.key == "aten::copy_"]  # the copy always: issue 18
+    return [{"op": e.key, "calls_per_step": e.count / 10, "self_ms_per_step": e.self_cpu_time_total / 10 / 1e3,
+             "share": e.self_cpu_time_total / total} for e in ranked]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--context", type=int, default=300, help="cached positions before the first timed step")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--max-seq", type=int, default=1024)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and KV cache")
+    ap.add_argument("--profile", action="store_true", help="also print the ops taking the most CPU time")
+    ap.add_argument("--top", type=int, default=8)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**SMOLLM2_135M)).eval().to(getattr(torch, args.dtype))
+    cache = random_cache(model, args.max_seq)
+    times = step_seconds(model, cache, args.context, args.steps + 3)[3:]
+    result = {"shape": "SmolLM2-135M", "dtype": args.dtype, "threads": args.threads, "context": args.context,
+              "steps": args.steps,
+              "wall_ms_per_step": statistics.median(w for w, _ in times) * 1e3,
+              "cpu_ms_per_step": statistics.median(c for _, c in times) * 1e3, "torch": torch.__version__,
+              "machine": platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    print(f"decode step: {result['wall_ms_per_step']:.2f} ms wall, {result['cpu_ms_per_step']:.2f} ms process CPU "
+          f"(medians of {args.steps}, {args.threads} threads, {args.context} cached positions)")
+    if args.profile:
+        result["ops"] = profile_ops(model, cache, args.context, args.top)
+        print("| op | calls/step | self ms/step | share of CPU time |\n|---|---|---|---|")
+        for op in result["ops"]:
+            print(f"| {op['op']} | {op['calls_per_step']:.0f} | {op['self_ms_per_step']:.2f} | {op['share']:.1%} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

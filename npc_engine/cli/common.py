@@ -1,0 +1,78 @@
+"""Options and checks shared by the commands that load a model."""
+import argparse
+
+from npc_engine.paths import TINY_MODEL
+
+DEFAULT_MODEL = str(TINY_MODEL)  # of generate and bench; serve, chat and the demo speak with the default voice
+MODEL_HELP = "model folder (Hugging Face layout, or made by export-onnx) or a .gguf file (converted once, cached)"
+VOICE_HELP = (f"{MODEL_HELP} (default: SmolLM2-135M-Instruct with the persona adapter, once `make model` fetched it; "
+              f"else {DEFAULT_MODEL})")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Ends each option's help with its default, unless there is none or the help already explains it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        if not action.option_strings or default is None or default is False or default == argparse.SUPPRESS \
+                or default in ([], {}) or "default" in text:
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose help, and its subcommands' help, shows defaults."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
+def add_model_args(p: argparse.ArgumentParser, model_default: str | None = DEFAULT_MODEL,
+                   model_help: str = MODEL_HELP) -> None:
+    p.add_argument("--model", default=model_default, help=model_help)
+    p.add_argument("--adapter", default=None,
+                   help="a LoRA adapter folder in PEFT's format (adapter_config.json + adapter_model.safetensors), "
+                        "merged into the model's weights at load")
+    p.add_argument("--draft", default="auto",
+                   help="draft model folder, feature-head folder, 'ngram', 'none' or 'auto' (default: auto, the "
+                        "model's shipped drafter)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
+    p.add_argument("--dtype", default="auto",
+                   help="float32, float16, bfloat16 (default: bfloat16 on cuda, float32 on cpu), or fp8: e4m3 target "
+                        "weights, activations in the default")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
+                   help="torch, onnx (model folders made by export-onnx) or auto (default: onnx when --model holds "
+                        "an export)")
+    p.add_argument("--onnx-provider", default=None, choices=["cpu", "cuda", "auto"],
+                   help="ONNX Runtime provider (default: --device; auto: CUDA when usable, else CPU)")
+
+
+def voice_args(model: str | None, adapter: str | None) -> tuple[str, str | None]:
+    """(model, adapter) from --model/--adapter; without --model, the default voice (paths.default_voice)."""
+    if model is not None:
+        return model, adapter
+    from npc_engine.paths import default_voice
+
+    base, default_adapter = default_voice()
+    return str(base), adapter or (default_adapter and str(default_adapter))
+
+
+def parse_k(value: str) -> int | None:
+    if value == "auto":
+        return None
+    k = int(value)
+    if not 0 <= k <= 16:
+        raise argparse.ArgumentTypeError("--k must be 0..16 or 'auto'")
+    return k
+
+
+def check_device(device: str) -> None:
+    """Raise a one-line ValueError for `--device cuda` where torch cannot use CUDA."""
+    if device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        reason = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"--device cuda: {reason} (torch {torch.__version__}); use --device cpu")

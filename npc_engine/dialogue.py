@@ -1,0 +1,165 @@
+"""The dialogue policy shared by the service and `npc-engine chat`, so both build the same prompt from
+the same persona, history and text, and pick the same sampling parameters:
+
+- `sampling_params`: defaults, then the persona's `sampling` table, then the caller's values
+  (a request's fields, or `chat`'s command-line flags);
+- `fit_prompt` / `build_prompt_ids`: persona block (a token prefix the engine caches) + the memories the
+  game wrote about the player + as much history as fits, oldest exchange dropped first, + the player's
+  text; for a model prompted through its chat template (the tokenizer carries it), the persona is the
+  system message, the memories a second one, and the turns user/assistant messages;
+- `History`: the turns kept per conversation, capped by turns and by characters;
+- `LineStream`: generated tokens to text, with the guard's hold-back of a tail that could still
+  grow into a banned topic.
+The greeting is not part of the history: the game shows it, the service cannot know whether it did.
+"""
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from npc_engine.chat_template import chat_prefix, chat_prompt
+from npc_engine.guard import banned_topic, complete_words_end, unsafe_start
+from npc_engine.persona import Persona
+from npc_engine.prompt import Turn, memory_block
+from npc_engine.sampling import SamplingParams
+from npc_engine.tokenizer import IncrementalDecoder
+
+
+class PromptTooLarge(ValueError):
+    """The persona block and the new text alone do not fit the model."""
+
+
+def sampling_params(persona: Persona, *, max_tokens: int | None = None, temperature: float | None = None,
+                    seed: int | None = None, max_tokens_limit: int | None = None) -> SamplingParams:
+    """SamplingParams defaults, then the persona's `sampling` table, then the given values (None: not given).
+    `max_tokens_limit` caps what the persona asks for (the service's `limits.max_tokens`)."""
+    params = SamplingParams(**persona.sampling)
+    if max_tokens_limit is not None:
+        params.max_tokens = min(params.max_tokens, max_tokens_limit)
+    for key, value in (("max_tokens", max_tokens), ("temperature", temperature), ("seed", seed)):
+        if value is not None:
+            setattr(params, key, value)
+    return params
+
+
+def prefix_text(tokenizer, persona: Persona) -> str:
+    """The persona block, or with a chat template the rendered system message: every prompt starts with it."""
+    template = getattr(tokenizer, "chat_template", None)
+    return persona.prefix() if template is None else chat_prefix(template, persona.to_prompt_persona())
+
+
+def prompt_text(tokenizer, persona: Persona, turns: list[Turn], text: str, complete: bool,
+                memories: list[str] = ()) -> str:
+    """The whole prompt; `memories` (what the NPC remembers about the player) follow the persona block."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template is not None:
+        return chat_prompt(template, persona.to_prompt_persona(), turns, text, complete, memories)
+    new = [Turn("player", text)] if text.strip() else []
+    prompt = persona.prompt(turns + new) if complete else persona.open_prompt(turns, text)
+    block = persona.prefix()
+    return block + memory_block(memories) + prompt[len(block):]
+
+
+def prefix_ids(tokenizer, persona: Persona) -> list[int]:
+    """Token ids of the persona block: the prefix every prompt for this persona starts with. A chat template
+    writes its own special tokens (BOS included), so nothing is added to its text."""
+    return tokenizer.encode(prefix_text(tokenizer, persona),
+                            add_special_tokens=getattr(tokenizer, "chat_template", None) is None)
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    prefix_len: int  # the persona block's tokens: the prefix the engine caches
+    turns_left_out: int  # the oldest turns of the history that did not fit
+
+
+def fit_prompt(tokenizer, persona: Persona, history: list[Turn], text: str, max_len: int, reserve: int = 0,
+               complete: bool = True, prefix: list[int] | None = None, memories: list[str] = ()) -> Prompt:
+    """The prompt for the player's `text` after `history`. The oldest exchange (two turns) is left out
+    while the prompt and `reserve` reply tokens exceed `max_len`; `memories` always stay. Raises
+    PromptTooLarge when the prompt does not fit `max_len` even without history. complete=False: the
+    player is still typing `text`, and the prompt ends inside the player's turn. `prefix`: the
+    persona's `prefix_ids`, when the caller caches them."""
+    prefix = prefix_ids(tokenizer, persona) if prefix is None else prefix
+    block = prefix_text(tokenizer, persona)
+    turns = list(history)
+    while True:
+        prompt = prompt_text(tokenizer, persona, turns, text, complete, memories)
+        ids = prefix + tokenizer.encode(prompt[len(block):], add_special_tokens=False)
+        if len(ids) + reserve <= max_len or not turns:
+            break
+        turns = turns[2:] if len(turns) > 1 else []
+    if len(ids) >= max_len:
+        raise PromptTooLarge(f"the prompt is {len(ids)} tokens; the model takes at most {max_len - 1}")
+    return Prompt(ids, len(prefix), len(history) - len(turns))
+
+
+def build_prompt_ids(tokenizer, persona: Persona, history: list[Turn], text: str, max_len: int, reserve: int = 0,
+                     complete: bool = True, prefix: list[int] | None = None) -> tuple[list[int], int]:
+    """(prompt ids, persona prefix length): `fit_prompt` without memories."""
+    prompt = fit_prompt(tokenizer, persona, history, text, max_len, reserve, complete, prefix)
+    return prompt.ids, prompt.prefix_len
+
+
+class History:
+    """Conversation turns per key, most recently used kept: at most `max_turns` turns and `max_chars`
+    characters per conversation, `max_sessions` conversations and `max_total_chars` characters in all."""
+
+    def __init__(self, max_turns: int = 12, max_chars: int = 8_000, max_sessions: int = 10_000,
+                 max_total_chars: int = 20_000_000):
+        self.max_turns, self.max_chars = max_turns, max_chars
+        self.max_sessions, self.max_total_chars = max_sessions, max_total_chars
+        self.sessions: OrderedDict[Hashable, list[Turn]] = OrderedDict()
+        self.total_chars = 0
+
+    def get(self, key: Hashable) -> list[Turn]:
+        return list(self.sessions.get(key, ()))
+
+    def remember(self, key: Hashable, player_text: str, npc_text: str) -> None:
+        turns = self.sessions.pop(key, [])
+        self.total_chars -= _chars(turns)
+        turns += [Turn(speaker, t) for speaker, t in (("player", player_text), ("npc", npc_text)) if t.strip()]
+        turns = turns[-self.max_turns:]
+        while len(turns) > 1 and _chars(turns) > self.max_chars:
+            turns = turns[1:]
+        self.sessions[key] = turns
+        self.total_chars += _chars(turns)
+        while len(self.sessions) > self.max_sessions or (self.total_chars > self.max_total_chars and len(self.sessions) > 1):
+            _, dropped = self.sessions.popitem(last=False)
+            self.total_chars -= _chars(dropped)
+
+
+def _chars(turns: list[Turn]) -> int:
+    return sum(len(t.text) for t in turns)
+
+
+class LineStream:
+    """One generated line: tokens in, text out. `push` returns the text that may be shown now; with
+    `hold_back` (the service) a tail that could still grow into a banned topic waits until it cannot,
+    and a topic found in complete words sets `topic` (the line must be deflected). `finish` returns
+    the rest and checks the whole line."""
+
+    def __init__(self, tokenizer, persona: Persona, hold_back: bool = True):
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.persona, self.hold_back = persona, hold_back
+        self.text = ""
+        self.shown = 0  # characters of `text` released by push/finish
+        self.topic: str | None = None
+
+    def push(self, token_ids: list[int]) -> str:
+        for token in token_ids:
+            self.text += self.decoder.push(token)
+        if not self.hold_back:
+            return self._release(len(self.text))
+        self.topic = banned_topic(self.persona, self.text[:complete_words_end(self.text)])
+        return "" if self.topic else self._release(unsafe_start(self.text, self.shown, self.persona.banned_topics))
+
+    def finish(self) -> str:
+        self.text += self.decoder.flush()
+        self.topic = banned_topic(self.persona, self.text)
+        return "" if self.topic and self.hold_back else self._release(len(self.text))
+
+    def _release(self, end: int) -> str:
+        piece = self.text[self.shown:end] if end > self.shown else ""
+        self.shown = max(self.shown, end)
+        return piece

@@ -1,0 +1,266 @@
+"""Drafters: what proposes up to K tokens per row for the target to verify.
+
+Every drafter states what it can do through the same attributes (the `Drafter` protocol), so the engine never asks
+which drafter it holds: `make_drafter` is the one place that knows the kinds by name. A drafter proposes drafts with
+their draft distributions q (one-hot for deterministic drafters); when every row is greedy, the engine's greedy step
+asks on-device drafters for argmax drafts inside its one forward sequence, and host drafters for a lookup.
+"""
+import json
+from array import array
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from kernels.prefix import prefix_rows
+from npc_engine.head import FeatureHead, head_logits, is_head_dir, load_head
+from npc_engine.model import KVCache, Transformer
+from npc_engine.sampling import probs_from_logits, sample
+
+K_MAX = 16  # the longest draft a step may verify
+
+
+class Drafter(Protocol):
+    name: str  # for reports only: the engine decides by the capabilities below
+    prior_alpha: float  # the acceptance rate assumed before any is measured
+    drafts: bool  # False: plain decoding (the engine never asks for drafts)
+    host_drafts: bool  # drafts come from `lookup` over the host's tokens (not from a device forward)
+    uses_features: bool  # reads the target's hidden states (the target keeps its feature store)
+    transformer: Transformer | None  # a full draft model the engine may fuse and capture in CUDA graphs
+    cache: KVCache | None  # per-slot state, in the engine's slot layout (prefix slots included)
+    feeds_last: int  # each proposal re-feeds this many last tokens: its cache needs every token before them
+    guessed: int  # positions before those whose cache entries may rest on its own guesses (re-fed on catch-up)
+
+    def slot_bytes(self, max_seq: int) -> int:
+        """Bytes of drafter state per cache slot."""
+
+    def allocate(self, n_slots: int, max_seq: int) -> None:
+        """(Re)allocates the per-slot state for the engine's slot layout."""
+
+    def prefill(self, tokens, input_pos, slots, kv_len, prefix=None) -> None:
+        """Feeds prompt (or catch-up) positions."""
+
+    def propose(self, seqs: list[list[int]], slots, k: int, sampling, u, kv_len: int, prefix=None, constrain=None):
+        """(drafts [B, k], q [B, k, V], lengths [B]): k drafts per row sampled with the uniforms u [B, k].
+        constrain(logits [B, V], previous drafts [B] or None) masks each draft position's logits before q is taken
+        (npc_engine.header.StepMasks.draft); host drafters leave it to the target side."""
+
+
+class Cacheless:
+    """State-free drafters: nothing to allocate or prefill."""
+
+    transformer, cache, uses_features = None, None, False
+    feeds_last = guessed = 0
+
+    def slot_bytes(self, max_seq: int) -> int:
+        return 0
+
+    def allocate(self, n_slots: int, max_seq: int) -> None:
+        pass
+
+    def prefill(self, tokens, input_pos, slots, kv_len, prefix=None) -> None:
+        pass
+
+
+class NoDrafter(Cacheless):
+    """Plain autoregressive decoding."""
+
+    name, prior_alpha, drafts, host_drafts = "none", 0.0, False, False
+
+
+class NgramDrafter(Cacheless):
+    """Prompt lookup: find the latest earlier occurrence of the context's last n tokens (n = max_n..1)
+    in the request's own context (persona text + conversation) and propose what followed it."""
+
+    name, prior_alpha, drafts, host_drafts = "ngram", 0.5, True, True
+
+    def __init__(self, vocab_size: int, device, max_n: int = 3):
+        self.vocab_size, self.device, self.max_n = vocab_size, device, max_n
+
+    def lookup(self, seq: list[int], k: int) -> list[int]:
+        # bytes.rfind scans in C: a Python loop over a few hundred tokens cost more than a step on the GPU.
+        data, width = array("i", seq).tobytes(), array("i").itemsize
+        for n in range(min(self.max_n, len(seq) - 1), 0, -1):
+            tail, end = data[-n * width:], (len(seq) - 1) * width  # occurrences that end before the last token
+            while (at := data.rfind(tail, 0, end)) >= 0 and at % width:
+                end = at + len(tail) - 1  # a match across token boundaries: look further back
+            if at >= 0:
+                start = at // width
+                return seq[start + n:start + n + k]
+        return []
+
+    def propose(self, seqs, slots, k, sampling, u, kv_len, prefix=None, constrain=None):
+        found = [self.lookup(s, k) for s in seqs]
+        width = k if any(found) else 0  # padded to the asked K: one verify shape per K
+        drafts = torch.tensor([f + [0] * (width - len(f)) for f in found], dtype=torch.long, device=self.device)
+        lens = torch.tensor([len(f) for f in found], dtype=torch.long, device=self.device)
+        return drafts, F.one_hot(drafts, self.vocab_size).float(), lens
+
+
+class ModelDrafter:
+    """A small Llama-family model sharing the target's tokenizer, with its own KV cache in the engine's slot layout
+    (prefix slots included), so one slot index names the same sequence in both caches."""
+
+    name, prior_alpha, drafts, host_drafts, uses_features = "model", 0.7, True, False, False
+    feeds_last = 2  # each proposal re-feeds the last two tokens: its cache needs every token before them
+    guessed = 0
+
+    def __init__(self, model: Transformer, n_slots: int, max_seq: int, device, dtype):
+        self.model = self.transformer = self.forward = model  # forward may become a CUDA-graph replayer
+        self.device = device
+        self.cache = KVCache(model.args, n_slots, max_seq, device, dtype)
+
+    def slot_bytes(self, max_seq: int) -> int:
+        return KVCache.slot_bytes(self.model.args, max_seq, self.cache.k.dtype)
+
+    def allocate(self, n_slots: int, max_seq: int) -> None:
+        if self.cache.max_seq != max_seq or self.cache.n_slots < n_slots:
+            dtype, self.cache = self.cache.k.dtype, None  # freed before the larger one is allocated
+            self.cache = KVCache(self.model.args, n_slots, max_seq, self.device, dtype)
+
+    def prefill(self, tokens, input_pos, slots, kv_len, prefix=None) -> None:
+        self.forward(tokens, input_pos, self.cache, slots, kv_len, logits=False, prefix=prefix)
+
+    def propose(self, seqs, slots, k, sampling, u, kv_len, prefix=None, constrain=None):
+        """Feeds the last two tokens first: after a step the draft cache may lack one or both of them,
+        and rewriting a cached token at its own position is harmless."""
+        lengths = torch.tensor([len(s) for s in seqs], device=self.device)
+        tokens = torch.tensor([[s[-2] if len(s) > 1 else s[-1], s[-1]] for s in seqs], device=self.device)
+        pos = torch.stack([(lengths - 2).clamp(min=0), lengths - 1], dim=1)
+        drafts, qs = [], []
+        for i in range(k):
+            logits = self.forward(tokens, pos, self.cache, slots, kv_len, prefix=prefix)[:, -1]
+            if constrain is not None:
+                logits = constrain(logits, drafts[-1] if drafts else None)
+            q = probs_from_logits(logits[:, None], *sampling)[:, 0]
+            drafts.append(sample(q, u[:, i]))
+            qs.append(q)
+            tokens, pos = drafts[-1][:, None], pos[:, -1:] + 1
+        return torch.stack(drafts, 1), torch.stack(qs, 1), torch.full((len(seqs),), k, device=self.device)
+
+    def greedy_drafts(self, last2: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, k: int,
+                      kv_len: int, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """k argmax drafts, all on the device (the raw model: this runs inside the greedy step's graph)."""
+        tokens, pos = last2, torch.stack([(lengths - 2).clamp(min=0), lengths - 1], dim=1)
+        drafts = []
+        for _ in range(k):
+            drafts.append(self.model(tokens, pos, self.cache, slots, kv_len, prefix=prefix)[:, -1].argmax(-1))
+            tokens, pos = drafts[-1][:, None], pos[:, -1:] + 1
+        return torch.stack(drafts, 1)
+
+
+class HeadDrafter:
+    """A feature head (npc_engine.head) on the target's hidden states. The target stores them for every position
+    it computes (`Transformer.feature_store`, one row per cache slot, prefix slots included); the head has its own
+    one-layer KV cache and the tokens it was fed in the same slot layout. Each draft first re-feeds the last
+    REFEED positions with the target's features, so the head's cache holds only target features up to the last
+    token whatever the previous step accepted, then drafts on its own predicted features. After steps without
+    drafting the engine's catch-up feeds it again from `guessed` positions before where it stopped."""
+
+    name, prior_alpha, drafts, host_drafts, uses_features, transformer = "head", 0.7, True, False, True, None
+    REFEED = K_MAX + 1  # the last token and every draft a step can accept
+    feeds_last = 1  # the last token comes from the step; the refeed reads the others from the token store
+    guessed = K_MAX  # accepted drafts' entries were computed from predicted features until the next refeed
+
+    def __init__(self, head: FeatureHead, target: Transformer, n_slots: int, max_seq: int, device, dtype):
+        self.model, self.target, self.device, self.dtype = head, target, device, dtype
+        self.cache = self.tokens = None
+        self.allocate(n_slots, max_seq)
+
+    def slot_bytes(self, max_seq: int) -> int:
+        """The head's KV, the target's stored features and the head's token store."""
+        return KVCache.slot_bytes(self.model.args, max_seq, self.dtype) + max_seq * (
+            self.model.args.dim * self.dtype.itemsize + torch.long.itemsize)
+
+    def allocate(self, n_slots: int, max_seq: int) -> None:
+        """The head's cache, the target's feature store and the head's token store, one row per slot."""
+        if (self.cache is not None and self.cache.max_seq == max_seq and self.cache.n_slots >= n_slots
+                and self.target.feature_store is not None):
+            return
+        self.cache = self.target.feature_store = self.tokens = None  # freed before the larger ones are allocated
+        self.cache = KVCache(self.model.args, n_slots, max_seq, self.device, self.dtype)
+        self.target.feature_store = torch.zeros(n_slots, max_seq, self.model.args.dim, device=self.device,
+                                                dtype=self.dtype)
+        self.tokens = torch.zeros(n_slots, max_seq, dtype=torch.long, device=self.device)
+
+    def features_before(self, slots: torch.Tensor, input_pos: torch.Tensor,
+                        prefix: torch.Tensor | None) -> torch.Tensor:
+        """The target's feature at each position before input_pos [B, T] (zeros before position 0)."""
+        before = (input_pos - 1).clamp(min=0)
+        return self.target.feature_store[prefix_rows(slots, before, prefix), before] * (input_pos > 0)[..., None]
+
+    def run(self, tokens, input_pos, features, slots, kv_len, prefix) -> torch.Tensor:
+        self.tokens[slots[:, None], input_pos] = tokens
+        return self.model(self.target, tokens, features, input_pos, self.cache, slots, kv_len, prefix)
+
+    def forward(self, tokens, input_pos, cache, slots, kv_len, logits: bool = True, prefix=None):
+        """The head on stored features (prefill, timing), with ModelDrafter.forward's arguments (cache: the head's)."""
+        predicted = self.run(tokens, input_pos, self.features_before(slots, input_pos, prefix), slots, kv_len, prefix)
+        return head_logits(self.target, predicted) if logits else None
+
+    def prefill(self, tokens, input_pos, slots, kv_len, prefix=None) -> None:
+        self.forward(tokens, input_pos, self.cache, slots, kv_len, logits=False, prefix=prefix)
+
+    def draft(self, last: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, k: int, kv_len: int,
+              prefix: torch.Tensor | None, pick) -> list[torch.Tensor]:
+        """k drafts after each row's last token [B] at position lengths - 1; pick(i, logits [B, V]) chooses draft i.
+        Positions before the last were all fed to the target, and to the head as prompt or accepted drafts."""
+        pos = ((lengths - 1)[:, None] + torch.arange(1 - self.REFEED, 1, device=lengths.device)).clamp(min=0)
+        tokens = self.tokens[prefix_rows(slots, pos, prefix), pos]
+        tokens[:, -1] = last
+        features, drafts = self.features_before(slots, pos, prefix), []
+        for i in range(k):
+            predicted = self.run(tokens, pos, features, slots, kv_len, prefix)[:, -1:]
+            drafts.append(pick(i, head_logits(self.target, predicted)[:, -1]))
+            tokens, features, pos = drafts[-1][:, None], predicted, pos[:, -1:] + 1
+        if k:  # the last draft is never fed here; the next step's refeed reads it if it is accepted
+            self.tokens[slots[:, None], pos] = tokens
+        return drafts
+
+    def greedy_drafts(self, last2, lengths, slots, k, kv_len, prefix=None) -> torch.Tensor:
+        return torch.stack(self.draft(last2[:, 1], lengths, slots, k, kv_len, prefix,
+                                      lambda i, logits: logits.argmax(-1)), 1)
+
+    def propose(self, seqs, slots, k, sampling, u, kv_len, prefix=None, constrain=None):
+        qs, drafts = [], []
+
+        def pick(i, logits):
+            if constrain is not None:
+                logits = constrain(logits, drafts[-1] if drafts else None)
+            qs.append(probs_from_logits(logits[:, None], *sampling)[:, 0])
+            drafts.append(sample(qs[-1], u[:, i]))
+            return drafts[-1]
+
+        lengths = torch.tensor([len(s) for s in seqs], device=self.device)
+        last = torch.tensor([s[-1] for s in seqs], device=self.device)
+        self.draft(last, lengths, slots, k, kv_len, prefix, pick)  # pick collects the drafts and their q
+        return torch.stack(drafts, 1), torch.stack(qs, 1), torch.full((len(seqs),), k, device=self.device)
+
+
+def draft_spec(model_dir: Path, draft: str) -> str:
+    """"auto": the folder named by npc_engine.json's "draft" key in the model folder, else n-gram lookup."""
+    if draft != "auto":
+        return draft
+    hint = model_dir / "npc_engine.json"
+    named = json.loads(hint.read_text()).get("draft") if hint.is_file() else None
+    return str(model_dir / named) if named else "ngram"
+
+
+def make_drafter(draft: str, target, load_model, torch_backend: bool, max_batch: int, max_seq: int, device,
+                 dtype) -> Drafter:
+    """The drafter a spec names: "none", "ngram", a feature-head folder or a draft-model folder (loaded with
+    load_model(path), the target's loader). The registry: the only code that tells drafter kinds apart by name."""
+    if draft == "none":
+        return NoDrafter()
+    if draft == "ngram":
+        return NgramDrafter(target.args.vocab_size, device)
+    if is_head_dir(draft):
+        if not torch_backend:
+            raise ValueError(f"feature head {draft} drafts from the target's hidden states: it needs the torch backend")
+        return HeadDrafter(load_head(draft, target, device, dtype), target, max_batch + 1, max_seq, device, dtype)
+    draft_model = load_model(draft)
+    if draft_model.args.vocab_size != target.args.vocab_size:
+        raise ValueError(f"draft model {draft} has vocabulary size {draft_model.args.vocab_size}, the target has "
+                         f"{target.args.vocab_size}: they must share one tokenizer")
+    return ModelDrafter(draft_model, max_batch + 1, max_seq, device, dtype)

@@ -1,0 +1,169 @@
+"""The draft-length policy: a running acceptance rate per request and engine-wide, a cost model of a step drafting
+k tokens (calibrated at start, then the step times measured while serving), the K that maximises tokens per second,
+and probing, so speculation switched off can turn itself back on."""
+import time
+from dataclasses import dataclass
+
+import torch
+
+from npc_engine.engine.rows import batch_bucket
+
+# The draft lengths the policy picks from: each is a CUDA graph that capture_graphs makes before serving.
+DRAFT_LENGTHS = (1, 2, 3, 4, 6, 8, 12, 16)
+PROBE_AFTER = 32  # steps with speculation off before a request tries K = 1 again
+PROBE_ADMISSIONS = 16  # with speculation off, one new request in this many starts at K = 1
+
+
+@dataclass
+class Acceptance:
+    """Running per-token acceptance rate of drafts: decayed counts of accepted drafts and of trials (an accepted
+    draft, or the first rejected one of a step)."""
+    hits: float
+    trials: float
+
+    @classmethod
+    def prior(cls, alpha: float, weight: float = 2.0) -> "Acceptance":
+        return cls(weight * alpha, weight)
+
+    @property
+    def alpha(self) -> float:
+        return self.hits / self.trials if self.trials else 0.0
+
+    def update(self, accepted: int, drafted: int, decay: float) -> None:
+        self.hits = decay * self.hits + accepted
+        self.trials = decay * self.trials + accepted + (accepted < drafted)
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens emitted per step when each draft is accepted independently with probability alpha."""
+    return k + 1 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+def choose_k(alpha: float, step_cost) -> int:
+    """Draft length (one of DRAFT_LENGTHS) maximising tokens per second: step_cost(k) is the time of one step
+    drafting k tokens (k = 0: plain decoding). Returns 0 (speculation off) unless some K beats plain decoding by 5%."""
+    plain_rate = 1.0 / step_cost(0)
+    best_k, best_rate = 0, 1.05 * plain_rate
+    for k in DRAFT_LENGTHS:
+        rate = expected_tokens(alpha, k) / step_cost(k)
+        if rate > best_rate:
+            best_k, best_rate = k, rate
+    return best_k
+
+
+@dataclass
+class Calibration:
+    """Seconds of one target decode forward; a draft step and each extra verified token relative to it."""
+    forward_seconds: float = 1.0
+    draft_cost: float = 1.0
+    verify_cost_per_token: float = 0.0
+
+
+def calibrate(fw) -> Calibration:
+    """Times one- and nine-token target forwards and a one-token draft forward on the scratch slot."""
+    slots = torch.full((1,), fw.scratch_slot, device=fw.device)
+    kv_len = fw.kv_len(64)
+
+    def time_target(n: int) -> float:
+        tok = torch.zeros(1, n, dtype=torch.long, device=fw.device)
+        pos = torch.arange(n, device=fw.device)[None]
+        return timed(lambda: fw.forward(tok, pos, fw.cache, slots, kv_len), fw.device)
+
+    t1, t9 = time_target(1), time_target(9)
+    verify_cost_per_token = max(0.0, (t9 - t1) / 8 / t1)
+    if fw.drafter.host_drafts:
+        return Calibration(t1, 0.0, verify_cost_per_token)
+    tok = torch.zeros(1, 1, dtype=torch.long, device=fw.device)
+    # one-token forwards; a feature head's first draft of a step also re-feeds positions, which the measured step
+    # times count once there are some
+    t_draft = timed(lambda: fw.drafter.forward(tok, tok, fw.drafter.cache, slots, kv_len), fw.device)
+    return Calibration(t1, t_draft / t1, verify_cost_per_token)
+
+
+def timed(fn, device: torch.device, repeats: int = 5) -> float:
+    """Median seconds of fn() after one warm-up call."""
+    with torch.no_grad():
+        fn()
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+class DraftPolicy:
+    """Draft lengths of the engine's requests. fixed_k: always that K (no adaptation)."""
+
+    def __init__(self, drafts: bool, prior_alpha: float, fixed_k: int | None, calibration: Calibration):
+        self.drafts, self.fixed_k, self.calibration = drafts, fixed_k, calibration
+        self.acceptance = Acceptance.prior(prior_alpha)  # over all requests: where each new one starts
+        self.admitted_without_drafts = 0
+        # Step wall times measured while serving, per (batch bucket, K): they include the host work the
+        # forward-only calibration misses, which decides whether speculation pays for small models.
+        self.step_seconds: dict[tuple[int, int], float] = {}
+
+    def admit(self, r, batch: int) -> None:
+        """A new request's K and acceptance, from the acceptance the engine has seen lately (lines are short: a
+        request adapting from the drafter's fixed prior spends much of its line at the wrong K)."""
+        alpha = self.acceptance.alpha
+        r.acceptance = Acceptance.prior(alpha)
+        if self.fixed_k is not None:
+            r.k = self.fixed_k
+            return
+        r.k = choose_k(alpha, self.step_cost_fn(batch))
+        if r.k == 0 and self.drafts:
+            # Speculation is off: every PROBE_ADMISSIONS-th request drafts one token, so the engine-wide
+            # acceptance can recover (short lines never reach the per-request probe after PROBE_AFTER steps).
+            self.admitted_without_drafts += 1
+            r.k = int(self.admitted_without_drafts % PROBE_ADMISSIONS == 0)
+
+    def update(self, r, accepted: int, drafted: int, step_cost) -> None:
+        """After a step: the acceptance rates, then r's next K (or, speculation off, a probe after PROBE_AFTER)."""
+        if drafted:
+            r.acceptance.update(accepted, drafted, 0.9)
+            self.acceptance.update(accepted, drafted, 0.98)
+        if self.fixed_k is not None or not self.drafts:
+            return
+        if r.k == 0:
+            r.off_steps += 1
+            if r.off_steps >= PROBE_AFTER:
+                r.k, r.off_steps = 1, 0
+            return
+        r.k = choose_k(r.acceptance.alpha, step_cost)
+
+    def asked_k(self, reqs: list) -> int:
+        """The draft length of a step of these requests: the longest any of them asks for."""
+        k = max(r.k for r in reqs) if self.drafts else 0
+        if self.fixed_k is None and k and (batch_bucket(len(reqs)), 0) not in self.step_seconds:
+            return 0  # measure plain decoding once per batch size: speculation must beat it, host work included
+        return k
+
+    def step_cost_fn(self, batch: int):
+        """step_cost(k) for choose_k: the measured time of a step drafting k tokens at this batch size,
+        else the nearest measured K plus the calibrated per-token cost, else the calibration alone."""
+        bucket, c = batch_bucket(batch), self.calibration
+        measured = {k: t for (b, k), t in self.step_seconds.items() if b == bucket}
+        per_token = c.forward_seconds * (c.draft_cost + c.verify_cost_per_token)
+        if len(measured) >= 2:  # the measured slope also counts the host work of each draft step
+            lo, hi = min(measured), max(measured)
+            per_token = max(per_token, (measured[hi] - measured[lo]) / (hi - lo))
+
+        def cost(k: int) -> float:
+            if k in measured:
+                return measured[k]
+            if measured:
+                nearest = min(measured, key=lambda m: abs(m - k))
+                return max(1e-9, measured[nearest] + (k - nearest) * per_token)
+            return c.forward_seconds + k * per_token
+
+        return cost
+
+    def record_step_time(self, batch: int, k: int, seconds: float) -> None:
+        key = (batch_bucket(batch), k)
+        old = self.step_seconds.get(key)
+        self.step_seconds[key] = seconds if old is None else 0.8 * old + 0.2 * seconds

@@ -1,0 +1,120 @@
+"""Prompt prefill: persona prefixes attached from (or computed once into) their prefix slots, then the rest of each
+prompt in chunks batched across requests. A complete prompt is fed up to its last token, whose logits give the
+request's first token (so time to first token is one prefill); an open prompt (still arriving) in whole chunks of
+STREAM_CHUNK as they come. The drafter's cache is fed alongside when some request drafts, and caught up when it fell
+behind."""
+import torch
+
+from npc_engine.engine.requests import Request
+from npc_engine.engine.slots import Slots, prefix_ref, prefix_tensor
+from npc_engine.header import step_masks
+from npc_engine.sampling import params_tensors, probs_from_logits, sample
+
+STREAM_CHUNK = 16  # an open prompt is prefilled in chunks of this many tokens as it arrives
+PREFILL_CHUNK = 32  # a complete prompt: most new-token prompts (a player line) fit one chunk
+EAGER_PREFILL_CHUNK = 128  # without CUDA graphs no shape needs repeating: fewer, larger forwards
+
+
+def open_prefill_end(r: Request) -> int:
+    """An open prompt is fed in whole chunks and never up to its last token: the completing prefill needs a token
+    whose logits give the first new token (a changed last word is rolled back by `update_prompt`)."""
+    return r.fed + (len(r.prompt) - 1 - r.fed) // STREAM_CHUNK * STREAM_CHUNK
+
+
+class Prefiller:
+    def __init__(self, fw, slots: Slots):
+        self.fw, self.slots = fw, slots
+        self.chunk = PREFILL_CHUNK if fw.graphed else EAGER_PREFILL_CHUNK
+
+    def attach_prefixes(self, reqs: list[Request]) -> None:
+        """Points each request at the shared KV of its persona prefix, computing a missing one once into a prefix
+        slot (target and drafter). With no slot to spare the prefix is computed in the request's own slot like the
+        rest of its prompt."""
+        missing = []
+        for r in reqs:
+            if not r.prefix_len:
+                continue
+            compute = self.slots.share(r)
+            if r.shared is None:
+                continue
+            r.fed = r.draft_valid = r.prefix_len
+            if compute:
+                missing.append(r)
+            else:
+                r.stats.cached_prefix_tokens = r.prefix_len
+        self.feed([(r, 0, r.prefix_len) for r in missing], into_prefix=True)
+
+    def prefill(self, reqs: list[Request]) -> list[tuple[Request, int]]:
+        """Feeds the prompts not yet in the cache; returns (request, first token) for each prompt completed."""
+        complete = [(r, r.fed, len(r.prompt)) for r in reqs if r.complete]
+        streaming = [(r, r.fed, open_prefill_end(r)) for r in reqs if not r.complete]
+        # Requests that start with speculation off leave the drafter's cache behind (a drafting step catches up);
+        # a prefill that feeds the drafter catches its requests up first (an open prompt fed while none drafted).
+        drafting = any(r.k for r in reqs)
+        if drafting and self.fw.drafter.cache is not None:
+            self.feed([(r, r.draft_valid, r.fed) for r in reqs], target=False)
+        self.feed(streaming, chunk=STREAM_CHUNK, draft=drafting)
+        last_logits = self.feed(complete, draft=drafting)
+        for r, _, end in complete + streaming:
+            r.fed = end
+            if drafting:
+                r.draft_valid = end
+        if not last_logits:
+            return []
+        finishing = [r for r, _ in last_logits]
+        return list(zip(finishing, self.first_tokens(finishing, torch.stack([row for _, row in last_logits]))))
+
+    def catch_up(self, reqs: list[Request]) -> None:
+        """Before a drafting step: feeds the drafter what steps without drafting left out (from `guessed` positions
+        before where it stopped, up to the positions its proposals re-feed)."""
+        drafter = self.fw.drafter
+        if drafter.cache is None:
+            return
+        behind = [r for r in reqs if r.draft_valid < len(r.ids) - drafter.feeds_last]
+        self.feed([(r, max(0, r.draft_valid - drafter.guessed), len(r.ids) - drafter.feeds_last) for r in behind],
+                  target=False)
+
+    def first_tokens(self, reqs: list[Request], logits: torch.Tensor) -> list[int]:
+        masks = step_masks([r.header for r in reqs], logits.shape[-1], self.fw.device)
+        if masks is not None:  # a line header's first token
+            logits = logits.masked_fill(~masks.next_mask(), float("-inf"))
+        if all(r.params.temperature == 0 for r in reqs):
+            return logits.argmax(-1).tolist()
+        device = self.fw.device
+        probs = probs_from_logits(logits[:, None], *params_tensors([r.params for r in reqs], device))[:, 0]
+        u = torch.cat([torch.rand(1, generator=r.generator, device=device) for r in reqs])
+        return sample(probs, u).tolist()
+
+    def feed(self, ranges: list[tuple[Request, int, int]], target: bool = True, chunk: int | None = None,
+             into_prefix: bool = False, draft: bool = True) -> list[tuple[Request, torch.Tensor]]:
+        """Feeds positions [a, b) of each request's tokens to the target (unless target=False) and the drafter
+        (unless draft=False), into the request's own slot or (into_prefix) its shared prefix slot. Returns the
+        target's logits at the last prompt token of each complete prompt fed to its end."""
+        fw = self.fw
+        ranges = [(r, a, b) for r, a, b in ranges if b > a]
+        chunk = chunk or self.chunk
+        longest = max((b - a for _, a, b in ranges), default=0)
+        last_logits = []
+        for offset in range(0, longest, chunk):
+            rows = [(r, a + offset, min(b, a + offset + chunk)) for r, a, b in ranges if a + offset < b]
+            # CUDA graphs want few shapes: full chunks there; eager forwards pad no further than the longest row.
+            width = chunk if fw.graphed else max(b - a for _, a, b in rows)
+            # Short rows are padded with positions past their own end: those cache entries are
+            # overwritten before any query can see them.
+            tokens = fw.tensor([r.ids[a:b] + [0] * (width - (b - a)) for r, a, b in rows])
+            positions = [list(range(a, a + width)) for _, a, _ in rows]
+            pos_t = fw.tensor(positions)
+            slots = fw.tensor([r.shared.slot if into_prefix else r.slot for r, _, _ in rows])
+            prefix = None if into_prefix else prefix_tensor([prefix_ref(r) for r, _, _ in rows], fw.device)
+            kv_len = fw.kv_len(max(p[-1] for p in positions) + 1)
+            if target:
+                ending = [i for i, (r, _, b) in enumerate(rows) if r.complete and b == len(r.prompt)]
+                index = fw.tensor([b - 1 - a for _, a, b in rows]) if ending else False
+                logits = fw.forward(tokens, pos_t, fw.cache, slots, kv_len, logits=index, prefix=prefix)
+                # copied: a graph's logits buffer is overwritten by its next replay
+                last_logits += [(rows[i][0], logits[i].clone()) for i in ending]
+                for r, a, b in rows:
+                    r.stats.prefill_tokens += b - a
+            if draft:
+                fw.drafter.prefill(tokens, pos_t, slots, kv_len, prefix)
+        return last_logits

@@ -1,0 +1,88 @@
+"""PEFT LoRA adapters merged at load: logits equal peft's merged model on a random small Llama and random LoRA."""
+import json
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from npc_engine.loading import CheckpointError, load_model  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(path, hidden=64, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    write_tokenizer(path)
+    return model
+
+
+def write_tokenizer(path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+
+
+def lora(model, path, **config):
+    torch.manual_seed(1)
+    cfg = peft.LoraConfig(target_modules=TARGETS, init_lora_weights=False, lora_dropout=0.1, **config)
+    wrapped = peft.get_peft_model(model, cfg)
+    wrapped.save_pretrained(path)
+    return wrapped.merge_and_unload().eval()
+
+
+@pytest.mark.parametrize("config", [dict(r=4, lora_alpha=8), dict(r=8, lora_alpha=4, use_rslora=True),
+                                    dict(r=4, lora_alpha=16, rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 3})],
+                         ids=["plain", "rslora", "patterns"])
+def test_merged_logits_equal_peft(tmp_path, config):
+    base = tiny_llama(tmp_path / "base")
+    merged = lora(base, tmp_path / "adapter", **config)
+    ours = load_model(tmp_path / "base", dtype="float32", adapter=tmp_path / "adapter")
+    plain = load_model(tmp_path / "base", dtype="float32")
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = merged(ids).logits
+        torch.testing.assert_close(ours(ids), expected, atol=1e-5, rtol=1e-5)
+        assert (plain(ids) - expected).abs().max() > 1e-2  # the adapter does change the model
+
+
+def test_adapter_for_another_shape(tmp_path):
+    lora(tiny_llama(tmp_path / "base", hidden=64), tmp_path / "adapter", r=4, lora_alpha=8)
+    tiny_llama(tmp_path / "other", hidden=32)
+    shape = r"adapter for another shape: model\.layers\.\d\.\S+ is \d+ -> \d+, the adapter's lora_A"
+    with pytest.raises(CheckpointError, match=shape):
+        load_model(tmp_path / "other", adapter=tmp_path / "adapter")
+
+
+def test_adapter_errors(tmp_path):
+    lora(tiny_llama(tmp_path / "base"), tmp_path / "adapter", r=4, lora_alpha=8)
+    with pytest.raises(CheckpointError, match="needs adapter_config.json and adapter_model.safetensors"):
+        load_model(tmp_path / "base", adapter=tmp_path / "base")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg | {"use_dora": True}))
+    with pytest.raises(CheckpointError, match="DoRA not supported"):
+        load_model(tmp_path / "base", adapter=tmp_path / "adapter")
+
+
+def test_adapter_flag_on_generate(tmp_path, capsys):
+    from npc_engine.cli import main
+
+    base = tiny_llama(tmp_path / "base")
+    merged = lora(base, tmp_path / "adapter", r=4, lora_alpha=8)
+    merged.save_pretrained(tmp_path / "merged")
+    write_tokenizer(tmp_path / "merged")
+    outputs = []
+    for model, adapter in ((tmp_path / "base", tmp_path / "adapter"), (tmp_path / "merged", None)):
+        argv = ["generate", "--model", str(model), "--prompt", "w5 w7", "--greedy", "--max-tokens", "8", "--ids",
+                "--draft", "none"]
+        assert main(argv + (["--adapter", str(adapter)] if adapter else [])) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]

@@ -1,0 +1,140 @@
+"""Drafters on their own: n-gram lookup, the feature head's cache and drafts against an uncached run, the registry."""
+import pytest
+import torch
+
+from npc_engine.drafters import HeadDrafter, ModelDrafter, NgramDrafter, NoDrafter
+from npc_engine.engine.slots import prefix_ref, prefix_tensor
+from npc_engine.head import FeatureHead
+from npc_engine.loading import load_model
+from npc_engine.model import Transformer
+from npc_engine.sampling import SamplingParams
+from test_speculative import PROMPTS, make_engine, random_head
+
+
+def test_ngram_lookup_finds_the_latest_earlier_occurrence():
+    def scan(seq, k, max_n=3):
+        for n in range(min(max_n, len(seq) - 1), 0, -1):
+            for start in range(len(seq) - n - 1, -1, -1):
+                if seq[start:start + n] == seq[-n:]:
+                    return seq[start + n:start + n + k]
+        return []
+
+    drafter, g = NgramDrafter(2**20, "cpu"), torch.Generator().manual_seed(0)
+    for vocab in (2, 5, 300, 2**20):  # large ids: byte patterns that also match across token boundaries
+        for _ in range(300):
+            seq = torch.randint(0, vocab, (int(torch.randint(1, 50, (1,), generator=g)),), generator=g).tolist()
+            assert drafter.lookup(seq, 4) == scan(seq, 4), seq
+    assert drafter.lookup([7, 1, 2, 3, 9, 1, 2, 3, 5, 1, 2, 3], 3) == [5, 1, 2]
+
+
+def reference_head_drafts(target: Transformer, head: FeatureHead, ids: list[int], k: int) -> list[int]:
+    """Greedy drafts of a feature head without any cache (the training eval's replay proposer)."""
+    from npc_engine.train.eval import head_proposals
+
+    with torch.no_grad():
+        work = torch.tensor([ids + [0] * k])
+        return head_proposals(target, head)(work, torch.tensor([len(ids)]), k)[0].tolist()
+
+
+def test_uncached_head_proposals_batch_rows_of_different_lengths(tiny_pair_dirs):
+    from npc_engine.train.eval import head_proposals
+
+    target = load_model(tiny_pair_dirs[0])
+    head = random_head(target, seed=2)
+    rows = [[5, 9, 17, 3, 8, 21, 4], [7, 2, 30]]
+    work = torch.zeros(2, 12, dtype=torch.long)
+    for i, r in enumerate(rows):
+        work[i, :len(r)] = torch.tensor(r)
+    with torch.no_grad():
+        batched = head_proposals(target, head)(work, torch.tensor([len(r) for r in rows]), 4).tolist()
+    assert batched == [reference_head_drafts(target, head, r, 4) for r in rows]
+
+
+@pytest.mark.parametrize("shared_prefix,temperature,pipeline", [(False, 1.0, False), (True, 1.0, False),
+                                                                (True, 0.0, False), (False, 0.0, True)])
+def test_head_drafts_and_cache_match_an_uncached_run(tiny_pair_dirs, shared_prefix, temperature, pipeline):
+    """After prefill (from a shared persona prefix or not) and steps whose drafts were partly rejected (sampled,
+    greedy, pipelined greedy), the feature head's next drafts are those of an uncached run on the accepted tokens,
+    whatever they accepted, and its cache equals a fresh prefill's: the target's stored features, the head's token
+    store and the refeed after a rollback are right."""
+    target_dir, _ = tiny_pair_dirs
+    engine = make_engine(target_dir, "head", fixed_k=4, pipeline=pipeline)
+    persona = engine.tokenizer.encode(PROMPTS[0])
+    prefix_len = len(persona) - 3 if shared_prefix else 0
+    for rid in ("a", "b"):  # the second request reads the prefix the first computed
+        params = SamplingParams(temperature=temperature, seed=5, max_tokens=200)
+        engine.submit(rid, persona, params, prefix_len=prefix_len)
+    for _ in range(5):
+        engine.step()
+    if engine.inflight is not None:  # the host's tokens are one step behind the device: read that step first
+        engine.apply(engine.pipeline.settle(engine.inflight), engine.inflight.k)
+        engine.pipeline.inflight = None
+    r = engine.active["b"]
+    assert r.stats.drafted > 0 and (r.shared is not None) == shared_prefix
+    assert r.stats.cached_prefix_tokens == prefix_len
+    drafter = engine.drafter
+    n = len(r.ids)
+    with torch.no_grad():
+        got = drafter.greedy_drafts(torch.tensor([r.ids[-2:]]), torch.tensor([n]), torch.tensor([r.slot]), 4,
+                                    engine.max_seq, prefix_tensor([prefix_ref(r)], "cpu"))
+    assert got[0].tolist() == reference_head_drafts(engine.target, drafter.model, r.ids, 4)
+    fresh = make_engine(target_dir, "head", fixed_k=4)
+    fresh.drafter.model = drafter.model
+    fresh_slot = fresh.slots.free[-1]
+    fresh.submit("c", r.ids, SamplingParams(max_tokens=1))
+    fresh.step()  # prefills every token: the head's cache as if only these tokens were fed
+    ours = drafter.cache.k[0, r.slot, :, prefix_len:n]
+    assert torch.allclose(ours, fresh.drafter.cache.k[0, fresh_slot, :, prefix_len:n], atol=1e-5)
+
+
+def test_head_catches_up_after_steps_without_drafting(tiny_pair_dirs):
+    """Drafting, then more plain steps than a refeed covers, then drafting again: the catch-up re-feeds the
+    positions whose head entries rest on its own guesses and the token before the last, so the head's cache
+    again equals a fresh prefill's."""
+    target_dir, _ = tiny_pair_dirs
+    engine = make_engine(target_dir, "head", fixed_k=4)
+    engine.submit("a", engine.tokenizer.encode(PROMPTS[2]), SamplingParams(temperature=1.0, seed=7, max_tokens=200))
+    for _ in range(4):
+        engine.step()
+    r = engine.active["a"]
+    assert 0 < r.stats.accepted < r.stats.drafted
+    engine.policy.fixed_k = r.k = 0
+    for _ in range(25):
+        engine.step()
+    engine.policy.fixed_k = r.k = 3
+    before = len(r.ids)
+    engine.step()  # the catch-up, then a drafting step: exact below `before`, where this step's drafts begin
+    fresh = make_engine(target_dir, "head", fixed_k=4)
+    fresh.drafter.model = engine.drafter.model
+    fresh_slot = fresh.slots.free[-1]
+    fresh.submit("c", r.ids, SamplingParams(max_tokens=1))
+    fresh.step()
+    ours, theirs = engine.drafter.cache.k[0, r.slot, :, :before], fresh.drafter.cache.k[0, fresh_slot, :, :before]
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().amax(dim=(0, 2)).nonzero().flatten()
+
+
+def test_the_registry_makes_each_drafter_and_each_states_every_capability(tiny_pair_dirs, tmp_path):
+    """make_drafter names the kinds; the engine reads only the Drafter protocol's attributes, so every drafter has
+    all of them (a missing one would surface only on the code path that reads it)."""
+    from npc_engine.drafters import Drafter, draft_spec, make_drafter
+    from npc_engine.head import save_head
+
+    target_dir, draft_dir = tiny_pair_dirs
+    target = load_model(target_dir)
+    head_dir = tmp_path / "head"
+    save_head(random_head(target), head_dir, target_name=target_dir.name, dtype=torch.float32)
+
+    def make(spec: str, torch_backend: bool = True):
+        return make_drafter(spec, target, load_model, torch_backend, 2, 64, "cpu", torch.float32)
+
+    kinds = {"none": NoDrafter, "ngram": NgramDrafter, str(head_dir): HeadDrafter, str(draft_dir): ModelDrafter}
+    for spec, kind in kinds.items():
+        drafter = make(spec)
+        assert type(drafter) is kind
+        assert all(hasattr(drafter, name) for name in Drafter.__annotations__), kind
+        assert drafter.drafts == (kind is not NoDrafter) and drafter.host_drafts == (kind is NgramDrafter)
+        assert (drafter.transformer is not None) == (kind is ModelDrafter)
+        assert drafter.uses_features == (kind is HeadDrafter)
+    with pytest.raises(ValueError, match="needs the torch backend"):
+        make(str(head_dir), torch_backend=False)
+    assert draft_spec(target_dir, "auto") == "ngram" and draft_spec(target_dir, "none") == "none"
