@@ -17,10 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import SHAPES  # noqa: E402
 from npc_engine.model import KVCache, ModelArgs, Transformer  # noqa: E402
-
-SMOLLM2_135M = dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, intermediate_size=1536,
-                    rope_theta=100000.0, tie_word_embeddings=True)
 
 
 def random_cache(model: Transformer, max_seq: int) -> KVCache:
@@ -72,7 +70,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(**SMOLLM2_135M)).eval().to(getattr(torch, args.dtype))
+    model = Transformer(ModelArgs(**SHAPES["smollm2"])).eval().to(getattr(torch, args.dtype))
     cache = random_cache(model, args.max_seq)
     times = step_seconds(model, cache, args.context, args.steps + 3)[3:]
     result = {"shape": "SmolLM2-135M", "dtype": args.dtype, "threads": args.threads, "context": args.context,

@@ -178,8 +178,10 @@ def random_checkpoint(shape: str, out: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/npc-target", help="model folder served")
-    ap.add_argument("--random-shape", choices=sorted(SHAPES), help="serve random weights of this shape instead of --model")
-    ap.add_argument("--draft", default="auto", help="draft model folder, feature-head folder, 'ngram', 'none' or 'auto'")
+    ap.add_argument("--random-shape", choices=sorted(SHAPES),
+                    help="serve random weights of this shape instead of --model")
+    ap.add_argument("--draft", default="auto",
+                    help="draft model folder, feature-head folder, 'ngram', 'none' or 'auto'")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--max-batch", type=int, default=16, help="engine slots (requests generated together)")
     ap.add_argument("--concurrency", default="1,8,32,64")
@@ -205,7 +207,8 @@ def main() -> None:
         print(f"| say (1 token) → done | {cost['say_p50_us']:.0f} | {cost['say_p99_us']:.0f} |", flush=True)
 
         print(f"\n## End to end, up to {args.max_tokens} tokens a line, {args.rounds} rounds after a warm-up")
-        print("| concurrent | TTFT p50 ms | TTFT p99 ms | service TTFT p50 ms | line p50 ms | line p99 ms | tokens/line | tokens/s |")
+        print("| concurrent | TTFT p50 ms | TTFT p99 ms | service TTFT p50 ms | line p50 ms | line p99 ms "
+              "| tokens/line | tokens/s |")
         print("|---|---|---|---|---|---|---|---|", flush=True)
         real = ServiceProcess(model, args.draft, args.device, args.max_batch, scripted=False)
         rows = []

@@ -16,6 +16,9 @@ SHAPES = {
                rope_theta=500000.0),
     # Small enough for a CPU run: 12 layers, d 768 (a GPT-2-small-sized Llama).
     "small": dict(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, intermediate_size=2048),
+    # SmolLM2-135M's shape: deep and narrow, 30 layers of width 576, GQA 9/3.
+    "smollm2": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, intermediate_size=1536,
+                    rope_theta=100000.0, tie_word_embeddings=True),
 }
 
 

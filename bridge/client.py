@@ -12,6 +12,10 @@ Besides the service's messages, `poll()` yields client-side events (all with `"s
 After a synthetic terminal event, late messages for that id are dropped, so every `say` id gets
 exactly one terminal event (`done` or `error`).
 
+Scenes (protocol 1.2, cap `scene`): `open_scene`, then `scene_say` / `scene_next` ask for one line each (a
+`line` event names its speaker and addressee, then `token`s and one terminal event, as for `say`),
+`scene_event`, `scene_cast`, `scene_state`, `close_scene`.
+
 A line the player is still typing can reach the service early: `say(..., open=True)` with the text
 so far, then `append(id, piece)` per piece and `append(id, last_piece, final=True)`. The service
 prefills the prompt while the player types and starts answering at the final piece.
@@ -196,6 +200,79 @@ class Client:
         self._check(msg)
         self._send(msg)
         return msg["id"]
+
+    # -- scenes (protocol 1.2, cap `scene`; replies arrive through poll) ---------------------------
+
+    def open_scene(self, scene: str, cast: list[str], situation: str, *, host: str | None = None,
+                   itinerary: list | None = None, guests: list[dict] | None = None, player: bool = True,
+                   player_role: str | None = None) -> str:
+        """Open a scene of several NPCs (PROTOCOL.md, "Scenes"); answered by `scene.state`. `itinerary`: texts or
+        `{"text", "at"}` maps, run by the `host`; `guests`: `{"name", "rsvp", "role", "npc"}` maps."""
+        return self._scene_request({"type": "scene.open", "scene": scene, "cast": list(cast), "situation": situation,
+                                    "host": host, "itinerary": itinerary, "guests": guests, "player": player,
+                                    "player_role": player_role})
+
+    def scene_say(self, scene: str, text: str, *, to: str | None = None, max_tokens: int | None = None,
+                  temperature: float | None = None, seed: int | None = None, deadline_ms: float | None = None,
+                  stream: bool = True, id: str | None = None) -> str:
+        """The player speaks into `scene` (to one cast member, or to whoever the scene picks); returns the id of
+        the line that answers: a `line` event (speaker, addressee), `token`s, one terminal event. It interrupts
+        the scene's line in flight."""
+        return self._scene_line({"type": "scene.say", "scene": scene, "text": text, "to": to}, id, max_tokens,
+                                temperature, seed, deadline_ms, stream)
+
+    def scene_next(self, scene: str, *, speaker: str | None = None, to: str | None = None,
+                   max_tokens: int | None = None, temperature: float | None = None, seed: int | None = None,
+                   deadline_ms: float | None = None, stream: bool = True, id: str | None = None) -> str:
+        """Ask `scene` for its next line (ambient), by `speaker` if given; events as for `scene_say`
+        (`scene_busy` while a line of the scene is in flight)."""
+        return self._scene_line({"type": "scene.next", "scene": scene, "speaker": speaker, "to": to}, id,
+                                max_tokens, temperature, seed, deadline_ms, stream)
+
+    def scene_event(self, scene: str, *, text: str | None = None, arrive: str | None = None,
+                    leave: str | None = None, itinerary: str | int | None = None) -> str:
+        """Tell `scene` what happened: `text` (into the transcript), a guest or "player" arriving or leaving, the
+        itinerary moving on ("next" or an item number). Answered by `scene.state`."""
+        return self._scene_request({"type": "scene.event", "scene": scene, "text": text, "arrive": arrive,
+                                    "leave": leave, "itinerary": itinerary})
+
+    def scene_cast(self, scene: str, *, add: list[str] = (), remove: list[str] = ()) -> str:
+        """NPCs join or leave `scene`; answered by `scene.state`."""
+        return self._scene_request({"type": "scene.cast", "scene": scene, "add": list(add), "remove": list(remove)})
+
+    def close_scene(self, scene: str) -> str:
+        """Answered by `scene.closed`; the line in flight ends cancelled."""
+        return self._scene_request({"type": "scene.close", "scene": scene})
+
+    def scene_state(self, scene: str) -> str:
+        """Answered by `scene.state`: cast, presence, itinerary position, guests, transcript, the line in flight."""
+        return self._scene_request({"type": "scene.state", "scene": scene})
+
+    def _scene_request(self, msg: dict) -> str:
+        self._check_cap("scene", "scenes")
+        msg = {k: v for k, v in msg.items() if v is not None}
+        msg["id"] = next(self._ids)
+        self._check(msg)
+        self._send(msg)
+        return msg["id"]
+
+    def _scene_line(self, msg: dict, id: str | None, max_tokens, temperature, seed, deadline_ms, stream) -> str:
+        self._check_cap("scene", "scenes")
+        rid = self._new_id(id)
+        optional = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed, "deadline_ms": deadline_ms}
+        msg = {k: v for k, v in (msg | optional).items() if v is not None} | {"id": rid, "stream": stream}
+        self._check(msg)
+        now = time.monotonic()
+        expires = now + (deadline_ms + self.deadline_grace_ms) / 1000 if deadline_ms is not None else None
+        self._pending[rid] = _Pending(now, expires)
+        self._abandoned.pop(rid, None)
+        self._send(msg)
+        return rid
+
+    def _check_cap(self, cap: str, what: str) -> None:
+        if self.server is None or cap not in self.server.get("caps", []):
+            raise ValueError(f"{what} need the service's welcome with '{cap}' in its caps (protocol 1.2): poll until "
+                             "the connection event first")
 
     def _limits(self) -> protocol.Limits:
         return protocol.Limits.from_wire(self.server["limits"]) if self.server else protocol.Limits()

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-ms", type=positive(float), default=1.0,
                    help="bridge time per frame")
     p.add_argument("--seed", type=int, default=0, help="seed of ambient chatter")
-    p.add_argument("--no-chatter", action="store_true", help="no ambient chatter or toasts")
+    p.add_argument("--no-chatter", action="store_true", help="no ambient scene lines (the itinerary still runs)")
     p.add_argument("--overlay", action="store_true", help="start with the F1 overlay shown")
     p.add_argument("--headless", action="store_true", help="no window (SDL_VIDEODRIVER=dummy)")
     p.add_argument("--frames", type=positive(int), metavar="N",

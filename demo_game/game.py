@@ -15,7 +15,7 @@ import pygame
 from demo_game import tavern
 from demo_game.bubbles import FONT_SIZE, Bubble
 from demo_game.cast import CastMember
-from demo_game.chatter import Chatter
+from demo_game.evening import Evening
 from demo_game.metering import FrameStats, MeteredClient
 from demo_game.overlay import Overlay
 from demo_game.script import ScriptRunner
@@ -90,7 +90,7 @@ class Game:
         self.rng = random.Random(options.seed)
         self.bridge = MeteredClient(client, options.budget_ms)
         self.talk = Conversations(self.bridge, cast, self.bubbles, self.rng)
-        self.chatter = Chatter(self.talk, cast, self.bubbles, self.rng, enabled=options.chatter)
+        self.evening = Evening(self.talk, cast, self.bubbles, self.rng, enabled=options.chatter)
         self.stats = FrameStats(keep_all=options.record)
         self.overlay = Overlay(small, self.stats, self.talk, options.budget_ms, options.address)
         self.overlay.visible = options.overlay
@@ -156,6 +156,9 @@ class Game:
         line = self.open_line
         if line is not None and not line.ended and line.npc == npc and (text + " ").startswith(self.sent_text):
             self.talk.append(line, text[len(self.sent_text):], now, final=True)  # pieces + this = text
+        elif self.evening.in_scene(npc):  # the player joins the evening's conversation
+            self.drop_open_line(now)
+            self.evening.player_line(npc, text, now, PLAYER_MAX_TOKENS, PLAYER_DEADLINE_MS)
         else:
             self.drop_open_line(now)
             self.talk.say(npc, text, now, priority="player", session="player",
@@ -168,8 +171,8 @@ class Game:
         text = self.typed.lstrip()
         if self.open_line is not None and (self.open_line.ended or not text.startswith(self.sent_text)):
             self.drop_open_line(now)  # edited behind what was sent, or ended by the service (open timeout)
-        if not text.endswith(" ") or not text.strip() or not self.bridge.serves_append:
-            return
+        if not text.endswith(" ") or not text.strip() or not self.bridge.serves_append or self.evening.in_scene(npc):
+            return  # (a scene line is sent whole)
         if self.open_line is None:
             self.open_line = self.talk.say(npc, text, now, priority="player", session="player",
                                            max_tokens=PLAYER_MAX_TOKENS, deadline_ms=PLAYER_DEADLINE_MS, open=True)
@@ -191,7 +194,7 @@ class Game:
         # collector's reach keeps its pauses inside frames short.
         gc.collect()
         gc.freeze()
-        self.chatter.greet(time.perf_counter())
+        self.evening.greet(time.perf_counter())
         last_start = None
         next_frame = time.perf_counter()
         while self.running:
@@ -220,8 +223,7 @@ class Game:
             line = self.talk.speaking.get(self.partner)
             if line is not None and line.priority == "player":
                 self.talk.cancel(self.partner, now)
-        near = {i for i in self.cast if self.distance(i) <= LEAVE_RANGE}
-        self.chatter.update(now, near | ({self.partner} if self.partner else set()))
+        self.evening.update(now)
         self.talk.exchange(now)
         self.draw(now)
         if self.options.capture_screenshot:
@@ -370,9 +372,11 @@ class Game:
     # -- the end of a run ------------------------------------------------------------------
 
     def finish(self, timeout_s: float = 5.0) -> None:
-        """Cancel every line still running and wait (outside the frame loop) for the service to
-        answer each one, so every request ends with its terminal message."""
+        """Close the evening's scene (its line in flight ends cancelled), cancel every line still running and
+        wait (outside the frame loop) for the service to answer each one, so every request ends with its
+        terminal message."""
         end = time.perf_counter() + timeout_s
+        self.evening.close()
         for npc in list(self.talk.speaking):
             self.talk.cancel(npc, time.perf_counter())
         while time.perf_counter() < end and (self.talk.in_flight or self.talk.cancels):

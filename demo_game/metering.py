@@ -46,6 +46,26 @@ class MeteredClient:
     def cancel(self, request_id: str) -> None:
         self._timed(self.client.cancel, request_id)
 
+    def open_scene(self, scene: str, cast: list[str], situation: str, **kwargs) -> str:
+        return self._timed(self.client.open_scene, scene, cast, situation, **kwargs)
+
+    def scene_event(self, scene: str, **kwargs) -> str:
+        return self._timed(self.client.scene_event, scene, **kwargs)
+
+    def close_scene(self, scene: str) -> str:
+        return self._timed(self.client.close_scene, scene)
+
+    def scene_say(self, scene: str, text: str, **kwargs) -> str:
+        return self._timed(self.client.scene_say, scene, text, **kwargs)
+
+    def scene_next(self, scene: str, **kwargs) -> str:
+        return self._timed(self.client.scene_next, scene, **kwargs)
+
+    @property
+    def serves_scenes(self) -> bool:
+        """The service runs scenes (its welcome lists the `scene` cap)."""
+        return self.client.connected and "scene" in (self.client.server or {}).get("caps", [])
+
     @property
     def serves_append(self) -> bool:
         """The service takes lines in pieces (its welcome lists the `append` cap)."""

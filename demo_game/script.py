@@ -7,7 +7,7 @@ import json
 import os
 
 from demo_game.cast import HOST_ID, CastMember
-from demo_game.chatter import AMBIENT_MAX_TOKENS
+from demo_game.evening import AMBIENT_MAX_TOKENS
 
 # action -> {field: (types, required)}
 ACTIONS = {
@@ -148,9 +148,9 @@ class ScriptRunner:
             self.partner = npc
             game.walk_away_from(npc)
         elif kind == "toast":
-            game.chatter.toast(now, action.get("max_tokens", AMBIENT_MAX_TOKENS))
+            game.evening.toast(now, action.get("max_tokens", AMBIENT_MAX_TOKENS))
         elif kind == "chatter":
-            game.chatter.enabled = action["on"]
+            game.evening.enabled = action["on"]
 
     def _done(self, action: dict, now: float) -> bool:
         game, kind = self.game, action["do"]

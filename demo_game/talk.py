@@ -4,7 +4,8 @@ Lines are queued during the frame's update and sent in the frame's bridge phase 
 sends, then polls with what is left of the budget, then routes the `token`/`done`/`error`
 messages to speech bubbles. An NPC says one line at a time; a new line for it cancels the old one.
 A player line can go out while it is typed (an open say, one piece per finished word): the NPC
-listens, and its bubble starts with the final piece.
+listens, and its bubble starts with the final piece. A scene line (protocol 1.2: `scene.say`, `scene.next`)
+names its speaker only when the service picks it: its `line` message gives the line to that NPC's bubble.
 When the service is down, or a line ends with an `error` (the bridge client also reports a lost
 connection or a passed deadline as one), the NPC says one of its persona's fallback lines.
 """
@@ -55,6 +56,10 @@ class Line:
     open: bool = False  # sent in pieces while typed; `prompt` is the first piece
     pieces: list[tuple[str, bool]] = field(default_factory=list)  # (text, final) not sent yet
     final: bool = False  # the final piece is queued or sent
+    scene: str | None = None  # a scene line: `npc` is "" until the service names the speaker (unless addressed)
+    speaker: str | None = None  # a scene line the game wants said by this NPC
+    to: str | None = None  # the addressee of a scene line, from its `line` message
+    cue: str | None = None  # what the host does with it (`line.cue`)
 
     @property
     def ended(self) -> bool:
@@ -69,7 +74,8 @@ class Line:
     def report(self, t0: float) -> dict:
         def rel(t):
             return None if t is None else round(t - t0, 4)
-        return {"id": self.rid, "npc": self.npc, "priority": self.priority,
+        return {"id": self.rid, "npc": self.npc, "priority": self.priority, "scene": self.scene, "to": self.to,
+                "cue": self.cue,
                 "session": self.session, "prompt": self.prompt, "queued_at_s": rel(self.queued_at),
                 "sent_at_s": rel(self.sent_at), "ttft_ms": self.ttft_ms,
                 "token_messages": self.token_messages,
@@ -111,6 +117,28 @@ class Conversations:
             self.bubbles[npc].start()
         return line
 
+    def scene_line(self, scene: str, now: float, *, priority: str, max_tokens: int, deadline_ms: int,
+                   text: str | None = None, to: str | None = None, speaker: str | None = None,
+                   on_end: Callable[[Line, float], None] | None = None) -> Line:
+        """A line of `scene`: the player's `text` (to one NPC, who answers), else the scene's next line (by
+        `speaker` if given). Its NPC is known from the start only when the player addresses one."""
+        npc = to if text is not None else ""
+        if npc:
+            self.cancel(npc, now)
+        line = Line(npc, text or "", priority, scene, max_tokens, deadline_ms, now, on_end, scene=scene,
+                    speaker=speaker)
+        self.lines.append(line)
+        self.outbox.append(line)
+        if npc:
+            self.speaking[npc] = line
+            self.bubbles[npc].start()
+        return line
+
+    def scene_busy(self, scene: str) -> bool:
+        """A line of `scene` is queued or in flight (the service speaks one at a time)."""
+        return any(line.scene == scene for line in self.outbox) or any(
+            line.scene == scene for line in self.in_flight.values())
+
     def append(self, line: Line, text: str, now: float, final: bool = False) -> None:
         """The next piece of an open line; with the final one the NPC starts answering."""
         if line.cancel_requested or line.final or line.ended:
@@ -151,9 +179,7 @@ class Conversations:
                     break
                 sent += 1
                 try:
-                    line.rid = self.bridge.say(line.npc, line.prompt, session=line.session,
-                                               priority=line.priority, max_tokens=line.max_tokens,
-                                               deadline_ms=line.deadline_ms, open=line.open)
+                    line.rid = self._send(line)
                 except ValueError as e:  # the client refuses what the service would reject
                     line.terminal = {"type": "error", "code": "rejected", "message": str(e)}
                     self._say_fallback(line, now, "rejected")
@@ -172,6 +198,15 @@ class Conversations:
             if line is not None:
                 self._route(line, message, now)
 
+    def _send(self, line: Line) -> str:
+        limits = {"max_tokens": line.max_tokens, "deadline_ms": line.deadline_ms}
+        if line.scene is not None and line.npc and line.prompt:
+            return self.bridge.scene_say(line.scene, line.prompt, to=line.npc, **limits)
+        if line.scene is not None:
+            return self.bridge.scene_next(line.scene, speaker=line.speaker, **limits)
+        return self.bridge.say(line.npc, line.prompt, session=line.session, priority=line.priority, open=line.open,
+                               **limits)
+
     def _send_pieces(self, now: float) -> None:
         for line in [ln for ln in self.in_flight.values() if ln.pieces]:
             for text, final in line.pieces:
@@ -188,6 +223,9 @@ class Conversations:
 
     def _route(self, line: Line, message: dict, now: float) -> None:
         kind = message.get("type")
+        if kind == "line":
+            self._speaker(line, message, now)
+            return
         shown = self.speaking.get(line.npc) is line
         if kind == "token":
             if line.first_token_at is None:
@@ -207,6 +245,17 @@ class Conversations:
                 self._finish(line, now)
             elif kind == "error":
                 self._say_fallback(line, now, None)
+
+    def _speaker(self, line: Line, message: dict, now: float) -> None:
+        """The service named the scene line's speaker: its bubble shows the line from now on."""
+        npc = message.get("speaker")
+        line.to, line.cue = message.get("to"), message.get("cue")
+        if npc not in self.bubbles or line.npc == npc:
+            return
+        self.cancel(npc, now)  # what it was saying elsewhere stops
+        line.npc = npc
+        self.speaking[npc] = line
+        self.bubbles[npc].start()
 
     def _say_fallback(self, line: Line, now: float, reason: str | None) -> None:
         line.local = reason

@@ -6,10 +6,12 @@ persona tuned here speaks the same way to a game. Unlike the service, chat shows
 then what the game would see instead.
 """
 import itertools
+import random
 import sys
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
-from npc_engine.dialogue import LineStream, build_prompt_ids
+from npc_engine.dialogue import LineStream, build_prompt_ids, fallback_line
 from npc_engine.guard import banned_topic
 from npc_engine.persona import Persona, PersonaStore
 from npc_engine.prompt import Turn
@@ -44,6 +46,7 @@ def run_chat(engine, store: PersonaStore, npc_id: str, params_for: Callable[[Per
     persona = store.get(npc_id)
     key = Key(npc_id, "chat")
     history, shown = State(), [Turn("npc", persona.greeting)]  # kept as the service keeps it
+    rng = random.Random()
     out.write(f"[{persona.name}, {persona.role} — {HELP}]\n{persona.name}: {persona.greeting}\n")
     shown_errors: dict[str, str] = {}
     for n in itertools.count():
@@ -72,7 +75,8 @@ def run_chat(engine, store: PersonaStore, npc_id: str, params_for: Callable[[Per
             reply = persona.deflection
             out.write(f"{reply}\n[guard: the player touched the banned topic {topic!r}]\n")
         else:
-            line = generate_reply(engine, persona, history.history(key), text, params_for(persona), f"chat-{n}",
+            params = params_for(persona)
+            line = generate_reply(engine, persona, history.history(key), text, params, f"chat-{n}",
                                   lambda piece: (out.write(piece), out.flush()))
             out.write("\n")
             reply = line.text
@@ -80,7 +84,7 @@ def run_chat(engine, store: PersonaStore, npc_id: str, params_for: Callable[[Per
                 reply = persona.deflection
                 out.write(f"[guard: the reply touched {line.topic!r}; the game would show: {reply}]\n")
             elif not reply.strip():
-                reply = persona.fallback_line(n)
+                reply = fallback_line(persona, params.seed, rng)
                 out.write(f"[empty reply; the game would show: {reply}]\n")
         history.remember(key, text, reply)
         shown += [Turn("player", text), Turn("npc", reply.strip())]

@@ -2,18 +2,17 @@
 the same persona, history and text, and pick the same sampling parameters:
 
 - `sampling_params`: defaults, then the persona's `sampling` table, then the caller's values
-  (a request's fields, or `chat`'s command-line flags);
+  (a request's fields, or `chat`'s command-line flags); `fallback_line` for a missed deadline or an
+  empty reply;
 - `fit_prompt` / `build_prompt_ids`: persona block (a token prefix the engine caches) + the memories the
   game wrote about the player + as much history as fits, oldest exchange dropped first, + the player's
   text; for a model prompted through its chat template (the tokenizer carries it), the persona is the
   system message, the memories a second one, and the turns user/assistant messages;
-- `History`: the turns kept per conversation, capped by turns and by characters;
 - `LineStream`: generated tokens to text, with the guard's hold-back of a tail that could still
   grow into a banned topic.
 The greeting is not part of the history: the game shows it, the service cannot know whether it did.
 """
-from collections import OrderedDict
-from collections.abc import Hashable
+import random
 from dataclasses import dataclass
 
 from npc_engine.chat_template import chat_prefix, chat_prompt
@@ -59,6 +58,11 @@ def prompt_text(tokenizer, persona: Persona, turns: list[Turn], text: str, compl
     return block + memory_block(memories) + prompt[len(block):]
 
 
+def fallback_line(persona: Persona, seed: int | None, rng: random.Random) -> str:
+    """The persona's line for a deadline missed or an empty reply: fixed by the request's seed, if any."""
+    return persona.fallback_line(random.Random(seed) if seed is not None else rng)
+
+
 def prefix_ids(tokenizer, persona: Persona) -> list[int]:
     """Token ids of the persona block: the prefix every prompt for this persona starts with. A chat template
     writes its own special tokens (BOS included), so nothing is added to its text."""
@@ -99,38 +103,6 @@ def build_prompt_ids(tokenizer, persona: Persona, history: list[Turn], text: str
     """(prompt ids, persona prefix length): `fit_prompt` without memories."""
     prompt = fit_prompt(tokenizer, persona, history, text, max_len, reserve, complete, prefix)
     return prompt.ids, prompt.prefix_len
-
-
-class History:
-    """Conversation turns per key, most recently used kept: at most `max_turns` turns and `max_chars`
-    characters per conversation, `max_sessions` conversations and `max_total_chars` characters in all."""
-
-    def __init__(self, max_turns: int = 12, max_chars: int = 8_000, max_sessions: int = 10_000,
-                 max_total_chars: int = 20_000_000):
-        self.max_turns, self.max_chars = max_turns, max_chars
-        self.max_sessions, self.max_total_chars = max_sessions, max_total_chars
-        self.sessions: OrderedDict[Hashable, list[Turn]] = OrderedDict()
-        self.total_chars = 0
-
-    def get(self, key: Hashable) -> list[Turn]:
-        return list(self.sessions.get(key, ()))
-
-    def remember(self, key: Hashable, player_text: str, npc_text: str) -> None:
-        turns = self.sessions.pop(key, [])
-        self.total_chars -= _chars(turns)
-        turns += [Turn(speaker, t) for speaker, t in (("player", player_text), ("npc", npc_text)) if t.strip()]
-        turns = turns[-self.max_turns:]
-        while len(turns) > 1 and _chars(turns) > self.max_chars:
-            turns = turns[1:]
-        self.sessions[key] = turns
-        self.total_chars += _chars(turns)
-        while len(self.sessions) > self.max_sessions or (self.total_chars > self.max_total_chars and len(self.sessions) > 1):
-            _, dropped = self.sessions.popitem(last=False)
-            self.total_chars -= _chars(dropped)
-
-
-def _chars(turns: list[Turn]) -> int:
-    return sum(len(t.text) for t in turns)
 
 
 class LineStream:

@@ -6,6 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from npc_engine.errors import CheckpointError
 from npc_engine.model import ModelArgs, Transformer, rope_inv_freq
 from npc_engine.paths import resolve_model
 
@@ -14,10 +15,6 @@ DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch
                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 # Buffers some exporters write that are recomputed here.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-class CheckpointError(Exception):
-    """A model folder that cannot be loaded; the message says what is wrong and where."""
 
 
 def parse_dtype(name: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:

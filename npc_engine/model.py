@@ -154,7 +154,7 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     G = Hq // Hkv
     q = q.reshape(B, Hkv, G * T, D)  # query head h = kv head h // G, as in the checkpoints' GQA layout
     mask = mask[:, None].expand(B, G, T, n).reshape(B, 1, G * T, n)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask).view(B, Hq, T, D)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask).reshape(B, Hq, T, D)
 
 
 def gather_kv(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,7 @@ def resolve_model(path: str | Path) -> Path:
     if path.is_dir() or not (path.suffix.lower() == ".gguf" or is_gguf(path)):
         return path
     if not path.is_file():
-        from npc_engine.loading import CheckpointError
+        from npc_engine.errors import CheckpointError
 
         raise CheckpointError(f"GGUF file not found: {path}")
     out = cache_dir() / file_hash(path)[:16]

@@ -14,7 +14,11 @@ A scene (several characters, issue 20) is the same list seen by one speaker: the
 the situation and who is present; the speaker's own lines are assistant turns and every other line is
 a user turn prefixed with its speaker, `Name: words`, or `Name to Other: words` when addressed to one
 character (the player is `Player`). Consecutive lines of others merge into one user turn, one line
-each. Emotion and action labels are not in the text: the structured-output header (issue 19) carries them.
+each. The persona adapter learned scenes in this shape (`npc_engine/train/npc_dialogue.py`): the
+situation ends with "You are the host." or "The host is Name." when there is a host, `present` lists
+"Name, role" of each other character and "the player" when the player takes part, and a seat's
+transcript ends with its own last line. Emotion and action labels are not in the text: the
+structured-output header (issue 19) carries them.
 
 The embedded pair in `models/` keeps its own format, trained from scratch:
 

@@ -2,9 +2,10 @@
 
 Next speaker, in this order: the NPC the game names; after a player line the NPC it addresses, else the NPC
 it names, else the one the player last talked with, else the host, else the quietest; then the host while it
-has cues (welcome, introductions, the next itinerary item); else the NPC the last line was addressed to (once:
-not to answer an answer); else relevance (named in the last line), then recency (longest silent), never the
-one who spoke last while another can.
+has cues (welcome, introductions, the next itinerary item), also when the game names the host; else the NPC
+the last line was addressed to (once: not to answer an answer); else relevance: an NPC the last line names
+(both answer the last speaker); else recency: the one silent longest, with a remark to everyone, never the one
+who spoke last while another can.
 
 What the speaker sees is the scene layout of npc_engine.prompt (the one the voice adapter is trained on): its
 persona and the scene (situation, who is present) as the system message, its own lines as its turns and every
@@ -71,18 +72,21 @@ def ambient(scene: Scene, named: str | None = None, to: str | None = None) -> Pi
     if named is None and last is not None and last.speaker == PLAYER:
         pick = reply_to_player(scene, last.to if last.to in scene.members else None, last.text)
         return Pick(pick.speaker, to or PLAYER)
-    if named is None and scene.host is not None and scene.cues:
+    if scene.host is not None and scene.cues and named in (None, scene.host):
         return Pick(scene.host, to or ALL, scene.cues[0])
+    reacts = named is not None  # the game's choice reacts to the last line
     if named is None:
         answered = before is not None and last is not None and (before.speaker, before.to) == (last.to, last.speaker)
+        others = [n for n in scene.cast if last is None or n != last.speaker] or scene.cast
+        relevant = [n for n in mentioned(scene, last.text) if n in others] if last is not None else []
         if last is not None and last.to in scene.members and last.to != last.speaker and not answered:
-            named = last.to  # answer a line addressed to you, once: then others get a turn
+            named, reacts = last.to, True  # answer a line addressed to you, once: then others get a turn
+        elif relevant:
+            named, reacts = relevant[0], True  # named in the last line
         else:
-            others = [n for n in scene.cast if last is None or n != last.speaker] or scene.cast
-            relevant = [n for n in mentioned(scene, last.text) if n in others] if last is not None else []
-            named = relevant[0] if relevant else quietest(scene, others)
+            named = quietest(scene, others)  # a remark to everyone
     if to is None:
-        to = last.speaker if last is not None and last.speaker != named and (
+        to = last.speaker if reacts and last is not None and last.speaker != named and (
             last.speaker == PLAYER or last.speaker in scene.members) else ALL
     return Pick(named, to)
 
@@ -219,9 +223,28 @@ def prompt_text(tokenizer, v: View, turns: list[Turn]) -> tuple[str, str]:
     return prefix, template.render(scene_messages(v, turns), add_generation_prompt=True)
 
 
+def compact(v: View) -> View:
+    """What a small context still takes: the situation without who is present, and of the host's notes only what
+    to do now (which names whom it is about)."""
+    return View(v.persona, prompt.Scene(v.scene.situation, []), v.turns, [n for n in v.notes if n.startswith("Now:")])
+
+
 def fit(tokenizer, v: View, max_len: int, reserve: int = 0) -> ScenePrompt:
     """The speaker's prompt, its oldest transcript lines left out while it and `reserve` reply tokens exceed
-    `max_len`. SceneError `too_large` when even the system message does not fit."""
+    `max_len`. When that leaves no line of the transcript, the compact view is tried too, and the one keeping
+    more lines wins. SceneError `too_large` when neither fits even without the transcript."""
+    full = fit_turns(tokenizer, v, max_len, reserve)
+    if full is not None and (full.turns_left_out < len(v.turns) or not v.turns):
+        return full
+    fitted = [p for p in (full, fit_turns(tokenizer, compact(v), max_len, reserve)) if p is not None]
+    if not fitted:
+        raise SceneError("too_large", f"the scene prompt does not fit the model's {max_len} tokens even without the "
+                         "transcript")
+    return min(fitted, key=lambda p: p.turns_left_out)
+
+
+def fit_turns(tokenizer, v: View, max_len: int, reserve: int) -> ScenePrompt | None:
+    """`v` without its oldest lines as needed (see fit); None when it does not fit even without any."""
     chat = getattr(tokenizer, "chat_template", None) is not None
     turns = list(v.turns)
     while True:
@@ -232,6 +255,4 @@ def fit(tokenizer, v: View, max_len: int, reserve: int = 0) -> ScenePrompt:
         if len(ids) + reserve <= max_len or not turns:
             break
         turns = turns[1:]
-    if len(ids) >= max_len:
-        raise SceneError("too_large", f"the scene prompt is {len(ids)} tokens; the model takes at most {max_len - 1}")
-    return ScenePrompt(ids, prefix_len, len(v.turns) - len(turns))
+    return ScenePrompt(ids, prefix_len, len(v.turns) - len(turns)) if len(ids) < max_len else None

@@ -28,10 +28,6 @@ class SceneLimits:
     max_item_chars: int = 200
     max_transcript: int = 48  # lines kept per scene (the prompt shows the most recent that fit)
 
-    def to_wire(self) -> dict:
-        return {"max_scene_cast": self.max_cast, "max_scenes": self.max_scenes,
-                "max_itinerary": self.max_itinerary, "max_guests": self.max_guests}
-
 
 @dataclass
 class Member:
@@ -142,7 +138,7 @@ class Scene:
         self.log(Entry(PLAYER, text, to or ALL))
 
     def npc_line(self, speaker: str, text: str, to: str) -> None:
-        """A line said (its `done`): into the transcript; the cue it acted on is done."""
+        """`speaker` said `text` to `to` (its line's `done`): into the transcript."""
         self.lines += 1
         self.last_spoke[speaker] = self.lines
         self.log(Entry(speaker, text, to))
@@ -333,6 +329,3 @@ class Scenes:
         scene = self.get(scope, scene_id)
         del self.scenes[(scope, scene_id)]
         return scene
-
-    def of_npc(self, npc: str) -> list[Scene]:
-        return [s for s in self.scenes.values() if npc in s.members]

@@ -5,7 +5,7 @@ heap entries are skipped when they surface)."""
 import heapq
 import itertools
 import math
-from typing import Hashable
+from collections.abc import Hashable
 
 PRIORITY_RANK = {"player": 0, "ambient": 1}
 
@@ -42,9 +42,6 @@ class KeyedHeap:
 
     def __len__(self) -> int:
         return len(self._live)
-
-    def keys(self) -> list[Hashable]:
-        return list(self._live)
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._live

@@ -6,10 +6,13 @@ import ctypes
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
+import zmq
 import zmq.auth
 
 from test_cpp_client import missing_toolchain
@@ -417,6 +420,57 @@ def test_service_down_fails_every_say_with_disconnected(lib):
     assert all(e["kind"] == ERROR and e["code"] == "disconnected" and e["flags"] == SYNTHETIC for e in events)
     assert lib.npc_connected(handle) == 0
     lib.npc_close(handle)
+
+
+def closing_service(port: int, stop: threading.Event) -> None:
+    """A scripted service that answers hello and ping, and closes the connection of every say (as the
+    service does to a connection it drops): the say is gone, yet the DEALER reconnects at once and
+    pings are answered again by the same instance."""
+    context = zmq.Context.instance()
+
+    def bind() -> zmq.Socket:
+        sock = context.socket(zmq.ROUTER)
+        sock.linger = 0
+        for _ in range(200):  # the closed socket's port frees up asynchronously
+            try:
+                sock.bind(f"tcp://127.0.0.1:{port}")
+                return sock
+            except zmq.ZMQError:
+                time.sleep(0.01)
+        raise RuntimeError(f"port {port} stayed busy")
+
+    sock = bind()
+    while not stop.is_set():
+        if not sock.poll(20):
+            continue
+        client, _, body = sock.recv_multipart()
+        msg = msgpack.unpackb(body)
+        if msg["type"] == "say":
+            sock.close()
+            sock = bind()
+            continue
+        reply = {"type": "pong" if msg["type"] == "ping" else "welcome", "id": msg["id"], "instance": "same",
+                 "npcs": ["plain"], "caps": ["stream"], "limits": {}, "protocol": [1, 1]}
+        sock.send_multipart([client, b"NPC1", msgpack.packb(reply)])
+    sock.close()
+
+
+def test_a_closed_connection_fails_its_says_even_when_the_socket_reconnects(lib):
+    port, stop = free_port(), threading.Event()
+    thread = threading.Thread(target=closing_service, args=(port, stop))
+    thread.start()
+    try:
+        handle = connect(lib, f"tcp://127.0.0.1:{port}", ping_interval_s=0.1, heartbeat_timeout_s=60.0)
+        assert events_until(lib, handle, lambda es: es)[0]["flags"] == CONNECTED | SYNTHETIC
+        rid = say(lib, handle, "plain", "hi")
+        events = events_until(lib, handle, lambda es: rid in terminal_ids(es) and lib.npc_connected(handle))
+        error = next(e for e in events if e["id"] == rid)
+        assert error["code"] == "disconnected" and error["flags"] == SYNTHETIC
+        assert [e["flags"] for e in events if e["kind"] == CONNECTION] == [SYNTHETIC, CONNECTED | SYNTHETIC]
+        lib.npc_close(handle)
+    finally:
+        stop.set()
+        thread.join()
 
 
 def test_curve_admits_the_known_key_only(lib, request, tmp_path):

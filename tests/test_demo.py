@@ -457,3 +457,115 @@ def test_hint_and_player_bubble_keep_name_labels_readable(game):
     game.player_bubble.show("Evening. What news from the mines?", now)
     game.draw(now)
     assert not game.player_bubble.below and game.player_bubble.footprint(game.screen, now).collidelist(labels) == -1
+
+
+class SceneStubClient(StubClient):
+    """A stub service with the `scene` cap (protocol 1.2): scene requests are recorded like says."""
+
+    def __init__(self):
+        super().__init__()
+        self.server = {"caps": ["append", "scene"], "limits": {"max_scene_cast": 8}}
+        self.scene_calls: list[tuple[str, str, dict]] = []  # (kind, scene, fields)
+
+    def _scene(self, kind: str, scene: str, **fields) -> str:
+        rid = f"s{len(self.scene_calls)}"
+        self.scene_calls.append((kind, scene, fields))
+        return rid
+
+    def open_scene(self, scene, cast, situation, **fields):
+        return self._scene("open", scene, cast=cast, situation=situation, **fields)
+
+    def scene_event(self, scene, **fields):
+        return self._scene("event", scene, **fields)
+
+    def scene_say(self, scene, text, **fields):
+        return self._scene("say", scene, text=text, **fields)
+
+    def scene_next(self, scene, **fields):
+        return self._scene("next", scene, **fields)
+
+    def close_scene(self, scene):
+        return self._scene("close", scene)
+
+    def of(self, kind: str) -> list[tuple[str, dict]]:
+        return [(f"s{i}", c[2]) for i, c in enumerate(self.scene_calls) if c[0] == kind]
+
+
+@pytest.fixture
+def evening():
+    from demo_game.game import Game, Options
+
+    pygame.display.init()
+    pygame.font.init()
+    screen = pygame.display.set_mode((1280, 720))
+    cast, _ = load_cast(PERSONAS)
+    client = SceneStubClient()
+    game = Game(screen, cast, client, Options(address="stub"))
+    game.evening.chat_every_s = (0.0, 0.0)
+    yield game, client
+    pygame.display.quit()
+
+
+def test_the_evening_is_one_scene_the_host_runs(evening):
+    from demo_game.evening import GUESTS, ITINERARY, REGULARS
+
+    game, client = evening
+    frames(game)
+    (kind, scene, opened), (_, _, arrive) = client.scene_calls[:2]
+    assert kind == "open" and opened["cast"] == [HOST_ID, *REGULARS] and opened["host"] == HOST_ID
+    assert opened["itinerary"] == ITINERARY and opened["guests"] == GUESTS and opened["player"] is False
+    assert arrive == {"arrive": "player"}  # the host introduces the player who walks in
+    assert client.of("event")[1][1] == {"itinerary": 0}  # the evening begins: the arrival
+    (rid, fields), = client.of("next")  # one line at a time: the next waits for this one
+    assert fields["speaker"] is None and fields["deadline_ms"] > 0
+    frames(game, 3)
+    assert len(client.of("next")) == 1
+    client.inbox = [{"type": "line", "id": rid, "scene": scene, "speaker": HOST_ID, "to": "all", "cue": "welcome",
+                     "item": None},
+                    {"type": "token", "id": rid, "seq": 0, "text": "Welcome, loves!"}]
+    frames(game)
+    assert game.bubbles[HOST_ID].display_text() == "Welcome, loves!"
+    client.inbox = [{"type": "done", "id": rid, "text": "Welcome, loves!", "tokens": 3, "fallback": False,
+                     "cancelled": False, "stats": {}, "scene": scene, "speaker": HOST_ID, "to": "all"}]
+    frames(game, 2)
+    assert len(client.of("next")) == 2 and game.talk.lines[0].cue == "welcome"
+    game.finish(timeout_s=0.0)
+    assert client.scene_calls[-1] == ("close", scene, {})  # the service forgets the evening with the game
+
+
+def test_the_player_joins_the_scene_talking_to_a_regular_but_not_to_an_outsider(evening):
+    from demo_game.evening import REGULARS
+
+    game, client = evening
+    game.evening.enabled = False
+    frames(game)
+    regular, outsider = REGULARS[0], next(m for m in patrons() if m not in REGULARS)
+    assert game.walk_to_npc(regular)
+    frames(game, 240)
+    game.player_say(regular, "Play us a song!", time.perf_counter())
+    frames(game)
+    (_, fields), = client.of("say")
+    assert fields["text"] == "Play us a song!" and fields["to"] == regular
+    assert game.bubbles[regular].streaming  # the addressed NPC answers: its bubble is thinking already
+    assert game.walk_to_npc(outsider)
+    frames(game, 240)
+    game.player_say(outsider, "And you, stranger?", time.perf_counter())
+    frames(game)
+    assert [s[1] for s in client.sent] == [outsider]  # an ordinary say
+
+
+def test_the_toast_is_the_itinerary_item_and_the_room_answers_it(evening):
+    game, client = evening
+    game.evening.enabled = False
+    frames(game)
+    game.evening.toast(time.perf_counter())
+    frames(game)
+    assert client.of("event")[-1][1] == {"itinerary": 1}
+    (rid, fields), = client.of("next")
+    assert fields["speaker"] == HOST_ID
+    client.inbox = [{"type": "line", "id": rid, "speaker": HOST_ID, "to": "all", "cue": "item", "item": 1},
+                    {"type": "done", "id": rid, "text": "To Brom and Pip!", "tokens": 4, "fallback": False,
+                     "cancelled": False, "stats": {}}]
+    frames(game, 2)
+    crowd = {npc for _, npc, _, _ in client.sent}
+    assert crowd == set(patrons()) and all(t.endswith("To Brom and Pip!") for _, _, t, _ in client.sent)

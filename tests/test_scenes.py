@@ -1,5 +1,8 @@
-"""Scenes without a model: state, events, validation codes, the next-speaker policy, the host's cues and the
-prompt each speaker is shown (npc_engine.scenes, npc_engine.scene_policy)."""
+"""Scenes (issue 20). Without a service: state, events, validation codes, the next-speaker policy, the host's
+cues and the prompt each speaker is shown (npc_engine.scenes, npc_engine.scene_policy). Served (protocol 1.2,
+cap `scene`) on tests/fakes.ScriptedEngine over a real ROUTER socket: stable error codes, one terminal per line,
+one line per scene, interruption, removal, the host's itinerary, deadlines, guard, close, 16 scenes beside 64
+says, and the Python client."""
 import time
 
 import pytest
@@ -109,7 +112,7 @@ def test_cast_changes():
         scene.remove("merchant")
     assert e.value.code == "not_in_cast"
     scene.remove("smith")
-    assert "smith" not in scene.cast and s.of_npc("smith") == []
+    assert "smith" not in scene.cast
 
 
 # ---- state the game reads --------------------------------------------------------------------------
@@ -186,6 +189,26 @@ def test_ambient_answers_the_addressee_then_rotates_by_recency():
     spoken.append(ambient(scene).speaker)
     assert spoken[0] != "bard" and spoken[1] != spoken[0]  # never the last speaker; the quietest first
     assert spoken[0] == "host"
+
+
+def test_turns_go_round_when_nobody_is_named():
+    scene = party()
+    scene.cues.clear()
+    spoken = []
+    for _ in range(9):
+        pick = ambient(scene)
+        spoken.append(pick.speaker)
+        say(scene, pick, "A fine evening.")
+    assert sorted(spoken) == sorted(["host", "smith", "bard"] * 3)  # nobody holds the floor
+    assert all(e.to == ALL for e in scene.transcript)  # remarks to everyone, not a chain of answers
+
+
+def test_the_host_named_by_the_game_acts_on_its_cue():
+    scene = party()
+    scene.cues.clear()
+    scene.advance(1)
+    assert ambient(scene, named="host").cue.item == 1
+    assert ambient(scene, named="smith").cue is None
 
 
 def test_relevance_beats_recency():
@@ -364,6 +387,22 @@ def test_fitted_prompt_keeps_the_prefix_and_drops_oldest_lines(template):
     with pytest.raises(SceneError) as e:
         fit(tok, v, 50)
     assert e.value.code == "too_large"
+
+
+def test_a_small_context_gets_the_compact_view_the_speakers_directive_kept():
+    tok = CharTokenizer()
+    scene = party()
+    scene.cues.clear()
+    scene.advance(1)
+    scene.player_line("Cheers!")
+    v = view(scene, "host", persona("host"), scene.cues[0])
+    whole = fit(tok, v, 8192)
+    system = len(whole.ids) - len("Player: Cheers!") - 20
+    small = fit(tok, v, system, reserve=4)
+    text = tok.decode(small.ids)
+    assert small.turns_left_out == 0 and "Player: Cheers!" in text  # the line kept, the extras gone
+    assert "Present:" not in text and "Tonight's order" not in text and "Now: the toast" in text
+    assert "Old Hob promised" in tok.decode(whole.ids) and "Present:" in tok.decode(whole.ids)
 
 
 # ---- served: protocol 1.2 cap `scene` on the scripted engine -----------------------------------------
@@ -618,3 +657,30 @@ def test_sixteen_scenes_of_four_under_sixty_four_says_every_line_ends(served):
     assert all(t["type"] == "done" for _, t in done.values())
     game.close()
     crowd.close()
+
+
+def test_python_client_runs_a_scene(served):
+    from bridge import Client
+
+    _, endpoint = served
+    with Client.connect(endpoint) as client:
+        with pytest.raises(ValueError, match="scene"):
+            client.scene_next("party")  # before the welcome: the caps are not known yet
+        client.reply(client.ping())
+        with pytest.raises(ValueError, match="itinerary"):
+            client.scene_event("party", itinerary=-1)  # what the service would refuse is refused at the call
+        state = client.reply(client.open_scene("party", ["host", "smith", "bard"], "Harvest night.", host="host",
+                                               itinerary=["the toast"], guests=[{"name": "Old Hob", "rsvp": "coming"}]))
+        assert state["missing"] == ["Old Hob"]
+        assert client.reply(client.scene_event("party", itinerary="next"))["position"] == 1
+        def whole(lid: str) -> list[dict]:
+            events = []
+            while not events or events[-1]["type"] not in ("done", "error"):
+                client.wait(1.0)
+                events += [e for e in client.poll(5.0) if e.get("id") == lid]
+            return events
+
+        said = whole(client.scene_say("party", "Evening, Brom!", to="smith", deadline_ms=5000))
+        assert said[0]["type"] == "line" and said[0]["speaker"] == "smith" and said[-1]["speaker"] == "smith"
+        assert [whole(client.scene_next("party"))[0]["cue"] for _ in range(2)] == ["welcome", "item"]
+        assert client.reply(client.close_scene("party"))["type"] == "scene.closed"

@@ -285,7 +285,8 @@ BAD_MESSAGES = [
 ]
 
 
-@pytest.mark.parametrize("frames, code, rid", BAD_MESSAGES, ids=[f"{i}-{c}" for i, (_, c, _) in enumerate(BAD_MESSAGES)])
+@pytest.mark.parametrize("frames, code, rid", BAD_MESSAGES,
+                         ids=[f"{i}-{c}" for i, (_, c, _) in enumerate(BAD_MESSAGES)])
 def test_bad_messages_get_one_error_with_a_stable_code(service, frames, code, rid):
     raw = Raw(service)
     raw.sock.send_multipart(frames)
@@ -363,7 +364,8 @@ def test_per_client_limit_then_cancel_of_queued_requests(service):
         raw.send({"type": "cancel", "id": f"q{i}"})
     replies = collect(raw, {f"q{i}" for i in range(limit)})
     assert all(done["type"] == "done" and done["cancelled"] for _, done in replies.values())
-    assert sum(done["tokens"] == 0 and done["text"] == "" for _, done in replies.values()) >= limit - 16  # never admitted
+    never_admitted = sum(done["tokens"] == 0 and done["text"] == "" for _, done in replies.values())
+    assert never_admitted >= limit - 16
     raw.close()
 
 
@@ -548,7 +550,8 @@ def quick_open(chatty_model_dir, personas_dir):
 
     engine = Engine.load(chatty_model_dir, draft="none")
     service = Service(engine, PersonaStore(personas_dir),
-                      ServiceConfig(bind="tcp://127.0.0.1:*", limits=protocol.Limits(max_open_ms=OPEN_MS, max_text_chars=TEXT_CHARS)))
+                      ServiceConfig(bind="tcp://127.0.0.1:*",
+                                    limits=protocol.Limits(max_open_ms=OPEN_MS, max_text_chars=TEXT_CHARS)))
     service.prefilled_at_final = {}
     real_update = engine.update_prompt
 
@@ -869,7 +872,8 @@ def test_curve_admits_only_known_clients_and_shutdown_answers_in_flight(chatty_m
                                    "--curve-clients", str(keys / "clients"))
     try:
         server_public, _ = zmq.auth.load_certificate(server_public_file)
-        game = Client.connect(endpoint, curve_server_key=server_public, curve_keypair=zmq.auth.load_certificate(game_secret_file))
+        game = Client.connect(endpoint, curve_server_key=server_public,
+                              curve_keypair=zmq.auth.load_certificate(game_secret_file))
         stranger = Client.connect(endpoint, curve_server_key=server_public,
                                   curve_keypair=zmq.auth.load_certificate(stranger_secret_file))
         plaintext = Client.connect(endpoint)
@@ -945,3 +949,43 @@ def test_a_fault_in_one_request_answers_internal_and_the_service_keeps_serving(c
         assert collect(raw, {"ok2"})["ok2"][1]["type"] == "done"
         assert failures["step"] == 1
         raw.close()
+
+
+# ---- chat and the service agree ------------------------------------------------------------------------
+
+def test_chat_and_the_service_build_token_identical_prompts_and_pick_the_same_sampling(tiny_model_dir, tmp_path):
+    """The same persona, history and player lines through `npc-engine chat` and the service: the same
+    prompt ids and prefix lengths, turn by turn (history dropped in the same exchanges when it no longer
+    fits), and the same sampling parameters (request or flags over the persona over the defaults)."""
+    import io
+
+    from fakes import ScriptedEngine
+    from npc_engine.chat import run_chat
+    from npc_engine.dialogue import sampling_params
+    from npc_engine.persona import PersonaStore
+    from npc_engine.service import Service, ServiceConfig
+    from npc_engine.tokenizer import Tokenizer
+
+    (tmp_path / "tuned.toml").write_text(PLAIN.format(id="tuned") + "[sampling]\ntemperature = 0.3\nmax_tokens = 20\n")
+    lines = ["Hello there.", "What do you test?", "And the weather?", "Tell me more about it.", "Why?", "Really?"]
+    replies = ["I test swords for the town guard.", "", "The tavern is warm tonight, traveller.",
+               "Songs of old heroes.", "Because.", "Yes."]  # the empty one falls back on both paths
+    tokenizer = Tokenizer.from_dir(tiny_model_dir)
+    store = PersonaStore(tmp_path)
+    chat_engine = ScriptedEngine(tokenizer, replies, max_seq=180)  # small: the history must be cut to fit
+    script = iter(lines + ["/quit"])
+    run_chat(chat_engine, store, "tuned", lambda p: sampling_params(p, temperature=1.1, seed=7, max_tokens_limit=512),
+             lambda _: next(script), io.StringIO())
+    service_engine = ScriptedEngine(tokenizer, replies, max_seq=180)
+    service = Service(service_engine, store, ServiceConfig(bind="tcp://127.0.0.1:*"))
+    with running(service) as endpoint:
+        raw = Raw(endpoint)
+        for i, line in enumerate(lines):
+            raw.say(str(i), npc="tuned", text=line, session="s", temperature=1.1, seed=7)
+            assert collect(raw, {str(i)})[str(i)][1]["type"] == "done"
+        raw.close()
+    chat_prompts, service_prompts = list(chat_engine.prompts.values()), list(service_engine.prompts.values())
+    assert chat_prompts == service_prompts
+    assert len(chat_prompts[-1]) < len(chat_prompts[-2]) or len(chat_prompts[-1]) + 20 > 180 - 34 - 20  # history cut
+    assert [vars(p) for p in chat_engine.params.values()] == [vars(p) for p in service_engine.params.values()]
+    assert {(p.temperature, p.max_tokens) for p in chat_engine.params.values()} == {(1.1, 20)}

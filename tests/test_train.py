@@ -444,6 +444,24 @@ def test_persona_stage_resumes_to_the_same_adapter(persona_run, tmp_path, monkey
     assert expected.keys() == resumed.keys() and all(torch.equal(expected[k], resumed[k]) for k in expected)
 
 
-def test_persona_stage_needs_a_base(tmp_path, capsys):
+def test_persona_stage_time_budget_cuts_the_schedule(persona_run, tmp_path):
+    args = [a if a != str(persona_run["adapter"]) else str(tmp_path / "adapter") for a in persona_run["args"]]
+    assert main(args + ["--epochs", "1000", "--budget-minutes", "persona=0.05"]) == 0
+    info = json.loads((tmp_path / "adapter" / "training.json").read_text())
+    assert 6 < info["planned_steps"] < 4000 and info["steps"] <= info["planned_steps"] and info["seconds"] < 3 + 1.0
+
+
+def test_persona_stage_needs_an_instruct_base(persona_run, tmp_path, capsys):
     assert main(["--stages", "persona", "--device", "cpu", "--work", str(tmp_path)]) == 2
     assert "needs --base" in capsys.readouterr().err
+    common = ["--stages", "persona", "--device", "cpu", "--work", str(tmp_path), "--corpus", str(persona_run["corpus"])]
+    assert main([*common, "--base", str(tmp_path)]) == 2
+    assert "not a model folder or .gguf file" in capsys.readouterr().err
+    plain = tmp_path / "plain"
+    shutil.copytree(persona_run["base"], plain)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    assert main([*common, "--base", str(plain)]) == 2
+    assert "has no chat template" in capsys.readouterr().err

@@ -395,6 +395,14 @@ class Client {
       socket_.set(zmq::sockopt::curve_publickey, options_.curve_public_key);
       socket_.set(zmq::sockopt::curve_secretkey, options_.curve_secret_key);
     }
+    // Requests belong to their connection (PROTOCOL.md section 7): when it closes, the service has
+    // cancelled them, even if the DEALER reconnects before a ping could notice. The monitor says so.
+    std::string monitor = "inproc://npc-bridge-monitor-" + std::to_string(sockets_++);
+    if (zmq_socket_monitor(static_cast<void*>(socket_), monitor.c_str(), ZMQ_EVENT_DISCONNECTED) != 0)
+      throw zmq::error_t();
+    monitor_ = zmq::socket_t(context_, zmq::socket_type::pair);
+    monitor_.set(zmq::sockopt::linger, 0);
+    monitor_.connect(monitor);
     socket_.connect(addr_);
     auto now = detail::Clock::now();
     last_heard_ = now;
@@ -491,9 +499,15 @@ class Client {
   }
 
   void housekeeping(detail::Clock::time_point now) {
+    if (connection_closed()) {
+      if (connected_) set_connected(false);
+      fail([](const Pending&) { return true; }, "disconnected", "the connection to the service closed");
+    }
     if (unanswered_since_ && detail::seconds_since(*unanswered_since_, now) >= options_.heartbeat_timeout_s) {
       if (connected_) set_connected(false);
       fail([](const Pending&) { return true; }, "disconnected", "no word from the service");
+      zmq_socket_monitor(static_cast<void*>(socket_), nullptr, 0);
+      monitor_.close();
       socket_.close();
       open();  // a fresh socket drops messages queued for the lost connection
       return;
@@ -502,6 +516,23 @@ class Client {
         detail::seconds_since(last_probe_, now) >= options_.ping_interval_s)
       probe(false);
     fail([&](const Pending& p) { return p.expires_at && now >= *p.expires_at; }, "timeout", "no reply by the deadline");
+  }
+
+  // Drains the monitor (it reports only ZMQ_EVENT_DISCONNECTED); true when it reported anything.
+  bool connection_closed() {
+    bool closed = false;
+    for (;;) {
+      std::vector<zmq::message_t> frames;
+      zmq::recv_result_t got;
+      try {
+        got = zmq::recv_multipart(monitor_, std::back_inserter(frames), zmq::recv_flags::dontwait);
+      } catch (const zmq::error_t&) {
+        break;
+      }
+      if (!got) break;
+      closed = true;
+    }
+    return closed;
   }
 
   void set_connected(bool value) {
@@ -543,6 +574,8 @@ class Client {
   ClientOptions options_;
   zmq::context_t context_;
   zmq::socket_t socket_;
+  zmq::socket_t monitor_;  // after socket_: closed before it
+  uint64_t sockets_ = 0;   // sockets opened, to name each one's monitor
   std::string prefix_;
   uint64_t counter_ = 0;
   bool connected_ = false;

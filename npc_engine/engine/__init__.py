@@ -35,9 +35,11 @@ __all__ = ["Engine", "RequestStats", "StepEvent"]
 class Engine:
     def __init__(self, target: Transformer, drafter: Drafter, tokenizer: Tokenizer | None, device="cpu",
                  max_batch: int = 16, max_seq: int = 1024, fixed_k: int | None = None, prefix_cache_mb: float = 256,
-                 cuda_graphs: bool = True, fused_kernels: bool | None = None, pipeline: bool | None = None):
+                 cuda_graphs: bool = True, fused_kernels: bool | None = None, pipeline: bool | None = None,
+                 max_prefill_tokens: int | None = None):
         """pipeline: launch each greedy step before the previous one's tokens reach the host (default: with CUDA
-        graphs). prefix_cache_mb: memory for persona-prefix slots."""
+        graphs). prefix_cache_mb: memory for persona-prefix slots. max_prefill_tokens: prompt tokens a step
+        prefills at most (Prefiller), none: every admitted prompt whole."""
         self.target, self.drafter, self.tokenizer = target, drafter, tokenizer
         self.device = torch.device(device)
         if not drafter.uses_features and isinstance(target, Transformer):
@@ -52,7 +54,7 @@ class Engine:
         self.slots = Slots(max_batch, n_slots)
         graphed = cuda_graphs and self.device.type == "cuda" and isinstance(target, torch.nn.Module)
         self.fw = Forwards(target, drafter, self.cache, self.device, max_batch, max_seq, graphed)
-        self.prefiller, self.stepper = Prefiller(self.fw, self.slots), Stepper(self.fw)
+        self.prefiller, self.stepper = Prefiller(self.fw, self.slots, max_prefill_tokens), Stepper(self.fw)
         self.pipeline = Pipeline(self.fw, self.stepper) if (graphed if pipeline is None else pipeline) else None
         self.policy = DraftPolicy(drafter.drafts, drafter.prior_alpha, fixed_k,
                                   calibrate(self.fw) if drafter.drafts else Calibration())

@@ -22,8 +22,10 @@ def open_prefill_end(r: Request) -> int:
 
 
 class Prefiller:
-    def __init__(self, fw, slots: Slots):
-        self.fw, self.slots = fw, slots
+    def __init__(self, fw, slots: Slots, max_tokens: int | None = None):
+        """max_tokens: complete-prompt tokens fed per step at most (the first prompt gets at least one chunk), so
+        a step never runs far past a request's deadline; the rest follows in the next steps."""
+        self.fw, self.slots, self.max_tokens = fw, slots, max_tokens
         self.chunk = PREFILL_CHUNK if fw.graphed else EAGER_PREFILL_CHUNK
 
     def attach_prefixes(self, reqs: list[Request]) -> None:
@@ -46,7 +48,7 @@ class Prefiller:
 
     def prefill(self, reqs: list[Request]) -> list[tuple[Request, int]]:
         """Feeds the prompts not yet in the cache; returns (request, first token) for each prompt completed."""
-        complete = [(r, r.fed, len(r.prompt)) for r in reqs if r.complete]
+        complete = self.within_budget([(r, r.fed, len(r.prompt)) for r in reqs if r.complete])
         streaming = [(r, r.fed, open_prefill_end(r)) for r in reqs if not r.complete]
         # Requests that start with speculation off leave the drafter's cache behind (a drafting step catches up);
         # a prefill that feeds the drafter catches its requests up first (an open prompt fed while none drafted).
@@ -63,6 +65,19 @@ class Prefiller:
             return []
         finishing = [r for r, _ in last_logits]
         return list(zip(finishing, self.first_tokens(finishing, torch.stack([row for _, row in last_logits]))))
+
+    def within_budget(self, ranges: list[tuple[Request, int, int]]) -> list[tuple[Request, int, int]]:
+        if self.max_tokens is None:
+            return ranges
+        left, out = self.max_tokens, []
+        for r, a, b in ranges:
+            take = min(b - a, left if out else max(left, self.chunk))
+            if take < b - a:
+                take -= take % self.chunk  # a cut prompt stops on a chunk boundary
+            if take > 0:
+                out.append((r, a, a + take))
+                left -= take
+        return out
 
     def catch_up(self, reqs: list[Request]) -> None:
         """Before a drafting step: feeds the drafter what steps without drafting left out (from `guessed` positions

@@ -18,7 +18,7 @@ import random
 import time
 
 from bridge import protocol
-from npc_engine.dialogue import prefix_ids
+from npc_engine.dialogue import fallback_line, prefix_ids
 from npc_engine.persona import Persona, PersonaStore
 from npc_engine.scheduler import PrefillBudget, pick_preemption
 from npc_engine.service.calls import Call, Calls
@@ -226,8 +226,7 @@ class Service(Handlers, StateHandlers, SceneHandlers):
         self.finish(call, self.done(call, call.persona.deflection, deflected=True))
 
     def fall_back(self, call: Call) -> None:
-        rng = random.Random(call.params.seed) if call.params.seed is not None else self.rng
-        line = call.persona.fallback_line(rng)
+        line = fallback_line(call.persona, call.params.seed, self.rng)
         self.remember(call, line)
         self.finish(call, self.done(call, line, fallback=True))
 

@@ -57,7 +57,8 @@ def check_bind(config: ServiceConfig) -> None:
 
     curve = (config.curve_secret_file, config.curve_clients_dir)
     if (curve[0] is None) != (curve[1] is None):
-        raise ServiceError("CURVE needs both a secret key file (--curve-secret) and a client key folder (--curve-clients)")
+        raise ServiceError("CURVE needs both a secret key file (--curve-secret) and a client key folder "
+                           "(--curve-clients)")
     if curve[0] is None and not is_local_endpoint(config.bind):
         raise ServiceError(f"refusing to bind {config.bind} without CURVE: it is not a loopback address. "
                            "Give --curve-secret and --curve-clients (see bridge/PROTOCOL.md, 'Security').")

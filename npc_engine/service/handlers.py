@@ -29,7 +29,8 @@ class Handlers:
         except Exception:
             log.exception("handling a message failed")
             mid = protocol.message_id(msg) if isinstance(msg, dict) else None
-            self.answer_error(src.client, msg, protocol.error(mid, "internal", "internal error while handling the message"))
+            error = protocol.error(mid, "internal", "internal error while handling the message")
+            self.answer_error(src.client, msg, error)
 
     def answer_error(self, client: bytes, msg: dict | None, error: dict) -> None:
         """Send `error` in answer to `msg`. A `say.append` carries the id of a `say`, so an error with
@@ -81,7 +82,8 @@ class Handlers:
             raise protocol.ProtocolError("overloaded", f"this client already has {self.config.limits.max_inflight} "
                                          "requests running", mid)
         if len(self.calls) >= self.config.max_calls:
-            raise protocol.ProtocolError("overloaded", f"the service is at its limit of {self.config.max_calls} requests", mid)
+            limit = self.config.max_calls
+            raise protocol.ProtocolError("overloaded", f"the service is at its limit of {limit} requests", mid)
         now = time.monotonic()
         session = Key(persona.id, msg["session"], src.user)  # PROTOCOL.md, "History": scoped by CURVE key
         if not msg["open"] and banned_topic(persona, msg["text"]):

@@ -9,17 +9,19 @@ id itself (ZMQ_ROUTING_ID on its DEALER) makes the next ordinary connection abor
 counter starts at `rand()`, which nothing seeds, so it started at 0x6B8B4567 in every process. The
 defence, in three parts:
 1. `bind` seeds libc's `rand()` from os.urandom before the socket exists, so the counter's start is
-   a secret 32-bit number: an id chosen to collide with a future automatic id is a blind guess
-   (odds: connections the attacker holds / 2^32 per new connection; connections are capped).
+   a secret 32-bit number: an id chosen to collide with a future automatic id is a blind guess, at
+   odds of (connections held, at most max_connections) / 2^32 per new connection. libzmq offers no
+   hook to refuse a chosen name before it takes its place (the ZAP request carries the server's own
+   identity, ZMQ_ROUTER_NOTIFY is a draft API), so this part is a secret, not a check.
 2. A peer that names itself (its handshake's `Identity` property is not empty) is never served: its
    first message gets its connection shut down and is dropped. (libzmq cuts that property at the
    first NUL byte, so a name of the automatic form 0x00 + 4 bytes passes as automatic: it is served
    like any client, and could only hurt by matching part 1's secret or part 3's connection.) So no
    running request belongs to a name anyone could guess.
 3. A connection's requests are bound to it, not to its routing id alone: when ZeroMQ reports the
-   connection closed (socket monitor, by file descriptor), its requests are cancelled without a reply
-   before anything else is sent; a later peer using the same routing id (which needs guessing it) finds
-   none of them.
+   connection closed (socket monitor, by file descriptor; the `disconnected` event is emitted before
+   libzmq frees the name), its requests are cancelled without a reply before the next step's replies
+   go out; a later peer using the same routing id (which needs guessing it) finds none of them.
 
 Memory. ZMQ_MAXMSGSIZE limits each frame, and libzmq holds a multi-frame message whole until its
 last frame arrives (ypipe never flushes an incomplete message), so no read by the service can stop
@@ -47,7 +49,7 @@ from npc_engine.service.config import ServiceConfig, ServiceError, check_bind
 
 log = logging.getLogger("npc_engine.service")
 
-WATCH_INTERVAL_S = 0.01
+WATCH_INTERVAL_S = 0.005
 FRAME_OVERHEAD = 9  # bytes of a ZMTP frame header at most: what a frame costs on the wire beyond its body
 TCPI_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received (u64) in Linux's struct tcp_info (since 4.1)
 DROPPED_MEMORY = 100_000  # dropped routing ids remembered, so none of them is ever sent to again
@@ -69,7 +71,11 @@ class Connection:
 
 
 def seed_libzmq_rand() -> None:
-    libc = ctypes.CDLL(None)
+    try:
+        libc = ctypes.CDLL(None)  # the C library libzmq calls rand() from (POSIX)
+    except (OSError, TypeError):
+        log.warning("cannot seed the C library's rand(): ZeroMQ's automatic routing ids stay predictable")
+        return
     libc.srand(ctypes.c_uint(int.from_bytes(os.urandom(4), "little")))
 
 
@@ -89,6 +95,9 @@ def shut_down_fd(fd: int) -> None:
 
 
 def tcp_bytes_received(fd: int) -> int | None:
+    """Bytes the kernel received on a TCP connection (Linux); None elsewhere."""
+    if not hasattr(socket, "TCP_INFO"):
+        return None
     try:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
     except OSError:
@@ -108,6 +117,7 @@ class Transport:
         self.context = zmq.Context()
         self.socket: zmq.Socket | None = None
         self.monitor: zmq.Socket | None = None
+        self.poller: zmq.Poller | None = None
         self.endpoint: str | None = None
         self.authenticator = None
         self.connections: dict[int, Connection] = {}  # by file descriptor
@@ -149,6 +159,9 @@ class Transport:
             sock.close(linger=0)
             raise ServiceError(f"cannot bind {config.bind}: {e}") from None
         self.monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self.poller = zmq.Poller()
+        self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
         self.socket = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.watching.set()
@@ -206,8 +219,9 @@ class Transport:
         while self.watching.is_set():
             for fd, conn in list(self.connections.items()):
                 received = tcp_bytes_received(fd)
-                if received is not None and not conn.closing and received - conn.read_bytes > self.config.max_unread_bytes:
-                    self.refuse(fd, f"{received - conn.read_bytes} bytes sent and not read: over max_unread_bytes")
+                unread = 0 if received is None else received - conn.read_bytes
+                if unread > self.config.max_unread_bytes and not conn.closing:
+                    self.refuse(fd, f"{unread} bytes sent and not read: over max_unread_bytes")
             time.sleep(WATCH_INTERVAL_S)
 
     def take_gone(self) -> set[bytes]:
@@ -218,7 +232,12 @@ class Transport:
     # ---- reading and sending ----------------------------------------------------------------------
 
     def poll(self, timeout_ms: int) -> bool:
-        return bool(self.socket.poll(timeout_ms, zmq.POLLIN))
+        """Wait for a message; a connection opening or closing ends the wait too (the watchdog must know a
+        connection while its first message, however long, is still arriving)."""
+        ready = dict(self.poller.poll(timeout_ms))
+        if self.monitor in ready:
+            self.check_connections()
+        return self.socket in ready
 
     def recv(self) -> Incoming | None:
         """The next message from a client the service serves; None when none is waiting."""

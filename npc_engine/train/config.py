@@ -64,7 +64,7 @@ class PersonaStage:
     alpha: int = 32
     dropout: float = 0.05
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    epochs: int = 4
+    epochs: int = 6
     batch_size: int = 16
     max_len: int = 1024  # tokens per example, system message included (SmolLM2: the longest train example is 774)
     lr: float = 4e-4

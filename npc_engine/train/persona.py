@@ -135,11 +135,13 @@ def train_persona(ctx: Context, base: Path, corpus: Path, out: Path) -> dict:
     step, total, spent, history = 0, stage.epochs * per_epoch, 0.0, []
     ckpt = ctx.work / "ckpt" / "persona.pt"
     if ctx.resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location=ctx.device, weights_only=False)
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
         from peft import set_peft_model_state_dict
         set_peft_model_state_dict(model, state["adapter"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"])
         step, total, spent, history = state["step"], state["total"], state["seconds"], state["history"]
         ctx.log(f"persona: resumed at step {step}/{total} ({spent:.0f} s spent)")
     model.train()
@@ -184,8 +186,9 @@ def train_persona(ctx: Context, base: Path, corpus: Path, out: Path) -> dict:
                 history.append((step, round(sum(window_loss) / len(window_loss), 4)))
             break
         if step % stage.ckpt_every == 0 and step < total:
-            save_checkpoint(ckpt, {"adapter": adapter_state(model), "optimizer": opt.state_dict(),
-                                   "rng": torch.get_rng_state(), "step": step, "total": total,
+            cuda_rng = torch.cuda.get_rng_state() if ctx.device.type == "cuda" else None
+            save_checkpoint(ckpt, {"adapter": adapter_state(model), "optimizer": opt.state_dict(), "step": step,
+                                   "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, "total": total,
                                    "seconds": time.perf_counter() - start, "history": history})
     save_adapter(model, out, base)
     info = {"steps": step, "planned_steps": total, "epochs": round(step / per_epoch, 2), "examples": len(rows),
