@@ -57,7 +57,8 @@ def measure(engine: Engine, persona, history: int, repeats: int) -> dict:
         seconds = first_token_after(engine, f"whole{i}")
         drain(engine)
         rid = f"open{i}"
-        engine.submit(rid, tok.encode(persona.open_prompt(turns, words[0])), params, prefix_len=prefix_len, complete=False)
+        ids = tok.encode(persona.open_prompt(turns, words[0]))
+        engine.submit(rid, ids, params, prefix_len=prefix_len, complete=False)
         engine.step()
         for n in range(2, len(words) + 1):  # one word per typing pause, each followed by engine steps
             engine.update_prompt(rid, tok.encode(persona.open_prompt(turns, " ".join(words[:n]))), complete=False)

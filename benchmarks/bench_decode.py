@@ -11,6 +11,9 @@ like any other), so short answers do not hide it.
 
     python benchmarks/bench_decode.py --device cuda --shapes 1b,8b --pair models/npc-target
     python benchmarks/bench_decode.py --device cpu --shapes small --pair models/npc-target
+    python benchmarks/bench_decode.py --device cpu --shapes "" --threads 2 --prompts 4 --repeats 3 \
+        --model models/base/SmolLM2-135M-Instruct.Q4_1.gguf --adapter models/smollm2-npc-persona \
+        --model-head models/smollm2-npc-head
 """
 import argparse
 import gc
@@ -31,8 +34,8 @@ from npc_engine.loading import load_model  # noqa: E402
 from npc_engine.sampling import SamplingParams  # noqa: E402
 
 
-def ours_line(model, drafter, tokenizer, prompt, new_tokens, device, graphs, repeats):
-    engine = Engine(model, drafter, tokenizer, device, max_batch=1, max_seq=512, cuda_graphs=graphs)
+def ours_line(model, drafter, tokenizer, prompt, new_tokens, device, graphs, repeats, max_seq=512):
+    engine = Engine(model, drafter, tokenizer, device, max_batch=1, max_seq=max_seq, cuda_graphs=graphs)
     engine.capture_graphs(sampled=False)  # as a service does at start: no capture inside a timed line
     params = SamplingParams(temperature=0, max_tokens=new_tokens)
     runs, decode_seconds = [], []
@@ -159,6 +162,12 @@ def bench_pair(target_dir, draft_dir, device, dtype, args):
             totals.setdefault(name, []).append(result)
             # bf16 verification of K+1 tokens may round differently from one-token decoding: count, don't stop
             same.setdefault(name, []).append(result[2] == ref_tokens)
+    agreement, positions = draft_agreement(target, draft, lines, device)
+    return summarize(totals, same) + [{"impl": "draft agreement", "agreement": agreement, "positions": positions}]
+
+
+def summarize(totals: dict[str, list], same: dict[str, list[bool]]) -> list[dict]:
+    """One row per implementation over every prompt; ratios against the first (transformers) and our AR rows."""
     rows = []
     for name, results in totals.items():
         seconds, tokens = sum(r[0] for r in results), sum(r[1] for r in results)
@@ -177,8 +186,53 @@ def bench_pair(target_dir, draft_dir, device, dtype, args):
         r["speedup_vs_ours_autoregressive"] = ar["ms_per_token"] / r["ms_per_token"]
         if "decode_ms_per_token" in r:
             r["decode_speedup_vs_ours_autoregressive"] = ar["decode_ms_per_token"] / r["decode_ms_per_token"]
-    agreement, positions = draft_agreement(target, draft, lines, device)
-    return rows + [{"impl": "draft agreement", "agreement": agreement, "positions": positions}]
+    return rows
+
+
+def dev_prompts(tokenizer, corpus: Path, n: int, max_len: int = 448) -> list[list[int]]:
+    """The first n conversations of the npc-dialogue dev split up to their last NPC turn, in the model's chat
+    template (with the generation prompt)."""
+    from npc_engine.train.feature_head import reply_prompts
+    from npc_engine.train.npc_dialogue import examples, read_split
+
+    return reply_prompts(tokenizer, examples(read_split(corpus, "dev"))[:4 * n], max_len)[:n]
+
+
+def bench_base(model_path, adapter, head_dir, device, dtype, args):
+    """An instruct base (+ persona adapter) on dev-split persona prompts, every line --new-tokens long (stop tokens
+    ignored), each prompt run by every implementation in turn (interleaved: one load level for all of them):
+    transformers.generate on our merged weights, ours plain, n-gram, the trained feature head, a random head."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from npc_engine.head import FeatureHead, head_args
+    from npc_engine.paths import resolve_model
+
+    folder = resolve_model(model_path)
+    target = load_model(folder, device, dtype, adapter=adapter)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    ours_state = target.state_dict()
+    hf_state = {k: ours_state[k] for k in hf.state_dict() if k in ours_state}
+    missing = [k for k in hf.state_dict() if k not in ours_state and "rotary" not in k]
+    assert not missing, f"transformers weights without ours: {missing[:3]}"
+    hf.load_state_dict(hf_state, strict=False)  # the same (adapter-merged) weights
+    torch.manual_seed(0)
+    random_head = FeatureHead(head_args(target.args)).to(device, dtype).eval()
+    heads = [("ours speculative, feature head", load_head(head_dir, target, device, dtype))] if head_dir else []
+    heads.append(("ours speculative, random head", random_head))
+    totals, same = {}, {}
+    for prompt in dev_prompts(AutoTokenizer.from_pretrained(folder), Path(args.corpus), args.prompts):
+        runs = {"transformers generate": hf_line(hf, prompt, args.new_tokens, device, args.repeats)}
+        drafters = [("ours autoregressive", NoDrafter),
+                    ("ours speculative, n-gram", lambda: NgramDrafter(target.args.vocab_size, device))]
+        drafters += [(name, lambda h=h: HeadDrafter(h, target, 2, 1024, device, dtype)) for name, h in heads]
+        for name, make_drafter in drafters:
+            s, n, stats, tokens, decode_s = ours_line(target, make_drafter(), None, prompt, args.new_tokens,
+                                                      device, False, args.repeats, max_seq=1024)
+            runs[name] = (s, n, tokens, stats, decode_s)
+        for name, result in runs.items():
+            totals.setdefault(name, []).append(result)
+            same.setdefault(name, []).append(result[2] == runs["ours autoregressive"][2])
+    return summarize(totals, same)
 
 
 def print_table(title, rows):
@@ -210,7 +264,12 @@ def main():
     ap.add_argument("--draft", default="models/npc-draft")
     ap.add_argument("--head", default="models/npc-head" if Path("models/npc-head").is_dir() else "",
                     help="feature head folder for --pair (empty: none)")
-    ap.add_argument("--prompts", type=int, default=4, help="persona prompts for --pair")
+    ap.add_argument("--model", default=None, help="an instruct base (folder or .gguf) on dev-split persona prompts")
+    ap.add_argument("--adapter", default=None, help="--model's persona LoRA adapter")
+    ap.add_argument("--model-head", default="", help="--model's feature head folder (a random head runs too)")
+    ap.add_argument("--corpus", default=str(Path(__file__).resolve().parents[2] / "shared" / "corpus"))
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--prompts", type=int, default=4, help="persona prompts for --pair and --model")
     ap.add_argument("--prompt-tokens", type=int, default=50)
     ap.add_argument("--new-tokens", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=5)
@@ -218,7 +277,9 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    print(header(args.device), f"dtype {dtype}, batch 1, greedy")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(header(args.device), f"dtype {dtype}, batch 1, greedy, {torch.get_num_threads()} threads")
     results = {}
     with torch.no_grad():
         for shape in filter(None, args.shapes.split(",")):
@@ -231,6 +292,10 @@ def main():
                       else f"up to {args.new_tokens} tokens")
             print_table(f"trained pair {args.pair} + {args.draft}: {args.prompts} persona prompts, {length}",
                         results["pair"])
+        if args.model:
+            results["model"] = bench_base(args.model, args.adapter, args.model_head, args.device, dtype, args)
+            print_table(f"{args.model} + {args.adapter}: {args.prompts} dev-split persona prompts, "
+                        f"{args.new_tokens} tokens each (stop tokens ignored)", results["model"])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -12,13 +12,13 @@ CPU), over all frames and over the frames during which >= `--streams` lines were
 """
 import argparse
 import json
-from collections import Counter
 import os
 import platform
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent

@@ -7,11 +7,15 @@ after one warm-up run; the two backends alternate run by run, so load on the mac
 alike. Both use --threads threads. The greedy tokens of the two backends are checked to be equal.
 
 Models: --shapes (random weights; npc-target / npc-draft are the shapes of the shipped pair, small
-is benchmarks.common's 12-layer d768 Llama) and --model (a Hugging Face folder, e.g. models/npc-target),
-each saved in float32 and exported with `npc-engine export-onnx` into a scratch folder.
+is benchmarks.common's 12-layer d768 Llama) and --model (a Hugging Face folder or .gguf file, e.g.
+models/npc-target), each saved in float32 and exported with `npc-engine export-onnx` into a scratch folder, once per
+--weights choice (float, and the weight-only int8 / int4 MatMulNBits exports). "same tokens": a backend's greedy
+tokens equal PyTorch's float32 ones.
 
     python benchmarks/bench_onnx.py --shapes npc-target,npc-draft,small --threads 1
     python benchmarks/bench_onnx.py --shapes "" --model models/npc-target --threads 1
+    python benchmarks/bench_onnx.py --shapes "" --model models/base/SmolLM2-135M-Instruct.Q4_1.gguf --threads 2 \
+        --weights float,int8,int4 --repeats 3
 """
 import argparse
 import json
@@ -72,9 +76,10 @@ def line_seconds(engine: Engine, prompt: list[int], new_tokens: int, rid: str) -
     return time.perf_counter() - t0, tokens
 
 
-def bench_model(name: str, model_dir: Path, onnx_dir: Path, args) -> list[dict]:
-    models = {"pytorch": load_model(model_dir, "cpu", torch.float32),
-              "onnxruntime": OnnxModel(onnx_dir, "cpu", args.threads)}
+def bench_model(name: str, model_dir: Path, onnx_dirs: dict[str, Path], args) -> list[dict]:
+    models = {"pytorch": load_model(model_dir, "cpu", torch.float32)}
+    models |= {f"onnxruntime{'' if w == 'float' else ' ' + w}": OnnxModel(d, "cpu", args.threads)
+               for w, d in onnx_dirs.items()}
     vocab = models["pytorch"].args.vocab_size
     prompt = torch.randint(0, vocab, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     # No tokenizer: no stop tokens, so every line has exactly --new-tokens tokens.
@@ -89,12 +94,12 @@ def bench_model(name: str, model_dir: Path, onnx_dir: Path, args) -> list[dict]:
                 step_s[backend].append(s)
                 line_s[backend].append(ls)
             tokens[backend] = (step_tokens, line_tokens)
-    same = tokens["pytorch"] == tokens["onnxruntime"]
     rows = []
     for backend in models:
         step, line = statistics.median(step_s[backend]), statistics.median(line_s[backend])
         rows.append({"model": name, "backend": backend, "threads": args.threads, "decode_ms_per_step": step * 1e3,
-                     "line_ms": line * 1e3, "tokens_per_s": args.new_tokens / line, "same_greedy_tokens": same})
+                     "line_ms": line * 1e3, "tokens_per_s": args.new_tokens / line,
+                     "same_greedy_tokens": tokens[backend] == tokens["pytorch"]})
     for r in rows:
         r["tokens_per_s_vs_pytorch"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
     return rows
@@ -106,6 +111,7 @@ def main():
                     help="comma-separated: npc-target, npc-draft, small (empty for none)")
     ap.add_argument("--model", action="append", default=[], help="a Hugging Face model folder (repeatable)")
     ap.add_argument("--threads", type=int, default=1, help="threads of both backends (default 1)")
+    ap.add_argument("--weights", default="float", help="comma-separated ONNX exports: float, int8, int4")
     ap.add_argument("--prompt-tokens", type=int, default=50)
     ap.add_argument("--new-tokens", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=5)
@@ -122,9 +128,10 @@ def main():
         sources = [(s, None) for s in filter(None, args.shapes.split(","))] + [(m, Path(m)) for m in args.model]
         for i, (name, model_dir) in enumerate(sources):
             model_dir = model_dir or random_model_dir(shape_args(name), Path(scratch) / f"{i}-weights")
-            onnx_dir = Path(scratch) / f"{i}-onnx"
-            export_onnx(model_dir, onnx_dir, progress=False)
-            for r in bench_model(name, model_dir, onnx_dir, args):
+            onnx_dirs = {w: Path(scratch) / f"{i}-onnx-{w}" for w in args.weights.split(",")}
+            for weights, onnx_dir in onnx_dirs.items():
+                export_onnx(model_dir, onnx_dir, progress=False, weights=weights)
+            for r in bench_model(name, model_dir, onnx_dirs, args):
                 rows.append(r)
                 print(f"| {r['model']} | {r['backend']} | {r['threads']} | {r['decode_ms_per_step']:.2f} "
                       f"| {r['line_ms']:.1f} | {r['tokens_per_s']:.1f} | {r['tokens_per_s_vs_pytorch']:.2f}x "

@@ -61,7 +61,8 @@ def median_time(fn, device, repeats: int = 5, warmup: int = 1) -> float:
 def hardware(device) -> str:
     if torch.device(device).type == "cuda":
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
 def header(device) -> str:

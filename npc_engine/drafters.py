@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.prefix import prefix_rows
-from npc_engine.head import FeatureHead, head_logits, is_head_dir, load_head
+from npc_engine.head import FeatureHead, is_head_dir, load_head
 from npc_engine.model import KVCache, Transformer
 from npc_engine.sampling import probs_from_logits, sample
 
@@ -197,7 +197,7 @@ class HeadDrafter:
     def forward(self, tokens, input_pos, cache, slots, kv_len, logits: bool = True, prefix=None):
         """The head on stored features (prefill, timing), with ModelDrafter.forward's arguments (cache: the head's)."""
         predicted = self.run(tokens, input_pos, self.features_before(slots, input_pos, prefix), slots, kv_len, prefix)
-        return head_logits(self.target, predicted) if logits else None
+        return self.model.logits(self.target, predicted) if logits else None
 
     def prefill(self, tokens, input_pos, slots, kv_len, prefix=None) -> None:
         self.forward(tokens, input_pos, self.cache, slots, kv_len, logits=False, prefix=prefix)
@@ -212,7 +212,7 @@ class HeadDrafter:
         features, drafts = self.features_before(slots, pos, prefix), []
         for i in range(k):
             predicted = self.run(tokens, pos, features, slots, kv_len, prefix)[:, -1:]
-            drafts.append(pick(i, head_logits(self.target, predicted)[:, -1]))
+            drafts.append(pick(i, self.model.logits(self.target, predicted)[:, -1]))
             tokens, features, pos = drafts[-1][:, None], predicted, pos[:, -1:] + 1
         if k:  # the last draft is never fed here; the next step's refeed reads it if it is accepted
             self.tokens[slots[:, None], pos] = tokens

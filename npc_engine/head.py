@@ -7,13 +7,20 @@ norm and output head turn that prediction into next-token logits, so the head ow
 no vocabulary matrix: it drafts with the target's own, and a few draft steps cost one small layer each.
 Drafting feeds each predicted feature back in as the next position's input.
 
+Reduced draft vocabulary (FR-Spec): a head may draft over a subset of the vocabulary only, `draft_ids` (the most
+frequent tokens of the target's outputs). Its output projection is then the target's output-head rows of those ids,
+a fraction of the full matrix on a large vocabulary; the other ids get logits of DRAFT_OFF (never drafted, q = 0
+there), and the target still verifies over its full vocabulary, so output is unchanged.
+
 A head folder holds `config.json` (the target's shape with one layer, `architectures`:
-["NpcEngineFeatureHead"]) and `model.safetensors` (`fc.weight`, `layer.*`).
+["NpcEngineFeatureHead"], `draft_vocab_size` when reduced) and `model.safetensors` (`fc.weight`, `layer.*`,
+`draft_ids` when reduced).
 """
 import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -22,15 +29,33 @@ from npc_engine.loading import CheckpointError, parse_dtype
 from npc_engine.model import DecoderLayer, KVCache, ModelArgs, Transformer, rope_cos_sin, rope_inv_freq
 
 ARCHITECTURE = "NpcEngineFeatureHead"
+DRAFT_OFF = -1e4  # finite: a header mask that allows only ids off the draft vocabulary still leaves a distribution
 
 
 class FeatureHead(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, draft_ids: torch.Tensor | None = None):
         super().__init__()
         self.args = args  # the target's shape with n_layers = 1 (the KV cache of the head has one layer)
         self.fc = nn.Linear(2 * args.dim, args.dim, bias=False)
         self.layer = DecoderLayer(args)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.register_buffer("draft_ids", None if draft_ids is None else torch.as_tensor(draft_ids, dtype=torch.long))
+        self._rows = self._rows_of = None  # the target's output-head rows of draft_ids, taken once
+
+    def draft_rows(self, target: Transformer) -> torch.Tensor:
+        weight = target.lm_head.weight
+        if self._rows_of is not weight or self._rows.device != weight.device or self._rows.dtype != weight.dtype:
+            self._rows, self._rows_of = weight[self.draft_ids].contiguous(), weight
+        return self._rows
+
+    def logits(self, target: Transformer, features: torch.Tensor) -> torch.Tensor:
+        """Next-token logits over the full vocabulary; with draft_ids only those are computed, the rest DRAFT_OFF."""
+        if self.draft_ids is None:
+            return head_logits(target, features)
+        h = target.model.norm(features.to(target.model.norm.weight.dtype))
+        sub = F.linear(h, self.draft_rows(target))
+        out = sub.new_full((*sub.shape[:-1], target.args.vocab_size), DRAFT_OFF)
+        return out.scatter_(-1, self.draft_ids.expand_as(sub), sub)
 
     def forward(self, target: Transformer, tokens: torch.Tensor, features: torch.Tensor,
                 input_pos: torch.Tensor | None = None, cache: KVCache | None = None, slots: torch.Tensor | None = None,
@@ -67,8 +92,11 @@ def save_head(head: FeatureHead, path: str | Path, target_name: str, dtype: torc
     path.mkdir(parents=True, exist_ok=True)
     cfg = {**head.args.to_hf_config(), "architectures": [ARCHITECTURE], "model_type": "npc_engine_feature_head",
            "target": target_name, "torch_dtype": str(dtype).removeprefix("torch.")}
+    if head.draft_ids is not None:
+        cfg["draft_vocab_size"] = len(head.draft_ids)
     (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in head.state_dict().items()}
+    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in head.state_dict().items()}
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
@@ -85,23 +113,26 @@ def load_head(path: str | Path, target: Transformer, device, dtype=None) -> Feat
         if getattr(args, field) != getattr(expected, field):
             raise CheckpointError(f"feature head {path} was trained for a target with {field} {getattr(args, field)}, "
                                   f"this target has {getattr(expected, field)}")
-    head = FeatureHead(args)
-    expected_shapes = {k: v.shape for k, v in head.state_dict().items()}
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing")
-    state = {}
     with safe_open(str(weights), framework="pt", device="cpu") as f:
-        for name in f.keys():
-            tensor = f.get_tensor(name)
-            if expected_shapes.get(name) != tensor.shape:
-                raise CheckpointError(f"{weights.name}: unexpected tensor {name!r} {tuple(tensor.shape)} "
-                                      "for a feature head")
-            state[name] = tensor
-    missing = sorted(set(expected_shapes) - set(state))
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    draft_ids = tensors.get("draft_ids")
+    if draft_ids is not None and (draft_ids.dim() != 1 or not len(draft_ids) or draft_ids.dtype != torch.long
+                                  or int(draft_ids.min()) < 0 or int(draft_ids.max()) >= args.vocab_size):
+        raise CheckpointError(f"{weights.name}: draft_ids must be a non-empty list of token ids below "
+                              f"{args.vocab_size}")
+    head = FeatureHead(args, draft_ids)
+    expected_shapes = {k: v.shape for k, v in head.state_dict().items()}
+    for name, tensor in tensors.items():
+        if expected_shapes.get(name) != tensor.shape:
+            raise CheckpointError(f"{weights.name}: unexpected tensor {name!r} {tuple(tensor.shape)} "
+                                  "for a feature head")
+    missing = sorted(set(expected_shapes) - set(tensors))
     if missing:
         raise CheckpointError(f"{path}: missing tensors: {', '.join(missing)}")
-    head.load_state_dict(state)
+    head.load_state_dict(tensors)
     head = head.to(device=device, dtype=parse_dtype(dtype, device))
     head.inv_freq = rope_inv_freq(args).to(device)  # kept in float32
     return head.eval().requires_grad_(False)

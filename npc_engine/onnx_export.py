@@ -9,6 +9,11 @@ written for those (in ONNX Runtime, Unity Sentis, Unreal NNE) can drive it:
            (the past followed by the keys and values of the new tokens, RoPE already applied)
 
 A query at index t of the new tokens sees past and new entries j with j <= past + t whose mask is 1.
+
+`--weights int8|int4`: weight-only quantization for the CPU: every MatMul with a constant weight (the projections
+and the output head) becomes ONNX Runtime's MatMulNBits (symmetric blocks of WEIGHT_BLOCK input channels, one
+float scale per block; activations, embedding, norms and the KV cache stay in the export's dtype). Decoding on a CPU
+reads the weights once per step, so fewer weight bytes read is the gain.
 """
 import argparse
 import json
@@ -34,6 +39,8 @@ MIN_OPSET = 14  # the oldest opset the graph is tested at
 MAX_OPSET = 20  # the newest opset torch's TorchScript exporter supports
 EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf caps a file at 2 GiB; larger weights go to model.onnx.data
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+WEIGHT_BITS = {"float": None, "int8": 8, "int4": 4}
+WEIGHT_BLOCK = 32  # llama.cpp's Q4_0/Q8_0 block
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "npc_engine.json")
 
@@ -101,15 +108,30 @@ def dynamic_axes(n_layers: int) -> dict[str, dict[int, str]]:
     return axes
 
 
+def quantize_weights(proto, bits: int):
+    """The graph with each constant-weight MatMul as MatMulNBits of `bits` bits (onnxruntime's quantizer)."""
+    import logging
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=WEIGHT_BLOCK, is_symmetric=False)
+    quantizer.process()
+    return quantizer.model.model
+
+
 def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT_OPSET, dtype: str = "fp32",
-                progress: bool = True) -> Path:
+                progress: bool = True, weights: str = "float") -> Path:
     """Write OUT_DIR/model.onnx (weights in model.onnx.data when over EXTERNAL_DATA_BYTES), the tokenizer
-    and config files and manifest.json. Returns the path of model.onnx."""
+    and config files and manifest.json. Returns the path of model.onnx. weights: "float" (the export's dtype),
+    "int8" or "int4" (module docstring)."""
     import onnx  # only the exporter needs it; the runtime backend does not
 
     model_dir, out_dir = resolve_model(model_dir), Path(out_dir)  # a .gguf file: its converted folder
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"--dtype {dtype!r} not supported; choose one of {', '.join(EXPORT_DTYPES)}")
+    if weights not in WEIGHT_BITS:
+        raise ExportError(f"--weights {weights!r} not supported; choose one of {', '.join(WEIGHT_BITS)}")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"--opset {opset} not supported; choose {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})")
     if out_dir.exists() and out_dir.resolve() == model_dir.resolve():
@@ -135,6 +157,9 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
         steps.update()
         steps.set_postfix_str("saving")
         proto = onnx.load(str(traced))
+    if WEIGHT_BITS[weights]:
+        steps.set_postfix_str(f"quantizing weights to {weights}")
+        proto = quantize_weights(proto, WEIGHT_BITS[weights])
     for old in out_dir.glob(f"{MODEL_FILE}*"):
         old.unlink()
     model_path = out_dir / MODEL_FILE
@@ -155,7 +180,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
     args = model.args
     manifest = {
         "format": MANIFEST_FORMAT, "format_version": 1, "model_file": MODEL_FILE, "external_data": external_data,
-        "opset": opset, "dtype": dtype, "inputs": inputs, "outputs": outputs,
+        "opset": opset, "dtype": dtype, "weights": weights, "inputs": inputs, "outputs": outputs,
         "n_layers": args.n_layers, "n_kv_heads": args.n_kv_heads, "head_dim": args.head_dim,
         "vocab_size": args.vocab_size,
         "source_model": str(model_dir.resolve()), "npc_engine_version": npc_engine.__version__,
@@ -169,7 +194,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     try:
-        path = export_onnx(args.model, args.output, args.opset, args.dtype)
+        path = export_onnx(args.model, args.output, args.opset, args.dtype, weights=args.weights)
     except (ExportError, CheckpointError) as e:
         print(f"npc-engine export-onnx: error: {e}", file=sys.stderr)
         return 2
@@ -185,4 +210,6 @@ def add_subparser(sub) -> None:
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--dtype", default="fp32", choices=list(EXPORT_DTYPES),
                    help="weight and KV-cache dtype (default fp32)")
+    p.add_argument("--weights", default="float", choices=list(WEIGHT_BITS),
+                   help="weight-only quantization of the matrix weights for the CPU (default float: none)")
     p.set_defaults(func=cmd_export_onnx)

@@ -40,7 +40,8 @@ def build_tokenizer(vocab_size: int = 320, bos: bool = False) -> Tokenizer:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(TOKENIZER_TEXT, trainer)
     if bos:
-        tok.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+        tok.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A",
+                                                           special_tokens=[("<|endoftext|>", 0)])
     return tok
 
 

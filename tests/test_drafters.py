@@ -138,3 +138,29 @@ def test_the_registry_makes_each_drafter_and_each_states_every_capability(tiny_p
     with pytest.raises(ValueError, match="needs the torch backend"):
         make(str(head_dir), torch_backend=False)
     assert draft_spec(target_dir, "auto") == "ngram" and draft_spec(target_dir, "none") == "none"
+
+
+def test_reduced_vocabulary_head_saves_loads_and_drafts_only_its_ids(tiny_pair_dirs, tmp_path):
+    """A head with draft_ids round-trips through its folder; its logits are the full head's at those ids (the
+    target's output-head rows) and DRAFT_OFF elsewhere; a folder whose ids fall outside the vocabulary is refused."""
+    from safetensors.torch import load_file, save_file
+
+    from npc_engine.head import DRAFT_OFF, head_logits, load_head, save_head
+    from npc_engine.loading import CheckpointError
+
+    target = load_model(tiny_pair_dirs[0])
+    ids = torch.tensor([5, 0, 17, 300])
+    head = random_head(target, draft_ids=ids)
+    save_head(head, tmp_path / "head", target_name="t", dtype=torch.float32)
+    loaded = load_head(tmp_path / "head", target, "cpu", torch.float32)
+    assert loaded.draft_ids.tolist() == ids.tolist()
+    features = torch.randn(2, 3, target.args.dim)
+    got, full = loaded.logits(target, features), head_logits(target, features)
+    torch.testing.assert_close(got[..., ids], full[..., ids])
+    off = torch.ones(target.args.vocab_size, dtype=torch.bool)
+    off[ids] = False
+    assert (got[..., off] == DRAFT_OFF).all()
+    weights = tmp_path / "head" / "model.safetensors"
+    save_file({**load_file(weights), "draft_ids": torch.tensor([1, target.args.vocab_size])}, weights)
+    with pytest.raises(CheckpointError, match="draft_ids"):
+        load_head(tmp_path / "head", target, "cpu", torch.float32)

@@ -5,8 +5,18 @@ from collections import Counter
 import pytest
 
 from npc_engine.prompt import Turn
-from npc_engine.train.voice_eval import (Question, broke_character, build_questions, deflected, distinctive, looping,
-                                         said, score, summarize, word_list)
+from npc_engine.train.voice_eval import (
+    Question,
+    broke_character,
+    build_questions,
+    deflected,
+    distinctive,
+    looping,
+    said,
+    score,
+    summarize,
+    word_list,
+)
 
 FACT = "Bait costs 5 coins a tin at Mabel's tackle shop."
 FREQUENCY = Counter({"bait": 3, "cost": 9, "coin": 40, "tin": 6, "mabel": 1, "tackle": 2, "shop": 30, "5": 4})

@@ -265,3 +265,27 @@ def test_feature_head_needs_the_torch_backend(tiny_model_dir, export, tmp_path):
     save_head(FeatureHead(head_args(load_model(tiny_model_dir).args)), tmp_path / "head", target_name="tiny")
     with pytest.raises(ValueError, match="feature head .* needs the torch backend"):
         Engine.load(export(tiny_model_dir), draft=str(tmp_path / "head"))
+
+
+@pytest.mark.parametrize("weights,max_abs,max_kl", [("int8", 0.5, 0.005), ("int4", 6.0, 0.3)])
+def test_weight_only_quantized_export_stays_near_float32(tmp_path, weights, max_abs, max_kl):
+    """--weights int8/int4 on the embedded target: every linear layer (7 per decoder layer and the output head)
+    becomes MatMulNBits, and prefill logits of the persona prompts stay within the stated tolerance of the float32
+    model (logits' standard deviation about 3.4): the largest |difference| and the mean KL(float32 || quantized)
+    per prompt. Block-32 int4 on this 256-wide model moves logits a lot: int8 is the safe choice there."""
+    target_dir = EMBEDDED / "npc-target"
+    out = tmp_path / weights
+    export_onnx(target_dir, out, progress=False, weights=weights)
+    assert json.loads((out / "manifest.json").read_text())["weights"] == weights
+    ops = [node.op_type for node in onnx.load(str(out / "model.onnx")).graph.node]
+    torch_model, ort_model = load_model(target_dir), OnnxModel(out)
+    assert ops.count("MatMulNBits") == 7 * torch_model.args.n_layers + 1
+    tokenizer = Tokenizer.from_dir(target_dir)
+    for text in PROMPTS:
+        ids = torch.tensor([tokenizer.encode(text)])
+        pos = torch.arange(ids.shape[1])[None]
+        expected, got = (m(ids, pos, KVCache(m.args, 1, 256, "cpu", torch.float32), torch.tensor([0]), 256)
+                         for m in (torch_model, ort_model))
+        kl = torch.nn.functional.kl_div(got.log_softmax(-1), expected.log_softmax(-1), log_target=True,
+                                        reduction="none").sum(-1).mean()
+        assert (got - expected).abs().max() <= max_abs and kl <= max_kl, (text, (got - expected).abs().max(), kl)

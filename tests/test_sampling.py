@@ -1,9 +1,9 @@
 import torch
 
+from npc_engine.drafters import NoDrafter
 from npc_engine.engine import Engine
 from npc_engine.loading import load_model
 from npc_engine.sampling import SamplingParams, probs_from_logits, sample
-from npc_engine.drafters import NoDrafter
 from npc_engine.tokenizer import Tokenizer
 
 

@@ -34,6 +34,9 @@ def make_engine(target_dir, drafter_kind, draft_dir=None, **kwargs):
         drafter = ModelDrafter(load_model(draft_dir), 9, 1024, "cpu", torch.float32)
     elif drafter_kind == "head":  # random: mostly wrong drafts
         drafter = HeadDrafter(random_head(target), target, 9, 1024, "cpu", torch.float32)
+    elif drafter_kind == "head_reduced":  # drafts over every third id only
+        drafter = HeadDrafter(random_head(target, draft_ids=torch.arange(0, target.args.vocab_size, 3)), target, 9,
+                              1024, "cpu", torch.float32)
     elif drafter_kind == "ngram":
         drafter = NgramDrafter(target.args.vocab_size, "cpu")
     else:
@@ -41,9 +44,9 @@ def make_engine(target_dir, drafter_kind, draft_dir=None, **kwargs):
     return Engine(target, drafter, Tokenizer.from_dir(target_dir), max_batch=8, **kwargs)
 
 
-def random_head(target: Transformer, seed: int = 0) -> FeatureHead:
+def random_head(target: Transformer, seed: int = 0, draft_ids: torch.Tensor | None = None) -> FeatureHead:
     torch.manual_seed(seed)
-    return FeatureHead(head_args(target.args)).eval().requires_grad_(False)
+    return FeatureHead(head_args(target.args), draft_ids).eval().requires_grad_(False)
 
 
 def run_batch(engine, prompts, params):
@@ -59,7 +62,8 @@ def run_batch(engine, prompts, params):
 
 @pytest.mark.parametrize("drafter_kind,k,fused", [("model", 4, False), ("model", None, False), ("ngram", 8, False),
                                                   ("ngram", None, False), ("none", 4, False), ("model", 4, True),
-                                                  ("head", 5, False), ("head", None, False), ("head", 3, True)])
+                                                  ("head", 5, False), ("head", None, False), ("head", 3, True),
+                                                  ("head_reduced", 4, False), ("head_reduced", None, False)])
 def test_greedy_speculative_is_token_identical_across_batch_sizes(tiny_pair_dirs, drafter_kind, k, fused):
     """fused: the kernels' PyTorch references, which check their inputs as the GPU kernels need them."""
     target_dir, draft_dir = tiny_pair_dirs
@@ -198,14 +202,16 @@ def test_speculative_sampling_keeps_the_target_distribution():
         assert p_mutant < 1e-6, f"{mutant.__name__} not caught: p = {p_mutant:.2e}"
 
 
-@pytest.mark.parametrize("drafter_kind", ["model", "head"])
+@pytest.mark.parametrize("drafter_kind", ["model", "head", "head_reduced"])
 def test_engine_sampling_matches_the_target_distribution(drafter_kind):
-    """End to end through the engine (draft model or feature head, KV caches, rollback, per-request seeds): 4096
-    two-token samples against the exact distribution, chi-square p > 1e-3."""
+    """End to end through the engine (draft model, feature head, feature head drafting over 4 of the 10 ids; KV
+    caches, rollback, per-request seeds): 4096 two-token samples against the exact distribution, chi-square
+    p > 1e-3."""
     target, draft = tiny_vocab_pair()
     P = conditionals(target, [1, 2, 3], 2)
+    draft_ids = torch.tensor([0, 3, 4, 8]) if drafter_kind == "head_reduced" else None
     drafter = (ModelDrafter(draft, 1025, 64, "cpu", torch.float32) if drafter_kind == "model" else
-               HeadDrafter(random_head(target), target, 1025, 64, "cpu", torch.float32))
+               HeadDrafter(random_head(target, draft_ids=draft_ids), target, 1025, 64, "cpu", torch.float32))
     engine = Engine(target, drafter, tokenizer=None, max_batch=1024, max_seq=64, fixed_k=3)
     counts = torch.zeros(10, 10)
     outs = {}

@@ -142,7 +142,8 @@ def test_mine_dialogue_from_prose_and_plays():
     [c] = mine_dialogue(prose, 10)
     assert c["persona"]["name"] == "Red Riding Hood"
     assert c["persona"]["facts"] == ["The wolf met her on the path through the dark wood."]
-    assert c["turns"] == [["player", "Wolf: Where are you going?"], ["npc", "To my grandmother, who lives in the wood."]]
+    assert c["turns"] == [["player", "Wolf: Where are you going?"],
+                          ["npc", "To my grandmother, who lives in the wood."]]
     play = ["MRS. ALVING. [Smiling.] You are home at last.", "OSWALD. Yes, mother.", "MRS. ALVING. Sit down."]
     [c] = mine_dialogue(play, 10)
     assert c["persona"]["name"] == "Oswald"
@@ -415,7 +416,7 @@ def test_persona_examples_mask_only_npc_tokens_and_keep_labels(persona_run):
     assert "Alda Vorn20 to Alda Vorn21: Well said" not in text  # cut after the speaker's last line
     assert "Alda Vorn20: Welcome, all!\nPlayer to Alda Vorn21: What do you make?" in text
     assert "Present: Alda Vorn20, fisher of Carrow20; the player." in text and "The host is Alda Vorn20." in text
-    assert not (persona_run["corpus"] / "npc-dialogue" / "dev.jsonl").read_text() in "".join(
+    assert (persona_run["corpus"] / "npc-dialogue" / "dev.jsonl").read_text() not in "".join(
         tok.decode(encode(tok, e, 1024)[0]) for e in examples)
 
 
@@ -465,3 +466,37 @@ def test_persona_stage_needs_an_instruct_base(persona_run, tmp_path, capsys):
     (plain / "chat_template.jinja").unlink(missing_ok=True)
     assert main([*common, "--base", str(plain)]) == 2
     assert "has no chat template" in capsys.readouterr().err
+
+
+def test_head_stage_on_an_instruct_base_writes_a_reduced_head_that_keeps_greedy_output(persona_run, tmp_path):
+    """`--stages head --base B --adapter A`: a feature head for the adapted base, drafting over the N most frequent
+    ids of the target's outputs (its end-of-turn token among them), which the engine loads as the drafter and whose
+    greedy lines are the target's own."""
+    from npc_engine.drafters import HeadDrafter
+    from npc_engine.engine import Engine
+    from npc_engine.prompt import chat_messages
+    from npc_engine.sampling import SamplingParams
+    from npc_engine.train.npc_dialogue import prompt_persona
+    from voice_data import persona
+
+    base, adapter, head_dir = persona_run["base"], persona_run["adapter"], tmp_path / "head"
+    args = ["--config", "tiny", "--device", "cpu", "--corpus", str(persona_run["corpus"]), "--work",
+            str(tmp_path / "work"), "--stages", "head", "--base", str(base), "--adapter", str(adapter),
+            "--head-out", str(head_dir), "--draft-vocab", "48"]
+    assert main(args) == 0
+    info = json.loads((head_dir / "training.json").read_text())
+    assert info["steps"] == TINY.base_head.max_steps and 0 < info["replies"] <= TINY.head_replies
+    assert info["draft_vocab"] == 48 and info["adapter"] == str(adapter) and info["last_loss"] < info["first_loss"]
+    assert json.loads((head_dir / "config.json").read_text())["draft_vocab_size"] == 48
+
+    params = SamplingParams(temperature=0.0, max_tokens=16)
+    plain = Engine.load(base, draft="none", dtype="float32", adapter=adapter)
+    drafted = Engine.load(base, draft=str(head_dir), dtype="float32", adapter=adapter, fixed_k=3)
+    assert isinstance(drafted.drafter, HeadDrafter) and len(drafted.drafter.model.draft_ids) == 48
+    assert plain.tokenizer.encode("<|im_end|>", add_special_tokens=False)[0] in drafted.drafter.model.draft_ids
+    for i, line in enumerate(["Where do you live?", "Any news?", "What do you make?"]):
+        messages = chat_messages(prompt_persona(persona(40 + i)), [Turn("player", line)])
+        prompt = plain.tokenizer.encode(plain.tokenizer.chat_template.render(messages, add_generation_prompt=True),
+                                        add_special_tokens=False)
+        assert list(drafted.generate(prompt, params)) == list(plain.generate(prompt, params))
+        assert drafted.last_stats.drafted > 0

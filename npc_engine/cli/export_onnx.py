@@ -9,6 +9,8 @@ def add_parser(sub) -> None:
                    help="folder to write model.onnx, manifest.json and the tokenizer to")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14..20")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="weight and KV-cache dtype")
+    p.add_argument("--weights", default="float", choices=["float", "int8", "int4"],
+                   help="weight-only quantization of the matrix weights for the CPU (MatMulNBits; default: none)")
     p.set_defaults(func=run)
 
 

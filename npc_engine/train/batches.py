@@ -83,7 +83,8 @@ def pack(windows: list[tuple[np.ndarray, np.ndarray]], block_size: int) -> Rows:
         masks.append(np.concatenate(row_mask + [np.zeros(width - used)])[:width])
     if not tokens:
         return Rows(torch.zeros(0, width, dtype=torch.int64), torch.zeros(0, width))
-    return Rows(torch.from_numpy(np.stack(tokens).astype(np.int64)), torch.from_numpy(np.stack(masks).astype(np.float32)))
+    return Rows(torch.from_numpy(np.stack(tokens).astype(np.int64)),
+                torch.from_numpy(np.stack(masks).astype(np.float32)))
 
 
 def book_windows(stream: torch.Tensor, block_size: int, n: int, generator: torch.Generator | None) -> Rows:

@@ -8,6 +8,8 @@
     npc-engine train --base DIR --stages persona --budget-minutes 5
                                                        # the persona LoRA adapter on an instruct base
                                                        # (a model folder or .gguf), into --adapter-out
+    npc-engine train --base FILE.gguf --adapter A --stages head --budget-minutes 10
+                                                       # a feature head for that target, into --head-out
 
 Without --stages, the embedded pair's stages run (PAIR_STAGES); `persona` runs when named.
 """
@@ -26,10 +28,12 @@ TIMED_STAGES = ("pretrain", "finetune", "distill", "head", "persona")
 
 def stage_inputs(args) -> dict[str, Path]:
     """What each stage reads, and so what must exist when it runs without the stage before it."""
+    corpus = args.corpus / "npc-dialogue" / "train.jsonl"
     return {"tokenizer": args.work / "data" / "split.json", "pretrain": args.work / "tokens" / "counts.json",
-            "finetune": args.work / "target-pretrained" / "config.json", "distill": args.out / "npc-target" / "config.json",
-            "head": args.out / "npc-target" / "config.json",
-            "eval": args.out / "npc-draft" / "config.json", "persona": args.corpus / "npc-dialogue" / "train.jsonl"}
+            "finetune": args.work / "target-pretrained" / "config.json",
+            "distill": args.out / "npc-target" / "config.json",
+            "head": corpus if args.base is not None else args.out / "npc-target" / "config.json",
+            "eval": args.out / "npc-draft" / "config.json", "persona": corpus}
 
 
 def stage_outputs(args) -> dict[str, Path]:
@@ -99,7 +103,13 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--budget-minutes", "--max-minutes", dest="max_minutes", type=parse_minutes, default={},
                    help="wall-clock budget per stage, e.g. 5 (every stage) or pretrain=3,finetune=1.5,persona=5")
     p.add_argument("--base", type=Path, default=None,
-                   help="persona stage: the instruct base model, a Hugging Face folder or a .gguf file")
+                   help="persona and head stages: the instruct base model, a Hugging Face folder or a .gguf file")
+    p.add_argument("--adapter", type=Path, default=None,
+                   help="head stage with --base: the persona LoRA adapter merged into the target the head drafts for")
+    p.add_argument("--head-out", type=Path, default=ROOT / "models" / "smollm2-npc-head",
+                   help="head stage with --base: the feature-head folder written")
+    p.add_argument("--draft-vocab", type=int, default=None,
+                   help="head stage with --base: ids the head drafts over (default: the config's)")
     p.add_argument("--adapter-out", type=Path, default=ROOT / "models" / "smollm2-npc-persona",
                    help="persona stage: the LoRA adapter folder written")
     p.add_argument("--epochs", type=int, default=None,
@@ -116,7 +126,8 @@ def cmd_train(args) -> int:
     import torch
 
     from npc_engine.loading import CheckpointError
-    from npc_engine.train import data, eval as evaluation, feature_head, loop, persona, tokenizer
+    from npc_engine.train import data, feature_head, loop, persona, tokenizer
+    from npc_engine.train import eval as evaluation
     from npc_engine.train.config import CONFIGS, with_minutes
     from npc_engine.train.data import CorpusError
 
@@ -129,6 +140,10 @@ def cmd_train(args) -> int:
               file=sys.stderr)
         return 2
     config = with_minutes(CONFIGS[args.config], args.max_minutes)
+    if args.base is not None and "head" in args.max_minutes:
+        config = replace(config, base_head=replace(config.base_head, max_minutes=args.max_minutes["head"]))
+    if args.draft_vocab is not None:
+        config = replace(config, draft_vocab=args.draft_vocab)
     config = replace(config, persona=replace(config.persona, **{k: v for k, v in (
         ("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}))
     log = Log(args.work / "train.log")
@@ -142,11 +157,13 @@ def cmd_train(args) -> int:
     runners = {
         "prepare": lambda: data.prepare(args.corpus, args.work, config, log),
         "tokenizer": lambda: tokenizer.encode_corpus(
-            args.work, tokenizer.train_tokenizer(args.work, config.vocab_size, config.tokenizer_sample_chars, log), log),
+            args.work,
+            tokenizer.train_tokenizer(args.work, config.vocab_size, config.tokenizer_sample_chars, log), log),
         "pretrain": lambda: loop.pretrain(ctx),
         "finetune": lambda: loop.finetune(ctx),
         "distill": lambda: loop.distill(ctx),
-        "head": lambda: feature_head.train_head(ctx),
+        "head": lambda: (feature_head.train_head(ctx) if args.base is None else
+                         feature_head.train_base_head(ctx, args.base, args.adapter, args.corpus, args.head_out)),
         "eval": lambda: evaluation.evaluate(ctx, args.personas),
         "persona": lambda: persona.train_persona(ctx, args.base, args.corpus, args.adapter_out),
     }

@@ -100,6 +100,14 @@ class TrainConfig:
     eval_max_adherence: int = 400
     cpu_threads: int = 0  # torch threads on CPU; 0 = torch's default
     persona: PersonaStage = field(default_factory=PersonaStage)
+    # the head of an instruct base (`--stages head --base`): rows of whole conversations, the target's greedy
+    # replies to head_replies of them (in at most a quarter of the stage's budget), a reduced draft vocabulary
+    base_head: Stage = field(default_factory=lambda: Stage(
+        batch_size=4, block_size=512, lr=3e-3, max_steps=20_000, max_minutes=10, warmup_steps=20, log_every=10,
+        ckpt_every=100))
+    draft_vocab: int = 8192
+    head_replies: int = 1024
+    head_reply_tokens: int = 48
 
 
 DEFAULT = TrainConfig(
@@ -145,6 +153,11 @@ TINY = TrainConfig(
     cpu_threads=1,  # its matrices are too small to share out; two busy threads run ten times slower
     persona=PersonaStage(rank=4, alpha=8, dropout=0.0, epochs=4, batch_size=4, max_len=384, lr=3e-2, warmup_steps=2,
                          log_every=2, ckpt_every=4),
+    base_head=Stage(batch_size=4, block_size=384, lr=3e-3, max_steps=8, max_minutes=0, warmup_steps=2, log_every=2,
+                    ckpt_every=4),
+    draft_vocab=64,
+    head_replies=6,
+    head_reply_tokens=8,
 )
 
 CONFIGS = {"default": DEFAULT, "tiny": TINY}

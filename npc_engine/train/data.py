@@ -49,7 +49,8 @@ def read_books(corpus: Path) -> list[dict]:
             for number, line in enumerate(f, start=1):
                 try:
                     book = json.loads(line)
-                    books.append({"pg": book.get("pg", ""), "title": str(book.get("title", "")), "text": str(book["text"])})
+                    books.append({"pg": book.get("pg", ""), "title": str(book.get("title", "")),
+                                  "text": str(book["text"])})
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise CorpusError(f"{file}:{number}: not a book record ({e})") from None
     return books
@@ -115,7 +116,8 @@ def clean_book(text: str) -> list[str]:
 # ---------------------------------------------------------------- mining dialogue from books
 
 TITLE = r"(?:(?:MRS?|MISS|DR|ST|SIR|LADY|LORD|MME|MLLE)\.? )?"
-PLAY_LINE_RE = re.compile(rf"^({TITLE}[A-Z][A-Z'’\-]+(?: [A-Z][A-Z'’\-]+){{0,3}})(?: ?[(\[][^)\]]{{0,300}}[)\]])?[.:] +(.+)$")
+PLAY_LINE_RE = re.compile(rf"^({TITLE}[A-Z][A-Z'’\-]+(?: [A-Z][A-Z'’\-]+){{0,3}})"
+                          rf"(?: ?[(\[][^)\]]{{0,300}}[)\]])?[.:] +(.+)$")
 NOT_SPEAKERS = {"ACT", "SCENE", "CHAPTER", "THE END", "END", "CONTENTS", "INTRODUCTION", "PREFACE", "NOTE", "NOTES",
                 "FOOTNOTES", "INDEX", "BOOK", "PART", "CANTO", "FINIS", "EPILOGUE", "PROLOGUE", "CURTAIN", "ALL",
                 "THE", "A", "I", "O", "NO", "YES"}
@@ -159,7 +161,8 @@ def prose_line(paragraph: str) -> tuple[str | None, str] | None:
     """A paragraph that opens with a quotation: (speaker if the narration names one, quoted words)."""
     if not paragraph.startswith(('"', "“")):
         return None
-    closed = paragraph + ('"' if paragraph.count('"') % 2 else "") + ("”" if paragraph.count("“") > paragraph.count("”") else "")
+    closed = paragraph + ('"' if paragraph.count('"') % 2 else "")
+    closed += "”" if paragraph.count("“") > paragraph.count("”") else ""
     parts = [a or b for a, b in QUOTE_RE.findall(closed)]
     speech = WHITESPACE_RE.sub(" ", " ".join(p.strip() for p in parts)).strip()
     if not re.search(r"[A-Za-z]", speech):
@@ -334,7 +337,8 @@ def persona_qa_example(persona: PromptPersona) -> dict:
         kind, _, thing = topic.partition(" ")
         wordings = QA_QUESTIONS[kind]
         turns.append(["player", wordings[stable_hash(key + topic) % len(wordings)].format(thing)])
-        answer = NAME_ANSWERS[stable_hash(key) % len(NAME_ANSWERS)].format(persona.name) if kind == "name" else " ".join(facts)
+        name_answer = NAME_ANSWERS[stable_hash(key) % len(NAME_ANSWERS)]
+        answer = name_answer.format(persona.name) if kind == "name" else " ".join(facts)
         turns.append(["npc", answer])
     return {"source": "persona-qa", "persona": asdict(persona), "turns": turns}
 
@@ -419,7 +423,8 @@ def prepare(corpus: Path, work: Path, config, log=print) -> dict:
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         cleaned = list(pool.map(_clean, books, chunksize=1))
         val_paragraphs = {p for b, ps in zip(books, cleaned) if book_key(b) in val_keys for p in ps if len(p) >= 40}
-        train = [(b, [p for p in ps if p not in val_paragraphs]) for b, ps in zip(books, cleaned) if book_key(b) not in val_keys]
+        train = [(b, [p for p in ps if p not in val_paragraphs])
+                 for b, ps in zip(books, cleaned) if book_key(b) not in val_keys]
         mined = list(pool.map(_mine, [(ps, config.max_mined_per_book) for _, ps in train], chunksize=1))
     n_books_train = write_jsonl(out / "books_train.jsonl",
                                 ({"pg": b["pg"], "title": b["title"], "text": "\n".join(ps)} for b, ps in train if ps))
@@ -443,7 +448,8 @@ def prepare(corpus: Path, work: Path, config, log=print) -> dict:
         "books_train": n_books_train, "books_val": len(val_keys), "val_books": sorted(val_keys),
         "book_chars_train": sum(len(p) + 1 for _, ps in train for p in ps),
         "book_chars_val": sum(len(p) + 1 for b, ps in zip(books, cleaned) if book_key(b) in val_keys for p in ps),
-        "paragraphs_dropped_as_val_duplicates": sum(len(c) for b, c in zip(books, cleaned) if book_key(b) not in val_keys)
+        "paragraphs_dropped_as_val_duplicates":
+            sum(len(c) for b, c in zip(books, cleaned) if book_key(b) not in val_keys)
         - sum(len(ps) for _, ps in train),
         "persona_chat_rows": len(rows), "val_personas": len(val_personas),
         "dev_personas": len(dev_personas), "persona_chat_train": len(chat_train), "persona_chat_dev": len(chat_dev),

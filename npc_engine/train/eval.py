@@ -14,7 +14,8 @@ Writes `<work>/metrics.json` and `<work>/samples.md`.
   same prompts and replies (`acceptance_feature_head`).
 - Persona adherence: for every held-out Persona-Chat persona, each fact is matched by keywords to
   at most one topic (`data.fact_topics`); each topic with a matching fact is asked once, as the first
-  player turn, in the words of EVAL_QUESTIONS (training's question-answer exchanges use others). The greedy reply counts as adherent when it shares a content word with one of that
+  player turn, in the words of EVAL_QUESTIONS (training's question-answer exchanges use others). The greedy reply
+  counts as adherent when it shares a content word with one of that
   topic's facts: lowercased words of 3+ letters, a plural "s" dropped, minus STOPWORDS and minus the
   words of the question itself (so "What is your favorite color?" -> "my favorite color is" does not
   count; "blue" does).
@@ -28,12 +29,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from npc_engine.head import FeatureHead, head_logits, load_head
+from npc_engine.head import FeatureHead, load_head
 from npc_engine.loading import load_model
 from npc_engine.model import Transformer
 from npc_engine.persona import PersonaError, load_persona_dir
 from npc_engine.prompt import NPC, PromptPersona, Turn, build_prompt
-from npc_engine.train.batches import Rows, book_windows, conversation_windows, load_book_stream, load_conversations, pack
+from npc_engine.train.batches import (
+    Rows,
+    book_windows,
+    conversation_windows,
+    load_book_stream,
+    load_conversations,
+    pack,
+)
 from npc_engine.train.config import eos_ids
 from npc_engine.train.data import fact_topics, persona_key, read_jsonl, record_persona
 from npc_engine.train.loop import Context, masked_cross_entropy
@@ -151,7 +159,7 @@ def head_proposals(target: Transformer, head: FeatureHead):
         for _ in range(k):
             end = int(cur.max())
             predicted = head(target, work[:, :end], before[:, :end])[rows, cur - 1]
-            proposals.append(head_logits(target, predicted).argmax(-1))
+            proposals.append(head.logits(target, predicted).argmax(-1))
             work[rows, cur], before[rows, cur] = proposals[-1], predicted.to(before.dtype)
             cur = cur + 1
         return torch.stack(proposals, 1)
@@ -316,5 +324,6 @@ def samples_markdown(samples: list[dict], personas_dir: Path) -> str:
     lines = ["Replies of `models/npc-target`, unedited: one player line each, temperature 0.7, top-k 40, "
              "at most 64 tokens.", ""]
     for s in samples:
-        lines += [f"**{s['name']}** ({s['role']})", "", f"> Player: {s['player']}", ">", f"> {s['name']}: {s['npc']}", ""]
+        lines += [f"**{s['name']}** ({s['role']})", "", f"> Player: {s['player']}", ">",
+                  f"> {s['name']}: {s['npc']}", ""]
     return "\n".join(lines)

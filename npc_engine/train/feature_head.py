@@ -5,14 +5,28 @@ own norm and output head) plus a smooth-L1 pull of the predicted feature toward 
 twice: teacher-forced on the target's features, then fed the head's own predictions one position back, as drafting
 feeds it from the second draft on (the second pass's input is detached). Same data mix and mask as `distill`.
 """
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
+from npc_engine.drafters import K_MAX, NoDrafter
+from npc_engine.engine import Engine
+from npc_engine.engine.prefill import PREFILL_CHUNK
 from npc_engine.head import FeatureHead, head_args, head_logits, save_head
 from npc_engine.loading import load_model
 from npc_engine.model import Transformer
+from npc_engine.paths import resolve_model
+from npc_engine.prompt import chat_messages
+from npc_engine.sampling import SamplingParams
+from npc_engine.tokenizer import Tokenizer, end_of_turn_ids
 from npc_engine.train.batches import MixedSampler
 from npc_engine.train.loop import Context, compile_layers, conversation_pools, count_params, mix_shares, record, train
+from npc_engine.train.npc_dialogue import Example, train_examples
+from npc_engine.train.persona import encode, render
 
 
 def head_loss(target: Transformer):
@@ -47,3 +61,146 @@ def train_head(ctx: Context) -> dict:
     info = train("head", head, head_loss(target), sampler, stage, ctx)
     save_head(head, ctx.out / "npc-head", target_name="npc-target")
     return record(ctx, "head", {**info, "parameters": count_params(head)})
+
+
+# ---------------------------------------------------------------- a head for any Llama-family target (`--base`)
+
+def subset_loss(target: Transformer, draft_ids: torch.Tensor):
+    """head_loss with both distributions taken over the draft vocabulary only (the teacher's renormalised there):
+    the head can only ever propose those ids, and the output projection shrinks to their rows."""
+    rows = target.lm_head.weight[draft_ids].detach()
+
+    def logits(features: torch.Tensor) -> torch.Tensor:
+        return F.linear(target.model.norm(features.to(rows.dtype)), rows).float()
+
+    def loss(head: FeatureHead, x, y, m):
+        positions = torch.arange(x.shape[1], device=x.device).expand_as(x)
+        with torch.no_grad():
+            features = target.hidden_states(x, positions)
+            teacher = F.log_softmax(logits(features), dim=-1)
+        before = F.pad(features[:, :-1], (0, 0, 1, 0))
+        weight, total = m.sum().clamp(min=1), 0.0
+        for _ in range(2):
+            predicted = head(target, x, before)
+            kl = F.kl_div(F.log_softmax(logits(predicted), dim=-1), teacher, log_target=True, reduction="none").sum(-1)
+            pull = F.smooth_l1_loss(predicted.float(), features.float(), reduction="none").mean(-1)
+            total = total + ((kl + pull) * m).sum() / weight
+            before = F.pad(predicted[:, :-1].detach(), (0, 0, 1, 0))
+        return total / 2
+    return loss
+
+
+class RowSampler:
+    """Batches of whole rows (token ids, loss mask), drawn uniformly with a seeded generator, right-padded to the
+    longest row of the batch: (x, y, mask of y) as `train` expects."""
+
+    def __init__(self, rows: list[tuple[list[int], list[int]]], batch_size: int, block_size: int, seed: int,
+                 device: torch.device):
+        self.rows, self.block_size, self.device = rows, block_size, device
+        self.counts = {"rows": batch_size}
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        picks = torch.randint(len(self.rows), (self.counts["rows"],), generator=self.generator).tolist()
+        chosen = [self.rows[i] for i in picks]
+        width = max(len(ids) for ids, _ in chosen)
+        tokens, mask = torch.zeros(len(chosen), width, dtype=torch.long), torch.zeros(len(chosen), width)
+        for b, (ids, m) in enumerate(chosen):
+            tokens[b, :len(ids)], mask[b, :len(m)] = torch.tensor(ids), torch.tensor(m, dtype=torch.float)
+        tokens, mask = tokens.to(self.device), mask.to(self.device)
+        return tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
+
+
+def reply_prompts(tokenizer, examples: list[Example], max_len: int) -> list[list[int]]:
+    """Each example up to its last NPC message, in the base's chat template with the generation prompt."""
+    prompts = []
+    for ex in examples:
+        messages = chat_messages(ex.persona, ex.turns, ex.scene)
+        last = max((i for i, msg in enumerate(messages) if msg["role"] == "assistant"), default=None)
+        if last is None:
+            continue
+        ids = tokenizer(render(tokenizer, messages[:last], True), add_special_tokens=False)["input_ids"]
+        if len(ids) <= max_len:
+            prompts.append(ids)
+    return prompts
+
+
+def greedy_replies(target: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], max_tokens: int,
+                   seconds: float, device: torch.device, log) -> list[list[int]]:
+    """The target's greedy reply to each prompt (its end-of-turn token appended when it stopped), in batches of 8,
+    until `seconds` have passed (0: all of them)."""
+    template = tokenizer.chat_template
+    end = (end_of_turn_ids(tokenizer.tok, template) if template is not None else []) + tokenizer.stop_ids
+    longest = max(len(p) for p in prompts) + max_tokens
+    engine = Engine(target, NoDrafter(), tokenizer, device, max_batch=8, prefix_cache_mb=0,
+                    max_seq=longest + K_MAX + PREFILL_CHUNK + 2)  # Engine.max_prompt_len's margin
+    params, replies, start = SamplingParams(temperature=0, max_tokens=max_tokens), [], time.perf_counter()
+    for i in range(0, len(prompts), 8):
+        out = {}
+        for j, prompt in enumerate(prompts[i:i + 8]):
+            engine.submit(str(j), prompt, params)
+            out[str(j)] = []
+        while engine.has_work():
+            for ev in engine.step():
+                out[ev.rid] += ev.token_ids
+                if ev.finished and ev.finish_reason == "stop" and end:
+                    out[ev.rid].append(end[0])
+        replies += [out[str(j)] for j in range(len(out))]
+        if seconds and time.perf_counter() - start > seconds:
+            break
+        if (i // 8) % 8 == 7:
+            log(f"head: {len(replies)}/{len(prompts)} greedy replies, {time.perf_counter() - start:.0f} s")
+    return replies
+
+
+def draft_vocabulary(replies: list[list[int]], rows: list[tuple[list[int], list[int]]], n: int,
+                     always: list[int]) -> torch.Tensor:
+    """The n most frequent tokens of the target's greedy replies, then of the NPC lines it was tuned on (to fill n
+    when the replies use fewer distinct tokens), plus its stop tokens; sorted by id."""
+    first, second = Counter(t for r in replies for t in r), Counter()
+    for ids, m in rows:
+        second.update(t for t, keep in zip(ids, m) if keep)
+    chosen = dict.fromkeys(always)
+    for counts in (first, second):
+        for t, _ in counts.most_common():
+            if len(chosen) >= n:
+                break
+            chosen.setdefault(t)
+    return torch.tensor(sorted(chosen)[:max(n, len(always))], dtype=torch.long)
+
+
+def train_base_head(ctx: Context, base: Path, adapter: Path | None, corpus: Path, out: Path) -> dict:
+    """The feature head of an instruct base (+ its persona adapter): trained on the npc-dialogue corpus's training
+    split rendered in the base's chat template (NPC turns in the loss) and on the target's own greedy replies to
+    those conversations, drafting over the config's `draft_vocab` most frequent ids of the target's outputs."""
+    from transformers import AutoTokenizer
+
+    stage, cfg = ctx.config.base_head, ctx.config
+    folder = resolve_model(base)
+    target = load_model(folder, ctx.device, torch.float32, adapter=adapter)
+    hf_tok, tokenizer = AutoTokenizer.from_pretrained(folder), Tokenizer.from_dir(folder)
+    examples = train_examples(corpus)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(ctx.seed + 3)).tolist()
+    examples = [examples[i] for i in order]
+    rows = [r for r in (encode(hf_tok, ex, stage.block_size + 1) for ex in examples) if sum(r[1])]
+    prompts = reply_prompts(hf_tok, examples[:cfg.head_replies], stage.block_size + 1 - cfg.head_reply_tokens)
+    ctx.log(f"head: target {base}{f' + {adapter}' if adapter else ''}, {len(rows)} corpus rows; greedy replies to "
+            f"{len(prompts)} prompts, up to {cfg.head_reply_tokens} tokens")
+    with torch.no_grad():
+        replies = greedy_replies(target, tokenizer, prompts, cfg.head_reply_tokens, stage.max_minutes * 60 / 4,
+                                 ctx.device, ctx.log)
+    rows += [(p + r, [0] * len(p) + [1] * len(r)) for p, r in zip(prompts, replies) if r]
+    draft_ids = draft_vocabulary(replies, rows, min(cfg.draft_vocab, target.args.vocab_size), tokenizer.stop_ids)
+    ctx.log(f"head: {len(replies)} replies, {sum(map(len, replies)):,} tokens; draft vocabulary {len(draft_ids):,} "
+            f"of {target.args.vocab_size:,} ids")
+    torch.manual_seed(ctx.seed + 3)
+    head = FeatureHead(head_args(target.args), draft_ids).to(ctx.device)
+    torch.nn.init.normal_(head.fc.weight, 0.0, 0.02)
+    ctx.log(f"head: {count_params(head):,} parameters on the target's features")
+    sampler = RowSampler(rows, stage.batch_size, stage.block_size, ctx.seed + 3, ctx.device)
+    info = train("head", head, subset_loss(target, draft_ids.to(ctx.device)), sampler, stage, ctx)
+    save_head(head, out, target_name=str(base))
+    extra = {"base": str(base), "adapter": str(adapter) if adapter else None, "draft_vocab": len(draft_ids),
+             "replies": len(replies), "rows": len(rows)}
+    (out / "training.json").write_text(json.dumps({**info, **extra}, indent=1) + "\n")
+    return record(ctx, "head", {**info, **extra, "parameters": count_params(head)})

@@ -35,7 +35,14 @@ import torch.nn.functional as F
 from npc_engine.head import FeatureHead
 from npc_engine.loading import load_model, save_model
 from npc_engine.model import ModelArgs, Transformer
-from npc_engine.train.batches import MixedSampler, Rows, conversation_windows, load_book_stream, load_conversations, pack
+from npc_engine.train.batches import (
+    MixedSampler,
+    Rows,
+    conversation_windows,
+    load_book_stream,
+    load_conversations,
+    pack,
+)
 from npc_engine.train.config import Shape, Stage, TrainConfig, eos_ids
 from npc_engine.train.tokenizer import load_tokenizer
 
@@ -195,7 +202,8 @@ def train(name: str, model: Transformer, loss_fn, sampler: MixedSampler, stage: 
             value = dev_loss(model)
             dev_history.append((step, value))
             if best is None or value < best["loss"]:
-                best = {"loss": value, "step": step, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+                state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best = {"loss": value, "step": step, "state": state}
             ctx.log(f"{name}: step {step} dev loss {value:.4f} (best {best['loss']:.4f} at step {best['step']})")
         if out_of_time:
             ctx.log(f"{name}: time budget of {stage.max_minutes} min reached at step {step}")
