@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # ONNX Runtime's GPU build and triton only where a GPU is (pyproject.toml: extras cpu, gpu, test)
 EXTRAS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),gpu,cpu),test
 
-.PHONY: demo test install serve model clean
+.PHONY: demo test lint install serve model clean
 
 demo: $(STAMP)
 	@$(FETCH_MODEL) || echo "$(NO_MODEL)"
@@ -14,6 +14,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 serve: $(STAMP)
 	@$(FETCH_MODEL) || echo "$(NO_MODEL)"

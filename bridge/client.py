@@ -24,11 +24,13 @@ import itertools
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq
 
 from bridge import protocol
+from bridge.scene_memory_calls import MemoryCalls, SceneCalls
 
 INTERNAL_PREFIX = "~"  # ids of the client's own heartbeat messages; never shown to the caller
 
@@ -49,7 +51,7 @@ class _Pending:
     deadline_ms: float | None = None  # an open say's deadline, which starts with its final piece
 
 
-class Client:
+class Client(MemoryCalls, SceneCalls):
     def __init__(self, addr: str = protocol.DEFAULT_ADDR, *, name: str = "bridge-python",
                  ping_interval_s: float = 1.0, heartbeat_timeout_s: float = 3.0,
                  deadline_grace_ms: float = 1000.0, curve_server_key: bytes | None = None,
@@ -119,14 +121,9 @@ class Client:
             self._check_append_served()
             msg["open"] = True
         self._check(msg)
-        now = time.monotonic()
-        expires = now + (deadline_ms + self.deadline_grace_ms) / 1000 if deadline_ms is not None and not open else None
-        self._pending[rid] = _Pending(now, expires, deadline_ms if open else None)
-        self._abandoned.pop(rid, None)
         if open:
             self._open_chars[rid] = len(text)
-        self._send(msg)
-        return rid
+        return self._start_line(rid, msg, deadline_ms, open)
 
     def append(self, id: str, text: str, final: bool = False) -> None:
         """Send the next piece of the open say `id`: `text` is appended verbatim (include the spaces
@@ -137,7 +134,8 @@ class Client:
         if id not in self._pending:
             return
         if id not in self._open_chars:
-            raise ValueError(f"request {id!r} is not open: it was sent without open=True or already got its final piece")
+            raise ValueError(f"request {id!r} is not open: it was sent without open=True or already got its final "
+                             "piece")
         msg = {"type": "say.append", "id": id, "text": text, "final": final}
         self._check(msg)
         total, limit = self._open_chars[id] + len(text), self._limits().max_text_chars
@@ -167,111 +165,9 @@ class Client:
     def npcs(self) -> str:
         return self._request("npcs")
 
-    # -- conversation state (protocol 1.2, cap `memory`; replies arrive through poll) -----------
-
-    def export_session(self, session: str, npc: str | None = None) -> str:
-        """Ask for the save-file blob of `session`: one NPC's conversation, or with npc None every NPC's.
-        Answered by a `session.blob` event whose `blob` (bytes) goes into the save as is."""
-        return self._state_request({"type": "session.export", "session": session, "npc": npc})
-
-    def import_session(self, blob: bytes, session: str | None = None) -> str:
-        """Restore a blob of `export_session` (into `session`, else the one it came from); answered by
-        `session.imported`, or an `error` (`bad_blob`, `blob_version`, `too_large`) that changed nothing."""
-        return self._state_request({"type": "session.import", "blob": bytes(blob), "session": session})
-
-    def add_memory(self, npc: str, session: str, text: str) -> str:
-        """Tell `npc` something to remember about this player; answered by `memory.added` (`memory_id`)."""
-        return self._state_request({"type": "memory.add", "npc": npc, "session": session, "text": text})
-
-    def list_memories(self, npc: str, session: str) -> str:
-        """Answered by `memories`: `[{"memory_id", "text"}, ...]`, oldest first."""
-        return self._state_request({"type": "memory.list", "npc": npc, "session": session})
-
-    def forget_memory(self, npc: str, session: str, memory_id: int | None = None) -> str:
-        """Forget one memory, or all with memory_id None; answered by `memory.forgotten` (`forgotten`)."""
-        return self._state_request({"type": "memory.forget", "npc": npc, "session": session, "memory_id": memory_id})
-
-    def _state_request(self, msg: dict) -> str:
-        if self.server is None or "memory" not in self.server.get("caps", []):
-            raise ValueError("conversation state needs the service's welcome with 'memory' in its caps (protocol "
-                             "1.2): poll until the connection event first")
-        msg = {k: v for k, v in msg.items() if v is not None}
-        msg["id"] = next(self._ids)
-        self._check(msg)
-        self._send(msg)
-        return msg["id"]
-
-    # -- scenes (protocol 1.2, cap `scene`; replies arrive through poll) ---------------------------
-
-    def open_scene(self, scene: str, cast: list[str], situation: str, *, host: str | None = None,
-                   itinerary: list | None = None, guests: list[dict] | None = None, player: bool = True,
-                   player_role: str | None = None) -> str:
-        """Open a scene of several NPCs (PROTOCOL.md, "Scenes"); answered by `scene.state`. `itinerary`: texts or
-        `{"text", "at"}` maps, run by the `host`; `guests`: `{"name", "rsvp", "role", "npc"}` maps."""
-        return self._scene_request({"type": "scene.open", "scene": scene, "cast": list(cast), "situation": situation,
-                                    "host": host, "itinerary": itinerary, "guests": guests, "player": player,
-                                    "player_role": player_role})
-
-    def scene_say(self, scene: str, text: str, *, to: str | None = None, max_tokens: int | None = None,
-                  temperature: float | None = None, seed: int | None = None, deadline_ms: float | None = None,
-                  stream: bool = True, id: str | None = None) -> str:
-        """The player speaks into `scene` (to one cast member, or to whoever the scene picks); returns the id of
-        the line that answers: a `line` event (speaker, addressee), `token`s, one terminal event. It interrupts
-        the scene's line in flight."""
-        return self._scene_line({"type": "scene.say", "scene": scene, "text": text, "to": to}, id, max_tokens,
-                                temperature, seed, deadline_ms, stream)
-
-    def scene_next(self, scene: str, *, speaker: str | None = None, to: str | None = None,
-                   max_tokens: int | None = None, temperature: float | None = None, seed: int | None = None,
-                   deadline_ms: float | None = None, stream: bool = True, id: str | None = None) -> str:
-        """Ask `scene` for its next line (ambient), by `speaker` if given; events as for `scene_say`
-        (`scene_busy` while a line of the scene is in flight)."""
-        return self._scene_line({"type": "scene.next", "scene": scene, "speaker": speaker, "to": to}, id,
-                                max_tokens, temperature, seed, deadline_ms, stream)
-
-    def scene_event(self, scene: str, *, text: str | None = None, arrive: str | None = None,
-                    leave: str | None = None, itinerary: str | int | None = None) -> str:
-        """Tell `scene` what happened: `text` (into the transcript), a guest or "player" arriving or leaving, the
-        itinerary moving on ("next" or an item number). Answered by `scene.state`."""
-        return self._scene_request({"type": "scene.event", "scene": scene, "text": text, "arrive": arrive,
-                                    "leave": leave, "itinerary": itinerary})
-
-    def scene_cast(self, scene: str, *, add: list[str] = (), remove: list[str] = ()) -> str:
-        """NPCs join or leave `scene`; answered by `scene.state`."""
-        return self._scene_request({"type": "scene.cast", "scene": scene, "add": list(add), "remove": list(remove)})
-
-    def close_scene(self, scene: str) -> str:
-        """Answered by `scene.closed`; the line in flight ends cancelled."""
-        return self._scene_request({"type": "scene.close", "scene": scene})
-
-    def scene_state(self, scene: str) -> str:
-        """Answered by `scene.state`: cast, presence, itinerary position, guests, transcript, the line in flight."""
-        return self._scene_request({"type": "scene.state", "scene": scene})
-
-    def _scene_request(self, msg: dict) -> str:
-        self._check_cap("scene", "scenes")
-        msg = {k: v for k, v in msg.items() if v is not None}
-        msg["id"] = next(self._ids)
-        self._check(msg)
-        self._send(msg)
-        return msg["id"]
-
-    def _scene_line(self, msg: dict, id: str | None, max_tokens, temperature, seed, deadline_ms, stream) -> str:
-        self._check_cap("scene", "scenes")
-        rid = self._new_id(id)
-        optional = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed, "deadline_ms": deadline_ms}
-        msg = {k: v for k, v in (msg | optional).items() if v is not None} | {"id": rid, "stream": stream}
-        self._check(msg)
-        now = time.monotonic()
-        expires = now + (deadline_ms + self.deadline_grace_ms) / 1000 if deadline_ms is not None else None
-        self._pending[rid] = _Pending(now, expires)
-        self._abandoned.pop(rid, None)
-        self._send(msg)
-        return rid
-
     def _check_cap(self, cap: str, what: str) -> None:
         if self.server is None or cap not in self.server.get("caps", []):
-            raise ValueError(f"{what} need the service's welcome with '{cap}' in its caps (protocol 1.2): poll until "
+            raise ValueError(f"{what}: needs the service's welcome with '{cap}' in its caps (protocol 1.2): poll until "
                              "the connection event first")
 
     def _limits(self) -> protocol.Limits:
@@ -289,7 +185,26 @@ class Client:
             raise ValueError("open says need the service's welcome first (its caps must list 'append'): poll until "
                              "the connection event before opening one")
         if "append" not in self.server.get("caps", []):
-            raise ValueError("the service does not serve open says (no 'append' in welcome.caps; it needs protocol 1.1)")
+            raise ValueError("the service does not serve open says (no 'append' in welcome.caps; it needs protocol "
+                             "1.1)")
+
+    def _capped_request(self, cap: str, what: str, msg: dict) -> str:
+        self._check_cap(cap, what)
+        msg = {k: v for k, v in msg.items() if v is not None}
+        msg["id"] = next(self._ids)
+        self._check(msg)
+        self._send(msg)
+        return msg["id"]
+
+    def _start_line(self, rid: str, msg: dict, deadline_ms: float | None, open: bool = False) -> str:
+        """Send a request answered by a streamed line and track it until its one terminal event. An open say's
+        deadline starts with its final piece (`append`)."""
+        now = time.monotonic()
+        expires = now + (deadline_ms + self.deadline_grace_ms) / 1000 if deadline_ms is not None and not open else None
+        self._pending[rid] = _Pending(now, expires, deadline_ms if open else None)
+        self._abandoned.pop(rid, None)
+        self._send(msg)
+        return rid
 
     def _request(self, kind: str, **fields) -> str:
         rid = self._new_id(None)
@@ -299,8 +214,10 @@ class Client:
     def _new_id(self, wanted: str | None) -> str:
         if wanted is None:
             return next(self._ids)
-        if not isinstance(wanted, str) or not 0 < len(wanted) <= protocol.MAX_ID_CHARS or wanted.startswith(INTERNAL_PREFIX):
-            raise ValueError(f"id must be a string of 1 to {protocol.MAX_ID_CHARS} characters not starting with {INTERNAL_PREFIX!r}")
+        valid = isinstance(wanted, str) and 0 < len(wanted) <= protocol.MAX_ID_CHARS
+        if not valid or wanted.startswith(INTERNAL_PREFIX):
+            raise ValueError(f"id must be a string of 1 to {protocol.MAX_ID_CHARS} characters not starting with "
+                             f"{INTERNAL_PREFIX!r}")
         if wanted in self._pending:
             raise ValueError(f"request {wanted!r} is still running")
         return wanted
@@ -323,7 +240,8 @@ class Client:
         events, self._events = self._events, []
         return events
 
-    def ask(self, npc: str, text: str, timeout: float = 30.0, on_token=None, **say_kwargs) -> str:
+    def ask(self, npc: str, text: str, timeout: float = 30.0, on_token: Callable[[str], None] | None = None,
+            **say_kwargs) -> str:
         """Blocking: the whole line (`done.text`). Raises BridgeError on an `error` or after
         `timeout` seconds (the request is then cancelled). `on_token(text)` sees each piece.
         Events of other requests that arrive meanwhile are kept for the next `poll()`."""

@@ -88,6 +88,12 @@ def _no_ext(code: int, data: bytes) -> Any:
     raise ValueError(f"msgpack ext type {code} is not allowed")
 
 
+def unpack(data: bytes) -> Any:
+    """msgpack as the wire allows it: UTF-8 strings, string or bin map keys, no ext types; raises msgpack's
+    exceptions or ValueError (UnicodeDecodeError included) otherwise."""
+    return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_no_ext)
+
+
 def decode(frames: list[bytes], max_bytes: int) -> dict:
     """Parse the frames that follow the routing identity into a message map.
 
@@ -105,7 +111,7 @@ def decode(frames: list[bytes], max_bytes: int) -> dict:
     if len(body) > max_bytes:
         raise ProtocolError("too_large", f"body is {len(body)} bytes, the limit is {max_bytes}")
     try:
-        msg = msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_no_ext)
+        msg = unpack(body)
     except Exception as e:  # msgpack raises several unrelated types for bad input
         raise ProtocolError("bad_request", f"body is not valid msgpack: {type(e).__name__}: {e}"[:300]) from None
     if not isinstance(msg, dict):
@@ -181,7 +187,8 @@ def validate(msg: dict, limits: Limits) -> dict:
     if not isinstance(kind, str):
         raise _bad(msg_id, "type", "a string", kind)
     if kind not in CLIENT_TYPES and kind.startswith(RESERVED_PREFIXES):
-        raise ProtocolError("unsupported", f"message type '{kind[:64]}' is reserved and not served by this version", msg_id)
+        raise ProtocolError("unsupported", f"message type '{kind[:64]}' is reserved and not served by this version",
+                            msg_id)
     if kind not in CLIENT_TYPES:
         raise ProtocolError("unknown_type", f"unknown message type '{kind[:64]}'", msg_id)
     out = {"type": kind, "id": _string(msg, "id", msg_id, MAX_ID_CHARS)}
@@ -217,11 +224,13 @@ def _hello(msg: dict, msg_id: str | None) -> dict:
             or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**16 for v in version)):
         raise _bad(msg_id, "protocol", "an array [major, minor] of two integers", version)
     if version[0] != VERSION[0]:
-        raise ProtocolError("version_mismatch", f"client speaks protocol {version[0]}, this service speaks {VERSION[0]}", msg_id)
+        raise ProtocolError("version_mismatch",
+                            f"client speaks protocol {version[0]}, this service speaks {VERSION[0]}", msg_id)
     caps = [] if msg.get("caps") is None else msg["caps"]
     if not isinstance(caps, list) or len(caps) > 64 or not all(isinstance(c, str) and len(c) <= 64 for c in caps):
         raise _bad(msg_id, "caps", "an array of at most 64 strings", caps)
-    return {"protocol": list(version), "client": _string(msg, "client", msg_id, MAX_NAME_CHARS, False, "", 0), "caps": caps}
+    client = _string(msg, "client", msg_id, MAX_NAME_CHARS, False, "", 0)
+    return {"protocol": list(version), "client": client, "caps": caps}
 
 
 def _say(msg: dict, msg_id: str | None, limits: Limits) -> dict:
@@ -314,7 +323,8 @@ def _text(msg: dict, msg_id: str | None, limits: Limits) -> str:
     if not isinstance(text, str):
         raise _bad(msg_id, "text", "a string", text)
     if len(text) > limits.max_text_chars:
-        raise ProtocolError("too_large", f"field 'text' has {len(text)} characters, the limit is {limits.max_text_chars}", msg_id)
+        raise ProtocolError("too_large", f"field 'text' has {len(text)} characters, the limit is "
+                            f"{limits.max_text_chars}", msg_id)
     return text
 
 

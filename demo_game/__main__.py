@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bridge time per frame")
     p.add_argument("--seed", type=int, default=0, help="seed of ambient chatter")
     p.add_argument("--no-chatter", action="store_true", help="no ambient scene lines (the itinerary still runs)")
+    p.add_argument("--save-dir", type=Path, metavar="DIR",
+                   help="where F5 saves and F9 loads (default: npc-engine-demo/saves in the user's data directory)")
     p.add_argument("--overlay", action="store_true", help="start with the F1 overlay shown")
     p.add_argument("--headless", action="store_true", help="no window (SDL_VIDEODRIVER=dummy)")
     p.add_argument("--frames", type=positive(int), metavar="N",
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         options = Options(address=address, budget_ms=args.budget_ms, seed=args.seed,
                           chatter=not args.no_chatter, overlay=args.overlay,
                           capture_screenshot=args.screenshot is not None,
-                          record=args.report is not None or args.headless)
+                          record=args.report is not None or args.headless, save_dir=args.save_dir)
         game = Game(screen, cast, client, options, service)
         runner = ScriptRunner(actions, game, log=lambda m: print(m, flush=True)) \
             if actions is not None else None

@@ -9,6 +9,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pygame
 
@@ -18,6 +19,7 @@ from demo_game.cast import CastMember
 from demo_game.evening import Evening
 from demo_game.metering import FrameStats, MeteredClient
 from demo_game.overlay import Overlay
+from demo_game.saves import Saves, default_save_dir
 from demo_game.script import ScriptRunner
 from demo_game.service import ServiceProcess
 from demo_game.sprites import LABEL_DY, draw_npc, draw_player, render_label
@@ -58,6 +60,7 @@ class Options:
     overlay: bool = False
     capture_screenshot: bool = False
     record: bool = True  # keep every frame's times for the report
+    save_dir: Path | None = None  # F5 / F9 (demo_game/saves.py); None: default_save_dir()
 
 
 def label_rect(label: pygame.Surface, pos: tuple[int, int]) -> pygame.Rect:
@@ -90,6 +93,7 @@ class Game:
         self.rng = random.Random(options.seed)
         self.bridge = MeteredClient(client, options.budget_ms)
         self.talk = Conversations(self.bridge, cast, self.bubbles, self.rng)
+        self.saves = Saves(self.bridge, self.talk, options.save_dir or default_save_dir())
         self.evening = Evening(self.talk, cast, self.bubbles, self.rng, enabled=options.chatter)
         self.stats = FrameStats(keep_all=options.record)
         self.overlay = Overlay(small, self.stats, self.talk, options.budget_ms, options.address)
@@ -149,6 +153,15 @@ class Game:
 
     def stop_walking(self) -> None:
         self.path = []
+
+    def quick_save(self, now: float) -> None:
+        self.saves.save(self.player, now)
+
+    def quick_load(self, now: float) -> None:
+        """Back to the saved spot; the NPCs get back what they remembered once the service has it."""
+        player = self.saves.load(now)
+        if player is not None:
+            self.player, self.path = player, []
 
     def player_say(self, npc: str, text: str, now: float) -> None:
         self.partner = npc
@@ -249,6 +262,10 @@ class Game:
                 self.running = False
             elif event.type == pygame.KEYDOWN and event.key == pygame.K_F1:
                 self.overlay.visible = not self.overlay.visible
+            elif event.type == pygame.KEYDOWN and event.key == pygame.K_F5:
+                self.quick_save(now)
+            elif event.type == pygame.KEYDOWN and event.key == pygame.K_F9:
+                self.quick_load(now)
             elif not keyboard:
                 continue
             elif self.typing_to is not None:
@@ -319,6 +336,9 @@ class Game:
             bubble.draw(screen, now)
         if self.typing_to is not None:
             self.draw_input(now)
+        if status := self.saves.visible_status(now):
+            rendered = self.font.render(status, True, (245, 235, 210), (24, 18, 14))
+            screen.blit(rendered, rendered.get_rect(midtop=(tavern.WIDTH // 2, 8)))
         self.overlay.draw(screen, now)
 
     def place_hint(self, taken: list[pygame.Rect]) -> pygame.Rect:

@@ -61,6 +61,17 @@ class MeteredClient:
     def scene_next(self, scene: str, **kwargs) -> str:
         return self._timed(self.client.scene_next, scene, **kwargs)
 
+    def export_session(self, session: str) -> str:
+        return self._timed(self.client.export_session, session)
+
+    def import_session(self, blob: bytes) -> str:
+        return self._timed(self.client.import_session, blob)
+
+    @property
+    def serves_memory(self) -> bool:
+        """The service saves and restores conversations (its welcome lists the `memory` cap)."""
+        return self.client.connected and "memory" in (self.client.server or {}).get("caps", [])
+
     @property
     def serves_scenes(self) -> bool:
         """The service runs scenes (its welcome lists the `scene` cap)."""

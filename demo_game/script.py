@@ -20,6 +20,8 @@ ACTIONS = {
     "wait_connected": {"timeout": ((int, float), False)},
     "toast": {"max_tokens": ((int,), False)},
     "chatter": {"on": ((bool,), True)},
+    "save": {"timeout": ((int, float), False)},
+    "load": {"timeout": ((int, float), False)},
 }
 DEFAULT_TIMEOUT_S = 20.0
 
@@ -151,6 +153,10 @@ class ScriptRunner:
             game.evening.toast(now, action.get("max_tokens", AMBIENT_MAX_TOKENS))
         elif kind == "chatter":
             game.evening.enabled = action["on"]
+        elif kind == "save":
+            game.quick_save(now)
+        elif kind == "load":
+            game.quick_load(now)
 
     def _done(self, action: dict, now: float) -> bool:
         game, kind = self.game, action["do"]
@@ -175,6 +181,9 @@ class ScriptRunner:
                 return True
         elif kind == "wait_connected":
             if game.bridge.connected:
+                return True
+        elif kind in ("save", "load"):
+            if not game.saves.busy:
                 return True
         else:
             return True

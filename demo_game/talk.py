@@ -103,6 +103,7 @@ class Conversations:
         self.outbox: list[Line] = []
         self.cancels: list[str] = []
         self.recent: deque[Line] = deque(maxlen=6)  # finished lines, for the overlay's TTFTs
+        self.expected: dict[str, Callable[[dict, float], None]] = {}  # request id -> what takes its one reply
 
     def say(self, npc: str, prompt: str, now: float, *, priority: str, session: str,
             max_tokens: int, deadline_ms: int, open: bool = False,
@@ -147,6 +148,10 @@ class Conversations:
         if final:
             line.final = True
             self.bubbles[line.npc].start()
+
+    def expect(self, rid: str, on_reply: Callable[[dict, float], None]) -> None:
+        """Route the one reply to request `rid` (not a line: a save's blob, say) to `on_reply`."""
+        self.expected[rid] = on_reply
 
     def busy(self, npc: str) -> bool:
         return npc in self.speaking
@@ -197,6 +202,8 @@ class Conversations:
             line = self.in_flight.get(message.get("id"))
             if line is not None:
                 self._route(line, message, now)
+            elif message.get("id") in self.expected:
+                self.expected.pop(message["id"])(message, now)
 
     def _send(self, line: Line) -> str:
         limits = {"max_tokens": line.max_tokens, "deadline_ms": line.deadline_ms}

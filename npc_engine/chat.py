@@ -15,12 +15,13 @@ from npc_engine.dialogue import LineStream, build_prompt_ids, fallback_line
 from npc_engine.guard import banned_topic
 from npc_engine.persona import Persona, PersonaStore
 from npc_engine.prompt import Turn
+from npc_engine.sampling import SamplingParams
 from npc_engine.state import Key, State
 
 HELP = "/reset clears the conversation, /quit (or an empty line) leaves"
 
 
-def generate_reply(engine, persona: Persona, history: list[Turn], text: str, params, rid: str,
+def generate_reply(engine, persona: Persona, history: list[Turn], text: str, params: SamplingParams, rid: str,
                    on_text: Callable[[str], None]) -> LineStream:
     """Run one NPC reply to `text` to completion on `engine`, passing text pieces to `on_text` as they come."""
     prompt, prefix_len = build_prompt_ids(engine.tokenizer, persona, history, text, engine.max_prompt_len(),
@@ -39,7 +40,7 @@ def generate_reply(engine, persona: Persona, history: list[Turn], text: str, par
                 return line
 
 
-def run_chat(engine, store: PersonaStore, npc_id: str, params_for: Callable[[Persona], object],
+def run_chat(engine, store: PersonaStore, npc_id: str, params_for: Callable[[Persona], SamplingParams],
              read_line: Callable[[str], str] = input, out: TextIO = sys.stdout) -> list[Turn]:
     """The chat loop; returns the conversation as shown (greeting first). `params_for(persona)` gives
     its SamplingParams (npc_engine.dialogue.sampling_params)."""

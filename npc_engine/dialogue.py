@@ -20,7 +20,7 @@ from npc_engine.guard import banned_topic, complete_words_end, unsafe_start
 from npc_engine.persona import Persona
 from npc_engine.prompt import Turn, memory_block
 from npc_engine.sampling import SamplingParams
-from npc_engine.tokenizer import IncrementalDecoder
+from npc_engine.tokenizer import IncrementalDecoder, Tokenizer
 
 
 class PromptTooLarge(ValueError):
@@ -40,13 +40,13 @@ def sampling_params(persona: Persona, *, max_tokens: int | None = None, temperat
     return params
 
 
-def prefix_text(tokenizer, persona: Persona) -> str:
+def prefix_text(tokenizer: Tokenizer, persona: Persona) -> str:
     """The persona block, or with a chat template the rendered system message: every prompt starts with it."""
     template = getattr(tokenizer, "chat_template", None)
     return persona.prefix() if template is None else chat_prefix(template, persona.to_prompt_persona())
 
 
-def prompt_text(tokenizer, persona: Persona, turns: list[Turn], text: str, complete: bool,
+def prompt_text(tokenizer: Tokenizer, persona: Persona, turns: list[Turn], text: str, complete: bool,
                 memories: list[str] = ()) -> str:
     """The whole prompt; `memories` (what the NPC remembers about the player) follow the persona block."""
     template = getattr(tokenizer, "chat_template", None)
@@ -63,7 +63,7 @@ def fallback_line(persona: Persona, seed: int | None, rng: random.Random) -> str
     return persona.fallback_line(random.Random(seed) if seed is not None else rng)
 
 
-def prefix_ids(tokenizer, persona: Persona) -> list[int]:
+def prefix_ids(tokenizer: Tokenizer, persona: Persona) -> list[int]:
     """Token ids of the persona block: the prefix every prompt for this persona starts with. A chat template
     writes its own special tokens (BOS included), so nothing is added to its text."""
     return tokenizer.encode(prefix_text(tokenizer, persona),
@@ -77,7 +77,7 @@ class Prompt:
     turns_left_out: int  # the oldest turns of the history that did not fit
 
 
-def fit_prompt(tokenizer, persona: Persona, history: list[Turn], text: str, max_len: int, reserve: int = 0,
+def fit_prompt(tokenizer: Tokenizer, persona: Persona, history: list[Turn], text: str, max_len: int, reserve: int = 0,
                complete: bool = True, prefix: list[int] | None = None, memories: list[str] = ()) -> Prompt:
     """The prompt for the player's `text` after `history`. The oldest exchange (two turns) is left out
     while the prompt and `reserve` reply tokens exceed `max_len`; `memories` always stay. Raises
@@ -98,8 +98,8 @@ def fit_prompt(tokenizer, persona: Persona, history: list[Turn], text: str, max_
     return Prompt(ids, len(prefix), len(history) - len(turns))
 
 
-def build_prompt_ids(tokenizer, persona: Persona, history: list[Turn], text: str, max_len: int, reserve: int = 0,
-                     complete: bool = True, prefix: list[int] | None = None) -> tuple[list[int], int]:
+def build_prompt_ids(tokenizer: Tokenizer, persona: Persona, history: list[Turn], text: str, max_len: int,
+                     reserve: int = 0, complete: bool = True, prefix: list[int] | None = None) -> tuple[list[int], int]:
     """(prompt ids, persona prefix length): `fit_prompt` without memories."""
     prompt = fit_prompt(tokenizer, persona, history, text, max_len, reserve, complete, prefix)
     return prompt.ids, prompt.prefix_len

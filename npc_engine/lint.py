@@ -7,15 +7,13 @@ from pathlib import Path
 from npc_engine.guard import banned_topic
 from npc_engine.persona import (
     Persona,
-    PersonaError,
     PersonaIssue,
     cast_issues,
     declared_id,
-    key_lines,
-    line_of,
-    load_persona_file,
+    load_files,
     persona_files,
 )
+from npc_engine.toml_lines import key_lines, line_of
 
 # the persona's own text, where a banned topic should not appear (deflection may name it: it is the answer)
 OWN_TEXT_FIELDS = ("name", "role", "style", "greeting", "facts", "knowledge", "relationships", "fallback_lines")
@@ -67,13 +65,8 @@ def check_paths(paths: list[str | os.PathLike]) -> tuple[list[Path], list[Person
         else:
             issues.append(PersonaIssue(str(path), 1, "(file)", "no such file or directory"))
     files = list(dict.fromkeys(files))
-    personas, other_ids = [], set()
-    for path in files:
-        try:
-            personas.append(load_persona_file(path))
-        except PersonaError as e:
-            issues += e.issues
-            other_ids.add(declared_id(path))
+    personas, load_issues, other_ids = load_files(files)
+    issues += load_issues
     checked = {f.resolve() for f in files}
     for directory in {f.resolve().parent for f in files}:
         other_ids |= {declared_id(f) for f in persona_files(directory) if f.resolve() not in checked}

@@ -200,16 +200,3 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
         return 2
     print(path)
     return 0
-
-
-def add_subparser(sub) -> None:
-    p = sub.add_parser("export-onnx", help="export a model folder to ONNX with explicit KV-cache inputs and outputs")
-    p.add_argument("--model", required=True, help="Hugging Face layout model folder (target or draft)")
-    p.add_argument("-o", "--output", required=True,
-                   help="folder to write model.onnx, manifest.json and the tokenizer to")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
-    p.add_argument("--dtype", default="fp32", choices=list(EXPORT_DTYPES),
-                   help="weight and KV-cache dtype (default fp32)")
-    p.add_argument("--weights", default="float", choices=list(WEIGHT_BITS),
-                   help="weight-only quantization of the matrix weights for the CPU (default float: none)")
-    p.set_defaults(func=cmd_export_onnx)

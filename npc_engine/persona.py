@@ -1,8 +1,8 @@
 """Persona files: the TOML schema (see personas/README.md), validation with file/line/field errors,
 the prompt built from a persona, and a store that hot-reloads a directory of persona files.
 
-tomllib reports no positions for values, so the line of a field is found by scanning the file text
-for its key or table header (`key_lines`). A syntax error carries its line from tomllib itself.
+tomllib reports no positions for values: the line of a field comes from npc_engine.toml_lines. A syntax
+error carries its line from tomllib itself.
 """
 import difflib
 import os
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from npc_engine.prompt import PromptPersona, Turn, build_open_prompt, build_prompt, persona_block
+from npc_engine.toml_lines import key_lines, line_of
 
 ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
@@ -95,46 +96,6 @@ class Persona:
         if isinstance(rng_or_index, int):
             return self.fallback_lines[rng_or_index % len(self.fallback_lines)]
         return rng_or_index.choice(self.fallback_lines)
-
-
-# ---------------------------------------------------------------- locating keys in the TOML text
-
-_KEY_PART = r'(?:[A-Za-z0-9_-]+|"[^"\n]*"|\'[^\'\n]*\')'
-_KEY_PATH = rf"{_KEY_PART}(?:\s*\.\s*{_KEY_PART})*"
-_HEADER_RE = re.compile(rf"^\s*\[\[?\s*({_KEY_PATH})\s*\]\]?")
-_ASSIGN_RE = re.compile(rf"^\s*({_KEY_PATH})\s*=")
-
-
-def _split_key_path(text: str) -> tuple[str, ...]:
-    return tuple(part.strip("\"'") for part in re.findall(_KEY_PART, text))
-
-
-def key_lines(text: str) -> dict[tuple[str, ...], int]:
-    """Map each key path (table headers included) to the 1-based line where it first appears."""
-    lines: dict[tuple[str, ...], int] = {}
-    table: tuple[str, ...] = ()
-    in_multiline_string = False
-    for number, line in enumerate(text.splitlines(), start=1):
-        quotes = line.count('"""') + line.count("'''")
-        if in_multiline_string:
-            in_multiline_string = quotes % 2 == 0
-            continue
-        if (m := _HEADER_RE.match(line)) and not _ASSIGN_RE.match(line):
-            table = _split_key_path(m.group(1))
-            lines.setdefault(table, number)
-        elif m := _ASSIGN_RE.match(line):
-            lines.setdefault(table + _split_key_path(m.group(1)), number)
-        in_multiline_string = quotes % 2 == 1
-    return lines
-
-
-def line_of(lines: dict[tuple[str, ...], int], *path: str) -> int:
-    """Line of the longest prefix of `path` present in the file (an inline table keeps its keys on
-    the line of the table's key); line 1 when the key is absent."""
-    for end in range(len(path), 0, -1):
-        if path[:end] in lines:
-            return lines[path[:end]]
-    return 1
 
 
 # ---------------------------------------------------------------- validation
@@ -304,19 +265,25 @@ def persona_files(directory: str | os.PathLike) -> list[Path]:
     return sorted(p for p in Path(directory).glob("*.toml") if p.is_file())
 
 
-def load_persona_dir(directory: str | os.PathLike) -> dict[str, Persona]:
-    """Load every *.toml in `directory`; raises PersonaError with the issues of all files."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise PersonaError([PersonaIssue(str(directory), 1, "(file)", "not a directory")])
+def load_files(paths: list[Path]) -> tuple[list[Persona], list[PersonaIssue], set[str]]:
+    """Each file on its own: the personas that load, the issues of the others and the ids those declare."""
     personas, issues, broken_ids = [], [], set()
-    for path in persona_files(directory):
+    for path in paths:
         try:
             personas.append(load_persona_file(path))
         except PersonaError as e:
             issues += e.issues
             broken_ids.add(declared_id(path))
-    issues += cast_issues(personas, broken_ids - {None})
+    return personas, issues, broken_ids - {None}
+
+
+def load_persona_dir(directory: str | os.PathLike) -> dict[str, Persona]:
+    """Load every *.toml in `directory`; raises PersonaError with the issues of all files."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PersonaError([PersonaIssue(str(directory), 1, "(file)", "not a directory")])
+    personas, issues, broken_ids = load_files(persona_files(directory))
+    issues += cast_issues(personas, broken_ids)
     if issues:
         raise PersonaError(sorted(issues, key=lambda i: (i.file, i.line)))
     return {p.id: p for p in personas}

@@ -277,7 +277,7 @@ class Scenes:
         self.lookup, self.limits = lookup, limits or SceneLimits()
         self.scenes: dict[tuple, Scene] = {}
 
-    def get(self, scope, scene_id: str) -> Scene:
+    def get(self, scope: str, scene_id: str) -> Scene:
         scene = self.scenes.get((scope, scene_id))
         if scene is None:
             raise SceneError("scene_not_found", f"no open scene '{scene_id}'")
@@ -289,7 +289,7 @@ class Scenes:
         except KeyError:
             raise SceneError("unknown_npc", f"no NPC '{npc}'") from None
 
-    def open(self, scope, scene_id: str, cast: list[str], situation: str, host: str | None = None,
+    def open(self, scope: str, scene_id: str, cast: list[str], situation: str, host: str | None = None,
              itinerary: list | None = None, guests: list | None = None, player_present: bool = True,
              player_role: str = "") -> Scene:
         limits = self.limits
@@ -325,7 +325,7 @@ class Scenes:
         for member in members:
             scene.add(member, self.limits.max_cast)
 
-    def close(self, scope, scene_id: str) -> Scene:
+    def close(self, scope: str, scene_id: str) -> Scene:
         scene = self.get(scope, scene_id)
         del self.scenes[(scope, scene_id)]
         return scene

@@ -299,9 +299,12 @@ def test_open_and_append_give_the_whole_line(lib, client):
 
 def test_cancel_mid_stream(lib, client):
     rid = say(lib, client, "plain", "Talk a lot", max_tokens=LONG)
-    events_until(lib, client, lambda es: any(e["kind"] == TOKEN for e in es))
+    streamed = events_until(lib, client, lambda es: any(e["kind"] == TOKEN for e in es))
     assert lib.npc_cancel(client, rid.encode()) == OK
-    _, done = reply(lib, client, rid)
+    events = streamed + events_until(lib, client, lambda es: rid in terminal_ids(es))
+    mine = [e for e in events if e["id"] == rid]  # tokens streamed before the cancel count too
+    assert [e["seq"] for e in mine[:-1]] == list(range(len(mine) - 1))
+    done = mine[-1]
     assert done["kind"] == DONE and done["flags"] == CANCELLED and done["tokens"] < LONG
     assert lib.npc_cancel(client, rid.encode()) == OK  # ended: ignored
 

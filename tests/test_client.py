@@ -50,8 +50,9 @@ class FakeService(threading.Thread):
 
     def replies(self, msg: dict) -> list[dict]:
         if msg["type"] == "hello":
-            return [{"type": "welcome", "id": msg["id"], "protocol": [1, 0], "server": "fake", "instance": self.instance,
-                     "npcs": ["smith"], "caps": self.caps, "limits": protocol.Limits().to_wire()}]
+            return [{"type": "welcome", "id": msg["id"], "protocol": [1, 0], "server": "fake",
+                     "instance": self.instance, "npcs": ["smith"], "caps": self.caps,
+                     "limits": protocol.Limits().to_wire()}]
         if msg["type"] == "ping":
             return [{"type": "pong", "id": msg["id"], "instance": self.instance}]
         if msg["type"] == "say" and self.on_say is not None:

@@ -1,4 +1,4 @@
-"""The header-only C++ client (bridge/cpp): build the example with make and run it against a live
+"""The header-only C++ client (bridge/cpp): build the examples with make and run them against a live
 service. Skipped, with the reason, where the compiler or the headers are missing (Debian:
 apt-get install g++ make libzmq3-dev cppzmq-dev libmsgpack-cxx-dev)."""
 import shutil
@@ -116,3 +116,35 @@ def test_cpp_example_answers_help_and_refuses_unknown_options(example):
     assert result.returncode == 0 and result.stdout.startswith("usage: example ") and result.stderr == ""
     result = subprocess.run([str(example), "--bogus", "plain", "hi"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and result.stderr.startswith("unknown option --bogus")
+
+
+def test_a_cpp_client_asks_for_protocol_1_2_only_with_caps_and_saves_remembers_and_runs_a_scene(example, endpoint):
+    result = subprocess.run([str(example.parent / "save_and_scene"), "--connect", endpoint, "--session", "cpp-12",
+                             "plain", "blacksmith"], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = dict(line.split(": ", 1) for line in result.stdout.strip().split("\n"))
+    assert out["1.1 client"] == "protocol=1.1 memory=refused"  # no caps asked for: a 1.1 client, unchanged
+    assert out["1.2 client"] == "protocol=1.2"
+    assert out["memory.added"] == "1 The player saved my daughter."
+    assert out["memories"] == "1"
+    assert int(out["blob"].split()[0]) > 0
+    assert out["imported"] == "plain"
+    restored = dict(item.split("=") for item in out["restored"].split())
+    a, b = restored["prompt_tokens"].split(",")
+    assert a == b and int(a) > 0 and restored["same_text"] == "1"  # the imported conversation, token for token
+    assert out["forgotten"] == "1"
+    a, b = out["after forget"].split("=")[1].split(",")
+    assert int(a) > int(b)  # the memory was in the prompt of the session that kept it
+    assert out["damaged blob"] == "error bad_blob"
+
+    assert out["scene.state"] == "cast=2 present=3"
+    assert out["say"] == "speaker=blacksmith to=player"  # the addressed NPC answers, announced first
+    said = dict(item.split("=") for item in out["say-end"].split())
+    assert (said["type"], said["scene"], said["speaker"], said["terminals"]) == ("done", "cpp-12-scene", "blacksmith",
+                                                                                "1")
+    assert out["next"].startswith("speaker=plain ")  # the one who has not spoken yet
+    ambient = dict(item.split("=") for item in out["next-end"].split())
+    assert (ambient["type"], ambient["speaker"], ambient["terminals"]) == ("done", "plain", "1")
+    assert out["transcript"] == "player blacksmith plain"
+    assert out["closed"] == "cpp-12-scene"
+    assert out["after close"] == "error scene_not_found"

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ from demo_game.bubbles import BACKGROUND, FONT_SIZE, TAIL, Bubble, wrap  # noqa:
 from demo_game.cast import HOST_ID, load_cast  # noqa: E402
 from demo_game.service import free_port  # noqa: E402
 from demo_game.talk import trailing_off, was_cut  # noqa: E402
+from test_service import chatty_model_dir, personas_dir, running  # noqa: E402,F401 (fixtures by name)
+from test_state_service import service_on  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PERSONAS = REPO / "personas"
@@ -243,17 +246,26 @@ class StubClient:
         return messages
 
 
-@pytest.fixture
-def game():
+@contextmanager
+def demo_on(client, **options):
+    """The demo's Game with the shipped cast on a 1280x720 screen, talking to a stub `client`."""
     from demo_game.game import Game, Options
 
     pygame.display.init()
     pygame.font.init()
     screen = pygame.display.set_mode((1280, 720))
     cast, _ = load_cast(PERSONAS)
+    try:
+        yield Game(screen, cast, client, Options(address="stub", **options))
+    finally:
+        pygame.display.quit()
+
+
+@pytest.fixture
+def game():
     client = StubClient()
-    yield Game(screen, cast, client, Options(address="stub", chatter=False)), client
-    pygame.display.quit()
+    with demo_on(client, chatter=False) as game:
+        yield game, client
 
 
 def frames(game, n: int = 1) -> None:
@@ -493,17 +505,10 @@ class SceneStubClient(StubClient):
 
 @pytest.fixture
 def evening():
-    from demo_game.game import Game, Options
-
-    pygame.display.init()
-    pygame.font.init()
-    screen = pygame.display.set_mode((1280, 720))
-    cast, _ = load_cast(PERSONAS)
     client = SceneStubClient()
-    game = Game(screen, cast, client, Options(address="stub"))
-    game.evening.chat_every_s = (0.0, 0.0)
-    yield game, client
-    pygame.display.quit()
+    with demo_on(client) as game:
+        game.evening.chat_every_s = (0.0, 0.0)
+        yield game, client
 
 
 def test_the_evening_is_one_scene_the_host_runs(evening):
@@ -569,3 +574,76 @@ def test_the_toast_is_the_itinerary_item_and_the_room_answers_it(evening):
     frames(game, 2)
     crowd = {npc for _, npc, _, _ in client.sent}
     assert crowd == set(patrons()) and all(t.endswith("To Brom and Pip!") for _, _, t, _ in client.sent)
+
+
+# ---- F5 / F9: the save file and the conversations next to it (protocol 1.2 cap `memory`) --------------------
+
+def frames_until(game, done, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < end, "timed out"
+        frames(game)
+
+
+def press(game, key: int) -> None:
+    pygame.event.post(pygame.event.Event(pygame.KEYDOWN, key=key))
+    frames(game)
+
+
+def talk_to(game, npc: str, text: str) -> None:
+    if game.npc_in_reach() != npc:
+        assert game.walk_to_npc(npc)
+        frames_until(game, lambda: not game.walking)
+    game.player_say(npc, text, time.perf_counter())
+    frames_until(game, lambda: not game.talk.busy(npc))
+    assert game.talk.lines[-1].terminal["type"] == "done", game.talk.lines[-1].terminal
+
+
+@pytest.fixture(scope="module")
+def engine(chatty_model_dir):  # noqa: F811
+    """The tiny model with room for the shipped personas' prompt blocks and a few turns."""
+    from npc_engine.engine import Engine
+
+    return Engine.load(chatty_model_dir, draft="none", max_seq=1024)
+
+
+def test_f5_saves_what_the_player_said_and_f9_brings_it_back_after_a_restart(engine, personas_dir, tmp_path):  # noqa: F811
+    from bridge import Client
+
+    outsider = "hooded_guest"  # not in the evening's scene: the player's own conversation, session `player`
+    saves = tmp_path / "saves"
+    first = service_on(engine, personas_dir)
+    with running(first) as endpoint, Client.connect(endpoint) as client, \
+            demo_on(client, chatter=False, save_dir=saves) as game:
+        frames_until(game, lambda: game.bridge.serves_memory)
+        talk_to(game, outsider, "My name is Ada, from the south road.")
+        press(game, pygame.K_F5)
+        frames_until(game, lambda: not game.saves.busy)
+        assert game.saves.visible_status(time.perf_counter()) == f"saved to {saves / 'quicksave.json'}"
+        saved_at = game.player
+        game.finish()
+    assert json.loads((saves / "quicksave.json").read_text())["player"] == list(saved_at)
+
+    second = service_on(engine, personas_dir)  # restarted: it remembers nothing
+    with running(second) as endpoint, Client.connect(endpoint) as client, \
+            demo_on(client, chatter=False, save_dir=saves) as game:
+        frames_until(game, lambda: game.bridge.serves_memory)
+        talk_to(game, outsider, "Who am I?")
+        assert "Ada" not in engine.tokenizer.decode(second.prompts["Who am I?"])
+        press(game, pygame.K_F9)
+        assert game.player == saved_at and game.npc_in_reach() == outsider
+        frames_until(game, lambda: not game.saves.busy)
+        assert game.saves.status.startswith("loaded ")
+        talk_to(game, outsider, "Do you remember me?")
+        game.finish()
+    prompt = engine.tokenizer.decode(second.prompts["Do you remember me?"])
+    assert "My name is Ada, from the south road." in prompt and "Who am I?" not in prompt  # the save replaced it
+
+
+def test_f9_without_a_save_or_a_memory_service_says_why(game, tmp_path):
+    game, client = game
+    game.saves.save_path = tmp_path / "none.json"
+    press(game, pygame.K_F9)
+    assert game.saves.visible_status(time.perf_counter()).startswith(f"no save to load in {tmp_path}")
+    press(game, pygame.K_F5)  # the stub's welcome lists no `memory`
+    assert "cannot be saved" in game.saves.visible_status(time.perf_counter()) and not client.sent

@@ -20,7 +20,7 @@ def test_bridge_builds_and_imports_alone(tmp_path):
         modules = {n for n in z.namelist() if n.endswith(".py")}
         metadata = z.read(next(n for n in z.namelist() if n.endswith("METADATA"))).decode()
         z.extractall(tmp_path / "site")
-    assert modules == {"bridge/__init__.py", "bridge/client.py", "bridge/protocol.py"}
+    assert modules == {"bridge/__init__.py", "bridge/client.py", "bridge/protocol.py", "bridge/scene_memory_calls.py"}
     requires = sorted(line.split(":", 1)[1].split(">")[0].strip() for line in metadata.splitlines()
                       if line.startswith("Requires-Dist:"))
     assert requires == ["msgpack", "pyzmq"]

@@ -7,7 +7,16 @@ from pathlib import Path
 import pytest
 
 from npc_engine.lint import check_paths
-from npc_engine.persona import SAMPLING_FIELDS, PersonaError, PersonaStore, load_persona_dir, load_persona_file
+from npc_engine.persona import (
+    KNOWN_KEYS,
+    LIST_FIELDS,
+    SAMPLING_FIELDS,
+    STRING_FIELDS,
+    PersonaError,
+    PersonaStore,
+    load_persona_dir,
+    load_persona_file,
+)
 from npc_engine.prompt import EOT, NPC, PromptPersona, Turn, build_prompt, persona_block
 from npc_engine.sampling import SamplingParams
 
@@ -47,6 +56,16 @@ def test_shipped_cast_validates():
         assert len(p.fallback_lines) >= 3 and p.greeting, p.id
         assert p.relationships, p.id
         SamplingParams(**p.sampling)  # every override is a valid SamplingParams field and value
+
+
+def test_readme_field_table_is_the_schema():
+    readme = (PERSONAS / "README.md").read_text()
+    documented = dict(re.findall(r"^\| `([a-z_]+)` \| [^|]+ \| ([^|]+) \|", readme, re.M))
+    assert set(documented) == KNOWN_KEYS
+    required = {k for k, needed in (STRING_FIELDS | LIST_FIELDS).items() if needed}
+    assert {k for k, column in documented.items() if column.strip().startswith("yes")} == required
+    sampling = re.search(r"^\| `sampling` .*$", readme, re.M).group(0)
+    assert set(re.findall(r"`([a-z_]+)`", sampling)) - {"sampling"} == set(SAMPLING_FIELDS)
 
 
 def test_readme_example_validates(tmp_path):

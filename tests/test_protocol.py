@@ -1,4 +1,8 @@
 """bridge.protocol: framing, decoding and validation shared by the service and the Python client."""
+import re
+from dataclasses import fields
+from pathlib import Path
+
 import msgpack
 import pytest
 
@@ -154,3 +158,31 @@ def test_limits_travel_as_plain_ints():
                          "max_scenes", "max_itinerary", "max_guests"}
     assert all(type(v) is int for v in wire.values())
     assert Limits.from_wire({**wire, "max_text_chars": 10, "added_later": 1}) == Limits(max_text_chars=10)
+
+
+# ---- bridge/PROTOCOL.md (normative) and bridge/protocol.py name the same things ----------------------------------
+
+SPEC = (Path(__file__).resolve().parents[1] / "bridge" / "PROTOCOL.md").read_text()
+
+
+def spec_section(number: int) -> str:
+    return re.search(rf"^## {number}\. .*?(?=^## )", SPEC, re.M | re.S).group(0)
+
+
+def table_keys(text: str) -> set[str]:
+    """The backquoted first cell of each table row (`| `code` | ...`)."""
+    return set(re.findall(r"^\s*\| `([a-z_.]+)` \|", text, re.M))
+
+
+def test_spec_lists_every_message_type_error_code_cap_and_limit_of_the_code():
+    assert SPEC.startswith(f"# npc-engine bridge protocol, version {protocol.VERSION[0]}.{protocol.VERSION[1]}\n")
+    client_types = set(re.findall(r"^#{3,4} `([a-z_.]+)`", spec_section(4), re.M))
+    assert client_types == set(protocol.CLIENT_TYPES)
+    errors = spec_section(5)[spec_section(5).index("| code | when |"):]
+    assert table_keys(errors) == set(protocol.ERROR_CODES)
+    caps = spec_section(2)[spec_section(2).index("| cap | since |"):]
+    assert table_keys(caps) == set(protocol.CAPS)
+    welcome_limits = re.search(r"^\| `limits` \| map \| (.*)$", spec_section(5), re.M).group(1)
+    assert set(re.findall(r"`(max_[a-z_]+)`", welcome_limits)) == {f.name for f in fields(Limits)}
+    assert {f'"code": "{code}"' for code in protocol.CLIENT_ERROR_CODES} <= set(
+        re.findall(r'"code": "[a-z_]+"', spec_section(8)))

@@ -9,19 +9,20 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from npc_engine.prompt import Turn
-from npc_engine.state import (
+from bridge import protocol
+from npc_engine.conversation import (
     BLOB_FORMAT,
-    DB_NAME,
+    ERROR_CODES,
     Conversation,
     Key,
     Memory,
-    State,
     StateError,
     StateLimits,
     checksum,
     pack_blob,
 )
+from npc_engine.prompt import Turn
+from npc_engine.state import DB_NAME, State
 
 ROOT = Path(__file__).resolve().parents[1]
 SMITH, BARD = Key("smith", "p1"), Key("bard", "p1")
@@ -350,3 +351,9 @@ def test_pack_blob_is_what_export_writes():
     state = State()
     state.add_turns(SMITH, pair(0))
     assert state.export_blob("p1", "smith") == pack_blob("p1", "smith", {"smith": state.get(SMITH)})
+
+
+def test_state_errors_answered_on_the_wire_have_protocol_codes():
+    assert set(ERROR_CODES) - {"bad_state"} <= set(protocol.ERROR_CODES)
+    with pytest.raises(AssertionError):
+        StateError("no_such_code", "a code the protocol does not know")

@@ -12,7 +12,8 @@ import msgpack
 import pytest
 
 from bridge import BridgeError, Client
-from npc_engine.state import BLOB_FORMAT, DB_NAME, State, StateLimits, checksum, open_blob
+from npc_engine.conversation import BLOB_FORMAT, StateLimits, checksum, open_blob
+from npc_engine.state import DB_NAME, State
 from test_chat_template import QWEN2, SMOLLM2, model_folder
 from test_service import Raw, chatty_model_dir, personas_dir, running, start_service, stop_service  # noqa: F401
 

@@ -16,9 +16,10 @@ from npc_engine.loading import load_model
 from npc_engine.prompt import SPECIAL_TOKENS, PromptPersona, Turn, training_text
 from npc_engine.tokenizer import Tokenizer
 from npc_engine.train import batches, loop
+from npc_engine.train.books import clean_book, mine_dialogue
 from npc_engine.train.cli import Log, main
 from npc_engine.train.config import TINY
-from npc_engine.train.data import clean_book, mine_dialogue, persona_chat_examples, persona_qa_example, read_jsonl
+from npc_engine.train.data import persona_chat_examples, persona_qa_example, read_jsonl
 from npc_engine.train.eval import adherent, generate, model_proposals, replay_speculation, topic_questions
 from npc_engine.train.tokenizer import encode_conversations, load_tokenizer
 

@@ -1,5 +1,5 @@
-// npc_bridge.hpp: header-only C++17 client of the npc-engine service (protocol 1.1, see
-// bridge/PROTOCOL.md). Needs libzmq, cppzmq and msgpack-cxx (Debian: libzmq3-dev cppzmq-dev
+// npc_bridge.hpp: header-only C++17 client of the npc-engine service (protocol 1.1, or 1.2 when
+// asked for; see bridge/PROTOCOL.md). Needs libzmq, cppzmq and msgpack-cxx (Debian: libzmq3-dev cppzmq-dev
 // libmsgpack-cxx-dev); link with -lzmq.
 //
 //   npc::Client client("tcp://127.0.0.1:5555");
@@ -17,6 +17,16 @@
 //   std::string id = client.say("blacksmith", "Can you", o);
 //   client.append(id, " mend");
 //   client.append(id, " my sword?", /*final=*/true);   // the NPC starts answering now
+//
+// Protocol 1.2 (save files, memories, scenes) is spoken only when the game names the caps it uses:
+//   npc::ClientOptions o; o.caps = {"memory", "scene"};
+//   npc::Client client(addr, o);                      // hello asks for 1.2; without caps: 1.1 as before
+//   client.export_session("slot1");                   // -> "session.blob" event, e.blob goes in the save
+//   client.import_session(blob);                      // -> "session.imported" (or error bad_blob, ...)
+//   client.add_memory("blacksmith", "slot1", "The player saved my daughter.");  // -> "memory.added"
+//   client.open_scene("tavern", {"host", "bard"}, "A busy tavern evening.");    // -> "scene.state"
+//   std::string line = client.scene_say("tavern", "Evening, all!");  // -> "line" (speaker, to), tokens, done
+// These calls throw std::invalid_argument until a welcome of protocol 1.2 that lists their cap arrived.
 //
 // Strings are UTF-8; say() and append() throw std::invalid_argument for what the service would
 // refuse as a whole message (invalid UTF-8, an id out of range), since no reply could name it.
@@ -47,6 +57,7 @@
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
+#include <variant>
 #include <vector>
 
 namespace npc {
@@ -55,6 +66,8 @@ inline constexpr const char* kTag = "NPC1";
 inline constexpr int kMajor = 1;
 inline constexpr int kMinor = 1;
 inline constexpr const char* kDefaultAddr = "tcp://127.0.0.1:5555";
+
+inline constexpr int kMinorWithState = 2;  // memory and scene need protocol 1.2
 
 struct Stats {
   std::optional<double> ttft_ms;  // nil when no token was generated
@@ -66,10 +79,44 @@ struct Stats {
   int64_t prompt_tokens = 0;
 };
 
+struct Memory {      // memories
+  int64_t memory_id = 0;
+  std::string text;
+};
+
+struct ItineraryItem {  // scene.open, scene.state
+  std::string text;
+  std::string at;  // a game time as the host would say it; empty: none
+};
+
+struct Guest {  // scene.open, scene.state
+  std::string name;
+  std::string rsvp = "no_answer";  // "coming", "not_coming", "no_answer"
+  std::string role;                // scene.open: how the host introduces them
+  std::string npc;                 // a persona id: present while that NPC is in the cast; empty: none
+  bool present = false;            // scene.state
+};
+
+struct SceneLine {  // scene.state: speaking (with id) and transcript (with text)
+  std::string id, speaker, to, text;  // speaker "player", or "" for a game event
+};
+
+struct SceneState {
+  std::string scene, host, situation;  // host empty: none
+  std::vector<std::string> cast, present, missing;
+  std::vector<ItineraryItem> itinerary;
+  int64_t position = 0;  // itinerary items moved to so far
+  std::vector<Guest> guests;
+  std::optional<SceneLine> speaking;  // the line in flight
+  std::vector<SceneLine> transcript;  // oldest first
+};
+
 // One message from the service or one client-side event. Fields not carried by `type` keep
 // their defaults.
 struct Event {
-  std::string type;              // token, done, error, welcome, pong, npcs, connection
+  std::string type;              // token, done, error, welcome, pong, npcs, connection; 1.2: session.blob,
+                                 // session.imported, memory.added, memories, memory.forgotten, line,
+                                 // scene.state, scene.closed
   std::string id;                // empty when the message's id was nil
   int64_t seq = -1;              // token
   std::string text;              // token, done
@@ -77,12 +124,23 @@ struct Event {
   bool fallback = false;         // done: text is the persona's fallback line (deadline missed)
   bool cancelled = false;        // done: ended by cancel()
   bool deflected = false;        // done: text is the persona's deflection line (banned topic)
+  bool history_cut = false;      // done (1.2): the oldest turns were left out of the prompt
   Stats stats;                   // done
   std::string code, message;     // error
-  std::vector<std::string> npcs; // welcome, npcs: persona ids
+  std::vector<std::string> npcs; // welcome, npcs, session.imported: persona ids
   std::vector<std::string> caps; // welcome
   std::map<std::string, int64_t> limits;  // welcome
   std::string instance;          // welcome, pong
+  int minor = -1;                // welcome: the minor protocol version both sides now speak
+  std::string blob;              // session.blob: bytes to keep in the save file as is
+  int64_t memory_id = 0;         // memory.added (text: the memory as kept)
+  std::vector<Memory> memories;  // memories, oldest first
+  int64_t forgotten = 0;         // memory.forgotten
+  std::string scene;             // line, done of a line, scene.state, scene.closed
+  std::string speaker, to;       // line, done of a line: persona id; to: persona id, "player" or "all"
+  std::string cue;               // line: what the host does ("welcome", "introduce", "item"), or empty
+  std::optional<int64_t> item;   // line: the itinerary item announced
+  std::optional<SceneState> state;  // scene.state
   bool connected = false;        // connection
   bool synthetic = false;        // made by this client, not sent by the service
   bool terminal() const { return type == "done" || type == "error"; }
@@ -100,8 +158,38 @@ struct SayOptions {
   std::string id;     // empty: the client makes one
 };
 
+// A scene line's options (scene_say, scene_next); its priority is the service's (player / ambient).
+struct LineOptions {
+  std::string to;       // scene_say: the cast member addressed; scene_next: also "player" or "all"; empty: any
+  std::string speaker;  // scene_next: the cast member who speaks; empty: the scene picks
+  std::optional<int64_t> max_tokens;
+  std::optional<double> temperature;
+  std::optional<int64_t> seed;
+  std::optional<double> deadline_ms;
+  bool stream = true;
+  std::string id;  // empty: the client makes one
+};
+
+struct SceneOptions {  // scene_open
+  std::string host;    // a cast member who runs the itinerary and the guest list; empty: none
+  std::vector<ItineraryItem> itinerary;  // needs a host
+  std::vector<Guest> guests;
+  bool player = true;  // the player is in the scene
+  std::string player_role;  // how the host introduces the player
+};
+
+struct SceneEvent {  // scene_event: at least one of these
+  std::string text;    // what happened, into the transcript
+  std::string arrive;  // a guest's name or "player" walks in
+  std::string leave;   // a guest's name or "player" leaves
+  std::variant<std::monostate, std::string, int64_t> itinerary;  // "next", or the item to move to
+};
+
 struct ClientOptions {
   std::string name = "bridge-cpp";
+  // The protocol 1.2 caps the game uses ("memory", "scene"): hello then asks for protocol 1.2 and names them.
+  // Empty: hello asks for 1.1 and the client behaves exactly as a 1.1 client.
+  std::vector<std::string> caps;
   double ping_interval_s = 1.0;      // ping after this much silence
   double heartbeat_timeout_s = 3.0;  // lost when a ping stays unanswered this long
   double deadline_grace_ms = 1000;   // synthetic "timeout" this long after a missed deadline
@@ -131,6 +219,11 @@ inline const msgpack::object* find(const msgpack::object& map, const char* key) 
 inline std::string get_string(const msgpack::object& map, const char* key) {
   const msgpack::object* v = find(map, key);
   return v && v->type == msgpack::type::STR ? std::string(v->via.str.ptr, v->via.str.size) : std::string();
+}
+
+inline std::string get_bytes(const msgpack::object& map, const char* key) {
+  const msgpack::object* v = find(map, key);
+  return v && v->type == msgpack::type::BIN ? std::string(v->via.bin.ptr, v->via.bin.size) : std::string();
 }
 
 inline std::optional<double> as_number(const msgpack::object* v) {
@@ -198,6 +291,42 @@ inline std::vector<std::string> get_ids(const msgpack::object& map, const char* 
   return out;
 }
 
+// The maps of an array of maps, each read by `read`.
+template <typename T, typename Read>
+std::vector<T> get_maps(const msgpack::object& map, const char* key, Read read) {
+  std::vector<T> out;
+  const msgpack::object* v = find(map, key);
+  if (!v || v->type != msgpack::type::ARRAY) return out;
+  for (uint32_t i = 0; i < v->via.array.size; ++i)
+    if (v->via.array.ptr[i].type == msgpack::type::MAP) out.push_back(read(v->via.array.ptr[i]));
+  return out;
+}
+
+inline SceneLine read_scene_line(const msgpack::object& m) {
+  return {get_string(m, "id"), get_string(m, "speaker"), get_string(m, "to"), get_string(m, "text")};
+}
+
+inline SceneState read_scene_state(const msgpack::object& m) {
+  SceneState s;
+  s.scene = get_string(m, "scene");
+  s.host = get_string(m, "host");
+  s.situation = get_string(m, "situation");
+  s.cast = get_ids(m, "cast");
+  s.present = get_ids(m, "present");
+  s.missing = get_ids(m, "missing");
+  s.position = get_int(m, "position", 0);
+  s.itinerary = get_maps<ItineraryItem>(m, "itinerary", [](const msgpack::object& item) {
+    return ItineraryItem{get_string(item, "text"), get_string(item, "at")};
+  });
+  s.guests = get_maps<Guest>(m, "guests", [](const msgpack::object& g) {
+    return Guest{get_string(g, "name"), get_string(g, "rsvp"), get_string(g, "role"), get_string(g, "npc"),
+                 get_bool(g, "present")};
+  });
+  if (const msgpack::object* v = find(m, "speaking"); v && v->type == msgpack::type::MAP) s.speaking = read_scene_line(*v);
+  s.transcript = get_maps<SceneLine>(m, "transcript", read_scene_line);
+  return s;
+}
+
 inline std::map<std::string, int64_t> get_limits(const msgpack::object& map) {
   std::map<std::string, int64_t> out;
   const msgpack::object* v = find(map, "limits");
@@ -219,13 +348,25 @@ class MapWriter {
   MapWriter& num(const char* key, double value) { packer_.pack(key); packer_.pack(value); return *this; }
   MapWriter& integer(const char* key, int64_t value) { packer_.pack(key); packer_.pack(value); return *this; }
   MapWriter& boolean(const char* key, bool value) { packer_.pack(key); packer_.pack(value); return *this; }
-  MapWriter& version(const char* key) {
+  MapWriter& version(const char* key, int minor) {
     packer_.pack(key);
     packer_.pack_array(2);
     packer_.pack(kMajor);
-    packer_.pack(kMinor);
+    packer_.pack(minor);
     return *this;
   }
+  MapWriter& bin(const char* key, const std::string& bytes) {
+    packer_.pack(key);
+    packer_.pack_bin(static_cast<uint32_t>(bytes.size()));
+    packer_.pack_bin_body(bytes.data(), static_cast<uint32_t>(bytes.size()));
+    return *this;
+  }
+  MapWriter& strings(const char* key, const std::vector<std::string>& values) {
+    packer_.pack(key);
+    packer_.pack(values);
+    return *this;
+  }
+  msgpack::packer<msgpack::sbuffer>& raw(const char* key) { packer_.pack(key); return packer_; }
   const msgpack::sbuffer& buffer() const { return buffer_; }
 
  private:
@@ -262,10 +403,7 @@ class Client {
     detail::check_text("npc", npc, 1, 64);
     detail::check_text("session", o.session, 1, 128);
     detail::check_text("text", text, 0, std::numeric_limits<int64_t>::max());
-    std::string id = o.id.empty() ? new_id() : o.id;
-    detail::check_text("id", id, 1, 128);
-    if (id[0] == '~') throw std::invalid_argument("id must not start with '~' (reserved for the client's own probes)");
-    if (pending_.count(id)) throw std::invalid_argument("request " + id + " is still running");
+    std::string id = start_id(o.id);
     if (o.open && !serves_append())
       throw std::invalid_argument("the service does not serve open says (no \"append\" in welcome.caps)");
     uint32_t pairs = 7 + o.max_tokens.has_value() + o.temperature.has_value() + o.seed.has_value() +
@@ -281,14 +419,7 @@ class Client {
       w.boolean("open", true);
       open_.insert(id);
     }
-    auto now = detail::Clock::now();
-    Pending p{now, std::nullopt, std::nullopt};
-    if (o.deadline_ms && o.open)
-      p.open_deadline_ms = *o.deadline_ms;
-    else if (o.deadline_ms)
-      p.expires_at = expiry(now, *o.deadline_ms);
-    pending_[id] = p;
-    abandoned_set_.erase(id);
+    track(id, o.deadline_ms, o.open);
     send(w.buffer());
     return id;
   }
@@ -323,6 +454,155 @@ class Client {
   std::string hello(const std::string& id = {}) { return request_hello(id.empty() ? new_id() : id); }
   std::string ping(const std::string& id = {}) { return request("ping", id.empty() ? new_id() : id); }
   std::string npcs(const std::string& id = {}) { return request("npcs", id.empty() ? new_id() : id); }
+
+  // Conversation state (protocol 1.2, cap "memory"); each returns the request id its reply names.
+  // The save-file blob of `session`: one NPC's conversation, or with npc empty every NPC's ("session.blob").
+  std::string export_session(const std::string& session, const std::string& npc = {}) {
+    require("memory");
+    detail::check_text("session", session, 1, 128);
+    if (!npc.empty()) detail::check_text("npc", npc, 1, 64);
+    std::string id = new_id();
+    detail::MapWriter w(3 + !npc.empty());
+    w.str("type", "session.export").str("id", id).str("session", session);
+    if (!npc.empty()) w.str("npc", npc);
+    send(w.buffer());
+    return id;
+  }
+
+  // Restore a blob of export_session (into `session`, else the one it came from): "session.imported", or an
+  // error (bad_blob, blob_version, too_large) that changed nothing.
+  std::string import_session(const std::string& blob, const std::string& session = {}) {
+    require("memory");
+    if (!session.empty()) detail::check_text("session", session, 1, 128);
+    std::string id = new_id();
+    detail::MapWriter w(3 + !session.empty());
+    w.str("type", "session.import").str("id", id).bin("blob", blob);
+    if (!session.empty()) w.str("session", session);
+    send(w.buffer());
+    return id;
+  }
+
+  // Something `npc` remembers about this player, in every prompt of the conversation: "memory.added".
+  std::string add_memory(const std::string& npc, const std::string& session, const std::string& text) {
+    detail::check_text("text", text, 1, std::numeric_limits<int64_t>::max());
+    return memory_request("memory.add", npc, session, [&](detail::MapWriter& w) { w.str("text", text); }, 1);
+  }
+
+  // "memories": the conversation's memories, oldest first.
+  std::string list_memories(const std::string& npc, const std::string& session) {
+    return memory_request("memory.list", npc, session, [](detail::MapWriter&) {}, 0);
+  }
+
+  // Forget one memory, or every one with memory_id empty: "memory.forgotten" (how many).
+  std::string forget_memory(const std::string& npc, const std::string& session,
+                            std::optional<int64_t> memory_id = std::nullopt) {
+    return memory_request("memory.forget", npc, session, [&](detail::MapWriter& w) {
+      if (memory_id) w.integer("memory_id", *memory_id);
+    }, memory_id.has_value());
+  }
+
+  // Scenes (protocol 1.2, cap "scene"). open_scene, scene_event, scene_cast and scene_state are answered by
+  // "scene.state", close_scene by "scene.closed".
+  std::string open_scene(const std::string& scene, const std::vector<std::string>& cast, const std::string& situation,
+                         const SceneOptions& o = {}) {
+    require("scene");
+    check_scene(scene);
+    for (const std::string& npc : cast) detail::check_text("cast", npc, 1, 64);
+    detail::check_text("situation", situation, 1, 500);
+    std::string id = new_id();
+    detail::MapWriter w(6 + !o.host.empty() + !o.itinerary.empty() + !o.guests.empty() + !o.player_role.empty());
+    w.str("type", "scene.open").str("id", id).str("scene", scene).strings("cast", cast).str("situation", situation)
+        .boolean("player", o.player);
+    if (!o.host.empty()) w.str("host", o.host);
+    if (!o.player_role.empty()) w.str("player_role", o.player_role);
+    if (!o.itinerary.empty()) {
+      msgpack::packer<msgpack::sbuffer>& pk = w.raw("itinerary");
+      pk.pack_array(static_cast<uint32_t>(o.itinerary.size()));
+      for (const ItineraryItem& item : o.itinerary) {
+        detail::check_text("itinerary text", item.text, 0, std::numeric_limits<int64_t>::max());
+        detail::check_text("itinerary at", item.at, 0, std::numeric_limits<int64_t>::max());
+        pk.pack_map(1 + !item.at.empty());
+        pk.pack("text");
+        pk.pack(item.text);
+        if (!item.at.empty()) {
+          pk.pack("at");
+          pk.pack(item.at);
+        }
+      }
+    }
+    if (!o.guests.empty()) {
+      msgpack::packer<msgpack::sbuffer>& pk = w.raw("guests");
+      pk.pack_array(static_cast<uint32_t>(o.guests.size()));
+      for (const Guest& g : o.guests) {
+        for (const std::string* f : {&g.name, &g.rsvp, &g.role, &g.npc}) detail::check_text("guest", *f, 0, 200);
+        pk.pack_map(3 + !g.npc.empty());
+        pk.pack("name");
+        pk.pack(g.name);
+        pk.pack("rsvp");
+        pk.pack(g.rsvp);
+        pk.pack("role");
+        pk.pack(g.role);
+        if (!g.npc.empty()) {
+          pk.pack("npc");
+          pk.pack(g.npc);
+        }
+      }
+    }
+    send(w.buffer());
+    return id;
+  }
+
+  // The player speaks into `scene` (o.to: to one cast member); returns the id of the line that answers: a
+  // "line" event (speaker, to), tokens, exactly one terminal event, as for say(). It interrupts the scene's
+  // line in flight, which ends with done (cancelled = true).
+  std::string scene_say(const std::string& scene, const std::string& text, const LineOptions& o = {}) {
+    detail::check_text("text", text, 1, std::numeric_limits<int64_t>::max());
+    return scene_line("scene.say", scene, o, [&](detail::MapWriter& w) { w.str("text", text); }, 1);
+  }
+
+  // The scene's next line, the NPCs talking on their own (o.speaker: who speaks); events as for scene_say, or
+  // an error scene_busy while a line of the scene is in flight.
+  std::string scene_next(const std::string& scene, const LineOptions& o = {}) {
+    if (!o.speaker.empty()) detail::check_text("speaker", o.speaker, 1, 64);
+    return scene_line("scene.next", scene, o, [&](detail::MapWriter& w) {
+      if (!o.speaker.empty()) w.str("speaker", o.speaker);
+    }, !o.speaker.empty());
+  }
+
+  // Tell `scene` what happened (text, a guest or "player" arriving or leaving, the itinerary moving on).
+  std::string scene_event(const std::string& scene, const SceneEvent& e) {
+    require("scene");
+    check_scene(scene);
+    for (const std::string* f : {&e.text, &e.arrive, &e.leave}) detail::check_text("scene event", *f, 0, 500);
+    bool moves = !std::holds_alternative<std::monostate>(e.itinerary);
+    std::string id = new_id();
+    detail::MapWriter w(3 + !e.text.empty() + !e.arrive.empty() + !e.leave.empty() + moves);
+    w.str("type", "scene.event").str("id", id).str("scene", scene);
+    if (!e.text.empty()) w.str("text", e.text);
+    if (!e.arrive.empty()) w.str("arrive", e.arrive);
+    if (!e.leave.empty()) w.str("leave", e.leave);
+    if (const std::string* next = std::get_if<std::string>(&e.itinerary)) w.str("itinerary", *next);
+    if (const int64_t* item = std::get_if<int64_t>(&e.itinerary)) w.integer("itinerary", *item);
+    send(w.buffer());
+    return id;
+  }
+
+  // NPCs join (the host introduces them), then others leave; all of it or nothing.
+  std::string scene_cast(const std::string& scene, const std::vector<std::string>& add,
+                         const std::vector<std::string>& remove = {}) {
+    require("scene");
+    check_scene(scene);
+    for (const std::string& npc : add) detail::check_text("add", npc, 1, 64);
+    for (const std::string& npc : remove) detail::check_text("remove", npc, 1, 64);
+    std::string id = new_id();
+    detail::MapWriter w(5);
+    w.str("type", "scene.cast").str("id", id).str("scene", scene).strings("add", add).strings("remove", remove);
+    send(w.buffer());
+    return id;
+  }
+
+  std::string close_scene(const std::string& scene) { return scene_request("scene.close", scene); }
+  std::string scene_state(const std::string& scene) { return scene_request("scene.state", scene); }
 
   // A request id this client has not used (say() makes one when SayOptions::id is empty).
   std::string new_id() { return prefix_ + std::to_string(counter_++); }
@@ -372,6 +652,83 @@ class Client {
     return std::find(server_.caps.begin(), server_.caps.end(), "append") != server_.caps.end();
   }
 
+  // Memory and scene calls need the game to have asked for their cap and a 1.2 welcome that lists it.
+  void require(const char* cap) const {
+    if (std::find(options_.caps.begin(), options_.caps.end(), cap) == options_.caps.end())
+      throw std::invalid_argument(std::string("add \"") + cap + "\" to ClientOptions::caps to use it (protocol 1.2)");
+    if (server_.minor < kMinorWithState ||
+        std::find(server_.caps.begin(), server_.caps.end(), cap) == server_.caps.end())
+      throw std::invalid_argument(std::string("the service does not serve \"") + cap +
+                                  "\" (it needs a welcome of protocol 1.2 listing it: poll until connected)");
+  }
+
+  static void check_scene(const std::string& scene) { detail::check_text("scene", scene, 1, 64); }
+
+  std::string memory_request(const char* type, const std::string& npc, const std::string& session,
+                             const std::function<void(detail::MapWriter&)>& extra, uint32_t extra_pairs) {
+    require("memory");
+    detail::check_text("npc", npc, 1, 64);
+    detail::check_text("session", session, 1, 128);
+    std::string id = new_id();
+    detail::MapWriter w(4 + extra_pairs);
+    w.str("type", type).str("id", id).str("npc", npc).str("session", session);
+    extra(w);
+    send(w.buffer());
+    return id;
+  }
+
+  std::string scene_request(const char* type, const std::string& scene) {
+    require("scene");
+    check_scene(scene);
+    std::string id = new_id();
+    detail::MapWriter w(3);
+    w.str("type", type).str("id", id).str("scene", scene);
+    send(w.buffer());
+    return id;
+  }
+
+  // A scene line is tracked like a say: one terminal event, a synthetic one when the service is lost.
+  std::string scene_line(const char* type, const std::string& scene, const LineOptions& o,
+                         const std::function<void(detail::MapWriter&)>& extra, uint32_t extra_pairs) {
+    require("scene");
+    check_scene(scene);
+    if (!o.to.empty()) detail::check_text("to", o.to, 1, 64);
+    std::string id = start_id(o.id);
+    uint32_t pairs = 4 + extra_pairs + !o.to.empty() + o.max_tokens.has_value() + o.temperature.has_value() +
+                     o.seed.has_value() + o.deadline_ms.has_value();
+    detail::MapWriter w(pairs);
+    w.str("type", type).str("id", id).str("scene", scene).boolean("stream", o.stream);
+    extra(w);
+    if (!o.to.empty()) w.str("to", o.to);
+    if (o.max_tokens) w.integer("max_tokens", *o.max_tokens);
+    if (o.temperature) w.num("temperature", *o.temperature);
+    if (o.seed) w.integer("seed", *o.seed);
+    if (o.deadline_ms) w.num("deadline_ms", *o.deadline_ms);
+    track(id, o.deadline_ms, false);
+    send(w.buffer());
+    return id;
+  }
+
+  // The id of a new line: the caller's (checked) or a new one.
+  std::string start_id(const std::string& wanted) {
+    std::string id = wanted.empty() ? new_id() : wanted;
+    detail::check_text("id", id, 1, 128);
+    if (id[0] == '~') throw std::invalid_argument("id must not start with '~' (reserved for the client's own probes)");
+    if (pending_.count(id)) throw std::invalid_argument("request " + id + " is still running");
+    return id;
+  }
+
+  void track(const std::string& id, std::optional<double> deadline_ms, bool open) {
+    auto now = detail::Clock::now();
+    Pending p{now, std::nullopt, std::nullopt};
+    if (deadline_ms && open)
+      p.open_deadline_ms = *deadline_ms;
+    else if (deadline_ms)
+      p.expires_at = expiry(now, *deadline_ms);
+    pending_[id] = p;
+    abandoned_set_.erase(id);
+  }
+
   std::string request(const char* type, const std::string& id) {
     detail::MapWriter w(2);
     w.str("type", type).str("id", id);
@@ -380,8 +737,11 @@ class Client {
   }
 
   std::string request_hello(const std::string& id) {
-    detail::MapWriter w(4);
-    w.str("type", "hello").str("id", id).version("protocol").str("client", options_.name);
+    bool state = !options_.caps.empty();  // without caps the hello is exactly a 1.1 client's
+    detail::MapWriter w(4 + state);
+    w.str("type", "hello").str("id", id).version("protocol", state ? kMinorWithState : kMinor)
+        .str("client", options_.name);
+    if (state) w.strings("caps", options_.caps);
     send(w.buffer());
     return id;
   }
@@ -472,6 +832,22 @@ class Client {
     e.npcs = detail::get_ids(m, "npcs");
     e.caps = detail::get_ids(m, "caps");
     e.limits = detail::get_limits(m);
+    if (const msgpack::object* v = detail::find(m, "protocol"); v && v->type == msgpack::type::ARRAY &&
+                                                               v->via.array.size == 2)
+      e.minor = static_cast<int>(detail::as_number(&v->via.array.ptr[1]).value_or(-1));
+    e.history_cut = detail::get_bool(m, "history_cut");
+    e.blob = detail::get_bytes(m, "blob");
+    e.memory_id = detail::get_int(m, "memory_id", 0);
+    e.memories = detail::get_maps<Memory>(m, "memories", [](const msgpack::object& item) {
+      return Memory{detail::get_int(item, "memory_id", 0), detail::get_string(item, "text")};
+    });
+    e.forgotten = detail::get_int(m, "forgotten", 0);
+    e.scene = detail::get_string(m, "scene");
+    e.speaker = detail::get_string(m, "speaker");
+    e.to = detail::get_string(m, "to");
+    e.cue = detail::get_string(m, "cue");
+    if (std::optional<double> item = detail::get_number(m, "item")) e.item = static_cast<int64_t>(*item);
+    if (e.type == "scene.state") e.state = detail::read_scene_state(m);
     if (const msgpack::object* s = detail::find(m, "stats"); s && s->type == msgpack::type::MAP) {
       e.stats.ttft_ms = detail::get_number(*s, "ttft_ms");
       e.stats.total_ms = detail::get_number(*s, "total_ms").value_or(0.0);

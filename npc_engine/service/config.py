@@ -23,7 +23,7 @@ class ServiceConfig:
     max_connections: int = 128
     heartbeat_ms: int = 1000  # ZMTP heartbeat: a peer silent for heartbeat_timeout_ms is disconnected
     heartbeat_timeout_ms: int = 3000
-    history_turns: int = 64  # per conversation (npc_engine.state.StateLimits)
+    history_turns: int = 64  # per conversation (npc_engine.conversation.StateLimits)
     history_bytes: int = 16 << 10  # UTF-8 bytes of a conversation's turns
     history_total_bytes: int = 64 << 20  # over all conversations, memories included
     max_sessions: int = 10_000  # conversations kept; the least recently written leave first

@@ -1,18 +1,30 @@
 """Client messages, validated by bridge.protocol, turned into calls on the engine (see Service)."""
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from bridge import protocol
 from npc_engine.dialogue import LineStream, PromptTooLarge, fit_prompt, sampling_params
 from npc_engine.guard import banned_topic
 from npc_engine.persona import Persona
+from npc_engine.scenes import SceneError
 from npc_engine.service.calls import Call
 from npc_engine.service.transport import Incoming
-from npc_engine.state import Key
+from npc_engine.state import Key, StateError
 
 log = logging.getLogger("npc_engine.service")
 
 SERVER_NAME = "npc-engine"
+
+
+@contextmanager
+def answered_as(mid: str) -> Iterator[None]:
+    """A SceneError or StateError (their codes are wire codes) -> the ProtocolError of the same code."""
+    try:
+        yield
+    except (SceneError, StateError) as e:
+        raise protocol.ProtocolError(e.code, e.message, mid) from None
 
 
 class Handlers:

@@ -3,7 +3,6 @@ npc_engine.scenes, who speaks and what the speaker is shown in npc_engine.scene_
 ordinary Call (the same queue, engine, deadline, guard and cancel as a `say`) that carries its scene: the
 service tells the scene when the line ends (Service.drop), and a `done` names the line's speaker and addressee."""
 import time
-from contextlib import contextmanager
 
 from bridge import protocol
 from npc_engine.dialogue import LineStream, sampling_params
@@ -11,16 +10,8 @@ from npc_engine.guard import banned_topic
 from npc_engine.scene_policy import Pick, ambient, fit, reply_to_player, view
 from npc_engine.scenes import Flight, Member, Scene, SceneError, SceneLimits, Scenes
 from npc_engine.service.calls import Call
+from npc_engine.service.handlers import answered_as
 from npc_engine.service.transport import Incoming
-
-
-@contextmanager
-def answered_as(mid: str):
-    """SceneError -> the ProtocolError of the same code."""
-    try:
-        yield
-    except SceneError as e:
-        raise protocol.ProtocolError(e.code, e.message, mid) from None
 
 
 def open_scenes(personas, limits: protocol.Limits) -> Scenes:

@@ -2,10 +2,9 @@
 conversations into and out of a game's save file, `memory.add` / `memory.list` / `memory.forget` manage
 what an NPC remembers about a player. Every conversation is scoped by the client's CURVE key, as `say`'s
 history is (PROTOCOL.md, "History"); the state itself is npc_engine.state."""
-from contextlib import contextmanager
-
 from bridge import protocol
 from npc_engine.service.config import ServiceConfig, ServiceError
+from npc_engine.service.handlers import answered_as
 from npc_engine.service.transport import Incoming
 from npc_engine.state import Key, Memory, State, StateError, StateLimits
 
@@ -20,15 +19,6 @@ def open_state(config: ServiceConfig) -> State:
         return State(limits, config.state_dir)
     except StateError as e:
         raise ServiceError(f"--state {config.state_dir}: {e.message}") from None
-
-
-@contextmanager
-def answered_as(mid: str):
-    """StateError -> the ProtocolError of the same code (`bad_blob`, `blob_version`, `too_large`, `bad_request`)."""
-    try:
-        yield
-    except StateError as e:
-        raise protocol.ProtocolError(e.code, e.message, mid) from None
 
 
 def memory_map(memory: Memory) -> dict:
