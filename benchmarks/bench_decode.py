@@ -34,8 +34,8 @@ from npc_engine.loading import load_model  # noqa: E402
 from npc_engine.sampling import SamplingParams  # noqa: E402
 
 
-def ours_line(model, drafter, tokenizer, prompt, new_tokens, device, graphs, repeats, max_seq=512):
-    engine = Engine(model, drafter, tokenizer, device, max_batch=1, max_seq=max_seq, cuda_graphs=graphs)
+def ours_line(model, drafter, tokenizer, prompt, new_tokens, device, graphs, repeats):
+    engine = Engine(model, drafter, tokenizer, device, max_batch=1, max_seq=512, cuda_graphs=graphs)
     engine.capture_graphs(sampled=False)  # as a service does at start: no capture inside a timed line
     params = SamplingParams(temperature=0, max_tokens=new_tokens)
     runs, decode_seconds = [], []
@@ -200,8 +200,9 @@ def dev_prompts(tokenizer, corpus: Path, n: int, max_len: int = 448) -> list[lis
 
 def bench_base(model_path, adapter, head_dir, device, dtype, args):
     """An instruct base (+ persona adapter) on dev-split persona prompts, every line --new-tokens long (stop tokens
-    ignored), each prompt run by every implementation in turn (interleaved: one load level for all of them):
-    transformers.generate on our merged weights, ours plain, n-gram, the trained feature head, a random head."""
+    ignored on both sides), round-robin: each repeat runs every implementation once in turn, so a change of load on
+    a shared machine hits all of them (medians of --repeats rounds after one warm-up round): transformers.generate
+    on our merged weights, ours plain, n-gram, the trained feature head, a random head."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from npc_engine.head import FeatureHead, head_args
@@ -211,27 +212,49 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args):
     target = load_model(folder, device, dtype, adapter=adapter)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     ours_state = target.state_dict()
-    hf_state = {k: ours_state[k] for k in hf.state_dict() if k in ours_state}
     missing = [k for k in hf.state_dict() if k not in ours_state and "rotary" not in k]
     assert not missing, f"transformers weights without ours: {missing[:3]}"
-    hf.load_state_dict(hf_state, strict=False)  # the same (adapter-merged) weights
+    hf.load_state_dict({k: ours_state[k] for k in hf.state_dict() if k in ours_state}, strict=False)
+    hf.generation_config.eos_token_id = None  # no stop token: every line --new-tokens long, as ours without one
     torch.manual_seed(0)
     random_head = FeatureHead(head_args(target.args)).to(device, dtype).eval()
     heads = [("ours speculative, feature head", load_head(head_dir, target, device, dtype))] if head_dir else []
     heads.append(("ours speculative, random head", random_head))
+    drafters = [("ours autoregressive", NoDrafter),
+                ("ours speculative, n-gram", lambda: NgramDrafter(target.args.vocab_size, device))]
+    drafters += [(name, lambda h=h: HeadDrafter(h, target, 2, 1024, device, dtype)) for name, h in heads]
+    params = SamplingParams(temperature=0, max_tokens=args.new_tokens)
     totals, same = {}, {}
     for prompt in dev_prompts(AutoTokenizer.from_pretrained(folder), Path(args.corpus), args.prompts):
-        runs = {"transformers generate": hf_line(hf, prompt, args.new_tokens, device, args.repeats)}
-        drafters = [("ours autoregressive", NoDrafter),
-                    ("ours speculative, n-gram", lambda: NgramDrafter(target.args.vocab_size, device))]
-        drafters += [(name, lambda h=h: HeadDrafter(h, target, 2, 1024, device, dtype)) for name, h in heads]
-        for name, make_drafter in drafters:
-            s, n, stats, tokens, decode_s = ours_line(target, make_drafter(), None, prompt, args.new_tokens,
-                                                      device, False, args.repeats, max_seq=1024)
-            runs[name] = (s, n, tokens, stats, decode_s)
-        for name, result in runs.items():
+        engines = {name: Engine(target, make(), None, device, max_batch=1, max_seq=1024, cuda_graphs=False)
+                   for name, make in drafters}
+        timed: dict[str, list] = {"transformers generate": [], **{name: [] for name in engines}}
+        for repeat in range(args.repeats + 1):
+            for name in timed:
+                t0, first_at = time.perf_counter(), None
+                if name in engines:
+                    tokens = []
+                    for t in engines[name].generate(prompt, params, rid=str(repeat)):
+                        tokens.append(t)
+                        first_at = first_at or time.perf_counter()
+                    stats = engines[name].last_stats
+                else:
+                    ids = torch.tensor([prompt], device=device)
+                    tokens = hf.generate(ids, max_new_tokens=args.new_tokens, do_sample=False,
+                                         pad_token_id=0)[0, len(prompt):].tolist()
+                    stats = None
+                end = time.perf_counter()
+                if repeat:  # round 0 is the warm-up
+                    timed[name].append((end - t0, tokens, stats, end - first_at if first_at else None))
+        for name, runs in timed.items():
+            seconds = statistics.median(r[0] for r in runs)
+            tokens, stats = runs[-1][1], runs[-1][2]
+            result = (seconds, len(tokens), tokens)
+            if name in engines:
+                result += (stats, statistics.median(r[3] for r in runs))
             totals.setdefault(name, []).append(result)
-            same.setdefault(name, []).append(result[2] == runs["ours autoregressive"][2])
+        for name, results in totals.items():
+            same.setdefault(name, []).append(results[-1][2] == totals["ours autoregressive"][-1][2])
     return summarize(totals, same)
 
 

@@ -6,7 +6,8 @@ A `Client` owns one ZeroMQ DEALER socket and must be used from one thread. Game 
 Besides the service's messages, `poll()` yields client-side events (all with `"synthetic": True`):
 - `{"type": "connection", "connected": bool}` when the service is first heard from or lost;
 - `{"type": "error", "id", "code": "disconnected"}` for every unfinished request when the
-  service has not been heard from for `heartbeat_timeout_s`, or restarted (it forgot them);
+  service has not been heard from for `heartbeat_timeout_s`, restarted (it forgot them), or closed the
+  connection (it cancelled them without a reply, and the socket reconnects by itself);
 - `{"type": "error", "id", "code": "timeout"}` when a request with a deadline has no terminal
   message `deadline_grace_ms` after its deadline.
 After a synthetic terminal event, late messages for that id are dropped, so every `say` id gets
@@ -15,6 +16,9 @@ exactly one terminal event (`done` or `error`).
 Scenes (protocol 1.2, cap `scene`): `open_scene`, then `scene_say` / `scene_next` ask for one line each (a
 `line` event names its speaker and addressee, then `token`s and one terminal event, as for `say`),
 `scene_event`, `scene_cast`, `scene_state`, `close_scene`.
+
+Emotion and action (protocol 1.2, cap `emotion`): the `done` event of a line of an NPC that lists emotions carries
+`emotion` (one of its `emotions`) and `action` (one of its `actions`, or None); this client negotiates 1.2.
 
 A line the player is still typing can reach the service early: `say(..., open=True)` with the text
 so far, then `append(id, piece)` per piece and `append(id, last_piece, final=True)`. The service
@@ -78,6 +82,7 @@ class Client(MemoryCalls, SceneCalls):
         self._connected = False
         self._events: list[dict] = []
         self._socket: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None  # reports the socket's connection closing
         self._open()
 
     @classmethod
@@ -91,8 +96,10 @@ class Client(MemoryCalls, SceneCalls):
 
     def close(self) -> None:
         if self._socket is not None:
+            self._socket.disable_monitor()
+            self._monitor.close(linger=0)
             self._socket.close(linger=0)
-            self._socket = None
+            self._socket = self._monitor = None
 
     def __enter__(self) -> "Client":
         return self
@@ -339,6 +346,9 @@ class Client(MemoryCalls, SceneCalls):
         if server_key is not None:
             sock.curve_serverkey = server_key
             sock.curve_publickey, sock.curve_secretkey = keypair
+        # Requests belong to their connection (PROTOCOL.md section 7): when it closes, the service has cancelled
+        # them, even if the DEALER reconnects before a ping could notice. The monitor says so.
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         sock.connect(self.addr)
         self._socket = sock
         self._last_heard = time.monotonic()
@@ -363,6 +373,10 @@ class Client(MemoryCalls, SceneCalls):
             pass  # queue full while the service is unreachable; the heartbeat reports the loss
 
     def _housekeeping(self, now: float) -> None:
+        if self._connection_closed():
+            if self._connected:
+                self._set_connected(False)
+            self._fail(lambda p: True, "disconnected", "the connection to the service closed")
         waiting = self._unanswered_since
         if waiting is not None and now - waiting >= self.heartbeat_timeout_s:
             if self._connected:
@@ -376,6 +390,16 @@ class Client(MemoryCalls, SceneCalls):
         expired = [rid for rid, p in self._pending.items() if p.expires_at is not None and now >= p.expires_at]
         for rid in expired:
             self._synthetic_error(rid, "timeout", "no reply by the deadline")
+
+    def _connection_closed(self) -> bool:
+        """Drains the monitor (it reports only EVENT_DISCONNECTED); True when it reported anything."""
+        closed = False
+        while True:
+            try:
+                self._monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return closed
+            closed = True
 
     def _set_connected(self, value: bool) -> None:
         self._connected = value

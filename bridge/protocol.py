@@ -20,7 +20,7 @@ CLIENT_TYPES = ("hello", "say", "say.append", "cancel", "ping", "npcs",
 RESERVED_PREFIXES = ("scene.",)  # other scene.* types: later minor versions
 PRIORITIES = ("player", "ambient")
 CAPS = ("stream", "cancel", "deadline", "priority", "history", "fallback", "guard", "hot_reload", "append", "memory",
-        "scene")
+        "scene", "emotion")
 
 ERROR_CODES = (
     "bad_request", "unknown_type", "unknown_npc", "too_large", "overloaded", "version_mismatch",

@@ -111,23 +111,36 @@ class LineStream:
     and a topic found in complete words sets `topic` (the line must be deflected). `finish` returns
     the rest and checks the whole line."""
 
-    def __init__(self, tokenizer, persona: Persona, hold_back: bool = True):
+    def __init__(self, tokenizer, persona: Persona, hold_back: bool = True, header=None):
+        """header: the line's npc_engine.header.HeaderMatcher (the engine feeds it the tokens before they come
+        here): its tokens are never text, and the space after it is dropped."""
         self.decoder = IncrementalDecoder(tokenizer)
-        self.persona, self.hold_back = persona, hold_back
+        self.persona, self.hold_back, self.header = persona, hold_back, header
+        self.pushed = 0  # tokens pushed, the header's included
         self.text = ""
         self.shown = 0  # characters of `text` released by push/finish
         self.topic: str | None = None
 
     def push(self, token_ids: list[int]) -> str:
         for token in token_ids:
-            self.text += self.decoder.push(token)
+            self.pushed += 1
+            if self.header is not None and self.pushed <= len(self.header.header):
+                continue
+            piece = self.decoder.push(token)
+            self.text += piece.removeprefix(" ") if self.header is not None and not self.text else piece
         if not self.hold_back:
             return self._release(len(self.text))
         self.topic = banned_topic(self.persona, self.text[:complete_words_end(self.text)])
         return "" if self.topic else self._release(unsafe_start(self.text, self.shown, self.persona.banned_topics))
 
+    @property
+    def header_tokens(self) -> int:
+        """Tokens pushed that were the line header's."""
+        return 0 if self.header is None else min(self.pushed, len(self.header.header))
+
     def finish(self) -> str:
-        self.text += self.decoder.flush()
+        rest = self.decoder.flush()
+        self.text += rest.removeprefix(" ") if self.header is not None and not self.text else rest
         self.topic = banned_topic(self.persona, self.text)
         return "" if self.topic and self.hold_back else self._release(len(self.text))
 

@@ -40,12 +40,13 @@ class FeatureHead(nn.Module):
         self.layer = DecoderLayer(args)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         self.register_buffer("draft_ids", None if draft_ids is None else torch.as_tensor(draft_ids, dtype=torch.long))
-        self._rows = self._rows_of = None  # the target's output-head rows of draft_ids, taken once
+        self._rows, self._rows_of = None, (None, -1)  # the target's output-head rows of draft_ids, taken once
 
     def draft_rows(self, target: Transformer) -> torch.Tensor:
+        """Taken again when the output head changes (another tensor, or this one edited in place: folded norms)."""
         weight = target.lm_head.weight
-        if self._rows_of is not weight or self._rows.device != weight.device or self._rows.dtype != weight.dtype:
-            self._rows, self._rows_of = weight[self.draft_ids].contiguous(), weight
+        if self._rows_of[0] is not weight or self._rows_of[1] != weight._version or self._rows.device != weight.device:
+            self._rows, self._rows_of = weight[self.draft_ids].contiguous(), (weight, weight._version)
         return self._rows
 
     def logits(self, target: Transformer, features: torch.Tensor) -> torch.Tensor:

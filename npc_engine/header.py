@@ -1,6 +1,6 @@
 """The line header as tokens: every line of a persona with emotions starts with `[emotion]` or `[emotion|action]`
 (npc_engine.grammar), forced to the persona's lists by a token mask from xgrammar, chosen over llguidance by mask
-time per token (0.8 against 6.8 µs, benchmarks/README.md "Line header masks"). The mask covers the header only: once
+time per token (0.86 against 6.52 µs, benchmarks/README.md "Line header masks"). The mask covers the header only: once
 `]` is written the matcher is done and the text is free, so a line pays for masks on a handful of tokens. A persona
 without emotions gets no header.
 """
@@ -79,8 +79,8 @@ class HeaderMatcher:
             del self.header[len(self.header) - (k - from_text):]
 
     def result(self) -> tuple[str, str | None]:
-        """(emotion, action) from the persona's lists. A header cut short (the line ran out of tokens) resolves to
-        the first emotion that starts with what was written, and no action."""
+        """(emotion, action) from the persona's lists. A header cut short (the line ended inside it: cancelled, past
+        its deadline) resolves to the first emotion that starts with what was written, and no action."""
         text = self.tokenizer.decode(self.header)
         emotion, action, _ = parse_header(text, self.emotions, self.actions)
         if emotion is not None:
@@ -94,14 +94,16 @@ class HeaderCompiler:
 
     def __init__(self, tokenizer, vocab_size: int | None = None):
         """tokenizer: npc_engine.tokenizer.Tokenizer; vocab_size: the model's (it may pad the tokenizer's)."""
-        # Imported here: xgrammar imports transformers (about 2 s), paid only by engines serving personas with lists.
+        # Imported here: xgrammar imports transformers (1.2 s), paid only by engines serving personas with lists.
         import xgrammar
         from transformers import PreTrainedTokenizerFast
 
         self.xgr, self.tokenizer = xgrammar, tokenizer
         self.vocab_size = vocab_size or tokenizer.vocab_size
+        # Stop tokens never matter here (a matcher ends at `]`), but xgrammar refuses an empty list: None lets it guess.
         info = xgrammar.TokenizerInfo.from_huggingface(PreTrainedTokenizerFast(tokenizer_object=tokenizer.tok),
-                                                       vocab_size=self.vocab_size, stop_token_ids=tokenizer.stop_ids)
+                                                       vocab_size=self.vocab_size,
+                                                       stop_token_ids=tokenizer.stop_ids or None)
         self.compiler = xgrammar.GrammarCompiler(info, max_threads=1)
 
     def matcher(self, emotions: list[str], actions: list[str]) -> HeaderMatcher | None:

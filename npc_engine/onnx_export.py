@@ -11,9 +11,9 @@ written for those (in ONNX Runtime, Unity Sentis, Unreal NNE) can drive it:
 A query at index t of the new tokens sees past and new entries j with j <= past + t whose mask is 1.
 
 `--weights int8|int4`: weight-only quantization for the CPU: every MatMul with a constant weight (the projections
-and the output head) becomes ONNX Runtime's MatMulNBits (symmetric blocks of WEIGHT_BLOCK input channels, one
-float scale per block; activations, embedding, norms and the KV cache stay in the export's dtype). Decoding on a CPU
-reads the weights once per step, so fewer weight bytes read is the gain.
+and the output head) becomes ONNX Runtime's MatMulNBits (blocks of WEIGHT_BLOCK input channels with a float scale
+and a zero point each, as the Q4_1 GGUF; embedding, norms and the KV cache stay in the export's dtype). Decoding on
+a CPU reads the weights once per step, so fewer weight bytes read is the gain.
 """
 import argparse
 import json
@@ -115,7 +115,9 @@ def quantize_weights(proto, bits: int):
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=WEIGHT_BLOCK, is_symmetric=False)
+    # accuracy level 4: int8 activations inside the product (MLAS's fast CPU kernels; int8 weights take 5-7x
+    # longer without it, see benchmarks/README.md)
+    quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=WEIGHT_BLOCK, is_symmetric=False, accuracy_level=4)
     quantizer.process()
     return quantizer.model.model
 

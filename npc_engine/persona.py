@@ -12,6 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from npc_engine.grammar import LABEL as HEADER_LABEL
 from npc_engine.prompt import PromptPersona, Turn, build_open_prompt, build_prompt, persona_block
 from npc_engine.toml_lines import key_lines, line_of
 
@@ -142,6 +143,9 @@ def _check_persona_data(data: dict, issue) -> None:
                 issue((key, f"[{i}]"), f"expected a string, got {_type_name(item)}")
             elif not item.strip():
                 issue((key, f"[{i}]"), "must not be empty")
+            elif key in ("emotions", "actions") and not HEADER_LABEL.fullmatch(item):
+                issue((key, f"[{i}]"), f"{item!r} cannot be written in a line header (npc_engine.grammar): no '[', "
+                                       "'|', ']', '<', '>' or control characters")
     if isinstance(data.get("id"), str) and data["id"] and not ID_PATTERN.fullmatch(data["id"]):
         issue(("id",), f"{data['id']!r} is not a valid id (lowercase letters, digits, '_' and '-', "
                        "starting with a letter or digit, at most 64 characters)")

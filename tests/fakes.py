@@ -38,7 +38,10 @@ class ScriptedEngine:
         self.steps = 0
         self.event, self.stats = StepEvent, RequestStats
 
-    def submit(self, rid, prompt_ids, params, prefix_len=0, complete=True):
+    def header_matcher(self, emotions, actions):
+        return None  # scripted lines have no header
+
+    def submit(self, rid, prompt_ids, params, prefix_len=0, complete=True, header=None):
         if rid in self.active or rid in self.waiting:
             raise ValueError(f"request id {rid!r} is already in use")
         if self.replies is not None:

@@ -263,3 +263,26 @@ def test_ask_returns_the_line_and_keeps_other_events():
     assert e.value.code == "unknown_npc"
     client.close()
     fake.close()
+
+
+def test_a_closed_connection_fails_its_says_even_when_the_socket_reconnects():
+    """The service cancels a closed connection's requests without a reply, and the DEALER reconnects by itself before
+    a ping could notice (PROTOCOL.md section 7): the socket monitor ends the say with `disconnected` rather than
+    leaving it waiting forever (the heartbeat here would take a minute)."""
+    from test_c_abi import closing_service, free_port
+
+    port, stop = free_port(), threading.Event()
+    thread = threading.Thread(target=closing_service, args=(port, stop))
+    thread.start()
+    try:
+        client = Client.connect(f"tcp://127.0.0.1:{port}", ping_interval_s=0.1, heartbeat_timeout_s=60.0)
+        assert poll_for(client, 10.0, until=lambda ev: client.connected)
+        rid = client.say("plain", "hi")
+        events = poll_for(client, 20.0, until=lambda ev: any(e.get("id") == rid for e in ev) and client.connected)
+        mine = [e for e in events if e.get("id") == rid]
+        assert [(e["type"], e["code"], e["synthetic"]) for e in mine] == [("error", "disconnected", True)]
+        assert [e["connected"] for e in events if e["type"] == "connection"] == [False, True]
+        client.close()
+    finally:
+        stop.set()
+        thread.join()

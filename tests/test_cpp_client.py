@@ -120,7 +120,7 @@ def test_cpp_example_answers_help_and_refuses_unknown_options(example):
 
 def test_a_cpp_client_asks_for_protocol_1_2_only_with_caps_and_saves_remembers_and_runs_a_scene(example, endpoint):
     result = subprocess.run([str(example.parent / "save_and_scene"), "--connect", endpoint, "--session", "cpp-12",
-                             "plain", "blacksmith"], capture_output=True, text=True, timeout=180)
+                             "plain", "blacksmith", "host"], capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     out = dict(line.split(": ", 1) for line in result.stdout.strip().split("\n"))
     assert out["1.1 client"] == "protocol=1.1 memory=refused"  # no caps asked for: a 1.1 client, unchanged
@@ -137,14 +137,19 @@ def test_a_cpp_client_asks_for_protocol_1_2_only_with_caps_and_saves_remembers_a
     assert int(a) > int(b)  # the memory was in the prompt of the session that kept it
     assert out["damaged blob"] == "error bad_blob"
 
-    assert out["scene.state"] == "cast=2 present=3"
-    assert out["say"] == "speaker=blacksmith to=player"  # the addressed NPC answers, announced first
+    assert out["scene.state"] == "cast=3 present=4 host=host missing=Mayor Aldous"
+    assert out["say"] == "speaker=blacksmith to=player cue=- item=-"  # the addressed NPC answers, announced first
     said = dict(item.split("=") for item in out["say-end"].split())
     assert (said["type"], said["scene"], said["speaker"], said["terminals"]) == ("done", "cpp-12-scene", "blacksmith",
                                                                                 "1")
-    assert out["next"].startswith("speaker=plain ")  # the one who has not spoken yet
-    ambient = dict(item.split("=") for item in out["next-end"].split())
-    assert (ambient["type"], ambient["speaker"], ambient["terminals"]) == ("done", "plain", "1")
-    assert out["transcript"] == "player blacksmith plain"
+    assert out["next"].startswith("speaker=host ") and out["next"].endswith(" cue=welcome item=-")
+    assert out["moved to"] == "1"
+    assert out["item"] == "speaker=host to=all cue=item item=0"  # the toast, announced by the host
+    assert said["emotion"] in ("neutral", "angry", "proud", "sad")  # 1.2: each line's emotion, from the persona's list
+    for key in ("next-end", "item-end"):
+        ended = dict(item.split("=") for item in out[key].split())
+        assert (ended["type"], ended["speaker"], ended["terminals"]) == ("done", "host", "1")
+    assert out["cast"] == "blacksmith host"
+    assert out["transcript"] == "player blacksmith host host"
     assert out["closed"] == "cpp-12-scene"
     assert out["after close"] == "error scene_not_found"

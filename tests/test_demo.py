@@ -18,7 +18,7 @@ from demo_game.bubbles import BACKGROUND, FONT_SIZE, TAIL, Bubble, wrap  # noqa:
 from demo_game.cast import HOST_ID, load_cast  # noqa: E402
 from demo_game.service import free_port  # noqa: E402
 from demo_game.talk import trailing_off, was_cut  # noqa: E402
-from test_service import chatty_model_dir, personas_dir, running  # noqa: E402,F401 (fixtures by name)
+from test_service import personas_dir, running  # noqa: E402,F401 (a fixture by name)
 from test_state_service import service_on  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -596,24 +596,25 @@ def talk_to(game, npc: str, text: str) -> None:
         frames_until(game, lambda: not game.walking)
     game.player_say(npc, text, time.perf_counter())
     frames_until(game, lambda: not game.talk.busy(npc))
-    assert game.talk.lines[-1].terminal["type"] == "done", game.talk.lines[-1].terminal
+    assert game.talk.lines[-1].terminal["type"] == "done", [(ln.npc, ln.scene, ln.terminal) for ln in game.talk.lines]
 
 
 @pytest.fixture(scope="module")
-def engine(chatty_model_dir):  # noqa: F811
+def engine(tiny_model_dir):
     """The tiny model with room for the shipped personas' prompt blocks and a few turns."""
     from npc_engine.engine import Engine
 
-    return Engine.load(chatty_model_dir, draft="none", max_seq=1024)
+    return Engine.load(tiny_model_dir, draft="none", max_seq=1024)
 
 
 def test_f5_saves_what_the_player_said_and_f9_brings_it_back_after_a_restart(engine, personas_dir, tmp_path):  # noqa: F811
     from bridge import Client
 
     outsider = "hooded_guest"  # not in the evening's scene: the player's own conversation, session `player`
+    # (a long heartbeat: the service shares this process, and its first line of a persona compiles its header grammar)
     saves = tmp_path / "saves"
     first = service_on(engine, personas_dir)
-    with running(first) as endpoint, Client.connect(endpoint) as client, \
+    with running(first) as endpoint, Client.connect(endpoint, heartbeat_timeout_s=30) as client, \
             demo_on(client, chatter=False, save_dir=saves) as game:
         frames_until(game, lambda: game.bridge.serves_memory)
         talk_to(game, outsider, "My name is Ada, from the south road.")
@@ -625,7 +626,7 @@ def test_f5_saves_what_the_player_said_and_f9_brings_it_back_after_a_restart(eng
     assert json.loads((saves / "quicksave.json").read_text())["player"] == list(saved_at)
 
     second = service_on(engine, personas_dir)  # restarted: it remembers nothing
-    with running(second) as endpoint, Client.connect(endpoint) as client, \
+    with running(second) as endpoint, Client.connect(endpoint, heartbeat_timeout_s=30) as client, \
             demo_on(client, chatter=False, save_dir=saves) as game:
         frames_until(game, lambda: game.bridge.serves_memory)
         talk_to(game, outsider, "Who am I?")
@@ -647,3 +648,8 @@ def test_f9_without_a_save_or_a_memory_service_says_why(game, tmp_path):
     assert game.saves.visible_status(time.perf_counter()).startswith(f"no save to load in {tmp_path}")
     press(game, pygame.K_F5)  # the stub's welcome lists no `memory`
     assert "cannot be saved" in game.saves.visible_status(time.perf_counter()) and not client.sent
+    from demo_game.script import ScriptRunner, validate
+
+    runner = ScriptRunner(validate([{"do": "save"}, {"do": "load", "timeout": 1}], set()), game, log=lambda _: None)
+    runner.update(time.perf_counter())
+    assert runner.finished and "no save to load" in game.saves.status  # scripts save and load as F5 and F9 do

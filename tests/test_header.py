@@ -165,6 +165,13 @@ def test_cut_short_header_resolves_into_the_lists(compiler, tokenizer):
         assert emotion == "surprised" or written == ""
 
 
+def test_a_tokenizer_without_stop_tokens_gets_headers_too(tokenizer):
+    """A checkpoint that names no end-of-turn token (its lines run to max_tokens) still gets headers."""
+    compiler = HeaderCompiler(Tokenizer(tokenizer.tok, [], None))
+    matcher = compiler.matcher(EMOTIONS, ACTIONS)
+    assert matcher.accept_prefix(tokenizer.encode("[afraid]", add_special_tokens=False)) and matcher.done
+
+
 def test_persona_without_emotions_has_no_header(compiler):
     assert compiler.matcher([], []) is None
     assert compiler.matcher([], ["wave"]) is None
@@ -249,16 +256,20 @@ LINES = [  # (prompt, emotions, actions): personas with both lists, emotions onl
 
 
 def masked_plain_decoding(model, tokenizer, matcher, prompt: list[int], max_tokens: int) -> list[int]:
-    """The reference: the target over the whole sequence each token, the header's mask, argmax."""
-    ids, out = list(prompt), []
+    """The reference: the target over the whole sequence each token, the header's mask, argmax; max_tokens counts
+    the tokens after the header."""
+    ids, out, spoken = list(prompt), [], 0
     with torch.no_grad():
-        while len(out) < max_tokens:
+        while spoken < max_tokens:
             logits = model(torch.tensor([ids]))[0, -1]
             mask = matcher.mask(len(logits)) if matcher is not None else None
             token = int((logits if mask is None else logits.masked_fill(~mask, float("-inf"))).argmax())
             if token in tokenizer.stop_ids:
                 break
-            assert matcher is None or matcher.accept(token)
+            if mask is None:
+                spoken += 1
+            else:
+                assert matcher.accept(token)
             ids.append(token)
             out.append(token)
     return out
@@ -303,22 +314,24 @@ def test_greedy_with_headers_equals_masked_plain_decoding(tiny_pair_dirs, drafte
 
 @pytest.mark.parametrize("drafter_kind", ["ngram", "model", "head"])
 def test_sampled_headers_are_always_in_the_lists(tiny_pair_dirs, drafter_kind):
-    """Random models, temperature 1.3, speculation on: every line's header is complete and from its lists, including
-    a line too short for its header (resolved from what was written)."""
+    """Random models, temperature 1.3, speculation on: every line's header is complete and from its lists, and
+    max_tokens counts the spoken tokens only (a 2-token line is its header and 2 more tokens)."""
     target_dir, draft_dir = tiny_pair_dirs
     engine = make_engine(target_dir, drafter_kind, draft_dir, fixed_k=4)
     rng = random.Random(3)
     for round_ in range(3):
-        lines = [(text, e, a) for text, e, a in LINES if e] * 2
-        for text, emotions, actions in lines:
-            rng.shuffle(emotions)
+        lines = [(text, rng.sample(e, len(e)), a) for text, e, a in LINES if e] * 2
         results = run_lines(engine, lines, SamplingParams(temperature=1.3, max_tokens=24, seed=round_))
         for (tokens, matcher), (_, emotions, actions) in zip(results, lines):
             emotion, action, _ = parse_header(engine.tokenizer.decode(tokens), emotions, actions)
             assert emotion in emotions and (action is None or action in actions)
             assert matcher.result() == (emotion, action)
-    [(tokens, matcher)] = run_lines(engine, LINES[:1], SamplingParams(temperature=1.0, max_tokens=2, seed=1))
-    assert len(tokens) == 2 and not matcher.done and matcher.result()[0] in LINES[0][1]
+    spoken = []
+    for seed in range(4):
+        [(tokens, matcher)] = run_lines(engine, LINES[:1], SamplingParams(temperature=1.0, max_tokens=2, seed=seed))
+        assert matcher.done  # a stop token is never allowed inside the header
+        spoken.append(len(tokens) - len(matcher.header))
+    assert max(spoken) == 2 and min(spoken) >= 0
 
 
 TINY_VOCAB = ["[", "[a", "[b", "a", "b", "ab", "]", "|x", "|", "x"]  # the tiny_vocab_pair's 10 tokens as text
@@ -354,8 +367,9 @@ def masked_distribution(P: list[torch.Tensor], depth: int) -> torch.Tensor:
 
 
 def sample_lines(target, draft, n: int, drafter_kind: str, depth: int = 3) -> tuple[torch.Tensor, float]:
-    """n lines of `depth` tokens with headers through the engine (K = 3: the first token comes from the prefill, the
-    next ones from one speculative step's positions); joint counts [V] * depth and the share of drafts accepted."""
+    """n lines with headers through the engine (K = 3: the first token comes from the prefill, the next ones from one
+    speculative step's positions); joint counts of their first `depth` tokens [V] * depth and the share of drafts
+    accepted."""
     drafter = (ModelDrafter(draft, n + 1, 64, "cpu", torch.float32) if drafter_kind == "model" else
                HeadDrafter(random_head(target), target, n + 1, 64, "cpu", torch.float32))
     engine = Engine(target, drafter, tokenizer=None, max_batch=n, max_seq=64, fixed_k=3)
@@ -371,7 +385,7 @@ def sample_lines(target, draft, n: int, drafter_kind: str, depth: int = 3) -> tu
                 stats.append(ev.stats)
     counts = torch.zeros([len(TINY_VOCAB)] * depth)
     for toks in outs.values():
-        counts[tuple(toks)] += 1
+        counts[tuple(toks[:depth])] += 1
     return counts, sum(s.accepted for s in stats) / max(1, sum(s.drafted for s in stats))
 
 
@@ -464,7 +478,7 @@ def test_done_carries_emotion_and_action_only_for_clients_that_negotiated_1_2(he
         for raw in (new, old, none):
             raw.say(rid, **fields)
         tokens, done = collect(new, {rid})[rid]
-        assert done["type"] == "done" and streamed(tokens) == done["text"]
+        assert done["type"] == "done" and (done["fallback"] or done["deflected"] or streamed(tokens) == done["text"])
         emotions, actions = lists[npc]
         if emotions:
             assert done["emotion"] in emotions and (done["action"] is None or done["action"] in actions), done
@@ -494,3 +508,30 @@ def test_a_persona_list_change_on_hot_reload_takes_effect(header_service):
             break
     assert done["emotion"] == "furious" and done["action"] is None
     raw.close()
+
+
+def test_the_python_client_gets_emotion_and_action_on_done(header_service):
+    from bridge import Client
+    endpoint, _ = header_service
+    with Client.connect(endpoint) as client:
+        end = time.monotonic() + 10
+        while not client.connected and time.monotonic() < end:
+            client.poll()
+            client.wait(0.01)
+        assert "emotion" in client.server["caps"]
+        rid = client.say("moody", "A drink, please.", max_tokens=6)
+        events = []
+        while not any(e["type"] in ("done", "error") for e in events):
+            events += client.poll(budget_ms=5)
+            client.wait(0.05)
+        done = events[-1]
+        assert done["type"] == "done" and done["id"] == rid and done["emotion"] in ("calm", "furious")
+        assert "action" in done
+
+
+def test_persona_files_with_labels_a_header_cannot_hold_are_refused(tmp_path):
+    from npc_engine.persona import parse_persona
+    text = MOODY.format(emotions='["calm", "a|b"]', actions='["wave", "<|eot|>"]')
+    persona, issues = parse_persona(text, tmp_path / "moody.toml")
+    assert persona is None
+    assert sorted((i.field, i.line) for i in issues) == [("actions[1]", 8), ("emotions[1]", 7)]

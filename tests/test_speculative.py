@@ -63,7 +63,8 @@ def run_batch(engine, prompts, params):
 @pytest.mark.parametrize("drafter_kind,k,fused", [("model", 4, False), ("model", None, False), ("ngram", 8, False),
                                                   ("ngram", None, False), ("none", 4, False), ("model", 4, True),
                                                   ("head", 5, False), ("head", None, False), ("head", 3, True),
-                                                  ("head_reduced", 4, False), ("head_reduced", None, False)])
+                                                  ("head_reduced", 4, False), ("head_reduced", None, False),
+                                                  ("head_reduced", 3, True)])
 def test_greedy_speculative_is_token_identical_across_batch_sizes(tiny_pair_dirs, drafter_kind, k, fused):
     """fused: the kernels' PyTorch references, which check their inputs as the GPU kernels need them."""
     target_dir, draft_dir = tiny_pair_dirs

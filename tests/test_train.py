@@ -402,6 +402,7 @@ def test_persona_adapter_loads_through_the_engine_and_matches_peft_merged(person
 def test_persona_examples_mask_only_npc_tokens_and_keep_labels(persona_run):
     from transformers import AutoTokenizer
 
+    from npc_engine.grammar import with_header
     from npc_engine.train.npc_dialogue import train_examples
     from npc_engine.train.persona import encode
 
@@ -410,8 +411,10 @@ def test_persona_examples_mask_only_npc_tokens_and_keep_labels(persona_run):
     conversation = examples[0]
     ids, mask = encode(tok, conversation, 1024)
     trained = tok.decode([t for t, m in zip(ids, mask) if m])
-    assert trained == "".join(t.text + "<|im_end|>" for t in conversation.turns if t.speaker == "npc")
-    assert len(conversation.labels) == sum(t.speaker == "npc" for t in conversation.turns)
+    npc_lines = [t.text for t in conversation.turns if t.speaker == "npc"]
+    assert len(conversation.labels) == len(npc_lines)
+    headed = [with_header(text, *label) for text, label in zip(npc_lines, conversation.labels)]
+    assert trained == "".join(line + "<|im_end|>" for line in headed)
     seat = next(e for e in examples if e.kind == "scene" and e.persona.name.endswith("21"))  # the guest of scene 20
     text = tok.decode(encode(tok, seat, 1024)[0])
     assert "Alda Vorn20 to Alda Vorn21: Well said" not in text  # cut after the speaker's last line

@@ -125,6 +125,7 @@ struct Event {
   bool cancelled = false;        // done: ended by cancel()
   bool deflected = false;        // done: text is the persona's deflection line (banned topic)
   bool history_cut = false;      // done (1.2): the oldest turns were left out of the prompt
+  std::string emotion, action;   // done (1.2, cap "emotion"): of a line of an NPC that lists emotions; else empty
   Stats stats;                   // done
   std::string code, message;     // error
   std::vector<std::string> npcs; // welcome, npcs, session.imported: persona ids
@@ -187,7 +188,8 @@ struct SceneEvent {  // scene_event: at least one of these
 
 struct ClientOptions {
   std::string name = "bridge-cpp";
-  // The protocol 1.2 caps the game uses ("memory", "scene"): hello then asks for protocol 1.2 and names them.
+  // The protocol 1.2 caps the game uses ("memory", "scene", "emotion"): hello then asks for protocol 1.2 and
+  // names them.
   // Empty: hello asks for 1.1 and the client behaves exactly as a 1.1 client.
   std::vector<std::string> caps;
   double ping_interval_s = 1.0;      // ping after this much silence
@@ -836,6 +838,8 @@ class Client {
                                                                v->via.array.size == 2)
       e.minor = static_cast<int>(detail::as_number(&v->via.array.ptr[1]).value_or(-1));
     e.history_cut = detail::get_bool(m, "history_cut");
+    e.emotion = detail::get_string(m, "emotion");
+    e.action = detail::get_string(m, "action");
     e.blob = detail::get_bytes(m, "blob");
     e.memory_id = detail::get_int(m, "memory_id", 0);
     e.memories = detail::get_maps<Memory>(m, "memories", [](const msgpack::object& item) {

@@ -1,12 +1,13 @@
 // Protocol 1.2 with npc_bridge.hpp: a conversation saved into a save file and restored, a memory, and a
 // scene of two NPCs. It prints one line per step, for people and for tests/test_cpp_client.py.
 //
-//   ./save_and_scene [--connect ADDR] [--session S] NPC OTHER
+//   ./save_and_scene [--connect ADDR] [--session S] NPC OTHER HOST
 //
 // Steps: NPC hears a line in session S-a and gets a memory; S-a is exported (the blob a game keeps in its
 // save file) and imported into S-b; the same line in both sessions then has the same prompt; forgetting the
-// memory in S-b shortens S-b's prompt; a damaged blob is refused. Then a scene of NPC and OTHER: the player
-// speaks to OTHER, the scene answers with one line, then talks on its own, and closes.
+// memory in S-b shortens S-b's prompt; a damaged blob is refused. Then a scene of NPC and OTHER run by HOST,
+// with a toast on the itinerary and a guest who promised to come: the player speaks to OTHER, who answers;
+// the host welcomes the room; the itinerary moves on and the host announces the toast; NPC leaves; it closes.
 // Exit status: 0 when every step got its reply, 1 otherwise, 2 for bad arguments.
 #include "npc_bridge.hpp"
 
@@ -68,15 +69,20 @@ npc::Event say(npc::Client& client, const std::string& npc, const std::string& s
 void print_line(const std::vector<npc::Event>& events, const char* what) {
   int tokens = 0, terminals = 0;
   for (const npc::Event& e : events) {
-    if (e.type == "line") std::cout << what << ": speaker=" << e.speaker << " to=" << e.to << "\n";
+    if (e.type == "line")
+      std::cout << what << ": speaker=" << e.speaker << " to=" << e.to << " cue=" << (e.cue.empty() ? "-" : e.cue)
+                << " item=" << (e.item ? std::to_string(*e.item) : "-") << "\n";
     if (e.type == "token") ++tokens;
     if (e.terminal()) ++terminals;
   }
   const npc::Event& last = terminal_of(events);
   std::cout << what << "-end: type=" << last.type << " code=" << (last.code.empty() ? "-" : last.code)
+            << " emotion=" << (last.emotion.empty() ? "-" : last.emotion)
             << " scene=" << last.scene << " speaker=" << last.speaker << " tokens=" << tokens
             << " terminals=" << terminals << "\n";
 }
+
+const char* kUsage = "usage: save_and_scene [--connect ADDR] [--session S] NPC OTHER HOST\n";
 
 }  // namespace
 
@@ -87,16 +93,16 @@ int main(int argc, char** argv) {
     std::string arg = argv[i];
     if (arg == "--connect" && i + 1 < argc) addr = argv[++i];
     else if (arg == "--session" && i + 1 < argc) session = argv[++i];
-    else if (arg.rfind("-", 0) == 0 || npcs.size() == 2) {
-      std::cerr << "usage: save_and_scene [--connect ADDR] [--session S] NPC OTHER\n";
+    else if (arg.rfind("-", 0) == 0 || npcs.size() == 3) {
+      std::cerr << kUsage;
       return 2;
     } else npcs.push_back(arg);
   }
-  if (npcs.size() != 2) {
-    std::cerr << "usage: save_and_scene [--connect ADDR] [--session S] NPC OTHER\n";
+  if (npcs.size() != 3) {
+    std::cerr << kUsage;
     return 2;
   }
-  const std::string& npc = npcs[0];
+  const std::string &npc = npcs[0], &other = npcs[1], &host = npcs[2];
   const std::string a = session + "-a", b = session + "-b";
   try {
     npc::Client old(addr);  // a 1.1 client: no caps asked for, no 1.2 calls
@@ -110,7 +116,7 @@ int main(int argc, char** argv) {
     std::cout << "\n";
 
     npc::ClientOptions options;
-    options.caps = {"memory", "scene"};
+    options.caps = {"memory", "scene", "emotion"};
     npc::Client client(addr, options);
     std::cout << "1.2 client: protocol=1." << reply(client, client.hello()).minor << "\n";
 
@@ -140,16 +146,28 @@ int main(int argc, char** argv) {
     std::cout << "damaged blob: " << refused.type << " " << refused.code << "\n";
 
     const std::string scene = session + "-scene";
-    npc::Event opened = reply(client, client.open_scene(scene, npcs, "A quiet evening in the tavern."));
+    npc::SceneOptions hosted;
+    hosted.host = host;
+    hosted.itinerary = {{"The toast", "nine"}};
+    hosted.guests = {npc::Guest{"Mayor Aldous", "coming", "the mayor", "", false}};
+    npc::Event opened = reply(client, client.open_scene(scene, {npc, other, host}, "A quiet tavern evening.", hosted));
     std::cout << "scene.state: cast=" << opened.state->cast.size() << " present=" << opened.state->present.size()
-              << "\n";
+              << " host=" << opened.state->host << " missing=" << opened.state->missing.at(0) << "\n";
     npc::LineOptions line;
-    line.to = npcs[1];
+    line.to = other;
     line.max_tokens = 6;
     print_line(events_of(client, client.scene_say(scene, "Evening! What news?", line), true), "say");
     npc::LineOptions ambient;
     ambient.max_tokens = 6;
     print_line(events_of(client, client.scene_next(scene, ambient), true), "next");
+    npc::SceneEvent toast;
+    toast.itinerary = std::string("next");
+    std::cout << "moved to: " << reply(client, client.scene_event(scene, toast)).state->position << "\n";
+    print_line(events_of(client, client.scene_next(scene, ambient), true), "item");
+    npc::Event cast = reply(client, client.scene_cast(scene, {}, {npc}));
+    std::cout << "cast:";
+    for (const std::string& id : cast.state->cast) std::cout << " " << id;
+    std::cout << "\n";
     npc::Event state = reply(client, client.scene_state(scene));
     std::cout << "transcript:";
     for (const npc::SceneLine& l : state.state->transcript) std::cout << " " << (l.speaker.empty() ? "-" : l.speaker);

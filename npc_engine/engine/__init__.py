@@ -88,7 +88,8 @@ class Engine:
                complete: bool = True, header: HeaderMatcher | None = None) -> None:
         """Queues a request. complete=False: the prompt is still arriving (see `update_prompt`); it is
         admitted and prefilled chunk by chunk, and generates nothing until completed. header: the line header
-        (`header_matcher`) its first tokens are forced to; it is fed every token the request emits."""
+        (`header_matcher`) its first tokens are forced to (they do not count against max_tokens); it is fed the
+        tokens the request emits."""
         if rid in self.active or any(w.rid == rid for w in self.waiting):
             raise ValueError(f"request id {rid!r} is already in use")
         self.check_prompt(prompt_ids)
@@ -244,9 +245,10 @@ class Engine:
                 return self.finish(r, out, "stop")
             out.append(t)
             r.ids.append(t)
-            r.generated += 1
             if r.header is not None and not r.header.done:
-                r.header.accept(t)
+                r.header.accept(t)  # max_tokens bounds the spoken words: the header's tokens do not count
+            else:
+                r.generated += 1
             if r.generated >= r.params.max_tokens or len(r.ids) >= self.max_prompt_len():
                 return self.finish(r, out, "length")
         return StepEvent(r.rid, out, stats=r.stats)

@@ -41,7 +41,7 @@ class Request:
     generator: torch.Generator
     ids: list[int] = field(default_factory=list)
     slot: int = -1
-    generated: int = 0
+    generated: int = 0  # tokens counted against max_tokens (a line header's are not)
     k: int = 0  # drafts this request asks for per step
     acceptance: Acceptance = field(default_factory=lambda: Acceptance(0.0, 0.0))
     off_steps: int = 0  # steps since speculation was switched off for it

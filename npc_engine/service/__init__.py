@@ -18,7 +18,7 @@ import random
 import time
 
 from bridge import protocol
-from npc_engine.dialogue import fallback_line, prefix_ids
+from npc_engine.dialogue import LineStream, fallback_line, prefix_ids
 from npc_engine.persona import Persona, PersonaStore
 from npc_engine.scheduler import PrefillBudget, pick_preemption
 from npc_engine.service.calls import Call, Calls
@@ -55,6 +55,7 @@ class Service(Handlers, StateHandlers, SceneHandlers):
         self.closing = False  # shutting down: says are refused
         self.next_reload = 0.0
         self.reported_errors: dict[str, str] = {}
+        self.minors: dict[bytes, int] = {}  # the minor protocol version each client negotiated (hello)
 
     @property
     def endpoint(self) -> str | None:
@@ -129,6 +130,7 @@ class Service(Handlers, StateHandlers, SceneHandlers):
     def forget_gone_clients(self) -> None:
         """Cancel, without a reply, the calls of clients whose connection closed or who were dropped."""
         for client in self.transport.take_gone():
+            self.minors.pop(client, None)
             for call in self.calls.of_client(client):
                 self.drop(call)
 
@@ -147,7 +149,7 @@ class Service(Handlers, StateHandlers, SceneHandlers):
             self.calls.queue.pop()
             try:
                 self.engine.submit(call.rid, call.prompt_ids, call.params, prefix_len=call.prefix_len,
-                                   complete=not call.open)
+                                   complete=not call.open, header=call.line.header)
                 call.admitted = True
             except Exception:
                 log.exception("engine.submit failed for %s", call.rid)
@@ -243,8 +245,10 @@ class Service(Handlers, StateHandlers, SceneHandlers):
 
     def done(self, call: Call, text: str, fallback: bool = False, cancelled: bool = False,
              deflected: bool = False) -> dict:
-        msg = self.reply_done(call.id, text, call.tokens, call.received, fallback, cancelled, deflected)
+        msg = self.reply_done(call.id, text, call.tokens - call.line.header_tokens, call.received, fallback, cancelled,
+                              deflected)
         msg["history_cut"] = call.history_cut
+        msg.update(self.header_fields(call.client, call.persona, call.line.header))
         stats = call.stats
         msg["stats"].update({
             "ttft_ms": None if call.first_token_at is None else (call.first_token_at - call.received) * 1000,
@@ -253,6 +257,18 @@ class Service(Handlers, StateHandlers, SceneHandlers):
             "cached_prefix_tokens": getattr(stats, "cached_prefix_tokens", 0), "prompt_tokens": len(call.prompt_ids),
         })
         return msg
+
+    def header_fields(self, client: bytes, persona: Persona, header=None) -> dict:
+        """`done.emotion` and `done.action` (1.2, cap `emotion`) for a client that negotiated 1.2, of a persona with
+        emotions: the line header's (npc_engine.header), else (nothing generated) the first emotion and no action."""
+        if self.minors.get(client, 0) < 2 or not persona.emotions:
+            return {}
+        emotion, action = header.result() if header is not None else (persona.emotions[0], None)
+        return {"emotion": emotion, "action": action}
+
+    def new_line(self, persona: Persona) -> LineStream:
+        """The stream of a line to generate for `persona`, with its header when the persona lists emotions."""
+        return LineStream(self.tokenizer, persona, header=self.engine.header_matcher(persona.emotions, persona.actions))
 
     @staticmethod
     def reply_done(mid: str, text: str, tokens: int, received: float, fallback: bool = False,

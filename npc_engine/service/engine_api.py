@@ -16,8 +16,12 @@ class EngineAPI(Protocol):
     tokenizer: object  # npc_engine.tokenizer.Tokenizer: encode, decode
 
     def submit(self, rid: str, prompt_ids: list[int], params: SamplingParams, prefix_len: int = 0,
-               complete: bool = True) -> None:
-        """Queue a request; complete=False: the prompt is still arriving and nothing is generated yet."""
+               complete: bool = True, header=None) -> None:
+        """Queue a request; complete=False: the prompt is still arriving and nothing is generated yet. header: the
+        line header its first tokens are forced to (from header_matcher; fed every token the request emits)."""
+
+    def header_matcher(self, emotions: list[str], actions: list[str]):
+        """A npc_engine.header.HeaderMatcher for one line of a persona with these lists; None without emotions."""
 
     def update_prompt(self, rid: str, prompt_ids: list[int], complete: bool) -> None:
         """Replace the prompt of a request submitted with complete=False."""

@@ -5,7 +5,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from bridge import protocol
-from npc_engine.dialogue import LineStream, PromptTooLarge, fit_prompt, sampling_params
+from npc_engine.dialogue import PromptTooLarge, fit_prompt, sampling_params
 from npc_engine.guard import banned_topic
 from npc_engine.persona import Persona
 from npc_engine.scenes import SceneError
@@ -57,6 +57,7 @@ class Handlers:
 
     def on_hello(self, src: Incoming, msg: dict) -> None:
         minor = min(msg["protocol"][1], protocol.VERSION[1])
+        self.minors[src.client] = minor
         self.transport.send(src.client, {
             "type": "welcome", "id": msg["id"], "protocol": [protocol.VERSION[0], minor], "server": SERVER_NAME,
             "instance": self.instance, "npcs": self.personas.ids(), "caps": list(protocol.CAPS),
@@ -100,7 +101,8 @@ class Handlers:
         session = Key(persona.id, msg["session"], src.user)  # PROTOCOL.md, "History": scoped by CURVE key
         if not msg["open"] and banned_topic(persona, msg["text"]):
             self.state.remember(session, msg["text"], persona.deflection)
-            self.transport.send(client, self.reply_done(mid, persona.deflection, 0, now, deflected=True))
+            self.transport.send(client, self.reply_done(mid, persona.deflection, 0, now, deflected=True)
+                                | self.header_fields(client, persona))
             return
         params = sampling_params(persona, max_tokens=msg["max_tokens"], temperature=msg["temperature"],
                                  seed=msg["seed"], max_tokens_limit=self.config.limits.max_tokens)
@@ -110,7 +112,7 @@ class Handlers:
         deadline = now + msg["deadline_ms"] / 1000 if msg["deadline_ms"] is not None and not msg["open"] else None
         self.arrivals += 1
         call = Call(client, mid, f"r{self.arrivals}", persona, session, msg["text"], msg["stream"], now, deadline,
-                    prompt_ids, prefix_len, params, LineStream(self.tokenizer, persona), open=msg["open"],
+                    prompt_ids, prefix_len, params, self.new_line(persona), open=msg["open"],
                     priority=msg["priority"], arrival=self.arrivals, deadline_ms=msg["deadline_ms"], history_cut=cut)
         self.calls.add(call, now + self.config.limits.max_open_ms / 1000 if call.open else None)
 

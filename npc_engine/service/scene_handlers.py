@@ -5,7 +5,7 @@ service tells the scene when the line ends (Service.drop), and a `done` names th
 import time
 
 from bridge import protocol
-from npc_engine.dialogue import LineStream, sampling_params
+from npc_engine.dialogue import sampling_params
 from npc_engine.guard import banned_topic
 from npc_engine.scene_policy import Pick, ambient, fit, reply_to_player, view
 from npc_engine.scenes import Flight, Member, Scene, SceneError, SceneLimits, Scenes
@@ -144,12 +144,13 @@ class SceneHandlers:
         if deflect:
             scene.line_ended(persona.deflection)
             done = self.reply_done(mid, persona.deflection, 0, now, deflected=True)
+            done |= self.header_fields(src.client, persona)
             self.transport.send(src.client, done | {"scene": scene.id, "speaker": pick.speaker, "to": pick.to})
             return
         deadline = now + msg["deadline_ms"] / 1000 if msg["deadline_ms"] is not None else None
         self.arrivals += 1
         call = Call(src.client, mid, f"r{self.arrivals}", persona, None, text, msg["stream"], now, deadline,
-                    prompt.ids, prompt.prefix_len, params, LineStream(self.tokenizer, persona), priority=priority,
+                    prompt.ids, prompt.prefix_len, params, self.new_line(persona), priority=priority,
                     arrival=self.arrivals, history_cut=prompt.turns_left_out > 0,
                     scene=(src.user, scene.id, pick.speaker, pick.to))
         self.calls.add(call, None)

@@ -2,9 +2,11 @@
 
 Each example (`npc_dialogue`: a conversation, or a scene from one speaker's seat) becomes the message list
 of `npc_engine.prompt.chat_messages` - the persona as the system message, the same builder the service
-uses - rendered with the base's own chat template. The loss covers the NPC's tokens only: every assistant
-message's content and the template's end-of-turn token after it, found by rendering the conversation up to
-each assistant message (with the generation prompt) and up to its end.
+uses - rendered with the base's own chat template. Every NPC line is written after its line header
+(`npc_engine.grammar.with_header`: the corpus labels each line with an emotion and an action), so the adapter
+learns to pick the header the service forces to the persona's lists. The loss covers the NPC's tokens only:
+every assistant message's content and the template's end-of-turn token after it, found by rendering the
+conversation up to each assistant message (with the generation prompt) and up to its end.
 
 Seeded (epoch order and LoRA init from --seed), resumable (a checkpoint of the adapter and optimizer every
 ckpt_every steps), bounded by a wall-clock budget: after a few steps the schedule is cut to the steps that fit.
@@ -19,7 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from npc_engine.prompt import chat_messages
+from npc_engine.grammar import with_header
+from npc_engine.prompt import Turn, chat_messages
 from npc_engine.train.config import PersonaStage
 from npc_engine.train.loop import Context, autocast, lr_at, save_checkpoint
 from npc_engine.train.npc_dialogue import Example, train_examples
@@ -47,9 +50,19 @@ def render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
+def headed_turns(example: Example) -> list[Turn]:
+    """The example's turns with every labelled NPC line after its header, as the model learns to write it."""
+    labels = iter(example.labels)
+    turns = []
+    for turn in example.turns:
+        emotion, action = next(labels) if turn.speaker == "npc" else ("", None)
+        turns.append(replace(turn, text=with_header(turn.text, emotion, action)) if emotion else turn)
+    return turns
+
+
 def encode(tokenizer, example: Example, max_len: int) -> tuple[list[int], list[int]]:
     """(token ids, loss mask) of one example: mask 1 on the NPC's content and end-of-turn tokens."""
-    messages = chat_messages(example.persona, example.turns, example.scene)
+    messages = chat_messages(example.persona, headed_turns(example), example.scene)
     text = render(tokenizer, messages, False)
     spans = []
     for i, message in enumerate(messages):

@@ -29,6 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from npc_engine.grammar import parse_header
 from npc_engine.prompt import Turn
 from npc_engine.train.npc_dialogue import read_split
 
@@ -183,8 +184,9 @@ def engine_persona(p: dict):
                    banned_topics=list(p.get("banned_topics", [])), deflection=p.get("deflection", ""))
 
 
-def generate_all(engine, prompts: list, max_tokens: int) -> list[list[int]]:
-    """Greedy replies of every `dialogue.Prompt`, batched by the engine's scheduler (persona prefixes cached)."""
+def generate_all(engine, prompts: list, max_tokens: int, headers: list | None = None) -> list[list[int]]:
+    """Greedy replies of every `dialogue.Prompt` (under its line header matcher, if any), batched by the engine's
+    scheduler (persona prefixes cached)."""
     from npc_engine.sampling import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
@@ -193,7 +195,8 @@ def generate_all(engine, prompts: list, max_tokens: int) -> list[list[int]]:
     while pending or engine.has_work():
         while pending and engine.capacity_left() > 0:
             i, prompt = pending.pop(0)
-            engine.submit(str(i), prompt.ids, params, prefix_len=prompt.prefix_len)
+            engine.submit(str(i), prompt.ids, params, prefix_len=prompt.prefix_len,
+                          header=None if headers is None else headers[i])
             out[str(i)] = []
         for event in engine.step():
             out[event.rid] += event.token_ids
@@ -265,8 +268,12 @@ def evaluate(model: str, adapter: str | None, corpus: Path, out: Path, limit: in
                for q in questions]
     log(f"eval: {len(questions)} questions on {model}" + (f" + {adapter}" if adapter else "") +
         f" ({'its chat template' if tokenizer.chat_template else 'the embedded format'})")
-    replies = [engine.tokenizer.decode(ids).strip() for ids in generate_all(engine, prompts, max_tokens)]
-    rows = [score(q, r) for q, r in zip(questions, replies)]
+    personas = [engine_persona(q.persona) for q in questions]
+    headers = [engine.header_matcher(p.emotions, p.actions) for p in personas]
+    lines = [engine.tokenizer.decode(ids).strip() for ids in generate_all(engine, prompts, max_tokens, headers)]
+    parsed = [parse_header(line, p.emotions, p.actions) for line, p in zip(lines, personas)]
+    rows = [score(q, text.strip()) | {"emotion": emotion, "action": action}
+            for q, (emotion, action, text) in zip(questions, parsed)]
     summary = summarize(rows)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
