@@ -579,10 +579,12 @@ def test_the_toast_is_the_itinerary_item_and_the_room_answers_it(evening):
 # ---- F5 / F9: the save file and the conversations next to it (protocol 1.2 cap `memory`) --------------------
 
 def frames_until(game, done, timeout: float = 60.0) -> None:
+    """Frames as a game runs them, with time to spare in each (the in-process service needs the interpreter too)."""
     end = time.monotonic() + timeout
     while not done():
         assert time.monotonic() < end, "timed out"
         frames(game)
+        time.sleep(0.004)
 
 
 def press(game, key: int) -> None:
