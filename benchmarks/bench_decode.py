@@ -200,9 +200,9 @@ def dev_prompts(tokenizer, corpus: Path, n: int, max_len: int = 448) -> list[lis
 
 def bench_base(model_path, adapter, head_dir, device, dtype, args):
     """An instruct base (+ persona adapter) on dev-split persona prompts, every line --new-tokens long (stop tokens
-    ignored on both sides), round-robin: each repeat runs every implementation once in turn, so a change of load on
-    a shared machine hits all of them (medians of --repeats rounds after one warm-up round): transformers.generate
-    on our merged weights, ours plain, n-gram, the trained feature head, a random head."""
+    ignored on both sides), round-robin: each repeat runs every implementation once, in an order rotated each round,
+    so a change of load on a shared machine hits all of them (medians of --repeats rounds after one warm-up round):
+    transformers.generate on our merged weights, ours plain, n-gram, the trained feature head, a random head."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from npc_engine.head import FeatureHead, head_args
@@ -230,7 +230,8 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args):
                    for name, make in drafters}
         timed: dict[str, list] = {"transformers generate": [], **{name: [] for name in engines}}
         for repeat in range(args.repeats + 1):
-            for name in timed:
+            names = list(timed)  # rotated each round: no implementation always runs right after another
+            for name in names[repeat % len(names):] + names[:repeat % len(names)]:
                 t0, first_at = time.perf_counter(), None
                 if name in engines:
                     tokens = []

@@ -18,6 +18,7 @@ from demo_game.bubbles import FONT_SIZE, Bubble
 from demo_game.cast import CastMember
 from demo_game.evening import Evening
 from demo_game.metering import FrameStats, MeteredClient
+from demo_game.mood import draw_action
 from demo_game.overlay import Overlay
 from demo_game.saves import Saves, default_save_dir
 from demo_game.script import ScriptRunner
@@ -82,6 +83,7 @@ class Game:
         self.options = options
         self.font = pygame.font.Font(None, FONT_SIZE)
         small = pygame.font.Font(None, 18)
+        self.small = small
         self.background = tavern.paint_background(pygame.font.Font(None, 22))
         self.labels = {m.id: render_label(small, m.name) for m in cast}
         # NPC names and bodies (head to feet), which the hint and the player's bubble keep clear of
@@ -324,7 +326,8 @@ class Game:
         tavern.draw_fire(screen, t)
         reach = self.npc_in_reach()
         for npc, member in self.cast.items():
-            draw_npc(screen, member, self.labels[npc], t, self.talk.busy(npc), npc == reach)
+            draw_npc(screen, member, self.labels[npc], t, self.talk.busy(npc), npc == reach,
+                     self.talk.moods[npc].face(member.skin))
         draw_player(screen, self.player)
         taken = self.label_rects + self.npc_rects
         if reach is not None and self.typing_to is None:
@@ -334,12 +337,21 @@ class Game:
         self.player_bubble.draw(screen, now)  # under the NPCs' bubbles: their replies stay readable
         for bubble in self.bubbles.values():
             bubble.draw(screen, now)
+        self.draw_actions(now)
         if self.typing_to is not None:
             self.draw_input(now)
         if status := self.saves.visible_status(now):
             rendered = self.font.render(status, True, (245, 235, 210), (24, 18, 14))
             screen.blit(rendered, rendered.get_rect(midtop=(tavern.WIDTH // 2, 8)))
         self.overlay.draw(screen, now)
+
+    def draw_actions(self, now: float) -> None:
+        """Each NPC's action label, above its bubble (or its head when it has none)."""
+        for npc, mood in self.talk.moods.items():
+            if (text := mood.action_label(now)) is not None:
+                x, y = self.cast[npc].pos
+                rect = self.bubbles[npc].rect
+                draw_action(self.screen, self.small, text, rect.midtop if rect is not None else (x, y - 24))
 
     def place_hint(self, taken: list[pygame.Rect]) -> pygame.Rect:
         """Under the player, or right, left or above it where that keeps NPCs and their names in view."""

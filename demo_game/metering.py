@@ -78,6 +78,11 @@ class MeteredClient:
         return self.client.connected and "scene" in (self.client.server or {}).get("caps", [])
 
     @property
+    def serves_emotion(self) -> bool:
+        """Lines end with their emotion and action (its welcome lists the `emotion` cap; the client speaks 1.2)."""
+        return self.client.connected and "emotion" in (self.client.server or {}).get("caps", [])
+
+    @property
     def serves_append(self) -> bool:
         """The service takes lines in pieces (its welcome lists the `append` cap)."""
         return self.client.connected and "append" in (self.client.server or {}).get("caps", [])

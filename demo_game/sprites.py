@@ -21,7 +21,8 @@ def render_label(font: pygame.font.Font, text: str) -> pygame.Surface:
 
 
 def draw_npc(surface: pygame.Surface, member: CastMember, label: pygame.Surface, t: float,
-             speaking: bool, highlighted: bool) -> None:
+             speaking: bool, highlighted: bool, face: tuple[int, int, int] | None = None) -> None:
+    """`face`: the head's colour (its emotion's tint, demo_game.mood), the NPC's skin by default."""
     x, y = member.pos
     bob = math.sin(t * 12) * 1.5 if speaking else 0.0
     pygame.draw.ellipse(surface, (50, 34, 24), (x - 15, y + 8, 30, 10))
@@ -29,7 +30,7 @@ def draw_npc(surface: pygame.Surface, member: CastMember, label: pygame.Surface,
         pygame.draw.circle(surface, (250, 220, 120), (x, y), 22, 2)
     pygame.draw.circle(surface, member.tunic, (x, y + bob), 14)
     pygame.draw.circle(surface, tuple(c // 2 for c in member.tunic), (x, y + bob), 14, 2)
-    pygame.draw.circle(surface, member.skin, (x, y - 12 + bob), 9)
+    pygame.draw.circle(surface, face or member.skin, (x, y - 12 + bob), 9)
     pygame.draw.circle(surface, (40, 30, 20), (x - 3, y - 13 + bob), 1)
     pygame.draw.circle(surface, (40, 30, 20), (x + 3, y - 13 + bob), 1)
     surface.blit(label, (x - label.get_width() // 2, y + LABEL_DY))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from demo_game.bubbles import Bubble
 from demo_game.cast import CastMember
 from demo_game.metering import MeteredClient
+from demo_game.mood import Mood, from_done
 
 SEND_SHARE = 0.5  # of the per-frame bridge budget that sending new lines may use
 
@@ -103,6 +104,7 @@ class Conversations:
         self.outbox: list[Line] = []
         self.cancels: list[str] = []
         self.recent: deque[Line] = deque(maxlen=6)  # finished lines, for the overlay's TTFTs
+        self.moods: dict[str, Mood] = {m.id: Mood() for m in cast}  # npc id -> how its last line looked
         self.expected: dict[str, Callable[[dict, float], None]] = {}  # request id -> what takes its one reply
 
     def say(self, npc: str, prompt: str, now: float, *, priority: str, session: str,
@@ -273,6 +275,8 @@ class Conversations:
     def _finish(self, line: Line, now: float) -> None:
         del self.speaking[line.npc]
         self.bubbles[line.npc].end(now, line.said)
+        done = line.terminal if line.terminal is not None and self.bridge.serves_emotion else {}
+        self.moods[line.npc] = from_done(done, now)  # a fallback line or an error shows a neutral face
         self.recent.append(line)
         if line.on_end is not None:
             line.on_end(line, now)

@@ -3,7 +3,7 @@
 Made for persona authors: the persona file is reloaded when it changes between turns, and the prompt,
 history, sampling parameters, guard and fallback are the service's (npc_engine.dialogue), so a
 persona tuned here speaks the same way to a game. Unlike the service, chat shows the raw reply and
-then what the game would see instead.
+then what the game would see instead; for a persona that lists emotions, the line's emotion and action follow it.
 """
 import itertools
 import random
@@ -23,11 +23,13 @@ HELP = "/reset clears the conversation, /quit (or an empty line) leaves"
 
 def generate_reply(engine, persona: Persona, history: list[Turn], text: str, params: SamplingParams, rid: str,
                    on_text: Callable[[str], None]) -> LineStream:
-    """Run one NPC reply to `text` to completion on `engine`, passing text pieces to `on_text` as they come."""
+    """Run one NPC reply to `text` to completion on `engine`, passing text pieces to `on_text` as they come. A
+    persona that lists emotions gets the service's line header (npc_engine.header): `line.header.result()`."""
     prompt, prefix_len = build_prompt_ids(engine.tokenizer, persona, history, text, engine.max_prompt_len(),
                                           params.max_tokens)
-    engine.submit(rid, prompt, params, prefix_len=prefix_len)
-    line = LineStream(engine.tokenizer, persona, hold_back=False)
+    header = engine.header_matcher(persona.emotions, persona.actions)
+    engine.submit(rid, prompt, params, prefix_len=prefix_len, header=header)
+    line = LineStream(engine.tokenizer, persona, hold_back=False, header=header)
     while True:
         for event in engine.step():
             if event.rid != rid:
@@ -80,6 +82,9 @@ def run_chat(engine, store: PersonaStore, npc_id: str, params_for: Callable[[Per
             line = generate_reply(engine, persona, history.history(key), text, params, f"chat-{n}",
                                   lambda piece: (out.write(piece), out.flush()))
             out.write("\n")
+            if line.header is not None:  # what a game's `done` would carry (emotion, action)
+                emotion, action = line.header.result()
+                out.write(f"(emotion: {emotion}{f', action: {action}' if action else ''})\n")
             reply = line.text
             if line.topic:
                 reply = persona.deflection

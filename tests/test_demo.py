@@ -655,3 +655,51 @@ def test_f9_without_a_save_or_a_memory_service_says_why(game, tmp_path):
     runner = ScriptRunner(validate([{"do": "save"}, {"do": "load", "timeout": 1}], set()), game, log=lambda _: None)
     runner.update(time.perf_counter())
     assert runner.finished and "no save to load" in game.saves.status  # scripts save and load as F5 and F9 do
+
+
+def head_pixels(game, npc: str) -> list:
+    x, y = game.cast[npc].pos
+    return [tuple(game.screen.get_at((x + dx, y - 12 + dy))[:3]) for dx in range(-5, 6) for dy in range(-5, 6)]
+
+
+def test_a_done_with_emotion_and_action_tints_the_face_and_shows_the_action(game):
+    from demo_game.mood import ACTION_S, PALETTE, Mood
+
+    game, client = game
+    client.server = {"caps": ["append", "emotion"]}
+    first, second = patrons()[:2]
+    now = time.perf_counter()
+    for npc in (first, second):
+        game.talk.say(npc, "Hi", now, priority="ambient", session="s", max_tokens=8, deadline_ms=1000)
+    frames(game)
+    client.inbox = [{"type": "done", "id": client.sent[0][0], "text": "Grr.", "tokens": 2, "fallback": False,
+                     "emotion": "angry", "action": "cross_arms"},
+                    {"type": "done", "id": client.sent[1][0], "text": "Hello.", "tokens": 2, "fallback": False}]
+    frames(game)
+    mood = game.talk.moods[first]
+    assert (mood.emotion, mood.action) == ("angry", "cross_arms") and "angry" in PALETTE
+    assert mood.face(game.cast[first].skin) != game.cast[first].skin
+    assert game.talk.moods[second] == Mood()  # a done without the fields keeps the face neutral
+    shown = time.perf_counter()
+    assert mood.action_label(shown) == "*cross arms*" and mood.action_label(shown + ACTION_S) is None
+    game.draw(shown)
+    tinted, screen = head_pixels(game, first), game.screen.copy()
+    game.talk.moods[first] = Mood()
+    game.draw(shown)
+    assert head_pixels(game, first) != tinted
+    top = game.bubbles[first].rect.midtop  # the action's label sits on the bubble
+    above = [(top[0] + dx, top[1] - dy) for dx in range(-20, 21) for dy in range(1, 10)]
+    assert [screen.get_at(p) for p in above] != [game.screen.get_at(p) for p in above]
+
+
+def test_without_the_emotion_cap_the_face_stays_neutral(game):
+    from demo_game.mood import Mood
+
+    game, client = game
+    npc = patrons()[0]
+    game.talk.say(npc, "Hi", time.perf_counter(), priority="ambient", session="s", max_tokens=8, deadline_ms=1000)
+    frames(game)
+    client.inbox = [{"type": "done", "id": client.sent[0][0], "text": "Grr.", "tokens": 2, "fallback": False,
+                     "emotion": "angry", "action": "cross_arms"}]
+    frames(game)
+    assert game.talk.moods[npc] == Mood()

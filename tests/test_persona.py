@@ -361,8 +361,8 @@ def test_chat_streams_replies_keeps_history_and_guards(tiny_model_dir, tmp_path)
     out = io.StringIO()
     submitted = []
     submit = engine.submit
-    engine.submit = lambda rid, ids, p, prefix_len=0: (submitted.append((ids, prefix_len)),
-                                                       submit(rid, ids, p, prefix_len))[1]
+    engine.submit = lambda rid, ids, p, prefix_len=0, **kw: (submitted.append((ids, prefix_len)),
+                                                             submit(rid, ids, p, prefix_len, **kw))[1]
     turns = run_chat(engine, store, "smith", lambda p: params, lambda _: next(lines), out)
 
     persona = store.get("smith")
@@ -377,6 +377,35 @@ def test_chat_streams_replies_keeps_history_and_guards(tiny_model_dir, tmp_path)
     for reply in (turns[2].text, turns[6].text):
         assert reply and reply in text
     assert "[guard: the player touched the banned topic 'war']" in text
+
+
+def test_chat_writes_the_line_header_like_the_service_and_shows_emotion_and_action(tiny_model_dir, tmp_path):
+    import io
+    import re
+
+    from npc_engine.chat import run_chat
+    from npc_engine.engine import Engine
+
+    write(tmp_path, "smith.toml", VALID + 'emotions = ["wary", "happy"]\nactions = ["point", "nod"]\n')
+    store = PersonaStore(tmp_path)
+    engine = Engine.load(tiny_model_dir, draft="ngram", device="cpu", max_batch=2, max_seq=256)
+    headers = []
+    submit = engine.submit
+    engine.submit = lambda rid, ids, p, prefix_len=0, header=None, **kw: (headers.append(header),
+                                                                          submit(rid, ids, p, prefix_len, header=header,
+                                                                                 **kw))[1]
+    lines = iter(["What do you make?", "/quit"])
+    out = io.StringIO()
+    turns = run_chat(engine, store, "smith", lambda p: SamplingParams(temperature=0.0, max_tokens=12),
+                     lambda _: next(lines), out)
+    (header,) = headers
+    assert header is not None and header.emotions == ["wary", "happy"]
+    emotion, action = header.result()
+    assert emotion in ("wary", "happy") and action in ("point", "nod", None)
+    shown = out.getvalue().splitlines()
+    assert shown[2] == f"Brom: {turns[2].text}" and "[" not in turns[2].text  # the header is not spoken text
+    assert shown[3] == f"(emotion: {emotion}{f', action: {action}' if action else ''})"
+    assert re.fullmatch(r"\(emotion: (wary|happy)(, action: (point|nod))?\)", shown[3])
 
 
 def test_chat_guards_the_reply_and_falls_back_on_empty(tiny_model_dir, tmp_path):
