@@ -13,7 +13,7 @@ like any other), so short answers do not hide it.
     python benchmarks/bench_decode.py --device cpu --shapes small --pair models/npc-target
     python benchmarks/bench_decode.py --device cpu --shapes "" --threads 2 --prompts 4 --repeats 3 \
         --model models/base/SmolLM2-135M-Instruct.Q4_1.gguf --adapter models/smollm2-npc-persona \
-        --model-head models/smollm2-npc-head
+        --model-head runs/smollm2-npc-head
 """
 import argparse
 import gc

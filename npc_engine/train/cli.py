@@ -106,7 +106,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                    help="persona and head stages: the instruct base model, a Hugging Face folder or a .gguf file")
     p.add_argument("--adapter", type=Path, default=None,
                    help="head stage with --base: the persona LoRA adapter merged into the target the head drafts for")
-    p.add_argument("--head-out", type=Path, default=ROOT / "models" / "smollm2-npc-head",
+    p.add_argument("--head-out", type=Path, default=ROOT / "runs" / "smollm2-npc-head",
                    help="head stage with --base: the feature-head folder written")
     p.add_argument("--draft-vocab", type=int, default=None,
                    help="head stage with --base: ids the head drafts over (default: the config's)")
