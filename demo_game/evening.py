@@ -49,13 +49,13 @@ class Evening:
     @property
     def running(self) -> bool:
         """The scene is open: player lines to its cast go into it."""
-        return self.scene is not None and self.bridge.serves_scenes
+        return self.scene is not None and self.bridge.serves("scene")
 
     def in_scene(self, npc: str) -> bool:
         return self.running and npc in self.members
 
     def update(self, now: float) -> None:
-        if not self.bridge.serves_scenes:
+        if not self.bridge.serves("scene"):
             self.scene = None  # reopened under a new id once the service (perhaps a new one) is back
             return
         if self.scene is None:

@@ -186,7 +186,7 @@ class Game:
         text = self.typed.lstrip()
         if self.open_line is not None and (self.open_line.ended or not text.startswith(self.sent_text)):
             self.drop_open_line(now)  # edited behind what was sent, or ended by the service (open timeout)
-        if not text.endswith(" ") or not text.strip() or not self.bridge.serves_append or self.evening.in_scene(npc):
+        if not text.endswith(" ") or not text.strip() or not self.bridge.serves("append") or self.evening.in_scene(npc):
             return  # (a scene line is sent whole)
         if self.open_line is None:
             self.open_line = self.talk.say(npc, text, now, priority="player", session="player",

@@ -67,25 +67,10 @@ class MeteredClient:
     def import_session(self, blob: bytes) -> str:
         return self._timed(self.client.import_session, blob)
 
-    @property
-    def serves_memory(self) -> bool:
-        """The service saves and restores conversations (its welcome lists the `memory` cap)."""
-        return self.client.connected and "memory" in (self.client.server or {}).get("caps", [])
-
-    @property
-    def serves_scenes(self) -> bool:
-        """The service runs scenes (its welcome lists the `scene` cap)."""
-        return self.client.connected and "scene" in (self.client.server or {}).get("caps", [])
-
-    @property
-    def serves_emotion(self) -> bool:
-        """Lines end with their emotion and action (its welcome lists the `emotion` cap; the client speaks 1.2)."""
-        return self.client.connected and "emotion" in (self.client.server or {}).get("caps", [])
-
-    @property
-    def serves_append(self) -> bool:
-        """The service takes lines in pieces (its welcome lists the `append` cap)."""
-        return self.client.connected and "append" in (self.client.server or {}).get("caps", [])
+    def serves(self, cap: str) -> bool:
+        """The connected service's welcome lists `cap` (memory: saves and restores conversations; scene: runs
+        scenes; emotion: lines end with their emotion and action; append: takes lines in pieces)."""
+        return self.client.connected and cap in (self.client.server or {}).get("caps", [])
 
     def poll(self) -> list[dict]:
         budget = max(MIN_POLL_MS, self.budget_ms - self.frame_ms)

@@ -62,7 +62,7 @@ class Saves:
     def _refused(self, now: float) -> bool:
         if self.busy and now - self.waiting_since < REPLY_TIMEOUT_S:
             self.show("still saving or loading...", now)
-        elif not self.bridge.serves_memory:
+        elif not self.bridge.serves("memory"):
             self.show("conversations cannot be saved or loaded: no service, or it has no 'memory' cap", now)
         else:
             return False

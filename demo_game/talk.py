@@ -275,7 +275,7 @@ class Conversations:
     def _finish(self, line: Line, now: float) -> None:
         del self.speaking[line.npc]
         self.bubbles[line.npc].end(now, line.said)
-        done = line.terminal if line.terminal is not None and self.bridge.serves_emotion else {}
+        done = line.terminal if line.terminal is not None and self.bridge.serves("emotion") else {}
         self.moods[line.npc] = from_done(done, now)  # a fallback line or an error shows a neutral face
         self.recent.append(line)
         if line.on_end is not None:

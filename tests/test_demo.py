@@ -618,7 +618,7 @@ def test_f5_saves_what_the_player_said_and_f9_brings_it_back_after_a_restart(eng
     first = service_on(engine, personas_dir)
     with running(first) as endpoint, Client.connect(endpoint, heartbeat_timeout_s=30) as client, \
             demo_on(client, chatter=False, save_dir=saves) as game:
-        frames_until(game, lambda: game.bridge.serves_memory)
+        frames_until(game, lambda: game.bridge.serves("memory"))
         talk_to(game, outsider, "My name is Ada, from the south road.")
         press(game, pygame.K_F5)
         frames_until(game, lambda: not game.saves.busy)
@@ -630,7 +630,7 @@ def test_f5_saves_what_the_player_said_and_f9_brings_it_back_after_a_restart(eng
     second = service_on(engine, personas_dir)  # restarted: it remembers nothing
     with running(second) as endpoint, Client.connect(endpoint, heartbeat_timeout_s=30) as client, \
             demo_on(client, chatter=False, save_dir=saves) as game:
-        frames_until(game, lambda: game.bridge.serves_memory)
+        frames_until(game, lambda: game.bridge.serves("memory"))
         talk_to(game, outsider, "Who am I?")
         assert "Ada" not in engine.tokenizer.decode(second.prompts["Who am I?"])
         press(game, pygame.K_F9)
