@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
-from npc_engine.dialogue import LineStream, build_prompt_ids, fallback_line
+from npc_engine.dialogue import LineStream, fallback_line, fit_prompt
 from npc_engine.guard import banned_topic
 from npc_engine.persona import Persona, PersonaStore
 from npc_engine.prompt import Turn
@@ -25,10 +25,9 @@ def generate_reply(engine, persona: Persona, history: list[Turn], text: str, par
                    on_text: Callable[[str], None]) -> LineStream:
     """Run one NPC reply to `text` to completion on `engine`, passing text pieces to `on_text` as they come. A
     persona that lists emotions gets the service's line header (npc_engine.header): `line.header.result()`."""
-    prompt, prefix_len = build_prompt_ids(engine.tokenizer, persona, history, text, engine.max_prompt_len(),
-                                          params.max_tokens)
+    prompt = fit_prompt(engine.tokenizer, persona, history, text, engine.max_prompt_len(), params.max_tokens)
     header = engine.header_matcher(persona.emotions, persona.actions)
-    engine.submit(rid, prompt, params, prefix_len=prefix_len, header=header)
+    engine.submit(rid, prompt.ids, params, prefix_len=prompt.prefix_len, header=header)
     line = LineStream(engine.tokenizer, persona, hold_back=False, header=header)
     while True:
         for event in engine.step():

@@ -4,7 +4,7 @@ the same persona, history and text, and pick the same sampling parameters:
 - `sampling_params`: defaults, then the persona's `sampling` table, then the caller's values
   (a request's fields, or `chat`'s command-line flags); `fallback_line` for a missed deadline or an
   empty reply;
-- `fit_prompt` / `build_prompt_ids`: persona block (a token prefix the engine caches) + the memories the
+- `fit_prompt`: persona block (a token prefix the engine caches) + the memories the
   game wrote about the player + as much history as fits, oldest exchange dropped first, + the player's
   text; for a model prompted through its chat template (the tokenizer carries it), the persona is the
   system message, the memories a second one, and the turns user/assistant messages;
@@ -96,13 +96,6 @@ def fit_prompt(tokenizer: Tokenizer, persona: Persona, history: list[Turn], text
     if len(ids) >= max_len:
         raise PromptTooLarge(f"the prompt is {len(ids)} tokens; the model takes at most {max_len - 1}")
     return Prompt(ids, len(prefix), len(history) - len(turns))
-
-
-def build_prompt_ids(tokenizer: Tokenizer, persona: Persona, history: list[Turn], text: str, max_len: int,
-                     reserve: int = 0, complete: bool = True, prefix: list[int] | None = None) -> tuple[list[int], int]:
-    """(prompt ids, persona prefix length): `fit_prompt` without memories."""
-    prompt = fit_prompt(tokenizer, persona, history, text, max_len, reserve, complete, prefix)
-    return prompt.ids, prompt.prefix_len
 
 
 class LineStream:

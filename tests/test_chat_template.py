@@ -8,7 +8,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from conftest import build_checkpoint
 from npc_engine.chat_template import ChatTemplate, ChatTemplateError
-from npc_engine.dialogue import build_prompt_ids, prefix_ids
+from npc_engine.dialogue import fit_prompt, prefix_ids
 from npc_engine.paths import PERSONAS_DIR
 from npc_engine.persona import PersonaStore
 from npc_engine.prompt import Turn, chat_messages
@@ -136,14 +136,15 @@ def test_persona_prompt_equals_apply_chat_template(tmp_path, template):
     tok = Tokenizer.from_dir(folder)
     persona = PersonaStore(PERSONAS_DIR).get("merchant")
     history = [Turn("player", "Hello."), Turn("npc", "Welcome to my stall!")]
-    ids, prefix_len = build_prompt_ids(tok, persona, history, "Any maps for sale?", max_len=4096)
+    prompt = fit_prompt(tok, persona, history, "Any maps for sale?", max_len=4096)
+    ids, prefix_len = prompt.ids, prompt.prefix_len
     messages = chat_messages(persona.to_prompt_persona(), history + [Turn("player", "Any maps for sale?")])
     assert messages[0]["role"] == "system" and persona.name in messages[0]["content"]
     assert ids == list(ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
     system = ref.apply_chat_template(messages[:1], tokenize=True)["input_ids"]
     assert prefix_len == len(system) and ids[:prefix_len] == list(system) == prefix_ids(tok, persona)
     # while the player types, the prompt is the complete one's prefix up to the last word
-    open_ids, _ = build_prompt_ids(tok, persona, history, "Any maps for", max_len=4096, complete=False)
+    open_ids = fit_prompt(tok, persona, history, "Any maps for", max_len=4096, complete=False).ids
     assert tok.decode(ids).startswith(tok.decode(open_ids)) and tok.decode(open_ids).endswith("Any maps for")
     assert tok.tok.token_to_id("<|im_end|>") in tok.stop_ids  # the template's end of turn stops generation
 
@@ -164,7 +165,8 @@ def test_system_prefix_is_a_prefix_cache_hit(tmp_path):
     persona = PersonaStore(PERSONAS_DIR).get("merchant")
     stats = []
     for rid, text in (("a", "What do you sell?"), ("b", "Where is the harbour?")):
-        ids, prefix_len = build_prompt_ids(engine.tokenizer, persona, [], text, engine.max_prompt_len())
+        prompt = fit_prompt(engine.tokenizer, persona, [], text, engine.max_prompt_len())
+        ids, prefix_len = prompt.ids, prompt.prefix_len
         engine.submit(rid, ids, SamplingParams(temperature=0.0, max_tokens=4), prefix_len=prefix_len)
         while engine.has_work():
             stats += [e.stats for e in engine.step() if e.finished]

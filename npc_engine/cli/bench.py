@@ -58,7 +58,7 @@ def load_persona(folder: str, npc: str):
 
 def run(args: argparse.Namespace) -> int:
     check_device(args.device)
-    from npc_engine.dialogue import build_prompt_ids
+    from npc_engine.dialogue import fit_prompt
     from npc_engine.engine import Engine
     from npc_engine.sampling import SamplingParams
 
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         if persona is None:
             prompt = engine.tokenizer.encode(args.prompt)
         else:  # the prompt the service builds for this persona and line
-            prompt, _ = build_prompt_ids(engine.tokenizer, persona, [], PLAYER_LINE, engine.max_prompt_len())
+            prompt = fit_prompt(engine.tokenizer, persona, [], PLAYER_LINE, engine.max_prompt_len()).ids
         rows.append(measure(engine, prompt, params, args.repeats))
     for row in rows:
         row["speedup_vs_autoregressive"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
