@@ -30,7 +30,7 @@ from benchmarks.common import header, median_time, random_pair  # noqa: E402
 from npc_engine.drafters import HeadDrafter, ModelDrafter, NgramDrafter, NoDrafter  # noqa: E402
 from npc_engine.engine import Engine, RequestStats  # noqa: E402
 from npc_engine.head import load_head  # noqa: E402
-from npc_engine.loading import load_model  # noqa: E402
+from npc_engine.loading import load_model, parse_dtype  # noqa: E402
 from npc_engine.sampling import SamplingParams  # noqa: E402
 
 
@@ -292,6 +292,8 @@ def main():
     ap.add_argument("--adapter", default=None, help="--model's persona LoRA adapter")
     ap.add_argument("--model-head", default="", help="--model's feature head folder (a random head runs too)")
     ap.add_argument("--corpus", default=str(Path(__file__).resolve().parents[2] / "shared" / "corpus"))
+    ap.add_argument("--dtype", default="auto", help="weights and activations: auto (the engine's choice for --device), "
+                    "float32, bfloat16, float16")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     ap.add_argument("--prompts", type=int, default=4, help="persona prompts for --pair and --model")
     ap.add_argument("--prompt-tokens", type=int, default=50)
@@ -300,7 +302,7 @@ def main():
     ap.add_argument("--ignore-stop", action="store_true", help="--pair lines run to --new-tokens past stop tokens")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    dtype = parse_dtype(args.dtype, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(header(args.device), f"dtype {dtype}, batch 1, greedy, {torch.get_num_threads()} threads")

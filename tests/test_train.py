@@ -363,7 +363,7 @@ def persona_run(tmp_path_factory) -> dict:
 def test_persona_stage_trains_an_adapter_whose_loss_falls(persona_run):
     adapter = persona_run["adapter"]
     info = json.loads((adapter / "training.json").read_text())
-    assert info["steps"] == info["planned_steps"] == 4 * 4  # 16 examples (12 conversations, 4 scene seats), batch 4
+    assert info["steps"] == info["planned_steps"] == 4 * 7  # 28 examples: 12 conversations, 4 scene seats, 12 drills
     assert info["last_loss"] < info["first_loss"] * 0.8
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == TINY.persona.rank

@@ -117,6 +117,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None,
                    help="persona stage: examples per step (default: the config's)")
     p.add_argument("--lr", type=float, default=None, help="persona stage: peak learning rate (default: the config's)")
+    p.add_argument("--rank", type=int, default=None, help="persona stage: LoRA rank (default: the config's)")
+    p.add_argument("--no-drills", dest="drills", action="store_false",
+                   help="persona stage: train on the written conversations only (no fact/break/banned drills)")
     p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (default: the config's, else torch's)")
     p.set_defaults(func=cmd_train)
     return p
@@ -144,8 +147,9 @@ def cmd_train(args) -> int:
         config = replace(config, base_head=replace(config.base_head, max_minutes=args.max_minutes["head"]))
     if args.draft_vocab is not None:
         config = replace(config, draft_vocab=args.draft_vocab)
-    config = replace(config, persona=replace(config.persona, **{k: v for k, v in (
-        ("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}))
+    chosen = (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr), ("rank", args.rank),
+              ("alpha", None if args.rank is None else 2 * args.rank), ("drills", None if args.drills else False))
+    config = replace(config, persona=replace(config.persona, **{k: v for k, v in chosen if v is not None}))
     log = Log(args.work / "train.log")
     ctx = loop.Context(config=config, work=args.work, out=args.out, device=torch.device(args.device),
                        seed=args.seed, resume=args.resume, log=log)

@@ -74,6 +74,7 @@ class PersonaStage:
     max_minutes: float = 0  # wall-clock budget (model loading excluded); 0 = all epochs
     log_every: int = 10
     ckpt_every: int = 50
+    drills: bool = True  # npc_engine.train.drills: fact, break and banned-topic exchanges of the training personas
 
 
 @dataclass

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from npc_engine.grammar import with_header
 from npc_engine.prompt import Turn, chat_messages
 from npc_engine.train.config import PersonaStage
+from npc_engine.train.drills import drills
 from npc_engine.train.loop import Context, autocast, lr_at, save_checkpoint
-from npc_engine.train.npc_dialogue import Example, train_examples
+from npc_engine.train.npc_dialogue import Example, read_split, train_examples
 
 CALIBRATE_FROM, CALIBRATE_TO = 2, 6
 BUDGET_SAFETY = 0.95
@@ -134,9 +135,10 @@ def train_persona(ctx: Context, base: Path, corpus: Path, out: Path) -> dict:
     stage = ctx.config.persona
     torch.manual_seed(ctx.seed)
     tokenizer, model = load_base(base, ctx.device)
-    examples = train_examples(corpus)
+    examples = train_examples(corpus) + (drills(read_split(corpus, "train"), ctx.seed) if stage.drills else [])
     rows = [row for row in (encode(tokenizer, ex, stage.max_len) for ex in examples) if sum(row[1])]
-    ctx.log(f"persona: {len(rows)} examples ({sum(ex.kind == 'scene' for ex in examples)} scene seats), "
+    ctx.log(f"persona: {len(rows)} examples ({sum(ex.kind == 'scene' for ex in examples)} scene seats, "
+            f"{sum(ex.kind == 'drill' for ex in examples)} drills), "
             f"{sum(len(ids) for ids, _ in rows):,} tokens, {sum(sum(m) for _, m in rows):,} trained")
     model = lora_model(model, stage)
     trainable = [p for p in model.parameters() if p.requires_grad]
