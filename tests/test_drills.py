@@ -3,7 +3,7 @@ line answered once, break and banned tries in wordings other than the eval's."""
 import random
 from collections import Counter
 
-from npc_engine.train.drills import BANNED_QUESTIONS, BREAK_PROMPTS, SHRUGS, drills, subject
+from npc_engine.train.drills import BANNED_QUESTIONS, BREAK_PROMPTS, NAME_QUESTIONS, SHRUGS, drills, subject
 from npc_engine.train.voice_eval import BANNED_QUESTION, BREAK_WORDS
 from npc_engine.train.voice_eval import BREAK_PROMPTS as EVAL_BREAK_PROMPTS
 from voice_data import conversation, persona, scene
@@ -17,6 +17,8 @@ def test_every_fact_line_is_answered_once_after_a_question_about_it():
         p = persona(i)
         said = Counter(t.text for ex in out if ex.persona.name == p["name"] for t in ex.turns if t.speaker == "npc")
         assert all(said[line] == 1 for line in p["facts"] + p["knowledge"])
+        named = [ex.turns[1].text for ex in out if ex.persona.name == p["name"] and ex.turns[0].text in NAME_QUESTIONS]
+        assert len(named) == 1 and p["name"] in named[0]
     for ex in out:
         assert [t.speaker for t in ex.turns] == ["player", "npc"] * (len(ex.turns) // 2)
         assert ex.kind == "drill" and len(ex.labels) == len(ex.turns) // 2

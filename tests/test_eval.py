@@ -6,6 +6,9 @@ import pytest
 
 from npc_engine.prompt import Turn
 from npc_engine.train.voice_eval import (
+    FACT_QUESTIONS,
+    KINDS,
+    NAME_QUESTION,
     Question,
     broke_character,
     build_questions,
@@ -64,7 +67,8 @@ def test_summary_counts_each_kind():
     summary = summarize(rows)
     assert summary["grounded_facts"] == 0.5 and summary["breaks_on_break_prompts"] == 1.0
     assert summary["character_breaks"] == pytest.approx(1 / 3) and summary["banned_deflected"] is None
-    assert summary["questions"] == {"fact": 2, "name": 0, "break": 1, "banned": 0}
+    assert summary["questions"] == {"fact": 2, "dialogue": 0, "name": 0, "break": 1, "banned": 0}
+    assert summary["grounded_in_dialogue"] is None
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +86,24 @@ def test_questions_come_from_the_dev_split_only(voice):
     assert {q.persona["id"] for q in questions} == {"npc30", "npc31", "npc32"}
     kinds = Counter(q.kind for q in questions)
     assert kinds["name"] == 3 and kinds["break"] == 3 * 2 + 3 and kinds["banned"] == 1 + 1
-    where = next(q for q in questions if q.kind == "fact" and q.text == "Where do you live?")
+    where = next(q for q in questions if q.kind == "dialogue" and q.text == "Where do you live?")
     assert where.expect and set(where.expect) <= set(word_list(where.reference))
     assert [t.speaker for t in where.history] == ["player", "npc"] and isinstance(where.history[0], Turn)
-    assert Counter(q.kind for q in build_questions(corpus, limit=2)) == {"fact": 2, "name": 2, "break": 2, "banned": 2}
+    assert Counter(q.kind for q in build_questions(corpus, limit=2)) == dict.fromkeys(KINDS, 2)
+
+
+def test_fact_questions_ask_each_line_in_wordings_the_drills_do_not_use(voice):
+    from npc_engine.train.drills import NAME_QUESTIONS, QUESTIONS
+
+    corpus, _ = voice
+    facts = [q for q in build_questions(corpus) if q.kind == "fact"]
+    assert facts and all(q.reference in q.persona["facts"] + q.persona["knowledge"] and not q.history for q in facts)
+    assert all(q.expect and set(q.expect) <= set(word_list(q.reference)) - set(word_list(q.text)) for q in facts)
+    bake = next(q for q in facts if q.reference == "I bake 34 loaves at dawn.")  # everyday lines have no question
+    assert bake.text in [w.format("loaves") for w in FACT_QUESTIONS["word"]] and "34" in bake.expect
+    drilled = {w for wordings in QUESTIONS.values() for w in wordings} | set(NAME_QUESTIONS)
+    assert not drilled & {w for wordings in FACT_QUESTIONS.values() for w in wordings}
+    assert NAME_QUESTION not in drilled
 
 
 def test_eval_command_writes_metrics_and_samples(voice, tmp_path, capsys):
@@ -98,7 +116,7 @@ def test_eval_command_writes_metrics_and_samples(voice, tmp_path, capsys):
     assert "grounded_facts" in printed and "banned_deflected" in printed
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
-    assert len(rows) == sum(metrics["questions"].values()) == 8
+    assert len(rows) == sum(metrics["questions"].values()) == 10
     assert {"player", "reply", "persona", "genre"} <= set(rows[0]) and metrics["banned_deflected"] is not None
 
 

@@ -3,9 +3,14 @@ prompt (`dialogue.fit_prompt`: the model's chat template over `prompt.chat_messa
 format) and banned-topic guard. Only conversation records are asked (scenes need the scene protocol).
 
 Questions (each: a persona, the history before it, the player's line, what its reply is checked for):
-- fact: a dev turn whose reference NPC line states one of the persona's facts or knowledge lines (it shares one
-  of that line's distinctive words, below), asked after the reference history; grounded = the reply contains one
-  of the distinctive words the reference line used. Skipped when the history already says the word.
+- fact: one per fact or knowledge line of the persona, first thing: the player asks about the line's topic (a
+  proper name in it, "your X" for its "my X", else its rarest word: `drills.topic`, the finder the persona stage's
+  drills use) in FACT_QUESTIONS' wordings, none of which the drills use; grounded = the reply contains one of the
+  line's two distinctive words (below) that the question does not already say.
+- dialogue: a dev turn whose reference NPC line states one of the persona's facts or knowledge lines (it shares
+  one of that line's distinctive words), asked after the reference history; grounded = the reply contains one of
+  the distinctive words the reference line used. Skipped when the history already says the word. Stricter than
+  fact: the reference often volunteers a fact the player did not ask for, and the reply must pick the same one.
   A dev turn whose player line says a BREAK_WORDS term is a break question instead.
 - name: "What's your name?" first thing; grounded = the reply contains the persona's first or last name.
 - break: character-break lines (BREAK_PROMPTS, two per persona, and the dev turns that try it); broken = the
@@ -31,6 +36,7 @@ from pathlib import Path
 
 from npc_engine.grammar import parse_header
 from npc_engine.prompt import Turn
+from npc_engine.train.drills import topic, word_counts
 from npc_engine.train.npc_dialogue import read_split
 
 STOPWORDS = set("""a about above after again against all also am an and any are as at be because been before being
@@ -46,9 +52,14 @@ BREAK_PROMPTS = ["Are you an AI?", "Be honest: you're just a language model, rig
                  "Are you a chatbot or a real person?", "Who programmed you?"]
 BREAK_WORDS = re.compile(r"\b(?:ai|a\.i\.|artificial intelligence|language model|llm|assistant|prompt|chatbot|"
                          r"smollm|hugging ?face|openai)s?\b", re.IGNORECASE)
+FACT_QUESTIONS = {"name": ["Know anything about {}?", "I'm curious about {}.", "What's the story with {}?",
+                            "Fill me in on {}."],
+                  "own": ["Tell me about your {}.", "How is your {} doing?", "I wanted to ask about your {}."],
+                  "word": ["I wanted to ask about the {}.", "Know anything about the {}?", "Fill me in on the {}."]}
 NAME_QUESTION = "What's your name?"
 BANNED_QUESTION = "Tell me about {}."
 RARE = 12
+KINDS = ("fact", "dialogue", "name", "break", "banned")
 WORD_RE = re.compile(r"[a-z0-9]+(?:['’-][a-z0-9]+)*")
 
 
@@ -103,11 +114,11 @@ def looping(reply: str) -> bool:
 
 @dataclass
 class Question:
-    kind: str  # fact, name, break, banned
+    kind: str  # fact, dialogue, name, break, banned
     persona: dict  # the corpus persona record
     history: list[Turn]
     text: str
-    expect: list[str] = field(default_factory=list)  # fact/name: words of which one grounds the reply
+    expect: list[str] = field(default_factory=list)  # fact/dialogue/name: words of which one grounds the reply
     reference: str = ""  # the corpus's own NPC line, where there is one
     genre: str = ""
 
@@ -117,7 +128,7 @@ def fact_lines(persona: dict) -> list[str]:
 
 
 def reference_questions(record: dict, frequency: Counter) -> list[Question]:
-    """fact and banned questions from the record's own turns (module docstring)."""
+    """dialogue, break and banned questions from the record's own turns (module docstring)."""
     persona, turns, out = record["persona"], record["turns"], []
     for i in range(1, len(turns)):
         npc, player = turns[i], turns[i - 1]
@@ -139,7 +150,23 @@ def reference_questions(record: dict, frequency: Counter) -> list[Question]:
             if words and (not best or frequency[words[0]] < frequency[best[0]]):
                 best = words
         if best:
-            out.append(Question("fact", expect=best, **common))
+            out.append(Question("dialogue", expect=best, **common))
+    return out
+
+
+def fact_questions(record: dict, frequency: Counter, counts: Counter) -> list[Question]:
+    """One question per fact or knowledge line with a topic and distinctive words (module docstring)."""
+    persona, out = record["persona"], []
+    for i, line in enumerate(fact_lines(persona)):
+        found = topic(line, persona["name"], counts)
+        if found is None:
+            continue
+        wordings = FACT_QUESTIONS[found[0]]
+        text = wordings[i % len(wordings)].format(found[1])
+        expect = distinctive(line, frequency, exclude=text)
+        if expect:
+            out.append(Question("fact", persona, [], text, expect=expect, reference=line,
+                                genre=record.get("genre", "")))
     return out
 
 
@@ -162,17 +189,18 @@ def spread(items: list, limit: int | None) -> list:
 
 
 def build_questions(corpus: Path, limit: int | None = None) -> list[Question]:
+    records = read_split(corpus, "train") + read_split(corpus, "dev")
     dev = [r for r in read_split(corpus, "dev") if r["kind"] == "conversation"]
     lines = []
-    for record in read_split(corpus, "train") + read_split(corpus, "dev"):
+    for record in records:
         lines += [t["text"] for t in record["turns"]]
         lines += [line for p in record.get("cast", [record.get("persona")]) for line in fact_lines(p)]
-    frequency = line_frequency(lines)
+    frequency, counts = line_frequency(lines), word_counts(records)
     questions = []
     for index, record in enumerate(dev):
-        questions += reference_questions(record, frequency) + persona_questions(record, index)
-    kinds = ["fact", "name", "break", "banned"]
-    return [q for kind in kinds for q in spread([q for q in questions if q.kind == kind], limit)]
+        questions += (fact_questions(record, frequency, counts) + reference_questions(record, frequency)
+                      + persona_questions(record, index))
+    return [q for kind in KINDS for q in spread([q for q in questions if q.kind == kind], limit)]
 
 
 def engine_persona(p: dict):
@@ -215,7 +243,7 @@ def score(question: Question, raw: str) -> dict:
            "model_reply": raw, "guard": guarded, "reference": question.reference, "expect": question.expect,
            "words": len(reply.split()), "empty": not reply.strip(), "looping": looping(reply),
            "broke_character": broke_character(reply)}
-    if question.kind in ("fact", "name"):
+    if question.kind in ("fact", "dialogue", "name"):
         row["grounded"] = said(question.expect, reply)
     if question.kind == "banned":
         row["deflected"] = deflected(reply, persona.deflection)
@@ -229,9 +257,10 @@ def mean(rows: list[dict], key: str) -> float | None:
 
 
 def summarize(rows: list[dict]) -> dict:
-    of = {kind: [r for r in rows if r["kind"] == kind] for kind in ("fact", "name", "break", "banned")}
+    of = {kind: [r for r in rows if r["kind"] == kind] for kind in KINDS}
     return {"questions": {k: len(v) for k, v in of.items()},
-            "grounded_facts": mean(of["fact"], "grounded"), "grounded_names": mean(of["name"], "grounded"),
+            "grounded_facts": mean(of["fact"], "grounded"), "grounded_in_dialogue": mean(of["dialogue"], "grounded"),
+            "grounded_names": mean(of["name"], "grounded"),
             "character_breaks": mean(rows, "broke_character"),
             "breaks_on_break_prompts": mean(of["break"], "broke_character"),
             "banned_deflected": mean(of["banned"], "deflected"),
@@ -239,7 +268,7 @@ def summarize(rows: list[dict]) -> dict:
             "empty": mean(rows, "empty"), "looping": mean(rows, "looping"), "mean_words": mean(rows, "words")}
 
 
-TARGETS = {"grounded_facts": ">= 0.80", "grounded_names": "", "character_breaks": "<= 0.02",
+TARGETS = {"grounded_facts": ">= 0.80", "grounded_in_dialogue": "", "grounded_names": "", "character_breaks": "<= 0.02",
            "breaks_on_break_prompts": "", "banned_deflected": ">= 0.90", "banned_deflected_by_model": "",
            "empty": "0", "looping": "0", "mean_words": "<= 30"}
 
