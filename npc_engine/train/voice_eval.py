@@ -6,7 +6,8 @@ Questions (each: a persona, the history before it, the player's line, what its r
 - fact: one per fact or knowledge line of the persona, first thing: the player asks about the line's topic (a
   proper name in it, "your X" for its "my X", else its rarest word: `drills.topic`, the finder the persona stage's
   drills use) in FACT_QUESTIONS' wordings, none of which the drills use; grounded = the reply contains one of the
-  line's two distinctive words (below) that the question does not already say.
+  line's two distinctive words (below) that the question does not already say, or of another line of the persona
+  about the same topic (asked about the river Murk, either line that names it answers).
 - dialogue: a dev turn whose reference NPC line states one of the persona's facts or knowledge lines (it shares
   one of that line's distinctive words), asked after the reference history; grounded = the reply contains one of
   the distinctive words the reference line used. Skipped when the history already says the word. Stricter than
@@ -165,6 +166,8 @@ def fact_questions(record: dict, frequency: Counter, counts: Counter) -> list[Qu
         text = wordings[i % len(wordings)].format(found[1])
         expect = distinctive(line, frequency, exclude=text)
         if expect:
+            same_topic = [o for o in fact_lines(persona) if o != line and found[1].lower() in o.lower()]
+            expect += [w for o in same_topic for w in distinctive(o, frequency, exclude=text) if w not in expect]
             out.append(Question("fact", persona, [], text, expect=expect, reference=line,
                                 genre=record.get("genre", "")))
     return out
