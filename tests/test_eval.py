@@ -139,3 +139,17 @@ def test_service_prompt_is_the_training_rendering(voice):
     messages = chat_messages(npc.to_prompt_persona(), history + [Turn("player", "Who rules here?")])
     assert ids == hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
     assert "say exactly: \"Some things are not mine to say.\"" in messages[0]["content"]
+
+
+def test_a_fact_question_is_grounded_by_any_line_about_its_topic():
+    from npc_engine.train.voice_eval import fact_questions
+
+    murk = {"name": "Sibbald", "facts": ["I have poled my boat across the river Murk for years."],
+            "knowledge": ["Those who drink from the Murk forget their mothers' faces."]}
+    frequency = Counter({"poled": 1, "boat": 2, "river": 3, "drink": 2, "forget": 1, "mother": 2, "face": 4, "murk": 1,
+                         "year": 20, "across": 5})
+    first, second = fact_questions({"persona": murk}, frequency, Counter())
+    assert "Murk" in first.text and first.reference == murk["facts"][0]
+    assert first.expect == ["poled", "boat", "forget", "mother"]  # the two rarest words of each line
+    assert score(first, "Drink from the Murk and you forget.")["grounded"]
+    assert not score(first, "The Murk? Cold water.")["grounded"]
