@@ -424,21 +424,6 @@ def test_persona_examples_mask_only_npc_tokens_and_keep_labels(persona_run):
         tok.decode(encode(tok, e, 1024)[0]) for e in examples)
 
 
-def test_drill_lines_train_their_words_not_their_headers(persona_run):
-    from transformers import AutoTokenizer
-
-    from npc_engine.train.drills import drills
-    from npc_engine.train.npc_dialogue import read_split
-    from npc_engine.train.persona import encode
-
-    tok = AutoTokenizer.from_pretrained(persona_run["base"])
-    drill = drills(read_split(persona_run["corpus"], "train"), seed=0)[0]
-    ids, mask = encode(tok, drill, 1024)
-    trained = tok.decode([t for t, m in zip(ids, mask) if m])
-    assert trained == "".join(t.text + "<|im_end|>" for t in drill.turns if t.speaker == "npc")
-    assert "[neutral] " + drill.turns[1].text in tok.decode(ids)  # the header is still in the text it reads
-
-
 def test_persona_stage_resumes_to_the_same_adapter(persona_run, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from npc_engine.grammar import format_header, with_header
+from npc_engine.grammar import with_header
 from npc_engine.prompt import Turn, chat_messages
 from npc_engine.train.config import PersonaStage
 from npc_engine.train.drills import drills
@@ -62,20 +62,16 @@ def headed_turns(example: Example) -> list[Turn]:
 
 
 def encode(tokenizer, example: Example, max_len: int) -> tuple[list[int], list[int]]:
-    """(token ids, loss mask) of one example: mask 1 on the NPC's content and end-of-turn tokens. A drill's lines
-    train their words only: their headers (always the calm emotion, no action) would teach every line that header."""
+    """(token ids, loss mask) of one example: mask 1 on the NPC's content and end-of-turn tokens."""
     messages = chat_messages(example.persona, headed_turns(example), example.scene)
     text = render(tokenizer, messages, False)
-    headers = iter(example.labels)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
             before, through = render(tokenizer, messages[:i], True), render(tokenizer, messages[:i + 1], False)
             if not (text.startswith(before) and text.startswith(through)):
                 raise ValueError("the chat template does not render a conversation as a prefix of its continuation")
-            emotion, action = next(headers, ("", None))
-            skip = len(format_header(emotion, action)) + 1 if example.kind == "drill" and emotion else 0
-            spans.append((len(before) + skip, len(through.rstrip())))
+            spans.append((len(before), len(through.rstrip())))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     mask = [int(any(start <= a < end for start, end in spans)) for a, _ in enc["offset_mapping"]]
     return enc["input_ids"][:max_len], mask[:max_len]
