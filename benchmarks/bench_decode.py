@@ -7,19 +7,22 @@ draft model, with n-gram lookup and with the feature head (--head, default model
 over --repeats runs after one warm-up run. For our lines the decoding phase (first token to last) is
 also timed on its own: prefill is the same work with or without speculation, so "decode ms/token" is
 where drafting shows. --ignore-stop makes every line --new-tokens long (stop tokens are generated
-like any other), so short answers do not hide it.
+like any other), so short answers do not hide it. --model (an instruct base, a .gguf file or a folder, with
+--adapter) adds, with --onnx-weights, our plain engine on ONNX Runtime exports (the weight-only int8 / int4 path) and,
+where llama-cpp-python is installed (a benchmark-only dependency), llama.cpp on the same .gguf file.
 
     python benchmarks/bench_decode.py --device cuda --shapes 1b,8b --pair models/npc-target
     python benchmarks/bench_decode.py --device cpu --shapes small --pair models/npc-target
     python benchmarks/bench_decode.py --device cpu --shapes "" --threads 2 --prompts 4 --repeats 3 \
         --model models/base/SmolLM2-135M-Instruct.Q4_1.gguf --adapter models/smollm2-npc-persona \
-        --model-head runs/smollm2-npc-head
+        --model-head runs/smollm2-npc-head --onnx-weights int8,int4
 """
 import argparse
 import gc
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -198,11 +201,64 @@ def dev_prompts(tokenizer, corpus: Path, n: int, max_len: int = 448) -> list[lis
     return reply_prompts(tokenizer, examples(read_split(corpus, "dev"))[:4 * n], max_len)[:n]
 
 
-def bench_base(model_path, adapter, head_dir, device, dtype, args):
+def onnx_models(target, weights: list[str], scratch: Path) -> dict[str, object]:
+    """target (its adapter merged) through `export-onnx` once per --onnx-weights choice, run by ONNX Runtime with
+    torch's thread count: the weight-only int8 / int4 (`MatMulNBits`) CPU path."""
+    from npc_engine.loading import save_model
+    from npc_engine.onnx_backend import OnnxModel
+    from npc_engine.onnx_export import export_onnx
+
+    save_model(target, scratch / "weights", dtype=torch.float32, max_shard_mb=4096)
+    models = {}
+    for w in weights:
+        export_onnx(scratch / "weights", scratch / f"onnx-{w}", progress=False, weights=w)
+        models[f"onnxruntime {w}"] = OnnxModel(scratch / f"onnx-{w}", "cpu", torch.get_num_threads())
+    return models
+
+
+def llama_cpp_model(model_path: str):
+    """llama.cpp (llama-cpp-python) on the GGUF file itself, with torch's thread count; None, with a printed note,
+    when --model is not a .gguf file or llama_cpp is not importable (a benchmark-only dependency: it compiles
+    llama.cpp from source)."""
+    if not str(model_path).endswith(".gguf"):
+        print("llama.cpp row skipped: --model is not a .gguf file")
+        return None
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("llama.cpp row skipped: llama_cpp (pip install llama-cpp-python) is not importable")
+        return None
+    threads = torch.get_num_threads()
+    return Llama(model_path=str(model_path), n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+
+def llama_cpp_line(llm, prompt: list[int], new_tokens: int) -> tuple[list[int], float]:
+    """Greedy, no stop token: new_tokens tokens; the line includes the prompt's prefill, as ours do."""
+    llm.reset()  # else generate() reuses the KV cache of the previous line's identical prompt
+    tokens, first_at = [], None
+    for t in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+        tokens.append(t)
+        first_at = first_at or time.perf_counter()
+        if len(tokens) == new_tokens:
+            break
+    return tokens, first_at
+
+
+def engine_line(engine: Engine, prompt: list[int], params: SamplingParams, rid: str) -> tuple[list[int], float]:
+    tokens, first_at = [], None
+    for t in engine.generate(prompt, params, rid=rid):
+        tokens.append(t)
+        first_at = first_at or time.perf_counter()
+    return tokens, first_at
+
+
+def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path):
     """An instruct base (+ persona adapter) on dev-split persona prompts, every line --new-tokens long (stop tokens
     ignored on both sides), round-robin: each repeat runs every implementation once, in an order rotated each round,
     so a change of load on a shared machine hits all of them (medians of --repeats rounds after one warm-up round):
-    transformers.generate on our merged weights, ours plain, n-gram, the trained feature head, a random head."""
+    transformers.generate on our merged weights, ours plain, n-gram, the trained feature head, a random head; with
+    --onnx-weights our plain engine on ONNX Runtime exports of the merged weights; llama.cpp on the GGUF file where
+    llama_cpp is importable (the base without the adapter: the same work per token, other tokens)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from npc_engine.head import FeatureHead, head_args
@@ -220,30 +276,35 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args):
     random_head = FeatureHead(head_args(target.args)).to(device, dtype).eval()
     heads = [("ours speculative, feature head", load_head(head_dir, target, device, dtype))] if head_dir else []
     heads.append(("ours speculative, random head", random_head))
-    drafters = [("ours autoregressive", NoDrafter),
-                ("ours speculative, n-gram", lambda: NgramDrafter(target.args.vocab_size, device))]
-    drafters += [(name, lambda h=h: HeadDrafter(h, target, 2, 1024, device, dtype)) for name, h in heads]
+    drafters = [("ours autoregressive", target, NoDrafter),
+                ("ours speculative, n-gram", target, lambda: NgramDrafter(target.args.vocab_size, device))]
+    drafters += [(name, target, lambda h=h: HeadDrafter(h, target, 2, 1024, device, dtype)) for name, h in heads]
+    weights = list(filter(None, args.onnx_weights.split(",")))
+    drafters += [(f"ours autoregressive, {name}", m, NoDrafter)
+                 for name, m in onnx_models(target, weights, scratch).items()]
+    llm = llama_cpp_model(model_path)
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens)
     totals, same = {}, {}
     for prompt in dev_prompts(AutoTokenizer.from_pretrained(folder), Path(args.corpus), args.prompts):
-        engines = {name: Engine(target, make(), None, device, max_batch=1, max_seq=1024, cuda_graphs=False)
-                   for name, make in drafters}
+        engines = {name: Engine(model, make(), None, device, max_batch=1, max_seq=1024, cuda_graphs=False)
+                   for name, model, make in drafters}
         timed: dict[str, list] = {"transformers generate": [], **{name: [] for name in engines}}
+        if llm is not None:
+            timed["llama.cpp (the GGUF" + (", no adapter)" if adapter else ")")] = []
         for repeat in range(args.repeats + 1):
             names = list(timed)  # rotated each round: no implementation always runs right after another
             for name in names[repeat % len(names):] + names[:repeat % len(names)]:
-                t0, first_at = time.perf_counter(), None
+                t0, first_at, stats = time.perf_counter(), None, None
                 if name in engines:
-                    tokens = []
-                    for t in engines[name].generate(prompt, params, rid=str(repeat)):
-                        tokens.append(t)
-                        first_at = first_at or time.perf_counter()
+                    tokens, first_at = engine_line(engines[name], prompt, params, str(repeat))
                     stats = engines[name].last_stats
+                elif name.startswith("llama.cpp"):
+                    tokens, first_at = llama_cpp_line(llm, prompt, args.new_tokens)
+                    stats = RequestStats()
                 else:
                     ids = torch.tensor([prompt], device=device)
                     tokens = hf.generate(ids, max_new_tokens=args.new_tokens, do_sample=False,
                                          pad_token_id=0)[0, len(prompt):].tolist()
-                    stats = None
                 end = time.perf_counter()
                 if repeat:  # round 0 is the warm-up
                     timed[name].append((end - t0, tokens, stats, end - first_at if first_at else None))
@@ -251,12 +312,24 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args):
             seconds = statistics.median(r[0] for r in runs)
             tokens, stats = runs[-1][1], runs[-1][2]
             result = (seconds, len(tokens), tokens)
-            if name in engines:
+            if stats is not None:
                 result += (stats, statistics.median(r[3] for r in runs))
             totals.setdefault(name, []).append(result)
         for name, results in totals.items():
             same.setdefault(name, []).append(results[-1][2] == totals["ours autoregressive"][-1][2])
     return summarize(totals, same)
+
+
+def print_vs_llama_cpp(rows: list[dict]) -> None:
+    """Issue 18's quantized target: tokens/s of our rows against llama.cpp's, per line and in the decode phase."""
+    llama = next((r for r in rows if r["impl"].startswith("llama.cpp")), None)
+    if llama is None:
+        return
+    print("\ntokens/s vs llama.cpp (line, decode):")
+    for r in rows:
+        if r["impl"].startswith("ours") and "decode_ms_per_token" in r:
+            print(f"- {r['impl']}: {r['tokens_per_s'] / llama['tokens_per_s']:.2f}x, "
+                  f"{llama['decode_ms_per_token'] / r['decode_ms_per_token']:.2f}x")
 
 
 def print_table(title, rows):
@@ -291,6 +364,8 @@ def main():
     ap.add_argument("--model", default=None, help="an instruct base (folder or .gguf) on dev-split persona prompts")
     ap.add_argument("--adapter", default=None, help="--model's persona LoRA adapter")
     ap.add_argument("--model-head", default="", help="--model's feature head folder (a random head runs too)")
+    ap.add_argument("--onnx-weights", default="", help="--model also through ONNX Runtime, comma-separated exports: "
+                    "float, int8, int4 (e.g. int8,int4)")
     ap.add_argument("--corpus", default=str(Path(__file__).resolve().parents[2] / "shared" / "corpus"))
     ap.add_argument("--dtype", default="auto", help="weights and activations: auto (the engine's choice for --device), "
                     "float32, bfloat16, float16")
@@ -307,7 +382,7 @@ def main():
         torch.set_num_threads(args.threads)
     print(header(args.device), f"dtype {dtype}, batch 1, greedy, {torch.get_num_threads()} threads")
     results = {}
-    with torch.no_grad():
+    with torch.no_grad(), tempfile.TemporaryDirectory() as scratch:
         for shape in filter(None, args.shapes.split(",")):
             results[shape] = bench_shape(shape, args.device, dtype, args)
             print_table(f"{shape}: random weights, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens",
@@ -319,9 +394,11 @@ def main():
             print_table(f"trained pair {args.pair} + {args.draft}: {args.prompts} persona prompts, {length}",
                         results["pair"])
         if args.model:
-            results["model"] = bench_base(args.model, args.adapter, args.model_head, args.device, dtype, args)
+            results["model"] = bench_base(args.model, args.adapter, args.model_head, args.device, dtype, args,
+                                          Path(scratch))
             print_table(f"{args.model} + {args.adapter}: {args.prompts} dev-split persona prompts, "
                         f"{args.new_tokens} tokens each (stop tokens ignored)", results["model"])
+            print_vs_llama_cpp(results["model"])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -1,10 +1,11 @@
 """Feature head: a one-layer drafter that reads the target's own hidden states (EAGLE-style).
 
 At position p the head takes the token x_p and the target's feature f_{p-1} (its last hidden state
-before the final norm, at the position before; zeros at position 0), mixes them with one linear
-layer, runs one decoder layer over its own KV cache and predicts the feature f_p. The target's final
-norm and output head turn that prediction into next-token logits, so the head owns no embedding and
-no vocabulary matrix: it drafts with the target's own, and a few draft steps cost one small layer each.
+before the final norm, at the position before; zeros at position 0), RMS-normalizes each (EAGLE-3's input
+norms), mixes them with one linear layer, runs one decoder layer over its own KV cache and predicts the
+feature f_p. The target's final norm and output head turn that prediction into next-token logits, so the head
+owns no embedding and no vocabulary matrix: it drafts with the target's own, and a few draft steps cost one small
+layer each.
 Drafting feeds each predicted feature back in as the next position's input.
 
 Reduced draft vocabulary (FR-Spec): a head may draft over a subset of the vocabulary only, `draft_ids` (the most
@@ -12,9 +13,14 @@ frequent tokens of the target's outputs). Its output projection is then the targ
 a fraction of the full matrix on a large vocabulary; the other ids get logits of DRAFT_OFF (never drafted, q = 0
 there), and the target still verifies over its full vocabulary, so output is unchanged.
 
+Input norms: a target's features can dwarf its token embeddings (SmolLM2-135M: per-dimension RMS 23 against 0.10,
+one dimension at 528), so an unnormalized fc hardly sees the token. Both inputs go through their own RMSNorm first;
+the head's output scale is then free (the target's final norm and the next position's input norm both remove it).
+Heads saved before the norms (no `input_norms` in their config) load and draft as they were trained.
+
 A head folder holds `config.json` (the target's shape with one layer, `architectures`:
-["NpcEngineFeatureHead"], `draft_vocab_size` when reduced) and `model.safetensors` (`fc.weight`, `layer.*`,
-`draft_ids` when reduced).
+["NpcEngineFeatureHead"], `input_norms`, `draft_vocab_size` when reduced) and `model.safetensors` (`fc.weight`,
+`layer.*`, `embed_norm.weight` and `feature_norm.weight` with input norms, `draft_ids` when reduced).
 """
 import json
 from pathlib import Path
@@ -26,16 +32,18 @@ from safetensors.torch import save_file
 from torch import nn
 
 from npc_engine.loading import CheckpointError, parse_dtype
-from npc_engine.model import DecoderLayer, KVCache, ModelArgs, Transformer, rope_cos_sin, rope_inv_freq
+from npc_engine.model import DecoderLayer, KVCache, ModelArgs, RMSNorm, Transformer, rope_cos_sin, rope_inv_freq
 
 ARCHITECTURE = "NpcEngineFeatureHead"
 DRAFT_OFF = -1e4  # finite: a header mask that allows only ids off the draft vocabulary still leaves a distribution
 
 
 class FeatureHead(nn.Module):
-    def __init__(self, args: ModelArgs, draft_ids: torch.Tensor | None = None):
+    def __init__(self, args: ModelArgs, draft_ids: torch.Tensor | None = None, input_norms: bool = True):
         super().__init__()
         self.args = args  # the target's shape with n_layers = 1 (the KV cache of the head has one layer)
+        self.embed_norm = RMSNorm(args.dim, args.norm_eps) if input_norms else None
+        self.feature_norm = RMSNorm(args.dim, args.norm_eps) if input_norms else None
         self.fc = nn.Linear(2 * args.dim, args.dim, bias=False)
         self.layer = DecoderLayer(args)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
@@ -69,7 +77,10 @@ class FeatureHead(nn.Module):
         kv_index = None
         if cache is not None:
             kv_index = cache.gather_index(slots, prefix, cache.max_seq if kv_len is None else kv_len)
-        x = self.fc(torch.cat([target.model.embed_tokens(tokens), features.to(self.fc.weight.dtype)], dim=-1))
+        embedded, features = target.model.embed_tokens(tokens), features.to(self.fc.weight.dtype)
+        if self.embed_norm is not None:
+            embedded, features = self.embed_norm(embedded), self.feature_norm(features)
+        x = self.fc(torch.cat([embedded, features], dim=-1))
         return self.layer(x, *rope_cos_sin(input_pos, self.inv_freq), input_pos,
                           None if cache is None else cache.layer(0), slots, kv_index)
 
@@ -92,7 +103,8 @@ def save_head(head: FeatureHead, path: str | Path, target_name: str, dtype: torc
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = {**head.args.to_hf_config(), "architectures": [ARCHITECTURE], "model_type": "npc_engine_feature_head",
-           "target": target_name, "torch_dtype": str(dtype).removeprefix("torch.")}
+           "target": target_name, "torch_dtype": str(dtype).removeprefix("torch."),
+           "input_norms": head.embed_norm is not None}
     if head.draft_ids is not None:
         cfg["draft_vocab_size"] = len(head.draft_ids)
     (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -124,7 +136,7 @@ def load_head(path: str | Path, target: Transformer, device, dtype=None) -> Feat
                                   or int(draft_ids.min()) < 0 or int(draft_ids.max()) >= args.vocab_size):
         raise CheckpointError(f"{weights.name}: draft_ids must be a non-empty list of token ids below "
                               f"{args.vocab_size}")
-    head = FeatureHead(args, draft_ids)
+    head = FeatureHead(args, draft_ids, input_norms=cfg.get("input_norms", False))
     expected_shapes = {k: v.shape for k, v in head.state_dict().items()}
     for name, tensor in tensors.items():
         if expected_shapes.get(name) != tensor.shape:
