@@ -37,7 +37,7 @@ from pathlib import Path
 
 from npc_engine.grammar import parse_header
 from npc_engine.prompt import Turn
-from npc_engine.train.drills import topic, word_counts
+from npc_engine.train.drills import fact_lines, topic, word_counts
 from npc_engine.train.npc_dialogue import read_split
 
 STOPWORDS = set("""a about above after again against all also am an and any are as at be because been before being
@@ -122,10 +122,6 @@ class Question:
     expect: list[str] = field(default_factory=list)  # fact/dialogue/name: words of which one grounds the reply
     reference: str = ""  # the corpus's own NPC line, where there is one
     genre: str = ""
-
-
-def fact_lines(persona: dict) -> list[str]:
-    return list(persona.get("facts", [])) + list(persona.get("knowledge", []))
 
 
 def reference_questions(record: dict, frequency: Counter) -> list[Question]:
