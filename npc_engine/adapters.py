@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from npc_engine.errors import CheckpointError
@@ -58,6 +58,25 @@ def module_scale(cfg: dict, name: str) -> float:
     r = pattern_value(cfg.get("rank_pattern") or {}, name, cfg["r"])
     alpha = pattern_value(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha", 8))
     return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+@torch.no_grad()
+def truncate_adapter(src: str | Path, dst: str | Path, rank: int) -> None:
+    """Writes to `dst` the adapter whose every delta is the best rank-`rank` approximation (truncated SVD) of the
+    delta in `src`, as a plain PEFT LoRA adapter with scale 1: how a trained adapter is made small enough to ship."""
+    cfg, pairs = read_adapter(Path(src))
+    tensors = {}
+    for name, (a, b) in pairs.items():
+        u, s, vh = torch.linalg.svd(module_scale(cfg, name) * b.float() @ a.float(), full_matrices=False)
+        root = s[:rank].sqrt()
+        tensors[f"base_model.model.{name}.lora_A.weight"] = (root[:, None] * vh[:rank]).to(a.dtype).contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = (u[:, :rank] * root).to(b.dtype).contiguous()
+    small = {k: v for k, v in cfg.items() if k not in ("rank_pattern", "alpha_pattern", "use_rslora")}
+    small.update(r=rank, lora_alpha=rank)
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(dst / WEIGHTS))
+    (dst / CONFIG).write_text(json.dumps(small, indent=2) + "\n")
 
 
 @torch.no_grad()

@@ -86,3 +86,24 @@ def test_adapter_flag_on_generate(tmp_path, capsys):
         assert main(argv + (["--adapter", str(adapter)] if adapter else [])) == 0
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1]
+
+
+def test_truncated_adapter_keeps_the_full_rank_model_and_is_the_best_low_rank_delta(tmp_path):
+    from npc_engine.adapters import read_adapter, truncate_adapter
+
+    base = tiny_llama(tmp_path / "base")
+    merged = lora(base, tmp_path / "adapter", r=4, lora_alpha=8, use_rslora=True)
+    truncate_adapter(tmp_path / "adapter", tmp_path / "same", rank=4)
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        same = load_model(tmp_path / "base", dtype="float32", adapter=tmp_path / "same")
+        torch.testing.assert_close(same(ids), merged(ids).logits, atol=1e-4, rtol=1e-4)
+    truncate_adapter(tmp_path / "adapter", tmp_path / "small", rank=1)
+    _, full = read_adapter(tmp_path / "adapter")
+    _, small = read_adapter(tmp_path / "small")
+    a, b = full["model.layers.0.self_attn.q_proj"]
+    delta = 8 / 4**0.5 * b @ a  # rsLoRA: alpha / sqrt(r)
+    s = torch.linalg.svdvals(delta)
+    a1, b1 = small["model.layers.0.self_attn.q_proj"]
+    assert a1.shape[0] == 1 and json.loads((tmp_path / "small" / "adapter_config.json").read_text())["r"] == 1
+    torch.testing.assert_close(torch.linalg.matrix_norm(delta - b1 @ a1), s[1:].norm(), atol=1e-4, rtol=1e-4)
