@@ -8,16 +8,18 @@ over --repeats runs after one warm-up run. For our lines the decoding phase (fir
 also timed on its own: prefill is the same work with or without speculation, so "decode ms/token" is
 where drafting shows. --ignore-stop makes every line --new-tokens long (stop tokens are generated
 like any other), so short answers do not hide it. --model (an instruct base, a .gguf file or a folder, with
---adapter) adds, with --onnx-weights, our plain engine on ONNX Runtime exports (the weight-only int8 / int4 path) and,
-where llama-cpp-python is installed (a benchmark-only dependency), llama.cpp on the same .gguf file.
+--adapter) adds, with --weights, our engine on weight-only int8 / int4 packed weights (--dtype int8 / int4), with
+--onnx-weights our plain engine on ONNX Runtime exports (MatMulNBits) and, where llama-cpp-python is installed (a
+benchmark-only dependency), llama.cpp on the same .gguf file.
 
     python benchmarks/bench_decode.py --device cuda --shapes 1b,8b --pair models/npc-target
     python benchmarks/bench_decode.py --device cpu --shapes small --pair models/npc-target
     python benchmarks/bench_decode.py --device cpu --shapes "" --threads 2 --prompts 4 --repeats 3 \
         --model models/base/SmolLM2-135M-Instruct.Q4_1.gguf --adapter models/smollm2-npc-persona \
-        --model-head runs/smollm2-npc-head --onnx-weights int8,int4
+        --model-head runs/smollm2-npc-head --weights int8,int4 --onnx-weights int8
 """
 import argparse
+import copy
 import gc
 import json
 import statistics
@@ -34,6 +36,7 @@ from npc_engine.drafters import HeadDrafter, ModelDrafter, NgramDrafter, NoDraft
 from npc_engine.engine import Engine, RequestStats  # noqa: E402
 from npc_engine.head import load_head  # noqa: E402
 from npc_engine.loading import load_model, parse_dtype  # noqa: E402
+from npc_engine.quantize import quantize_weights_  # noqa: E402
 from npc_engine.sampling import SamplingParams  # noqa: E402
 
 
@@ -282,6 +285,13 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path
     weights = list(filter(None, args.onnx_weights.split(",")))
     drafters += [(f"ours autoregressive, {name}", m, NoDrafter)
                  for name, m in onnx_models(target, weights, scratch).items()]
+    for bits in filter(None, args.weights.split(",")):  # --dtype int8 / int4: the same engine on packed weights
+        q = quantize_weights_(copy.deepcopy(target), bits)
+        drafters += [(f"ours autoregressive, {bits} weights", q, NoDrafter),
+                     (f"ours speculative, n-gram, {bits} weights", q, lambda q=q: NgramDrafter(q.args.vocab_size,
+                                                                                                device))]
+        drafters += [(f"{name}, {bits} weights", q, lambda h=h, q=q: HeadDrafter(h, q, 2, 1024, device, dtype))
+                     for name, h in heads[:-1]]  # the trained head; the random one is measured on float weights
     llm = llama_cpp_model(model_path)
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens)
     totals, same = {}, {}
@@ -366,6 +376,8 @@ def main():
     ap.add_argument("--model-head", default="", help="--model's feature head folder (a random head runs too)")
     ap.add_argument("--onnx-weights", default="", help="--model also through ONNX Runtime, comma-separated exports: "
                     "float, int8, int4 (e.g. int8,int4)")
+    ap.add_argument("--weights", default="", help="--model also on weight-only packed weights (--dtype int8 / int4), "
+                    "comma-separated: int8, int4; rows for plain, n-gram and --model-head decoding")
     ap.add_argument("--corpus", default=str(Path(__file__).resolve().parents[2] / "shared" / "corpus"))
     ap.add_argument("--dtype", default="auto", help="weights and activations: auto (the engine's choice for --device), "
                     "float32, bfloat16, float16")

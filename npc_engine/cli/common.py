@@ -39,8 +39,9 @@ def add_model_args(p: argparse.ArgumentParser, model_default: str | None = DEFAU
                         "model's shipped drafter)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
     p.add_argument("--dtype", default="auto",
-                   help="float32, float16, bfloat16 (default: bfloat16 on cuda, float32 on cpu), or fp8: e4m3 target "
-                        "weights, activations in the default")
+                   help="float32, float16, bfloat16 (default: bfloat16 on cuda, float32 on cpu); fp8: e4m3 target "
+                        "weights (cuda); int8 or int4: weight-only target weights (cpu, 4-bit in groups of 32 like "
+                        "GGUF Q4_1); activations in the default")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
                    help="torch, onnx (model folders made by export-onnx) or auto (default: onnx when --model holds "
                         "an export)")

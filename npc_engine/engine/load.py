@@ -5,25 +5,27 @@ from pathlib import Path
 from npc_engine.drafters import draft_spec, make_drafter
 from npc_engine.loading import load_model, parse_dtype
 from npc_engine.paths import resolve_model
-from npc_engine.quantize import quantize_fp8_
+from npc_engine.quantize import WEIGHT_BITS, quantize_fp8_, quantize_weights_
 from npc_engine.tokenizer import Tokenizer
 
 
 def load_parts(model_dir: str | Path, draft: str = "auto", device: str = "cpu", dtype=None, backend: str = "auto",
                onnx_provider: str | None = None, max_batch: int = 16, max_seq: int = 1024,
                adapter: str | Path | None = None):
-    """(target, drafter, tokenizer, device). dtype: a float dtype name, "auto", or "fp8" (target weights stored as
-    e4m3 with per-channel scales). draft: "none", "ngram", a model or feature-head folder, or "auto" (the folder
-    named by npc_engine.json's "draft" key in the model folder, else n-gram lookup). backend: "torch", "onnx" (the
-    model folders are `npc-engine export-onnx` outputs) or "auto" (onnx when model_dir holds an export).
+    """(target, drafter, tokenizer, device). dtype: a float dtype name, "auto", "fp8" (target weights stored as
+    e4m3 with per-channel scales) or, on the CPU, "int8" / "int4" (weight-only target weights, float32
+    activations). draft: "none", "ngram", a model or feature-head folder, or "auto" (the folder named by
+    npc_engine.json's "draft" key in the model folder, else n-gram lookup). backend: "torch", "onnx" (the model
+    folders are `npc-engine export-onnx` outputs) or "auto" (onnx when model_dir holds an export).
     onnx_provider: "cpu", "cuda" or "auto" (CUDA when usable, else CPU); default: the device. model_dir may be a
     GGUF file (converted once, see paths.resolve_model); adapter: a PEFT LoRA folder merged into the target."""
     model_dir = resolve_model(model_dir)
     if backend == "auto":
         backend = "onnx" if (model_dir / "manifest.json").is_file() else "torch"
     if backend == "onnx":
-        if dtype == "fp8":
-            raise ValueError("dtype fp8 needs the torch backend (FP8 weights are not exported to ONNX)")
+        if dtype == "fp8" or dtype in WEIGHT_BITS:
+            raise ValueError(f"dtype {dtype} needs the torch backend (an ONNX export has its own weight-only int8 / "
+                             f"int4: export-onnx --weights)")
         if adapter is not None:
             raise ValueError("--adapter needs the torch backend (an ONNX export holds merged weights)")
         from npc_engine.onnx_backend import load_onnx_model
@@ -31,11 +33,15 @@ def load_parts(model_dir: str | Path, draft: str = "auto", device: str = "cpu", 
         device, dtype = target.device, target.dtype
         load = partial(load_onnx_model, provider=target.provider, dtype=dtype)
     else:
-        fp8 = dtype == "fp8"  # e4m3 target weights; activations (and the draft model) in the device's default
-        dtype = parse_dtype(None if fp8 else dtype, device)
+        # fp8, int8, int4: the target's weights only; activations (and the draft model) in the device's default
+        stored = dtype if dtype == "fp8" or dtype in WEIGHT_BITS else None
+        dtype = parse_dtype(None if stored else dtype, device)
         load = partial(load_model, device=device, dtype=dtype)
         target = load(model_dir, adapter=adapter)
-        target = quantize_fp8_(target) if fp8 else target
+        if stored == "fp8":
+            target = quantize_fp8_(target)
+        elif stored:
+            target = quantize_weights_(target, stored)
     drafter = make_drafter(draft_spec(model_dir, draft), target, load, backend == "torch", max_batch, max_seq, device,
                            dtype)
     return target, drafter, Tokenizer.from_dir(model_dir), device

@@ -1,0 +1,121 @@
+"""--dtype int8 / int4: weight-only target weights on the CPU (npc_engine.quantize)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from npc_engine.drafters import HeadDrafter, ModelDrafter, NgramDrafter, NoDrafter
+from npc_engine.engine import Engine
+from npc_engine.engine.load import load_parts
+from npc_engine.loading import load_model
+from npc_engine.quantize import INT4_GROUP, Int4Linear, Int8Linear, quantize_weights_
+from npc_engine.sampling import SamplingParams
+from npc_engine.tokenizer import Tokenizer
+from test_speculative import EMBEDDED, PROMPTS, random_head, run_batch
+
+
+def q4_1_grid(w: torch.Tensor) -> torch.Tensor:
+    """`w` rounded as GGUF Q4_1 stores it: groups of 32 along the input, w = min + q·(max - min)/15."""
+    g = w.view(w.shape[0], -1, INT4_GROUP)
+    low, high = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    step = ((high - low) / 15).clamp(min=1e-12)
+    return (low + ((g - low) / step).round().clamp(0, 15) * step).view_as(w)
+
+
+def int8_grid(w: torch.Tensor) -> torch.Tensor:
+    scales = w.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
+    return (w / scales).round().clamp(-127, 127) * scales
+
+
+def on_grid(model: nn.Module, bits: str) -> nn.Module:
+    """A float copy of `model` whose linear weights are what `quantize_weights_(model, bits)` stores."""
+    model = copy.deepcopy(model)
+    for layer in model.modules():
+        if type(layer) is nn.Linear:
+            w = layer.weight.data.float()
+            rounded = q4_1_grid(w) if bits == "int4" and Int4Linear.fits(layer) else int8_grid(w)
+            layer.weight = nn.Parameter(rounded.to(layer.weight.dtype))  # a tied embedding stays float
+    return model
+
+
+def test_int4_stores_a_q4_1_weight_exactly():
+    torch.manual_seed(0)
+    layer = nn.Linear(96, 48, bias=True)
+    layer.weight.data = q4_1_grid(layer.weight.data)
+    x = torch.randn(5, 96)
+    expected = layer(x)
+    assert torch.allclose(Int4Linear(layer)(x), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(Int8Linear(layer)(x), expected, atol=1e-5, rtol=1e-5)  # the check can tell
+
+
+def test_int8_error_stays_within_half_a_step_per_weight():
+    torch.manual_seed(1)
+    layer = nn.Linear(64, 32, bias=False)
+    x = torch.randn(4, 64)
+    bound = x.abs() @ (layer.weight.abs().amax(1, keepdim=True) / 127 / 2).expand(-1, 64).T
+    err = (Int8Linear(layer)(x) - layer(x)).abs()
+    assert (err <= bound + 1e-5).all() and err.max() > 0
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_quantized_logits_match_the_float_model_of_the_stored_weights(bits):
+    """On the embedded pair: the packed kernels compute what float32 computes on the stored (rounded) weights, and the
+    rounding itself costs int8 little (its tolerance stated here; int4 on this 9.5 M model costs much more, see
+    benchmarks/README.md)."""
+    model = load_model(EMBEDDED / "npc-target")
+    tok = Tokenizer.from_dir(EMBEDDED / "npc-target")
+    ids = torch.tensor([tok.encode(PROMPTS[0] + "I forge blades")])
+    quantized = quantize_weights_(copy.deepcopy(model), bits)
+    assert not any(type(m) is nn.Linear for m in quantized.modules())
+    with torch.no_grad():
+        got, rounded, exact = quantized(ids), on_grid(model, bits)(ids), model(ids)
+    assert torch.allclose(got, rounded, atol=2e-3, rtol=1e-4)
+    if bits == "int8":
+        log_p, log_q = exact.log_softmax(-1), got.log_softmax(-1)
+        assert (log_p.exp() * (log_p - log_q)).sum(-1).max() < 0.02  # KL(float32 || int8) per position
+        assert (got.argmax(-1) == exact.argmax(-1)).all()
+
+
+def quantized_engine(target_dir, draft_dir, bits: str, drafter_kind: str) -> Engine:
+    target = quantize_weights_(load_model(target_dir), bits)
+    drafters = {
+        "none": lambda: NoDrafter(),
+        "ngram": lambda: NgramDrafter(target.args.vocab_size, "cpu"),
+        "model": lambda: ModelDrafter(load_model(draft_dir), 9, 1024, "cpu", torch.float32),
+        "head_reduced": lambda: HeadDrafter(random_head(target, draft_ids=torch.arange(0, target.args.vocab_size, 3)),
+                                            target, 9, 1024, "cpu", torch.float32),
+    }
+    return Engine(target, drafters[drafter_kind](), Tokenizer.from_dir(target_dir), max_batch=8, fixed_k=4)
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_greedy_output_is_identical_with_every_drafter_on_a_quantized_target(tiny_pair_dirs, bits):
+    target_dir, draft_dir = tiny_pair_dirs
+    params = SamplingParams(temperature=0, max_tokens=16)
+    plain = run_batch(quantized_engine(target_dir, draft_dir, bits, "none"), PROMPTS, params)
+    for kind in ("ngram", "model", "head_reduced"):
+        for batch in (1, 8):
+            engine = quantized_engine(target_dir, draft_dir, bits, kind)
+            got = []
+            for start in range(0, len(PROMPTS), batch):
+                got += run_batch(engine, PROMPTS[start:start + batch], params)
+            assert got == plain, (kind, batch)
+
+
+def test_load_parts_quantizes_the_target_only(tiny_pair_dirs):
+    target_dir, draft_dir = tiny_pair_dirs
+    target, drafter, _, _ = load_parts(target_dir, draft=str(draft_dir), dtype="int4")
+    assert isinstance(target.model.layers[0].self_attn.q_proj, (Int4Linear, Int8Linear))
+    assert next(target.parameters()).dtype == torch.float32  # activations, embeddings and norms stay float32
+    assert all(type(m) is not Int4Linear for m in drafter.model.modules())
+
+
+def test_weight_bits_are_refused_off_the_cpu_and_on_onnx(tiny_model_dir):
+    model = load_model(tiny_model_dir).to("meta")
+    with pytest.raises(ValueError, match="for the CPU"):
+        quantize_weights_(model, "int4")
+    with pytest.raises(ValueError, match="choose one of"):
+        quantize_weights_(load_model(tiny_model_dir), "int2")
+    with pytest.raises(ValueError, match="torch backend"):
+        load_parts(tiny_model_dir, draft="none", dtype="int8", backend="onnx")
