@@ -1,7 +1,10 @@
 """Target weights stored in fewer bits. `--dtype fp8`: every linear layer's weight as FP8 (e4m3) with one scale per
 output channel (CUDA kernels). `--dtype int8` / `int4`: weight-only integer weights for the CPU, through PyTorch's own
 packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`: the ones torchao's CPU layouts call); a decode
-step on the CPU is memory-bound, and these read a quarter / an eighth of float32's bytes."""
+step on the CPU is memory-bound, and these read a quarter / an eighth of float32's bytes. The kernels take their
+activations in bfloat16 (with float32 ones they fall back to a path 3-10x slower than float32 itself, measured on
+AVX-512), so a quantized layer rounds its input to bfloat16, as llama.cpp rounds activations to 8 bits for its Q4_1
+dot products, and returns float32."""
 import torch
 from torch import nn
 
@@ -10,6 +13,7 @@ from npc_engine.model import Transformer
 
 INT4_GROUP = 32  # GGUF Q4_1's block: a Q4_1 weight without an adapter is stored again exactly
 WEIGHT_BITS = ("int8", "int4")
+ACTIVATIONS = torch.bfloat16
 
 
 def quantize_fp8_(model: Transformer) -> Transformer:
@@ -35,13 +39,13 @@ class Int8Linear(nn.Module):
         w = layer.weight.detach().float()
         scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
         self.register_buffer("weight_int8", (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scales.to(layer.weight.dtype))
+        self.register_buffer("scales", scales.to(ACTIVATIONS))
         self.bias = layer.bias
         self.in_features, self.out_features = layer.in_features, layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight_int8, self.scales)
-        y = y.view(*x.shape[:-1], self.out_features)
+        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(ACTIVATIONS), self.weight_int8, self.scales)
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 
@@ -60,7 +64,7 @@ class Int4Linear(nn.Module):
         # [k / group, n, 2]: the kernel's layout of (scale, zero)
         zeros = low + 8 * scales
         self.register_buffer("scales_and_zeros",
-                             torch.stack([scales.T, zeros.T], dim=-1).contiguous().to(layer.weight.dtype))
+                             torch.stack([scales.T, zeros.T], dim=-1).contiguous().to(ACTIVATIONS))
         self.bias = layer.bias
         self.group, self.in_features, self.out_features = group, k, n
 
@@ -70,9 +74,9 @@ class Int4Linear(nn.Module):
         return layer.in_features % group == 0 and layer.out_features % 16 == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), self.weight_int4, self.group,
-                                              self.scales_and_zeros)
-        y = y.view(*x.shape[:-1], self.out_features)
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(ACTIVATIONS), self.weight_int4,
+                                              self.group, self.scales_and_zeros)
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 

@@ -40,29 +40,39 @@ def on_grid(model: nn.Module, bits: str) -> nn.Module:
 
 
 def test_int4_stores_a_q4_1_weight_exactly():
+    """Up to the bfloat16 rounding of the layer's input and output (the kernels' activations)."""
     torch.manual_seed(0)
     layer = nn.Linear(96, 48, bias=True)
-    layer.weight.data = q4_1_grid(layer.weight.data)
     x = torch.randn(5, 96)
-    expected = layer(x)
-    assert torch.allclose(Int4Linear(layer)(x), expected, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(Int8Linear(layer)(x), expected, atol=1e-5, rtol=1e-5)  # the check can tell
+    off_grid_error = (Int4Linear(layer)(x) - layer(x.bfloat16().float())).abs().max()
+    layer.weight.data = q4_1_grid(layer.weight.data)
+    expected = layer(x.bfloat16().float())
+    tolerance = expected.abs().max() * 2 ** -7
+    assert (Int4Linear(layer)(x) - expected).abs().max() <= tolerance < off_grid_error
 
 
 def test_int8_error_stays_within_half_a_step_per_weight():
     torch.manual_seed(1)
     layer = nn.Linear(64, 32, bias=False)
-    x = torch.randn(4, 64)
+    x = torch.randn(4, 64).bfloat16().float()
     bound = x.abs() @ (layer.weight.abs().amax(1, keepdim=True) / 127 / 2).expand(-1, 64).T
-    err = (Int8Linear(layer)(x) - layer(x)).abs()
-    assert (err <= bound + 1e-5).all() and err.max() > 0
+    expected = layer(x)
+    err = (Int8Linear(layer)(x) - expected).abs()
+    assert (err <= bound + expected.abs() * 2 ** -8).all() and err.max() > 0
+
+
+def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) at each position."""
+    log_p, log_q = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 @pytest.mark.parametrize("bits", ["int8", "int4"])
 def test_quantized_logits_match_the_float_model_of_the_stored_weights(bits):
-    """On the embedded pair: the packed kernels compute what float32 computes on the stored (rounded) weights, and the
-    rounding itself costs int8 little (its tolerance stated here; int4 on this 9.5 M model costs much more, see
-    benchmarks/README.md)."""
+    """On the embedded pair: the packed kernels compute what float32 computes on the stored (rounded) weights, up to
+    their bfloat16 activations (measured: KL 0.0007 int8, 0.001 int4 per position), and the rounding itself costs
+    int8 little (measured: KL 0.007, one top-1 flip in 24 positions); int4 on this 9.5 M model costs much more
+    (KL 0.45), on SmolLM2 see benchmarks/README.md."""
     model = load_model(EMBEDDED / "npc-target")
     tok = Tokenizer.from_dir(EMBEDDED / "npc-target")
     ids = torch.tensor([tok.encode(PROMPTS[0] + "I forge blades")])
@@ -70,11 +80,10 @@ def test_quantized_logits_match_the_float_model_of_the_stored_weights(bits):
     assert not any(type(m) is nn.Linear for m in quantized.modules())
     with torch.no_grad():
         got, rounded, exact = quantized(ids), on_grid(model, bits)(ids), model(ids)
-    assert torch.allclose(got, rounded, atol=2e-3, rtol=1e-4)
+    assert kl(rounded, got).max() < 0.005
     if bits == "int8":
-        log_p, log_q = exact.log_softmax(-1), got.log_softmax(-1)
-        assert (log_p.exp() * (log_p - log_q)).sum(-1).max() < 0.02  # KL(float32 || int8) per position
-        assert (got.argmax(-1) == exact.argmax(-1)).all()
+        assert kl(exact, got).max() < 0.02
+        assert (got.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.9
 
 
 def quantized_engine(target_dir, draft_dir, bits: str, drafter_kind: str) -> Engine:

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "eval", help="gets samples.jsonl and metrics.json")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
     p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 (default: bfloat16 on cuda, float32 "
-                                                   "on cpu)")
+                                                   "on cpu), or int8 / int4 weights on the cpu")
     p.add_argument("--max-tokens", type=int, default=48, help="reply tokens at most")
     p.set_defaults(func=run)
 

@@ -211,14 +211,15 @@ def engine_persona(p: dict):
                    banned_topics=list(p.get("banned_topics", [])), deflection=p.get("deflection", ""))
 
 
-def generate_all(engine, prompts: list, max_tokens: int, headers: list | None = None) -> list[list[int]]:
+def generate_all(engine, prompts: list, max_tokens: int, headers: list | None = None, log=None) -> list[list[int]]:
     """Greedy replies of every `dialogue.Prompt` (under its line header matcher, if any), batched by the engine's
-    scheduler (persona prefixes cached)."""
+    scheduler (persona prefixes cached). `log` gets a progress line every tenth of the replies."""
     from npc_engine.sampling import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     out: dict[str, list[int]] = {}
     pending = list(enumerate(prompts))
+    start, done, every = time.perf_counter(), 0, max(1, len(prompts) // 10)
     while pending or engine.has_work():
         while pending and engine.capacity_left() > 0:
             i, prompt = pending.pop(0)
@@ -227,6 +228,9 @@ def generate_all(engine, prompts: list, max_tokens: int, headers: list | None = 
             out[str(i)] = []
         for event in engine.step():
             out[event.rid] += event.token_ids
+            done += event.finished
+            if log is not None and event.finished and (done % every == 0 or done == len(prompts)):
+                log(f"eval: {done}/{len(prompts)} replies, {time.perf_counter() - start:.0f} s")
     return [out[str(i)] for i in range(len(prompts))]
 
 
@@ -298,7 +302,7 @@ def evaluate(model: str, adapter: str | None, corpus: Path, out: Path, limit: in
         f" ({'its chat template' if tokenizer.chat_template else 'the embedded format'})")
     personas = [engine_persona(q.persona) for q in questions]
     headers = [engine.header_matcher(p.emotions, p.actions) for p in personas]
-    lines = [engine.tokenizer.decode(ids).strip() for ids in generate_all(engine, prompts, max_tokens, headers)]
+    lines = [engine.tokenizer.decode(ids).strip() for ids in generate_all(engine, prompts, max_tokens, headers, log)]
     parsed = [parse_header(line, p.emotions, p.actions) for line, p in zip(lines, personas)]
     rows = [score(q, text.strip()) | {"emotion": emotion, "action": action}
             for q, (emotion, action, text) in zip(questions, parsed)]
