@@ -19,7 +19,6 @@ benchmark-only dependency), llama.cpp on the same .gguf file.
         --model-head runs/smollm2-npc-head --weights int8,int4 --onnx-weights int8
 """
 import argparse
-import copy
 import gc
 import json
 import statistics
@@ -32,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import header, median_time, random_pair  # noqa: E402
+from npc_engine.adapters import merge_adapter  # noqa: E402
 from npc_engine.drafters import HeadDrafter, ModelDrafter, NgramDrafter, NoDrafter  # noqa: E402
 from npc_engine.engine import Engine, RequestStats  # noqa: E402
 from npc_engine.head import load_head  # noqa: E402
@@ -255,6 +255,12 @@ def engine_line(engine: Engine, prompt: list[int], params: SamplingParams, rid: 
     return tokens, first_at
 
 
+def plain_row(name: str) -> str:
+    """The row whose tokens `name`'s should equal: our plain decoding on the same weights."""
+    weights = name.rsplit(", ", 1)[-1]
+    return f"ours autoregressive, {weights}" if weights.endswith(" weights") else "ours autoregressive"
+
+
 def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path):
     """An instruct base (+ persona adapter) on dev-split persona prompts, every line --new-tokens long (stop tokens
     ignored on both sides), round-robin: each repeat runs every implementation once, in an order rotated each round,
@@ -286,7 +292,9 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path
     drafters += [(f"ours autoregressive, {name}", m, NoDrafter)
                  for name, m in onnx_models(target, weights, scratch).items()]
     for bits in filter(None, args.weights.split(",")):  # --dtype int8 / int4: the same engine on packed weights
-        q = quantize_weights_(copy.deepcopy(target), bits)
+        q = quantize_weights_(load_model(folder, device, dtype), bits)
+        if adapter:
+            merge_adapter(q, adapter)  # after packing, as load_parts does: the pairs stay beside the packed weights
         drafters += [(f"ours autoregressive, {bits} weights", q, NoDrafter),
                      (f"ours speculative, n-gram, {bits} weights", q, lambda q=q: NgramDrafter(q.args.vocab_size,
                                                                                                 device))]
@@ -326,7 +334,7 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path
                 result += (stats, statistics.median(r[3] for r in runs))
             totals.setdefault(name, []).append(result)
         for name, results in totals.items():
-            same.setdefault(name, []).append(results[-1][2] == totals["ours autoregressive"][-1][2])
+            same.setdefault(name, []).append(results[-1][2] == totals[plain_row(name)][-1][2])
     return summarize(totals, same)
 
 

@@ -81,18 +81,21 @@ def truncate_adapter(src: str | Path, dst: str | Path, rank: int) -> None:
 
 @torch.no_grad()
 def merge_adapter(model: nn.Module, path: str | Path) -> nn.Module:
-    """Adds each LoRA delta to its nn.Linear weight in place (computed in float32). Raises CheckpointError, naming
-    the module, for an adapter made for another model."""
+    """Adds each LoRA delta to its nn.Linear weight in place (computed in float32); a packed layer
+    (npc_engine.quantize) keeps its pair beside the packed weight instead. Raises CheckpointError, naming the module,
+    for an adapter made for another model."""
+    from npc_engine.quantize import PackedLinear
+
     path = Path(path)
     cfg, pairs = read_adapter(path)
     modules = dict(model.named_modules())
     base = cfg.get("base_model_name_or_path")
     for name, (a, b) in pairs.items():
         layer = modules.get(name)
-        if not isinstance(layer, nn.Linear):
+        if not isinstance(layer, (nn.Linear, PackedLinear)):
             raise CheckpointError(f"{path}: adapter for another model: it targets {name!r}, which this model does not "
                                   f"have" + (f" (adapter made for {base})" if base else ""))
-        out_f, in_f = layer.weight.shape
+        in_f, out_f = layer.in_features, layer.out_features
         if a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
             raise CheckpointError(f"{path}: adapter for another shape: {name} is {in_f} -> {out_f}, the adapter's "
                                   f"lora_A is {tuple(a.shape)} and lora_B {tuple(b.shape)}"
@@ -100,6 +103,9 @@ def merge_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     for name, (a, b) in pairs.items():  # checked all first: a refused adapter leaves the model untouched
         layer = modules[name]
         scale = module_scale(cfg, name)
+        if isinstance(layer, PackedLinear):
+            layer.lora_a, layer.lora_b = a.float().contiguous(), (b.float() * scale).contiguous()
+            continue
         # fan_in_fan_out is ignored: PEFT resets it to False for nn.Linear targets, as all of ours are.
         if name == "lm_head" and layer.weight is modules["model.embed_tokens"].weight:
             layer.weight = nn.Parameter(layer.weight.clone(), requires_grad=False)  # untie before changing it

@@ -165,6 +165,8 @@ class HeadDrafter:
 
     def __init__(self, head: FeatureHead, target: Transformer, n_slots: int, max_seq: int, device, dtype):
         self.model, self.target, self.device, self.dtype = head, target, device, dtype
+        if head.draft_ids is not None:
+            head.draft_rows(target)  # taken now: a target it cannot draft for is refused at load, not mid-line
         self.cache = self.tokens = None
         self.allocate(n_slots, max_seq)
 

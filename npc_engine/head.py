@@ -51,16 +51,11 @@ class FeatureHead(nn.Module):
         self._rows, self._rows_of = None, (None, -1)  # the target's output-head rows of draft_ids, taken once
 
     def draft_rows(self, target: Transformer) -> torch.Tensor:
-        """Taken again when the output head changes (another tensor, or this one edited in place: folded norms). A
-        quantized output head's float rows are the tied embedding's."""
-        head = target.lm_head
-        if isinstance(head, nn.Linear):
-            weight = head.weight
-        elif target.args.tie_word_embeddings:
-            weight = target.model.embed_tokens.weight
-        else:
-            raise ValueError("a reduced-vocabulary feature head reads the output head's float rows, and this target's "
-                             "untied output head is quantized (fp8)")
+        """Taken again when the output head changes (another tensor, or this one edited in place: folded norms)."""
+        if not isinstance(target.lm_head, nn.Linear):
+            raise ValueError("a reduced-vocabulary feature head reads the rows of the target's output head, which "
+                             "--dtype fp8 stores as FP8: use the head with another dtype")
+        weight = target.lm_head.weight
         if self._rows_of[0] is not weight or self._rows_of[1] != weight._version or self._rows.device != weight.device:
             self._rows, self._rows_of = weight[self.draft_ids].contiguous(), (weight, weight._version)
         return self._rows

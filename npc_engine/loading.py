@@ -23,7 +23,8 @@ def parse_dtype(name: str | torch.dtype | None, device: str | torch.device) -> t
     if name in (None, "auto"):
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if name not in DTYPE_NAMES:
-        raise CheckpointError(f"dtype {name!r} not supported; choose one of {', '.join(sorted(DTYPE_NAMES))}")
+        raise CheckpointError(f"dtype {name!r} not supported; choose one of {', '.join(sorted(DTYPE_NAMES))} (the "
+                              f"engine's --dtype also takes fp8 on cuda, int8 and int4 on cpu)")
     return DTYPE_NAMES[name]
 
 

@@ -28,6 +28,10 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
 
+DTYPE_HELP = ("float32, float16, bfloat16 (default: bfloat16 on cuda, float32 on cpu); fp8: e4m3 target weights "
+              "(cuda); int8 or int4: the target's decoder weights packed (cpu, 4-bit in groups of 32 like GGUF Q4_1, "
+              "an adapter kept beside them)")
+
 def add_model_args(p: argparse.ArgumentParser, model_default: str | None = DEFAULT_MODEL,
                    model_help: str = MODEL_HELP) -> None:
     p.add_argument("--model", default=model_default, help=model_help)
@@ -38,10 +42,7 @@ def add_model_args(p: argparse.ArgumentParser, model_default: str | None = DEFAU
                    help="draft model folder, feature-head folder, 'ngram', 'none' or 'auto' (default: auto, the "
                         "model's shipped drafter)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
-    p.add_argument("--dtype", default="auto",
-                   help="float32, float16, bfloat16 (default: bfloat16 on cuda, float32 on cpu); fp8: e4m3 target "
-                        "weights (cuda); int8 or int4: weight-only target weights (cpu, 4-bit in groups of 32 like "
-                        "GGUF Q4_1); activations in the default")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
                    help="torch, onnx (model folders made by export-onnx) or auto (default: onnx when --model holds "
                         "an export)")

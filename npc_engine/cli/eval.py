@@ -2,7 +2,7 @@
 import argparse
 from pathlib import Path
 
-from npc_engine.cli.common import check_device, voice_args
+from npc_engine.cli.common import DTYPE_HELP, check_device, voice_args
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -17,8 +17,7 @@ def add_parser(sub) -> None:
     p.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus", help="the corpus folder")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "eval", help="gets samples.jsonl and metrics.json")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
-    p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 (default: bfloat16 on cuda, float32 "
-                                                   "on cpu), or int8 / int4 weights on the cpu")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--max-tokens", type=int, default=48, help="reply tokens at most")
     p.set_defaults(func=run)
 

@@ -2,10 +2,11 @@
 from functools import partial
 from pathlib import Path
 
+from npc_engine.adapters import merge_adapter
 from npc_engine.drafters import draft_spec, make_drafter
 from npc_engine.loading import load_model, parse_dtype
 from npc_engine.paths import resolve_model
-from npc_engine.quantize import WEIGHT_BITS, quantize_fp8_, quantize_weights_
+from npc_engine.quantize import WEIGHT_BITS, check_weight_bits, quantize_fp8_, quantize_weights_
 from npc_engine.tokenizer import Tokenizer
 
 
@@ -13,10 +14,11 @@ def load_parts(model_dir: str | Path, draft: str = "auto", device: str = "cpu", 
                onnx_provider: str | None = None, max_batch: int = 16, max_seq: int = 1024,
                adapter: str | Path | None = None):
     """(target, drafter, tokenizer, device). dtype: a float dtype name, "auto", "fp8" (target weights stored as
-    e4m3 with per-channel scales) or, on the CPU, "int8" / "int4" (weight-only target weights, float32
-    activations). draft: "none", "ngram", a model or feature-head folder, or "auto" (the folder named by
-    npc_engine.json's "draft" key in the model folder, else n-gram lookup). backend: "torch", "onnx" (the model
-    folders are `npc-engine export-onnx` outputs) or "auto" (onnx when model_dir holds an export).
+    e4m3 with per-channel scales) or, on the CPU, "int8" / "int4" (the decoder layers' weights packed, run on
+    bfloat16 activations; the adapter's pairs kept beside them). draft: "none", "ngram", a model or feature-head
+    folder, or "auto" (the folder named by npc_engine.json's "draft" key in the model folder, else n-gram lookup).
+    backend: "torch", "onnx" (the model folders are `npc-engine export-onnx` outputs) or "auto" (onnx when
+    model_dir holds an export).
     onnx_provider: "cpu", "cuda" or "auto" (CUDA when usable, else CPU); default: the device. model_dir may be a
     GGUF file (converted once, see paths.resolve_model); adapter: a PEFT LoRA folder merged into the target."""
     model_dir = resolve_model(model_dir)
@@ -35,13 +37,17 @@ def load_parts(model_dir: str | Path, draft: str = "auto", device: str = "cpu", 
     else:
         # fp8, int8, int4: the target's weights only; activations (and the draft model) in the device's default
         stored = dtype if dtype == "fp8" or dtype in WEIGHT_BITS else None
+        if stored in WEIGHT_BITS:
+            check_weight_bits(stored, device)
         dtype = parse_dtype(None if stored else dtype, device)
         load = partial(load_model, device=device, dtype=dtype)
-        target = load(model_dir, adapter=adapter)
-        if stored == "fp8":
-            target = quantize_fp8_(target)
-        elif stored:
-            target = quantize_weights_(target, stored)
+        if stored in WEIGHT_BITS:  # the adapter after packing: its pairs stay beside the packed weights
+            target = quantize_weights_(load(model_dir), stored)
+            if adapter is not None:
+                merge_adapter(target, adapter)
+        else:
+            target = load(model_dir, adapter=adapter)
+            target = quantize_fp8_(target) if stored else target
     drafter = make_drafter(draft_spec(model_dir, draft), target, load, backend == "torch", max_batch, max_seq, device,
                            dtype)
     return target, drafter, Tokenizer.from_dir(model_dir), device

@@ -32,6 +32,7 @@ import json
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,7 +212,8 @@ def engine_persona(p: dict):
                    banned_topics=list(p.get("banned_topics", [])), deflection=p.get("deflection", ""))
 
 
-def generate_all(engine, prompts: list, max_tokens: int, headers: list | None = None, log=None) -> list[list[int]]:
+def generate_all(engine, prompts: list, max_tokens: int, headers: list | None = None,
+                 log: Callable[[str], None] | None = None) -> list[list[int]]:
     """Greedy replies of every `dialogue.Prompt` (under its line header matcher, if any), batched by the engine's
     scheduler (persona prefixes cached). `log` gets a progress line every tenth of the replies."""
     from npc_engine.sampling import SamplingParams
