@@ -31,12 +31,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import header, median_time, random_pair  # noqa: E402
-from npc_engine.adapters import merge_adapter  # noqa: E402
 from npc_engine.drafters import HeadDrafter, ModelDrafter, NgramDrafter, NoDrafter  # noqa: E402
 from npc_engine.engine import Engine, RequestStats  # noqa: E402
+from npc_engine.engine.load import load_parts  # noqa: E402
 from npc_engine.head import load_head  # noqa: E402
 from npc_engine.loading import load_model, parse_dtype  # noqa: E402
-from npc_engine.quantize import quantize_weights_  # noqa: E402
 from npc_engine.sampling import SamplingParams  # noqa: E402
 
 
@@ -292,9 +291,7 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path
     drafters += [(f"ours autoregressive, {name}", m, NoDrafter)
                  for name, m in onnx_models(target, weights, scratch).items()]
     for bits in filter(None, args.weights.split(",")):  # --dtype int8 / int4: the same engine on packed weights
-        q = quantize_weights_(load_model(folder, device, dtype), bits)
-        if adapter:
-            merge_adapter(q, adapter)  # after packing, as load_parts does: the pairs stay beside the packed weights
+        q = load_parts(folder, draft="none", device=device, dtype=bits, adapter=adapter)[0]
         drafters += [(f"ours autoregressive, {bits} weights", q, NoDrafter),
                      (f"ours speculative, n-gram, {bits} weights", q, lambda q=q: NgramDrafter(q.args.vocab_size,
                                                                                                 device))]

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from npc_engine.errors import CheckpointError
+from npc_engine.quantize import PackedLinear
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
@@ -84,8 +85,6 @@ def merge_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Adds each LoRA delta to its nn.Linear weight in place (computed in float32); a packed layer
     (npc_engine.quantize) keeps its pair beside the packed weight instead. Raises CheckpointError, naming the module,
     for an adapter made for another model."""
-    from npc_engine.quantize import PackedLinear
-
     path = Path(path)
     cfg, pairs = read_adapter(path)
     modules = dict(model.named_modules())

@@ -11,7 +11,7 @@ from torch import nn
 from npc_engine.fusion import fold_norms_
 from npc_engine.model import Transformer
 
-INT4_GROUP = 32  # GGUF Q4_1's block: a Q4_1 weight without an adapter is stored again exactly
+INT4_GROUP = 32  # GGUF Q4_1's block: a Q4_1 weight without an adapter gets its codes back exactly
 WEIGHT_BITS = ("int8", "int4")
 ACTIVATIONS = torch.bfloat16
 

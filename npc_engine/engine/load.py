@@ -37,11 +37,10 @@ def load_parts(model_dir: str | Path, draft: str = "auto", device: str = "cpu", 
     else:
         # fp8, int8, int4: the target's weights only; activations (and the draft model) in the device's default
         stored = dtype if dtype == "fp8" or dtype in WEIGHT_BITS else None
-        if stored in WEIGHT_BITS:
-            check_weight_bits(stored, device)
         dtype = parse_dtype(None if stored else dtype, device)
         load = partial(load_model, device=device, dtype=dtype)
         if stored in WEIGHT_BITS:  # the adapter after packing: its pairs stay beside the packed weights
+            check_weight_bits(stored, device)  # before any weight is loaded
             target = quantize_weights_(load(model_dir), stored)
             if adapter is not None:
                 merge_adapter(target, adapter)
