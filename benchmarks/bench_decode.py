@@ -200,7 +200,7 @@ def dev_prompts(tokenizer, corpus: Path, n: int, max_len: int = 448) -> list[lis
     from npc_engine.train.feature_head import reply_prompts
     from npc_engine.train.npc_dialogue import examples, read_split
 
-    return reply_prompts(tokenizer, examples(read_split(corpus, "dev"))[:4 * n], max_len)[:n]
+    return reply_prompts(tokenizer, examples(read_split(corpus, "dev"))[:4 * n], max_len, last_only=True)[:n]
 
 
 def onnx_models(target, weights: list[str], scratch: Path) -> dict[str, object]:

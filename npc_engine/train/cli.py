@@ -115,7 +115,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None,
                    help="persona stage: passes over the data (default: the config's)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="persona stage: examples per step (default: the config's)")
+                   help="persona stage, and the head stage with --base: examples per step (default: the config's)")
     p.add_argument("--lr", type=float, default=None, help="persona stage: peak learning rate (default: the config's)")
     p.add_argument("--rank", type=int, default=None, help="persona stage: LoRA rank (default: the config's)")
     p.add_argument("--no-drills", dest="drills", action="store_false",
@@ -145,6 +145,8 @@ def cmd_train(args) -> int:
     config = with_minutes(CONFIGS[args.config], args.max_minutes)
     if args.base is not None and "head" in args.max_minutes:
         config = replace(config, base_head=replace(config.base_head, max_minutes=args.max_minutes["head"]))
+    if args.base is not None and args.batch_size is not None:
+        config = replace(config, base_head=replace(config.base_head, batch_size=args.batch_size))
     if args.draft_vocab is not None:
         config = replace(config, draft_vocab=args.draft_vocab)
     chosen = (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr), ("rank", args.rank),

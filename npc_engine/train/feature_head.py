@@ -26,7 +26,7 @@ from npc_engine.model import Transformer
 from npc_engine.paths import resolve_model
 from npc_engine.prompt import chat_messages
 from npc_engine.sampling import SamplingParams
-from npc_engine.tokenizer import Tokenizer, end_of_turn_ids
+from npc_engine.tokenizer import Tokenizer
 from npc_engine.train.batches import MixedSampler
 from npc_engine.train.loop import Context, compile_layers, conversation_pools, count_params, mix_shares, record, train
 from npc_engine.train.npc_dialogue import Example, train_examples
@@ -122,44 +122,42 @@ class RowSampler:
         return tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
 
 
-def reply_prompts(tokenizer, examples: list[Example], max_len: int) -> list[list[int]]:
-    """Each example up to its last NPC message, in the base's chat template with the generation prompt."""
+def reply_prompts(tokenizer, examples: list[Example], max_len: int, last_only: bool = False) -> list[list[int]]:
+    """Each example up to each of its NPC messages (the head drafts every NPC turn of a conversation), or with
+    last_only up to its last, in the base's chat template with the generation prompt."""
     prompts = []
     for ex in examples:
         messages = chat_messages(ex.persona, ex.turns, ex.scene)
-        last = max((i for i, msg in enumerate(messages) if msg["role"] == "assistant"), default=None)
-        if last is None:
-            continue
-        ids = tokenizer(render(tokenizer, messages[:last], True), add_special_tokens=False)["input_ids"]
-        if len(ids) <= max_len:
-            prompts.append(ids)
+        npc_turns = [i for i, msg in enumerate(messages) if msg["role"] == "assistant"]
+        for i in npc_turns[-1:] if last_only else npc_turns:
+            ids = tokenizer(render(tokenizer, messages[:i], True), add_special_tokens=False)["input_ids"]
+            if len(ids) <= max_len:
+                prompts.append(ids)
     return prompts
 
 
-def greedy_replies(target: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], max_tokens: int,
-                   seconds: float, device: torch.device, log) -> list[list[int]]:
-    """The target's greedy reply to each prompt (its end-of-turn token appended when it stopped), in batches of 8,
-    until `seconds` have passed (0: all of them)."""
-    template = tokenizer.chat_template
-    end = (end_of_turn_ids(tokenizer.tok, template) if template is not None else []) + tokenizer.stop_ids
+def greedy_replies(target: Transformer, prompts: list[list[int]], max_tokens: int, seconds: float,
+                   device: torch.device, log) -> list[list[int]]:
+    """The target's greedy continuation of each prompt, max_tokens long past any end of turn (as a benchmark line
+    runs; what follows an NPC's turn is the target's own text too), batched, until `seconds` have passed (0: all
+    of them)."""
+    batch = 32 if device.type == "cuda" else 8
     longest = max(len(p) for p in prompts) + max_tokens
-    engine = Engine(target, NoDrafter(), tokenizer, device, max_batch=8, prefix_cache_mb=0,
+    engine = Engine(target, NoDrafter(), None, device, max_batch=batch, prefix_cache_mb=0,
                     max_seq=longest + K_MAX + PREFILL_CHUNK + 2)  # Engine.max_prompt_len's margin
     params, replies, start = SamplingParams(temperature=0, max_tokens=max_tokens), [], time.perf_counter()
-    for i in range(0, len(prompts), 8):
+    for i in range(0, len(prompts), batch):
         out = {}
-        for j, prompt in enumerate(prompts[i:i + 8]):
+        for j, prompt in enumerate(prompts[i:i + batch]):
             engine.submit(str(j), prompt, params)
             out[str(j)] = []
         while engine.has_work():
             for ev in engine.step():
                 out[ev.rid] += ev.token_ids
-                if ev.finished and ev.finish_reason == "stop" and end:
-                    out[ev.rid].append(end[0])
         replies += [out[str(j)] for j in range(len(out))]
         if seconds and time.perf_counter() - start > seconds:
             break
-        if (i // 8) % 8 == 7:
+        if (i // batch) % 8 == 7:
             log(f"head: {len(replies)}/{len(prompts)} greedy replies, {time.perf_counter() - start:.0f} s")
     return replies
 
@@ -198,8 +196,8 @@ def train_base_head(ctx: Context, base: Path, adapter: Path | None, corpus: Path
     ctx.log(f"head: target {base}{f' + {adapter}' if adapter else ''}, {len(rows)} corpus rows; greedy replies to "
             f"{len(prompts)} prompts, up to {cfg.head_reply_tokens} tokens")
     with torch.no_grad():
-        replies = greedy_replies(target, tokenizer, prompts, cfg.head_reply_tokens, stage.max_minutes * 60 / 4,
-                                 ctx.device, ctx.log)
+        replies = greedy_replies(target, prompts, cfg.head_reply_tokens, stage.max_minutes * 60 / 4, ctx.device,
+                                 ctx.log)
     rows += [(p + r, [0] * len(p) + [1] * len(r)) for p, r in zip(prompts, replies) if r]
     draft_ids = draft_vocabulary(replies, rows, min(cfg.draft_vocab, target.args.vocab_size), tokenizer.stop_ids)
     ctx.log(f"head: {len(replies)} replies, {sum(map(len, replies)):,} tokens; draft vocabulary {len(draft_ids):,} "
