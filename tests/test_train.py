@@ -79,13 +79,18 @@ def write_corpus(root: Path) -> Path:
     with lzma.open(root / "books" / "books-00.jsonl.xz", "wt", encoding="utf-8") as f:
         for i in range(10):
             f.write(json.dumps(fake_book(i, rng), ensure_ascii=False) + "\n")
+    write_persona_chat(root, rng)
+    return root
+
+
+def write_persona_chat(root: Path, rng: random.Random, n: int = 60) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["user 1 personas", "user 2 personas", "Best Generated Conversation"])
     writer.writeheader()
-    writer.writerows(fake_persona_rows(rng, 60))
+    writer.writerows(fake_persona_rows(rng, n))
+    (root / "dialogue").mkdir(exist_ok=True)
     with lzma.open(root / "dialogue" / "Synthetic-Persona-Chat_valid.csv.xz", "wt", encoding="utf-8") as f:
         f.write(buf.getvalue())
-    return root
 
 
 def write_personas(root: Path) -> Path:
@@ -353,6 +358,7 @@ def persona_run(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("persona")
     corpus = write_corpus(root / "corpus")
+    write_persona_chat(corpus, random.Random(1), 12)  # the --base head stage's everyday talk
     base = build_chat_base(root / "base", corpus)
     args = ["--config", "tiny", "--device", "cpu", "--corpus", str(corpus), "--work", str(root / "work"),
             "--stages", "persona", "--base", str(base), "--adapter-out", str(root / "adapter")]
@@ -491,6 +497,7 @@ def test_head_stage_on_an_instruct_base_writes_a_reduced_head_that_keeps_greedy_
     info = json.loads((head_dir / "training.json").read_text())
     # a continuation at every NPC turn of the first head_replies conversations, not one per conversation
     assert info["steps"] == TINY.base_head.max_steps and info["replies"] > TINY.head_replies
+    assert info["persona_chat"] == TINY.head_persona_chat  # everyday talk beside the NPC conversations
     assert info["draft_vocab"] == 48 and info["adapter"] == str(adapter) and info["last_loss"] < info["first_loss"]
     assert json.loads((head_dir / "config.json").read_text())["draft_vocab_size"] == 48
 

@@ -102,14 +102,15 @@ class TrainConfig:
     cpu_threads: int = 0  # torch threads on CPU; 0 = torch's default
     persona: PersonaStage = field(default_factory=PersonaStage)
     # the head of an instruct base (`--stages head --base`): rows of whole conversations, the target's greedy
-    # continuations at every NPC turn of head_replies of them (in at most a quarter of the stage's budget), a
-    # reduced draft vocabulary
+    # continuations at every NPC turn of head_replies of them and at one NPC turn of head_persona_chat Persona-Chat
+    # examples (in at most a quarter of the stage's budget), a reduced draft vocabulary
     base_head: Stage = field(default_factory=lambda: Stage(
         batch_size=4, block_size=512, lr=3e-3, max_steps=20_000, max_minutes=10, warmup_steps=20, log_every=10,
         ckpt_every=100))
     draft_vocab: int = 8192
     head_replies: int = 1024
     head_reply_tokens: int = 48
+    head_persona_chat: int = 2048
 
 
 DEFAULT = TrainConfig(
@@ -160,6 +161,7 @@ TINY = TrainConfig(
     draft_vocab=64,
     head_replies=6,
     head_reply_tokens=8,
+    head_persona_chat=8,
 )
 
 CONFIGS = {"default": DEFAULT, "tiny": TINY}

@@ -24,12 +24,13 @@ from npc_engine.head import FeatureHead, head_args, head_logits, save_head
 from npc_engine.loading import load_model
 from npc_engine.model import Transformer
 from npc_engine.paths import resolve_model
-from npc_engine.prompt import chat_messages
+from npc_engine.prompt import Turn, chat_messages
 from npc_engine.sampling import SamplingParams
 from npc_engine.tokenizer import Tokenizer
 from npc_engine.train.batches import MixedSampler
+from npc_engine.train.data import persona_chat_examples, read_persona_chat
 from npc_engine.train.loop import Context, compile_layers, conversation_pools, count_params, mix_shares, record, train
-from npc_engine.train.npc_dialogue import Example, train_examples
+from npc_engine.train.npc_dialogue import Example, prompt_persona, train_examples
 from npc_engine.train.persona import encode, render
 
 PULL_WEIGHT = 1.0
@@ -162,6 +163,23 @@ def greedy_replies(target: Transformer, prompts: list[list[int]], max_tokens: in
     return replies
 
 
+def persona_chat_head_examples(corpus: Path, n: int, seed: int) -> list[Example]:
+    """n seeded Persona-Chat examples (each conversation in both roles), each cut after a seeded NPC turn: everyday
+    talk in the npc-dialogue layout. On the written NPC conversations alone a head learned their replies, not its
+    target: it agreed with the target's greedy choice on 0.94 of the tokens of training replies and 0.56 of dev
+    replies (teacher-forced, benchmarks/README.md, "Feature heads for SmolLM2")."""
+    records = [e for row in read_persona_chat(corpus) for e in persona_chat_examples(row)]
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for i in torch.randperm(len(records), generator=generator)[:n].tolist():
+        turns = [Turn(speaker, text) for speaker, text in records[i]["turns"]]
+        npc_turns = [j for j, t in enumerate(turns) if t.speaker == "npc"]
+        end = npc_turns[int(torch.randint(len(npc_turns), (1,), generator=generator))] + 1
+        chosen.append(Example(prompt_persona(records[i]["persona"]), turns[:end], None,
+                              [("", None)] * sum(t.speaker == "npc" for t in turns[:end])))
+    return chosen
+
+
 def draft_vocabulary(replies: list[list[int]], rows: list[tuple[list[int], list[int]]], n: int,
                      always: list[int]) -> torch.Tensor:
     """The n most frequent tokens of the target's greedy replies, then of the NPC lines it was tuned on (to fill n
@@ -180,8 +198,9 @@ def draft_vocabulary(replies: list[list[int]], rows: list[tuple[list[int], list[
 
 def train_base_head(ctx: Context, base: Path, adapter: Path | None, corpus: Path, out: Path) -> dict:
     """The feature head of an instruct base (+ its persona adapter): trained on the npc-dialogue corpus's training
-    split rendered in the base's chat template (NPC turns in the loss) and on the target's own greedy replies to
-    those conversations, drafting over the config's `draft_vocab` most frequent ids of the target's outputs."""
+    split and `head_persona_chat` Persona-Chat conversations rendered in the base's chat template (NPC turns in the
+    loss) and on the target's own greedy continuations at their NPC turns, drafting over the config's
+    `draft_vocab` most frequent ids of the target's outputs."""
     from transformers import AutoTokenizer
 
     stage, cfg = ctx.config.base_head, ctx.config
@@ -191,10 +210,13 @@ def train_base_head(ctx: Context, base: Path, adapter: Path | None, corpus: Path
     examples = train_examples(corpus)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(ctx.seed + 3)).tolist()
     examples = [examples[i] for i in order]
-    rows = [r for r in (encode(hf_tok, ex, stage.block_size + 1) for ex in examples) if sum(r[1])]
-    prompts = reply_prompts(hf_tok, examples[:cfg.head_replies], stage.block_size + 1 - cfg.head_reply_tokens)
-    ctx.log(f"head: target {base}{f' + {adapter}' if adapter else ''}, {len(rows)} corpus rows; greedy replies to "
-            f"{len(prompts)} prompts, up to {cfg.head_reply_tokens} tokens")
+    chats = persona_chat_head_examples(corpus, cfg.head_persona_chat, ctx.seed + 3)
+    rows = [r for r in (encode(hf_tok, ex, stage.block_size + 1) for ex in examples + chats) if sum(r[1])]
+    max_prompt = stage.block_size + 1 - cfg.head_reply_tokens
+    prompts = reply_prompts(hf_tok, examples[:cfg.head_replies], max_prompt)
+    prompts += reply_prompts(hf_tok, chats, max_prompt, last_only=True)
+    ctx.log(f"head: target {base}{f' + {adapter}' if adapter else ''}, {len(rows)} corpus rows ({len(chats)} from "
+            f"Persona-Chat); greedy replies to {len(prompts)} prompts, up to {cfg.head_reply_tokens} tokens")
     with torch.no_grad():
         replies = greedy_replies(target, prompts, cfg.head_reply_tokens, stage.max_minutes * 60 / 4, ctx.device,
                                  ctx.log)
@@ -210,6 +232,6 @@ def train_base_head(ctx: Context, base: Path, adapter: Path | None, corpus: Path
     info = train("head", head, subset_loss(target, draft_ids.to(ctx.device)), sampler, stage, ctx)
     save_head(head, out, target_name=str(base))
     extra = {"base": str(base), "adapter": str(adapter) if adapter else None, "draft_vocab": len(draft_ids),
-             "replies": len(replies), "rows": len(rows)}
+             "replies": len(replies), "rows": len(rows), "persona_chat": len(chats)}
     (out / "training.json").write_text(json.dumps({**info, **extra}, indent=1) + "\n")
     return record(ctx, "head", {**info, **extra, "parameters": count_params(head)})
