@@ -26,13 +26,22 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from npc_engine.loading import CheckpointError, parse_dtype
-from npc_engine.model import DecoderLayer, KVCache, ModelArgs, RMSNorm, Transformer, rope_cos_sin, rope_inv_freq
+from npc_engine.model import (
+    DecoderLayer,
+    KVCache,
+    Linear,
+    ModelArgs,
+    RMSNorm,
+    Transformer,
+    mv_linear,
+    rope_cos_sin,
+    rope_inv_freq,
+)
 
 ARCHITECTURE = "NpcEngineFeatureHead"
 DRAFT_OFF = -1e4  # finite: a header mask that allows only ids off the draft vocabulary still leaves a distribution
@@ -44,7 +53,7 @@ class FeatureHead(nn.Module):
         self.args = args  # the target's shape with n_layers = 1 (the KV cache of the head has one layer)
         self.embed_norm = RMSNorm(args.dim, args.norm_eps) if input_norms else None
         self.feature_norm = RMSNorm(args.dim, args.norm_eps) if input_norms else None
-        self.fc = nn.Linear(2 * args.dim, args.dim, bias=False)
+        self.fc = Linear(2 * args.dim, args.dim, bias=False)
         self.layer = DecoderLayer(args)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         self.register_buffer("draft_ids", None if draft_ids is None else torch.as_tensor(draft_ids, dtype=torch.long))
@@ -65,7 +74,7 @@ class FeatureHead(nn.Module):
         if self.draft_ids is None:
             return head_logits(target, features)
         h = target.model.norm(features.to(target.model.norm.weight.dtype))
-        sub = F.linear(h, self.draft_rows(target))
+        sub = mv_linear(h, self.draft_rows(target))
         out = sub.new_full((*sub.shape[:-1], target.args.vocab_size), DRAFT_OFF)
         return out.scatter_(-1, self.draft_ids.expand_as(sub), sub)
 
@@ -77,15 +86,17 @@ class FeatureHead(nn.Module):
         B, T = tokens.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=tokens.device).expand(B, T)
-        kv_index = None
+        layout = None
         if cache is not None:
-            kv_index = cache.gather_index(slots, prefix, cache.max_seq if kv_len is None else kv_len)
+            args = self.args
+            layout = cache.layout(slots, input_pos, prefix, cache.max_seq if kv_len is None else kv_len,
+                                  args.n_heads // args.n_kv_heads)
         embedded, features = target.model.embed_tokens(tokens), features.to(self.fc.weight.dtype)
         if self.embed_norm is not None:
             embedded, features = self.embed_norm(embedded), self.feature_norm(features)
         x = self.fc(torch.cat([embedded, features], dim=-1))
-        return self.layer(x, *rope_cos_sin(input_pos, self.inv_freq), input_pos,
-                          None if cache is None else cache.layer(0), slots, kv_index)
+        return self.layer(x, *rope_cos_sin(input_pos, self.inv_freq, x.dtype),
+                          None if cache is None else cache.layer(0), layout)
 
 
 def head_logits(target: Transformer, features: torch.Tensor) -> torch.Tensor:

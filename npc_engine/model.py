@@ -126,35 +126,45 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
 
 
-def rope_cos_sin(input_pos: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [B, T, head_dim] in float32 at positions input_pos [B, T]."""
-    freqs = input_pos.float()[..., None] * inv_freq.float()
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def rope_cos_sin(input_pos: torch.Tensor, inv_freq: torch.Tensor,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin [B, T, 1, head_dim] at positions input_pos [B, T] (computed in float32, returned in
+    dtype), as apply_rope takes them: the sin's first half negated, so rotating half of x is one roll."""
+    freqs = input_pos.float()[..., None, None] * inv_freq.float()
+    sin = freqs.sin()
+    return torch.cat((freqs, freqs), dim=-1).cos().to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, H, D]; cos/sin: [B, T, D] in float32."""
-    cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
-    return x * cos + rotate_half(x) * sin
+    """x: [B, T, H, D]; cos, sin: rope_cos_sin's. x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1):
+    the roll gives (x2, x1) and the signed sin the minus, in four ops (a decode step runs this 60 times)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
-def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """q [B, Hq, T, D]; keys, values [B, Hkv, n, D]; mask [B, T, n] (True: visible) -> [B, Hq, T, D]. The G = Hq / Hkv
-    query heads of each KV head attend as one block of G * T query rows, so keys and values are never copied per
-    query head (that copy took 12 % of a CPU decode step of SmolLM2-135M's shape: benchmarks/README.md, "CPU decode
-    step")."""
-    B, Hq, T, D = q.shape
-    Hkv, n = keys.shape[1], keys.shape[2]
-    G = Hq // Hkv
-    q = q.reshape(B, Hkv, G * T, D)  # query head h = kv head h // G, as in the checkpoints' GQA layout
-    mask = mask[:, None].expand(B, G, T, n).reshape(B, 1, G * T, n)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask).reshape(B, Hq, T, D)
+@dataclass
+class CacheLayout:
+    """Where a cached forward writes and reads every layer's keys and values, one layer's k or v viewed as
+    [n_slots * Hkv * max_seq, head_dim] rows; built once per forward (KVCache.layout) and shared by all layers."""
+    write: torch.Tensor  # [B * T * Hkv]: the rows of the new keys and values, in [B, T, Hkv] order
+    read: torch.Tensor  # [B * Hkv * n]: the rows attended (KVCache.gather_index, flattened)
+    mask: torch.Tensor  # [B, 1, G * T, n], True: visible; the G query heads of a KV head attend as one block
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     layout: CacheLayout) -> torch.Tensor:
+    """q [B, T, Hq, D], rotated; k, v [B, T, Hkv, D], written into one layer's cache first -> [B, Hq, T, D]. The
+    G = Hq / Hkv query heads of each KV head attend as one block of G * T query rows, so keys and values are never
+    copied per query head (that copy took 12 % of a CPU decode step of SmolLM2-135M's shape: benchmarks/README.md,
+    "CPU decode step")."""
+    B, T, Hq, D = q.shape
+    Hkv, n = k.shape[2], layout.mask.shape[-1]
+    keys, values = k_cache.view(-1, D), v_cache.view(-1, D)
+    keys.index_copy_(0, layout.write, k.reshape(-1, D))
+    values.index_copy_(0, layout.write, v.reshape(-1, D))
+    q = q.transpose(1, 2).reshape(B, Hkv, Hq // Hkv * T, D)  # query head h = kv head h // G, as in GQA checkpoints
+    out = F.scaled_dot_product_attention(q, keys.index_select(0, layout.read).view(B, Hkv, n, D),
+                                         values.index_select(0, layout.read).view(B, Hkv, n, D), attn_mask=layout.mask)
+    return out.view(B, Hq, T, D)
 
 
 def gather_kv(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -163,9 +173,27 @@ def gather_kv(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return cache.view(-1, D).index_select(0, index.flatten()).view(*index.shape, D)
 
 
+def mv_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, but one bfloat16 row on the CPU is a matrix-vector product (torch.mv). For one row F.linear goes to
+    oneDNN's AMX kernel, which fills one row of a 16-row tile: SmolLM2-135M's decoder weights took 21.5 ms a step
+    that way against 16.9 ms with mv, and several rows cost the same as one. The two give the same numbers
+    (benchmarks/README.md, "bfloat16 on the CPU"), so a drafted step's verified rows match plain decoding's."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() == x.shape[-1]:
+        y = torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear through mv_linear (same parameters and names)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mv_linear(x, self.weight, self.bias)
+
+
 def linear_params(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(weight, bias, scale) of an nn.Linear (scale None) or a kernels.Fp8Linear, as kernels.linear takes them."""
-    if type(layer) is nn.Linear:
+    if isinstance(layer, nn.Linear):
         return layer.weight, layer.bias, None
     return layer.weight_fp8, layer.bias, layer.scale
 
@@ -177,6 +205,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op; other dtypes round as transformers does, before the weight
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.reference(x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """transformers' formula, in ops every ONNX opset has."""
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -186,33 +220,27 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
-        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
-        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+        self.q_proj = Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.k_proj = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.v_proj = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.o_proj = Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
         # (weight, bias, FP8 scale or None) of q, k, v as one matrix, set by npc_engine.fusion.fuse_projections_
         self.qkv: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
         kv_size = args.n_kv_heads * args.head_dim
         self.qkv_sizes = (args.n_heads * args.head_dim, kv_size, kv_size)
 
-    def forward(self, x, cos, sin, input_pos, cache_kv, slots, kv_index):
+    def forward(self, x, cos, sin, cache_kv, layout: CacheLayout | None):
         B, T, _ = x.shape
         q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q = q.transpose(1, 2)
         if cache_kv is None:
-            out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                                 enable_gqa=True)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True, enable_gqa=True)
         else:
-            k_cache, v_cache = cache_kv
-            rows = slots[:, None]
-            k_cache[rows, :, input_pos] = k
-            v_cache[rows, :, input_pos] = v
-            # A query sees every cached key at or before its own position: stale entries past a
+            # A query sees every cached key at or before its own position (layout.mask): stale entries past a
             # row's length (rolled-back drafts, padding) always sit after the query and stay hidden.
-            mask = torch.arange(kv_index.shape[-1], device=x.device)[None, None, :] <= input_pos[:, :, None]
-            out = grouped_attention(q, gather_kv(k_cache, kv_index), gather_kv(v_cache, kv_index), mask)
+            out = cached_attention(q, k, v, *cache_kv, layout)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def forward_fused(self, qkv, cos_table, sin_table, input_pos, k_cache, v_cache, slots, kv_len, prefix, residual):
@@ -239,9 +267,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
-        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
-        self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
+        self.gate_proj = Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
+        self.up_proj = Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
+        self.down_proj = Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
 
         self.gate_up: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None  # npc_engine.fusion
 
@@ -256,8 +284,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, input_pos, cache_kv, slots, kv_index):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, cache_kv, slots, kv_index)
+    def forward(self, x, cos, sin, cache_kv=None, layout: CacheLayout | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache_kv, layout)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -291,6 +319,17 @@ class KVCache:
         rows = prefix_rows(slots, j, prefix)
         return (rows[:, None, :] * H + torch.arange(H, device=slots.device)[:, None]) * self.max_seq + j
 
+    def layout(self, slots: torch.Tensor, input_pos: torch.Tensor, prefix: torch.Tensor | None, n: int,
+               groups: int) -> CacheLayout:
+        """The rows a forward over input_pos [B, T] writes and reads in every layer, attending over n positions with
+        `groups` query heads per KV head."""
+        H, (B, T) = self.k.shape[2], input_pos.shape
+        heads = torch.arange(H, device=slots.device)
+        write = ((slots[:, None, None] * H + heads) * self.max_seq + input_pos[:, :, None]).flatten()
+        visible = torch.arange(n, device=slots.device) <= input_pos[:, :, None]  # [B, T, n]
+        mask = visible[:, None].expand(B, groups, T, n).reshape(B, 1, groups * T, n)
+        return CacheLayout(write, self.gather_index(slots, prefix, n).flatten(), mask)
+
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i], self.v[i]
 
@@ -307,7 +346,7 @@ class Transformer(nn.Module):
         self.args = args
         self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
         self.model = Decoder(args)
-        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
@@ -343,11 +382,12 @@ class Transformer(nn.Module):
                       slots: torch.Tensor | None = None, kv_len: int | None = None,
                       prefix: torch.Tensor | None = None) -> torch.Tensor:
         """The last decoder layer's output [B, T, dim], before the final norm (forward's arguments)."""
-        kv_index = None if cache is None else cache.gather_index(slots, prefix, kv_len)
-        cos, sin = rope_cos_sin(input_pos, self.inv_freq)
+        groups = self.args.n_heads // self.args.n_kv_heads
+        layout = None if cache is None else cache.layout(slots, input_pos, prefix, kv_len, groups)
         x = self.model.embed_tokens(tokens)
+        cos, sin = rope_cos_sin(input_pos, self.inv_freq, x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, input_pos, None if cache is None else cache.layer(i), slots, kv_index)
+            x = layer(x, cos, sin, None if cache is None else cache.layer(i), layout)
         return x
 
     def forward_fused(self, tokens, input_pos, cache: KVCache, slots, kv_len: int,

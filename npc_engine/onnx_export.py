@@ -66,16 +66,16 @@ class DecoderWithPast(nn.Module):
         m, args = self.model, self.model.args
         B, T = input_ids.shape
         P = past[0].shape[2]
-        cos, sin = rope_cos_sin(position_ids, m.inv_freq)
+        x = m.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(position_ids, m.inv_freq, x.dtype)
         key_index = torch.arange(P + T, device=input_ids.device)
         query_index = torch.arange(T, device=input_ids.device) + P
         allowed = (key_index[None, :] <= query_index[:, None])[None] & attention_mask[:, None, :].bool()
         bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None]  # [B, 1, T, P+T]
         repeats = args.n_heads // args.n_kv_heads
-        x = m.model.embed_tokens(input_ids)
         presents = []
         for i, layer in enumerate(m.model.layers):
-            attn, h = layer.self_attn, layer.input_layernorm(x)
+            attn, h = layer.self_attn, layer.input_layernorm.reference(x)
             q = apply_rope(attn.q_proj(h).view(B, T, args.n_heads, args.head_dim), cos, sin).transpose(1, 2)
             k = apply_rope(attn.k_proj(h).view(B, T, args.n_kv_heads, args.head_dim), cos, sin).transpose(1, 2)
             v = attn.v_proj(h).view(B, T, args.n_kv_heads, args.head_dim).transpose(1, 2)
@@ -88,8 +88,8 @@ class DecoderWithPast(nn.Module):
             scores = torch.matmul(q, k.transpose(2, 3)).float() * args.head_dim ** -0.5 + bias
             out = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
             x = x + attn.o_proj(out.transpose(1, 2).reshape(B, T, args.n_heads * args.head_dim))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return (m.lm_head(m.model.norm(x)), *presents)
+            x = x + layer.mlp(layer.post_attention_layernorm.reference(x))
+        return (m.lm_head(m.model.norm.reference(x)), *presents)
 
 
 def example_inputs(model: Transformer, dtype: torch.dtype, batch: int = 2, seq: int = 3, past: int = 5):

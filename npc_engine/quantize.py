@@ -117,7 +117,7 @@ def quantize_weights_(model: Transformer, bits: str) -> Transformer:
         raise ValueError("quantize_weights_: the model's weights are packed already")
     for module in list(model.model.layers.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
+            if isinstance(child, nn.Linear):
                 use_int4 = bits == "int4" and Int4Linear.fits(child)
                 setattr(module, name, Int4Linear(child) if use_int4 else Int8Linear(child))
     return model

@@ -33,7 +33,7 @@ def on_grid(model: nn.Module, bits: str) -> nn.Module:
     """A float copy of `model` whose decoder-layer weights are what `quantize_weights_(model, bits)` stores."""
     model = copy.deepcopy(model)
     for layer in model.model.layers.modules():
-        if type(layer) is nn.Linear:
+        if isinstance(layer, nn.Linear):
             w = layer.weight.data.float()
             layer.weight.data = q4_1_grid(w) if bits == "int4" and Int4Linear.fits(layer) else int8_grid(w)
     return model
@@ -77,7 +77,7 @@ def test_quantized_logits_match_the_float_model_of_the_stored_weights(bits):
     tok = Tokenizer.from_dir(EMBEDDED / "npc-target")
     ids = torch.tensor([tok.encode(PROMPTS[0] + "I forge blades")])
     quantized = quantize_weights_(copy.deepcopy(model), bits)
-    assert not any(type(m) is nn.Linear for m in quantized.model.layers.modules())
+    assert not any(isinstance(m, nn.Linear) for m in quantized.model.layers.modules())
     with torch.no_grad():
         got, rounded, exact = quantized(ids), on_grid(model, bits)(ids), model(ids)
     assert kl(rounded, got).max() < 0.005
@@ -127,8 +127,8 @@ def test_load_parts_packs_the_target_only(tiny_pair_dirs):
     target_dir, draft_dir = tiny_pair_dirs
     target, drafter, _, _ = load_parts(target_dir, draft=str(draft_dir), dtype="int4")
     assert isinstance(target.model.layers[0].self_attn.q_proj, Int4Linear)
-    assert not any(type(m) is nn.Linear for m in target.model.layers.modules())
-    assert type(target.lm_head) is nn.Linear and target.lm_head.weight.dtype == torch.float32
+    assert not any(isinstance(m, nn.Linear) for m in target.model.layers.modules())
+    assert isinstance(target.lm_head, nn.Linear) and target.lm_head.weight.dtype == torch.float32
     assert not any(isinstance(m, PackedLinear) for m in drafter.model.modules())
     with pytest.raises(ValueError, match="packed already"):
         quantize_weights_(target, "int8")
