@@ -5,6 +5,11 @@ Random weights at SmolLM2-135M's shape (30 layers, hidden 576, 9 heads, 3 KV hea
 bfloat16), batch 1, the eager forward the engine runs on the CPU (a slotted KV cache, `context` cached positions).
 
     python benchmarks/bench_cpu_step.py --threads 2 --profile
+    python benchmarks/bench_cpu_step.py --threads 2 --linear-rows 1,2,3,4,5,8,9,16,32
+
+--linear-rows times the decoder layers' projections alone, 30 layers' worth of distinct weights so that none stays
+in cache, for each number of rows: float32 and bfloat16 through F.linear, one bfloat16 row through torch.mv (what
+model.mv_linear runs), and whether bfloat16 rows give the same numbers whatever the rows beside them and by mv.
 """
 import argparse
 import json
@@ -15,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import SHAPES  # noqa: E402
@@ -57,6 +63,37 @@ def profile_ops(model: Transformer, cache: KVCache, context: int, top: int) -> l
              "share": e.self_cpu_time_total / total} for e in ranked]
 
 
+def linear_rows(args_shape: ModelArgs, rows: list[int], repeats: int = 5) -> None:
+    a = args_shape
+    q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    shapes = [(q, a.dim), (kv, a.dim), (kv, a.dim), (a.dim, q), (a.intermediate_size, a.dim),
+              (a.intermediate_size, a.dim), (a.dim, a.intermediate_size)]
+    weights = {dtype: [torch.randn(n, k).to(dtype) for _ in range(a.n_layers) for n, k in shapes]
+               for dtype in (torch.float32, torch.bfloat16)}
+
+    def ms(*call) -> float:
+        call[0](*call[1:])
+        start = time.perf_counter()
+        for _ in range(repeats):
+            call[0](*call[1:])
+        return (time.perf_counter() - start) / repeats * 1e3
+
+    def layers(dtype, m: int, mv: bool = False) -> None:
+        xs = {k: torch.randn(m, k, dtype=dtype) for k in {w.shape[1] for w in weights[dtype]}}
+        for w in weights[dtype]:
+            torch.mv(w, xs[w.shape[1]][0]) if mv else F.linear(xs[w.shape[1]], w)
+
+    print(f"one bfloat16 row through torch.mv: {ms(layers, torch.bfloat16, 1, True):.1f} ms")
+    print("| rows | float32 F.linear, ms | bfloat16 F.linear, ms |\n|---|---|---|")
+    for m in rows:
+        print(f"| {m} | {ms(layers, torch.float32, m):.1f} | {ms(layers, torch.bfloat16, m):.1f} |")
+    x = torch.randn(9, a.dim, dtype=torch.bfloat16)
+    same = all(torch.equal(F.linear(x, w)[i], F.linear(x[i:i + 1], w)[0]) and torch.equal(F.linear(x, w)[i],
+                                                                                          torch.mv(w, x[i]))
+               for w in weights[torch.bfloat16][:len(shapes)] if w.shape[1] == a.dim for i in range(9))
+    print(f"bfloat16 rows equal alone, beside 8 others and through torch.mv: {same}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -66,9 +103,13 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and KV cache")
     ap.add_argument("--profile", action="store_true", help="also print the ops taking the most CPU time")
     ap.add_argument("--top", type=int, default=8)
+    ap.add_argument("--linear-rows", default="", help="comma-separated row counts: time the projections alone")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.linear_rows:
+        linear_rows(ModelArgs(**SHAPES["smollm2"]), [int(m) for m in args.linear_rows.split(",")])
+        return 0
     torch.manual_seed(0)
     model = Transformer(ModelArgs(**SHAPES["smollm2"])).eval().to(getattr(torch, args.dtype))
     cache = random_cache(model, args.max_seq)

@@ -279,7 +279,13 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path
     missing = [k for k in hf.state_dict() if k not in ours_state and "rotary" not in k]
     assert not missing, f"transformers weights without ours: {missing[:3]}"
     hf.load_state_dict({k: ours_state[k] for k in hf.state_dict() if k in ours_state}, strict=False)
-    hf.generation_config.eos_token_id = None  # no stop token: every line --new-tokens long, as ours without one
+    hf_models = {"transformers generate": hf}
+    if dtype != torch.float32:  # also transformers' float32 (on the CPU its fastest) on the same weight values
+        hf32 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
+        hf32.load_state_dict({k: v.float() for k, v in hf.state_dict().items()})
+        hf_models["transformers generate, float32"] = hf32
+    for m in hf_models.values():
+        m.eval().generation_config.eos_token_id = None  # no stop token: every line --new-tokens long, as ours
     torch.manual_seed(0)
     random_head = FeatureHead(head_args(target.args)).to(device, dtype).eval()
     heads = [("ours speculative, feature head", load_head(head_dir, target, device, dtype))] if head_dir else []
@@ -303,7 +309,7 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path
     for prompt in dev_prompts(AutoTokenizer.from_pretrained(folder), Path(args.corpus), args.prompts):
         engines = {name: Engine(model, make(), None, device, max_batch=1, max_seq=1024, cuda_graphs=False)
                    for name, model, make in drafters}
-        timed: dict[str, list] = {"transformers generate": [], **{name: [] for name in engines}}
+        timed: dict[str, list] = {**{name: [] for name in hf_models}, **{name: [] for name in engines}}
         if llm is not None:
             timed["llama.cpp (the GGUF" + (", no adapter)" if adapter else ")")] = []
         for repeat in range(args.repeats + 1):
@@ -318,8 +324,8 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path
                     stats = RequestStats()
                 else:
                     ids = torch.tensor([prompt], device=device)
-                    tokens = hf.generate(ids, max_new_tokens=args.new_tokens, do_sample=False,
-                                         pad_token_id=0)[0, len(prompt):].tolist()
+                    tokens = hf_models[name].generate(ids, max_new_tokens=args.new_tokens, do_sample=False,
+                                                      pad_token_id=0)[0, len(prompt):].tolist()
                 end = time.perf_counter()
                 if repeat:  # round 0 is the warm-up
                     timed[name].append((end - t0, tokens, stats, end - first_at if first_at else None))

@@ -91,7 +91,8 @@ class FeatureHead(nn.Module):
             args = self.args
             layout = cache.layout(slots, input_pos, prefix, cache.max_seq if kv_len is None else kv_len,
                                   args.n_heads // args.n_kv_heads)
-        embedded, features = target.model.embed_tokens(tokens), features.to(self.fc.weight.dtype)
+        dtype = self.fc.weight.dtype  # the target may run another (int4 weights: float32 embeddings)
+        embedded, features = target.model.embed_tokens(tokens).to(dtype), features.to(dtype)
         if self.embed_norm is not None:
             embedded, features = self.embed_norm(embedded), self.feature_norm(features)
         x = self.fc(torch.cat([embedded, features], dim=-1))

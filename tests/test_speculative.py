@@ -28,12 +28,12 @@ PROMPTS = [
 ]
 
 
-def make_engine(target_dir, drafter_kind, draft_dir=None, **kwargs):
-    target = load_model(target_dir)
+def make_engine(target_dir, drafter_kind, draft_dir=None, dtype=torch.float32, **kwargs):
+    target = load_model(target_dir, "cpu", dtype)
     if drafter_kind == "model":
         drafter = ModelDrafter(load_model(draft_dir), 9, 1024, "cpu", torch.float32)
     elif drafter_kind == "head":  # random: mostly wrong drafts
-        drafter = HeadDrafter(random_head(target), target, 9, 1024, "cpu", torch.float32)
+        drafter = HeadDrafter(random_head(target).to(dtype), target, 9, 1024, "cpu", dtype)
     elif drafter_kind == "head_reduced":  # drafts over every third id only
         drafter = HeadDrafter(random_head(target, draft_ids=torch.arange(0, target.args.vocab_size, 3)), target, 9,
                               1024, "cpu", torch.float32)
@@ -76,6 +76,22 @@ def test_greedy_speculative_is_token_identical_across_batch_sizes(tiny_pair_dirs
         for start in range(0, len(PROMPTS), batch):
             got += run_batch(engine, PROMPTS[start:start + batch], params)
         assert got == plain, f"batch {batch}"
+
+
+@pytest.mark.parametrize("drafter_kind,k", [("ngram", 4), ("head", 3), ("head", 6)])
+def test_bfloat16_cpu_greedy_speculative_is_token_identical(tiny_pair_dirs, drafter_kind, k):
+    """bfloat16 on the CPU: a one-row step multiplies through torch.mv, a drafted step's K + 1 rows through
+    oneDNN's matmul; the two give the same numbers, so drafting never changes a greedy line."""
+    target_dir, draft_dir = tiny_pair_dirs
+    params = SamplingParams(temperature=0, max_tokens=24)
+    plain = run_batch(make_engine(target_dir, "none", dtype=torch.bfloat16), PROMPTS, params)
+    for batch in (1, 3):
+        engine = make_engine(target_dir, drafter_kind, draft_dir, torch.bfloat16, fixed_k=k)
+        got = []
+        for start in range(0, len(PROMPTS), batch):
+            got += run_batch(engine, PROMPTS[start:start + batch], params)
+        assert got == plain, f"batch {batch}"
+        assert engine.policy.acceptance.trials > 2  # it drafted
 
 
 def test_good_draft_is_accepted_and_bad_draft_still_exact(tiny_pair_dirs):
