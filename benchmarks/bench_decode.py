@@ -307,8 +307,8 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens)
     totals, same = {}, {}
     for prompt in dev_prompts(AutoTokenizer.from_pretrained(folder), Path(args.corpus), args.prompts):
-        engines = {name: Engine(model, make(), None, device, max_batch=1, max_seq=1024, cuda_graphs=False)
-                   for name, model, make in drafters}
+        engines = {name: Engine(model, make(), None, device, max_batch=1, max_seq=1024, cuda_graphs=False,
+                                compiled=args.compile) for name, model, make in drafters}
         timed: dict[str, list] = {**{name: [] for name in hf_models}, **{name: [] for name in engines}}
         if llm is not None:
             timed["llama.cpp (the GGUF" + (", no adapter)" if adapter else ")")] = []
@@ -393,6 +393,8 @@ def main():
     ap.add_argument("--dtype", default="auto", help="weights and activations: auto (the engine's choice for --device), "
                     "float32, bfloat16, float16")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--compile", action="store_true", help="--model on the CPU: our engines with compiled layers "
+                    "(the warm-up round compiles)")
     ap.add_argument("--prompts", type=int, default=4, help="persona prompts for --pair and --model")
     ap.add_argument("--prompt-tokens", type=int, default=50)
     ap.add_argument("--new-tokens", type=int, default=40)

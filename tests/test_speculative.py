@@ -1,5 +1,6 @@
 """The speculative core: greedy identity, the exact target distribution under sampling, rollback."""
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,20 @@ def test_bfloat16_cpu_greedy_speculative_is_token_identical(tiny_pair_dirs, draf
             got += run_batch(engine, PROMPTS[start:start + batch], params)
         assert got == plain, f"batch {batch}"
         assert engine.policy.acceptance.trials > 2  # it drafted
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,
+                    reason="torch.compile's CPU backend needs a C++ compiler")
+def test_compiled_layers_keep_greedy_lines(tiny_pair_dirs):
+    """Engine(compiled=True): each decoder layer through torch.compile, the same greedy lines as the eager engine,
+    decoding plainly and with a feature head's drafts (one-row and several-row steps)."""
+    target_dir, _ = tiny_pair_dirs
+    params = SamplingParams(temperature=0, max_tokens=24)
+    plain = run_batch(make_engine(target_dir, "none"), PROMPTS[:4], params)
+    for kind, k in (("none", None), ("head", 3)):
+        engine = make_engine(target_dir, kind, fixed_k=k, compiled=True)
+        assert all(layer._compiled_call_impl is not None for layer in engine.target.model.layers)
+        assert run_batch(engine, PROMPTS[:4], params) == plain, kind
 
 
 def test_good_draft_is_accepted_and_bad_draft_still_exact(tiny_pair_dirs):

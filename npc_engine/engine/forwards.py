@@ -27,6 +27,19 @@ def use_fused_kernels(target, drafter: Drafter, fused: bool) -> None:
             fuse_projections_(model)
 
 
+def compile_layers(target: Transformer, drafter: Drafter) -> None:
+    """torch.compile on each decoder layer in place (the target's, a draft model's, a feature head's), with dynamic
+    shapes: after one compile for one-row steps and one for several rows, every cache length and row count reuses
+    them (the layers share their graphs). On the CPU a step of a small model is mostly per-op overhead, which the
+    compiled layers' fused elementwise kernels cut (benchmarks/README.md, "Compiled layers on the CPU")."""
+    models = [target] + ([drafter.transformer] if drafter.transformer is not None else [])
+    layers = [layer for model in models for layer in model.model.layers]
+    if drafter.uses_features:  # a feature head
+        layers.append(drafter.model.layer)
+    for layer in layers:
+        layer.compile(dynamic=True)
+
+
 @dataclass
 class Forwards:
     target: torch.nn.Module  # a Transformer, or an ONNX Runtime model (onnx_backend.OnnxModel)
