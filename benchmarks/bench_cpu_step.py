@@ -103,6 +103,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and KV cache")
     ap.add_argument("--profile", action="store_true", help="also print the ops taking the most CPU time")
     ap.add_argument("--top", type=int, default=8)
+    ap.add_argument("--compile", action="store_true", help="each decoder layer through torch.compile (as --compile)")
     ap.add_argument("--linear-rows", default="", help="comma-separated row counts: time the projections alone")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
@@ -113,8 +114,15 @@ def main() -> int:
     torch.manual_seed(0)
     model = Transformer(ModelArgs(**SHAPES["smollm2"])).eval().to(getattr(torch, args.dtype))
     cache = random_cache(model, args.max_seq)
+    if args.compile:
+        for layer in model.model.layers:
+            layer.compile(dynamic=True)
+        start = time.perf_counter()
+        step_seconds(model, cache, args.context, 1)
+        print(f"first step, compiling: {time.perf_counter() - start:.1f} s")
     times = step_seconds(model, cache, args.context, args.steps + 3)[3:]
-    result = {"shape": "SmolLM2-135M", "dtype": args.dtype, "threads": args.threads, "context": args.context,
+    result = {"shape": "SmolLM2-135M", "dtype": args.dtype, "compiled": args.compile, "threads": args.threads,
+              "context": args.context,
               "steps": args.steps,
               "wall_ms_per_step": statistics.median(w for w, _ in times) * 1e3,
               "cpu_ms_per_step": statistics.median(c for _, c in times) * 1e3, "torch": torch.__version__,
