@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_decode import dev_prompts  # noqa: E402
 from npc_engine.drafters import HeadDrafter  # noqa: E402
 from npc_engine.engine import Engine  # noqa: E402
 from npc_engine.engine.load import load_parts  # noqa: E402
@@ -28,7 +29,7 @@ from npc_engine.loading import load_model  # noqa: E402
 from npc_engine.paths import resolve_model  # noqa: E402
 from npc_engine.sampling import SamplingParams  # noqa: E402
 from npc_engine.train.feature_head import greedy_replies, reply_prompts  # noqa: E402
-from npc_engine.train.npc_dialogue import examples, read_split, train_examples  # noqa: E402
+from npc_engine.train.npc_dialogue import train_examples  # noqa: E402
 
 
 def agreement(target, head, prompts: list[list[int]], replies: list[list[int]]) -> tuple[int, int]:
@@ -101,7 +102,7 @@ def main() -> int:
     folder = resolve_model(Path(args.model))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     corpus = Path(args.corpus)
-    dev = reply_prompts(tokenizer, examples(read_split(corpus, "dev"))[:4 * args.dev], 460, last_only=True)[:args.dev]
+    dev = dev_prompts(tokenizer, corpus, args.dev)
     heads = args.heads.split(",")
     print(f"# {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {args.threads} threads, {args.model} + "
           f"{args.adapter}")
@@ -109,7 +110,7 @@ def main() -> int:
         k_sweep(args.model, args.adapter, heads[0], args.dtype, dev, [int(k) for k in args.k_sweep.split(",")],
                 args.new_tokens)
         return 0
-    train = reply_prompts(tokenizer, train_examples(corpus)[:4 * args.train], 460, last_only=True)[:args.train]
+    train = reply_prompts(tokenizer, train_examples(corpus)[:4 * args.train], 448, last_only=True)[:args.train]
     target = load_model(folder, "cpu", torch.float32, adapter=args.adapter)
     with torch.no_grad():
         replies = {name: greedy_replies(target, prompts, args.new_tokens, 0, torch.device("cpu"), print)

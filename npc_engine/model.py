@@ -150,8 +150,8 @@ class CacheLayout:
     mask: torch.Tensor  # [B, 1, G * T, n], True: visible; the G query heads of a KV head attend as one block
 
 
-def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     layout: CacheLayout) -> torch.Tensor:
+def grouped_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                            v_cache: torch.Tensor, layout: CacheLayout) -> torch.Tensor:
     """q [B, T, Hq, D], rotated; k, v [B, T, Hkv, D], written into one layer's cache first -> [B, Hq, T, D]. The
     G = Hq / Hkv query heads of each KV head attend as one block of G * T query rows, so keys and values are never
     copied per query head (that copy took 12 % of a CPU decode step of SmolLM2-135M's shape: benchmarks/README.md,
@@ -175,8 +175,8 @@ def gather_kv(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def mv_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, but one bfloat16 row on the CPU is a matrix-vector product (torch.mv). For one row F.linear goes to
-    oneDNN's AMX kernel, which fills one row of a 16-row tile: SmolLM2-135M's decoder weights took 21.5 ms a step
-    that way against 16.9 ms with mv, and several rows cost the same as one. The two give the same numbers
+    oneDNN's AMX kernel, which fills one row of a 16-row tile: SmolLM2-135M's decoder weights took 25.5 ms a step
+    that way against 17.9 ms with mv, and up to 32 rows cost the same as one. The two give the same numbers
     (benchmarks/README.md, "bfloat16 on the CPU"), so a drafted step's verified rows match plain decoding's."""
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() == x.shape[-1]:
         y = torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
@@ -240,7 +240,7 @@ class Attention(nn.Module):
         else:
             # A query sees every cached key at or before its own position (layout.mask): stale entries past a
             # row's length (rolled-back drafts, padding) always sit after the query and stay hidden.
-            out = cached_attention(q, k, v, *cache_kv, layout)
+            out = grouped_cache_attention(q, k, v, *cache_kv, layout)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def forward_fused(self, qkv, cos_table, sin_table, input_pos, k_cache, v_cache, slots, kv_len, prefix, residual):
@@ -444,3 +444,11 @@ class Transformer(nn.Module):
             freqs = torch.arange(n, device=device).float()[:, None] * self.inv_freq.to(device).float()
             self.rope_tables = (freqs.cos(), freqs.sin())
         return self.rope_tables
+
+
+def compile_layers(model: nn.Module, dynamic: bool | None = None) -> None:
+    """Regional compilation: each decoder layer of a Transformer (of a feature head: its one layer) compiled in
+    place. The layers share one graph, so it compiles about four times faster than the whole model (the default
+    target's forward and backward on a 2-core CPU: 21 s against 80 s) and keeps the fusions inside the layers."""
+    for layer in model.model.layers if isinstance(model, Transformer) else [model.layer]:
+        layer.compile(dynamic=dynamic)

@@ -15,7 +15,7 @@ import torch
 
 from npc_engine.drafters import K_MAX, Drafter
 from npc_engine.engine.capture import capture_graphs
-from npc_engine.engine.forwards import Forwards, compile_layers, use_fused_kernels
+from npc_engine.engine.forwards import Forwards, compile_step_layers, use_fused_kernels
 from npc_engine.engine.load import load_parts
 from npc_engine.engine.pipeline import Pipeline
 from npc_engine.engine.policy import Calibration, DraftPolicy, calibrate
@@ -40,14 +40,14 @@ class Engine:
         """pipeline: launch each greedy step before the previous one's tokens reach the host (default: with CUDA
         graphs). prefix_cache_mb: memory for persona-prefix slots. max_prefill_tokens: prompt tokens a step
         prefills at most (Prefiller), none: every admitted prompt whole. compiled: on the CPU, torch.compile each
-        decoder layer (forwards.compile_layers; the first steps of each shape wait for the compiler)."""
+        decoder layer (forwards.compile_step_layers; the first steps of each shape wait for the compiler)."""
         self.target, self.drafter, self.tokenizer = target, drafter, tokenizer
         self.device = torch.device(device)
         if compiled:
             if self.device.type != "cpu" or not isinstance(target, Transformer):
                 raise ValueError("compiled layers are for the torch backend on the CPU (CUDA runs graphs and fused "
                                  "kernels)")
-            compile_layers(target, drafter)
+            compile_step_layers(target, drafter)
         if not drafter.uses_features and isinstance(target, Transformer):
             target.feature_store = None  # a feature head's store, left by an earlier engine on this target
         use_fused_kernels(target, drafter, self.device.type == "cuda" if fused_kernels is None else fused_kernels)

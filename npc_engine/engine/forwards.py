@@ -11,7 +11,7 @@ from npc_engine.cuda_graphs import GraphedForward, GraphedStep
 from npc_engine.drafters import Drafter
 from npc_engine.engine.stepping import greedy_step
 from npc_engine.fusion import fuse_projections_
-from npc_engine.model import KVCache, Transformer
+from npc_engine.model import KVCache, Transformer, compile_layers
 
 
 def kv_bucket(needed: int, max_seq: int, step: int = 64) -> int:
@@ -27,17 +27,14 @@ def use_fused_kernels(target, drafter: Drafter, fused: bool) -> None:
             fuse_projections_(model)
 
 
-def compile_layers(target: Transformer, drafter: Drafter) -> None:
-    """torch.compile on each decoder layer in place (the target's, a draft model's, a feature head's), with dynamic
-    shapes: after one compile for one-row steps and one for several rows, every cache length and row count reuses
-    them (the layers share their graphs). On the CPU a step of a small model is mostly per-op overhead, which the
-    compiled layers' fused elementwise kernels cut (benchmarks/README.md, "Compiled layers on the CPU")."""
-    models = [target] + ([drafter.transformer] if drafter.transformer is not None else [])
-    layers = [layer for model in models for layer in model.model.layers]
-    if drafter.uses_features:  # a feature head
-        layers.append(drafter.model.layer)
-    for layer in layers:
-        layer.compile(dynamic=True)
+def compile_step_layers(target: Transformer, drafter: Drafter) -> None:
+    """model.compile_layers with dynamic shapes on the target, a draft model and a feature head: after one compile
+    for one-row steps and one for several rows, every cache length and row count reuses them. On the CPU a step of a
+    small model is mostly per-op overhead, which the compiled layers' fused elementwise kernels cut
+    (benchmarks/README.md, "Compiled layers on the CPU")."""
+    for model in (target, drafter.transformer, drafter.model if drafter.uses_features else None):
+        if model is not None:
+            compile_layers(model, dynamic=True)
 
 
 @dataclass
