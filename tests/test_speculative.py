@@ -109,6 +109,11 @@ def test_compiled_layers_keep_greedy_lines(tiny_pair_dirs):
         assert run_batch(engine, PROMPTS[:4], params) == plain, kind
 
 
+def test_compiled_layers_are_refused_off_the_cpu(tiny_pair_dirs):
+    with pytest.raises(ValueError, match="drop --compile"):
+        Engine(load_model(tiny_pair_dirs[0]), NoDrafter(), None, "cuda", compiled=True)
+
+
 def test_good_draft_is_accepted_and_bad_draft_still_exact(tiny_pair_dirs):
     target_dir, draft_dir = tiny_pair_dirs
     params = SamplingParams(temperature=0, max_tokens=20)

@@ -45,8 +45,8 @@ class Engine:
         self.device = torch.device(device)
         if compiled:
             if self.device.type != "cpu" or not isinstance(target, Transformer):
-                raise ValueError("compiled layers are for the torch backend on the CPU (CUDA runs graphs and fused "
-                                 "kernels)")
+                raise ValueError("--compile (compiled layers) is for the torch backend on the CPU; on CUDA the "
+                                 "engine captures graphs instead: drop --compile")
             compile_step_layers(target, drafter)
         if not drafter.uses_features and isinstance(target, Transformer):
             target.feature_store = None  # a feature head's store, left by an earlier engine on this target
