@@ -34,6 +34,7 @@ from benchmarks.common import header, median_time, random_pair  # noqa: E402
 from npc_engine.drafters import HeadDrafter, ModelDrafter, NgramDrafter, NoDrafter  # noqa: E402
 from npc_engine.engine import Engine, RequestStats  # noqa: E402
 from npc_engine.engine.load import load_parts  # noqa: E402
+from npc_engine.engine.trees import TreeShape  # noqa: E402
 from npc_engine.head import load_head  # noqa: E402
 from npc_engine.loading import load_model, parse_dtype  # noqa: E402
 from npc_engine.sampling import SamplingParams  # noqa: E402
@@ -266,7 +267,9 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path
     so a change of load on a shared machine hits all of them (medians of --repeats rounds after one warm-up round):
     transformers.generate on our merged weights, ours plain, n-gram, the trained feature head, a random head; with
     --onnx-weights our plain engine on ONNX Runtime exports of the merged weights; llama.cpp on the GGUF file where
-    llama_cpp is importable (the base without the adapter: the same work per token, other tokens)."""
+    llama_cpp is importable (the base without the adapter: the same work per token, other tokens). Each of our
+    implementations is one engine over every prompt (its draft policy learns across lines, as a service's does),
+    with its CUDA graphs captured before the first line on the GPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from npc_engine.head import FeatureHead, head_args
@@ -293,6 +296,9 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path
     drafters = [("ours autoregressive", target, NoDrafter),
                 ("ours speculative, n-gram", target, lambda: NgramDrafter(target.args.vocab_size, device))]
     drafters += [(name, target, lambda h=h: HeadDrafter(h, target, 2, 1024, device, dtype)) for name, h in heads]
+    trees = {f"ours speculative, feature head, tree {shape}": TreeShape(*map(int, shape.split("x")))
+             for shape in filter(None, args.trees.split(","))} if head_dir else {}
+    drafters += [(name, target, lambda: HeadDrafter(heads[0][1], target, 2, 1024, device, dtype)) for name in trees]
     weights = list(filter(None, args.onnx_weights.split(",")))
     drafters += [(f"ours autoregressive, {name}", m, NoDrafter)
                  for name, m in onnx_models(target, weights, scratch).items()]
@@ -303,12 +309,16 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path
                                                                                                 device))]
         drafters += [(f"{name}, {bits} weights", q, lambda h=h, q=q: HeadDrafter(h, q, 2, 1024, device, dtype))
                      for name, h in heads[:-1]]  # the trained head; the random one is measured on float weights
+    graphs = torch.device(device).type == "cuda"
     llm = llama_cpp_model(model_path)
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens)
     totals, same = {}, {}
+    # one engine per implementation for every prompt, as a service keeps one: its draft policy carries over lines
+    engines = {name: Engine(model, make(), None, device, max_batch=1, max_seq=1024, cuda_graphs=graphs,
+                            compiled=args.compile, draft_tree=trees.get(name)) for name, model, make in drafters}
+    for engine in engines.values():
+        engine.capture_graphs(sampled=False)  # as a service does at start (none without graphs)
     for prompt in dev_prompts(AutoTokenizer.from_pretrained(folder), Path(args.corpus), args.prompts):
-        engines = {name: Engine(model, make(), None, device, max_batch=1, max_seq=1024, cuda_graphs=False,
-                                compiled=args.compile) for name, model, make in drafters}
         timed: dict[str, list] = {**{name: [] for name in hf_models}, **{name: [] for name in engines}}
         if llm is not None:
             timed["llama.cpp (the GGUF" + (", no adapter)" if adapter else ")")] = []
@@ -385,6 +395,8 @@ def main():
     ap.add_argument("--model", default=None, help="an instruct base (folder or .gguf) on dev-split persona prompts")
     ap.add_argument("--adapter", default=None, help="--model's persona LoRA adapter")
     ap.add_argument("--model-head", default="", help="--model's feature head folder (a random head runs too)")
+    ap.add_argument("--trees", default="", help="--model-head also drafting trees, comma-separated WIDTHxNODES shapes "
+                    "(e.g. 4x16,6x24; the policy picks the depth)")
     ap.add_argument("--onnx-weights", default="", help="--model also through ONNX Runtime, comma-separated exports: "
                     "float, int8, int4 (e.g. int8,int4)")
     ap.add_argument("--weights", default="", help="--model also on weight-only packed weights (--dtype int8 / int4), "

@@ -7,6 +7,7 @@ asks on-device drafters for argmax drafts inside its one forward sequence, and h
 """
 import json
 from array import array
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -15,10 +16,19 @@ import torch.nn.functional as F
 
 from kernels.prefix import prefix_rows
 from npc_engine.head import FeatureHead, is_head_dir, load_head
-from npc_engine.model import KVCache, Transformer
+from npc_engine.model import KVCache, Transformer, TreeStep
 from npc_engine.sampling import probs_from_logits, sample
 
 K_MAX = 16  # the longest draft a step may verify
+
+
+@dataclass
+class DraftTree:
+    """Draft-tree nodes after each row's last token (tree index 0), indexed 1..N in the order of the tensors' columns,
+    every parent before its children."""
+    tokens: torch.Tensor  # [B, N]
+    parents: torch.Tensor  # [B, N]: the tree index of each node's parent (0: the last token)
+    depths: torch.Tensor  # [B, N]: 1 for the last token's children
 
 
 class Drafter(Protocol):
@@ -27,6 +37,7 @@ class Drafter(Protocol):
     drafts: bool  # False: plain decoding (the engine never asks for drafts)
     host_drafts: bool  # drafts come from `lookup` over the host's tokens (not from a device forward)
     uses_features: bool  # reads the target's hidden states (the target keeps its feature store)
+    drafts_trees: bool  # has draft_tree (a greedy step may verify a tree of drafts: npc_engine.engine.trees)
     transformer: Transformer | None  # a full draft model the engine may fuse and capture in CUDA graphs
     cache: KVCache | None  # per-slot state, in the engine's slot layout (prefix slots included)
     feeds_last: int  # each proposal re-feeds this many last tokens: its cache needs every token before them
@@ -50,7 +61,7 @@ class Drafter(Protocol):
 class Cacheless:
     """State-free drafters: nothing to allocate or prefill."""
 
-    transformer, cache, uses_features = None, None, False
+    transformer, cache, uses_features, drafts_trees = None, None, False, False
     feeds_last = guessed = 0
 
     def slot_bytes(self, max_seq: int) -> int:
@@ -102,7 +113,7 @@ class ModelDrafter:
     """A small Llama-family model sharing the target's tokenizer, with its own KV cache in the engine's slot layout
     (prefix slots included), so one slot index names the same sequence in both caches."""
 
-    name, prior_alpha, drafts, host_drafts, uses_features = "model", 0.7, True, False, False
+    name, prior_alpha, drafts, host_drafts, uses_features, drafts_trees = "model", 0.7, True, False, False, False
     feeds_last = 2  # each proposal re-feeds the last two tokens: its cache needs every token before them
     guessed = 0
 
@@ -159,6 +170,7 @@ class HeadDrafter:
     drafting the engine's catch-up feeds it again from `guessed` positions before where it stopped."""
 
     name, prior_alpha, drafts, host_drafts, uses_features, transformer = "head", 0.7, True, False, True, None
+    drafts_trees = True
     REFEED = K_MAX + 1  # the last token and every draft a step can accept
     feeds_last = 1  # the last token comes from the step; the refeed reads the others from the token store
     guessed = K_MAX  # accepted drafts' entries were computed from predicted features until the next refeed
@@ -192,9 +204,10 @@ class HeadDrafter:
         before = (input_pos - 1).clamp(min=0)
         return self.target.feature_store[prefix_rows(slots, before, prefix), before] * (input_pos > 0)[..., None]
 
-    def run(self, tokens, input_pos, features, slots, kv_len, prefix) -> torch.Tensor:
-        self.tokens[slots[:, None], input_pos] = tokens
-        return self.model(self.target, tokens, features, input_pos, self.cache, slots, kv_len, prefix)
+    def run(self, tokens, input_pos, features, slots, kv_len, prefix, tree: TreeStep | None = None) -> torch.Tensor:
+        if tree is None:  # tree nodes are not the line's tokens: the step writes the accepted ones (engine.trees)
+            self.tokens[slots[:, None], input_pos] = tokens
+        return self.model(self.target, tokens, features, input_pos, self.cache, slots, kv_len, prefix, tree)
 
     def forward(self, tokens, input_pos, cache, slots, kv_len, logits: bool = True, prefix=None):
         """The head on stored features (prefill, timing), with ModelDrafter.forward's arguments (cache: the head's)."""
@@ -208,17 +221,63 @@ class HeadDrafter:
               prefix: torch.Tensor | None, pick) -> list[torch.Tensor]:
         """k drafts after each row's last token [B] at position lengths - 1; pick(i, logits [B, V]) chooses draft i.
         Positions before the last were all fed to the target, and to the head as prompt or accepted drafts."""
+        drafts, predicted, pos = [], self.refeed(last, lengths, slots, kv_len, prefix), lengths[:, None]
+        for i in range(k):
+            drafts.append(pick(i, self.model.logits(self.target, predicted)[:, -1]))
+            if i + 1 < k:
+                predicted = self.run(drafts[-1][:, None], pos, predicted, slots, kv_len, prefix)
+                pos = pos + 1
+        if k:  # the last draft is never fed here; the next step's refeed reads it if it is accepted
+            self.tokens[slots[:, None], pos] = drafts[-1][:, None]
+        return drafts
+
+    def refeed(self, last: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, kv_len: int,
+               prefix: torch.Tensor | None) -> torch.Tensor:
+        """Feeds the last REFEED positions on the target's features: the predicted feature [B, 1, dim] after last."""
         pos = ((lengths - 1)[:, None] + torch.arange(1 - self.REFEED, 1, device=lengths.device)).clamp(min=0)
         tokens = self.tokens[prefix_rows(slots, pos, prefix), pos]
         tokens[:, -1] = last
-        features, drafts = self.features_before(slots, pos, prefix), []
-        for i in range(k):
-            predicted = self.run(tokens, pos, features, slots, kv_len, prefix)[:, -1:]
-            drafts.append(pick(i, self.model.logits(self.target, predicted)[:, -1]))
-            tokens, features, pos = drafts[-1][:, None], predicted, pos[:, -1:] + 1
-        if k:  # the last draft is never fed here; the next step's refeed reads it if it is accepted
-            self.tokens[slots[:, None], pos] = tokens
-        return drafts
+        return self.run(tokens, pos, self.features_before(slots, pos, prefix), slots, kv_len, prefix)[:, -1:]
+
+    def draft_tree(self, last: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, width: int, depth: int,
+                   nodes: int, kv_len: int, prefix: torch.Tensor | None) -> DraftTree:
+        """EAGLE-2's dynamic draft tree after each row's last token [B] at position lengths - 1: every level
+        expands the `width` best-scored nodes of the level before by their `width` most likely tokens (a node's
+        score: the summed log-probabilities of its path), `depth` levels, then the `nodes` best-scored of all
+        expanded nodes are the tree. A child scores below its parent, so the chosen nodes hold their ancestors. The
+        head feeds each level at cache positions past the row's length, its nodes seeing their ancestors only."""
+        B, W, dev = len(last), width, last.device
+        predicted = self.refeed(last, lengths, slots, kv_len, prefix)
+        scores, tokens = self.model.top_tokens(self.target, predicted[:, 0], W)
+        scores = scores.double()  # float32 could not tell a child 1e-9 below its parent from it
+        ids, features = torch.arange(W, device=dev).expand(B, W), predicted.expand(B, W, -1)
+        seen = torch.eye(W, dtype=torch.bool, device=dev).expand(B, W, W)  # fed nodes: ancestors and self
+        all_scores, all_tokens, all_parents = [scores], [tokens], [torch.full_like(ids, -1)]
+        all_depths = [torch.ones(W, dtype=torch.long, device=dev)]  # no host tensor: this runs inside CUDA graphs
+        for d in range(1, depth):  # feed the level-d nodes, expand them to depth d + 1
+            write = lengths[:, None] + (d - 1) * W + torch.arange(W, device=dev)
+            predicted = self.run(tokens, (lengths - 1 + d)[:, None].expand(B, W), features, slots, kv_len, prefix,
+                                 TreeStep(write, lengths, seen))
+            logp, child = self.model.top_tokens(self.target, predicted, W)
+            child_scores = (scores[..., None] + logp.double() - 1e-9).flatten(1)  # [B, W * W]
+            all_scores.append(child_scores)
+            all_tokens.append(child.flatten(1))
+            all_parents.append(ids[..., None].expand(B, W, W).flatten(1))
+            all_depths.append(torch.full((W * W,), d + 1, device=dev))
+            if d + 1 < depth:
+                scores, best = child_scores.topk(W, -1)
+                parent = best // W  # the fed node each next one comes from
+                tokens, ids = child.flatten(1).gather(1, best), W + (d - 1) * W * W + best
+                features = predicted.gather(1, parent[..., None].expand(-1, -1, predicted.shape[-1]))
+                seen = torch.cat([seen.gather(1, parent[..., None].expand(-1, -1, seen.shape[-1])),
+                                  torch.eye(W, dtype=torch.bool, device=dev).expand(B, W, W)], dim=2)
+        expanded = W + (depth - 1) * W * W
+        chosen = torch.cat(all_scores, 1).topk(min(nodes, expanded), -1).indices.sort(-1).values
+        index_of = torch.zeros(B, expanded + 1, dtype=torch.long, device=dev)  # expanded id + 1 -> tree index
+        index_of.scatter_(1, chosen + 1, torch.arange(1, chosen.shape[1] + 1, device=dev).expand_as(chosen))
+        return DraftTree(torch.cat(all_tokens, 1).gather(1, chosen),
+                         index_of.gather(1, torch.cat(all_parents, 1).gather(1, chosen) + 1),
+                         torch.cat(all_depths)[chosen])
 
     def greedy_drafts(self, last2, lengths, slots, k, kv_len, prefix=None) -> torch.Tensor:
         return torch.stack(self.draft(last2[:, 1], lengths, slots, k, kv_len, prefix,

@@ -38,6 +38,7 @@ from npc_engine.model import (
     ModelArgs,
     RMSNorm,
     Transformer,
+    TreeStep,
     mv_linear,
     rope_cos_sin,
     rope_inv_freq,
@@ -78,11 +79,22 @@ class FeatureHead(nn.Module):
         out = sub.new_full((*sub.shape[:-1], target.args.vocab_size), DRAFT_OFF)
         return out.scatter_(-1, self.draft_ids.expand_as(sub), sub)
 
+    def top_tokens(self, target: Transformer, features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k most likely next tokens of each predicted feature: (log-probabilities in float32, ids), [..., k]. A
+        reduced head's off-vocabulary ids have probability ~exp(DRAFT_OFF), so its softmax runs over draft_ids only."""
+        if self.draft_ids is None:
+            return head_logits(target, features).float().log_softmax(-1).topk(k, -1)
+        h = target.model.norm(features.to(target.model.norm.weight.dtype))
+        logp, index = mv_linear(h, self.draft_rows(target)).float().log_softmax(-1).topk(k, -1)
+        return logp, self.draft_ids[index]
+
     def forward(self, target: Transformer, tokens: torch.Tensor, features: torch.Tensor,
                 input_pos: torch.Tensor | None = None, cache: KVCache | None = None, slots: torch.Tensor | None = None,
-                kv_len: int | None = None, prefix: torch.Tensor | None = None) -> torch.Tensor:
+                kv_len: int | None = None, prefix: torch.Tensor | None = None,
+                tree: TreeStep | None = None) -> torch.Tensor:
         """tokens [B, T], features [B, T, dim] (the target's feature at each position before): the predicted
-        features [B, T, dim]. Without a cache the T positions attend causally to each other (training)."""
+        features [B, T, dim]. Without a cache the T positions attend causally to each other (training); tree: the
+        tokens are draft-tree nodes (npc_engine.model.TreeStep)."""
         B, T = tokens.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=tokens.device).expand(B, T)
@@ -90,7 +102,7 @@ class FeatureHead(nn.Module):
         if cache is not None:
             args = self.args
             layout = cache.layout(slots, input_pos, prefix, cache.max_seq if kv_len is None else kv_len,
-                                  args.n_heads // args.n_kv_heads)
+                                  args.n_heads // args.n_kv_heads, tree)
         dtype = self.fc.weight.dtype  # the target may run another (int4 weights: float32 embeddings)
         embedded, features = target.model.embed_tokens(tokens).to(dtype), features.to(dtype)
         if self.embed_norm is not None:

@@ -150,6 +150,17 @@ class CacheLayout:
     mask: torch.Tensor  # [B, 1, G * T, n], True: visible; the G query heads of a KV head attend as one block
 
 
+@dataclass
+class TreeStep:
+    """A cached forward over draft-tree nodes: node t of row b is written at cache position write[b, t] (its RoPE
+    position, input_pos, is the depth it would have in the line) and sees every cache position before base[b] (the
+    row's committed tokens) and, of the tree region base[b] + s for s < S, only those where visible[b, t, s] (its
+    ancestors and itself)."""
+    write: torch.Tensor  # [B, T]
+    base: torch.Tensor  # [B]
+    visible: torch.Tensor  # [B, T, S] bool
+
+
 def grouped_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                             v_cache: torch.Tensor, layout: CacheLayout) -> torch.Tensor:
     """q [B, T, Hq, D], rotated; k, v [B, T, Hkv, D], written into one layer's cache first -> [B, Hq, T, D]. The
@@ -320,13 +331,19 @@ class KVCache:
         return (rows[:, None, :] * H + torch.arange(H, device=slots.device)[:, None]) * self.max_seq + j
 
     def layout(self, slots: torch.Tensor, input_pos: torch.Tensor, prefix: torch.Tensor | None, n: int,
-               groups: int) -> CacheLayout:
+               groups: int, tree: TreeStep | None = None) -> CacheLayout:
         """The rows a forward over input_pos [B, T] writes and reads in every layer, attending over n positions with
-        `groups` query heads per KV head."""
+        `groups` query heads per KV head (a tree step: where `tree` says)."""
         H, (B, T) = self.k.shape[2], input_pos.shape
-        heads = torch.arange(H, device=slots.device)
-        write = ((slots[:, None, None] * H + heads) * self.max_seq + input_pos[:, :, None]).flatten()
-        visible = torch.arange(n, device=slots.device) <= input_pos[:, :, None]  # [B, T, n]
+        heads, keys = torch.arange(H, device=slots.device), torch.arange(n, device=slots.device)
+        at = input_pos if tree is None else tree.write
+        write = ((slots[:, None, None] * H + heads) * self.max_seq + at[:, :, None]).flatten()
+        if tree is None:
+            visible = keys <= input_pos[:, :, None]  # [B, T, n]
+        else:
+            s, S = keys - tree.base[:, None], tree.visible.shape[-1]  # [B, n]: index in the tree region
+            in_tree = tree.visible.gather(2, s.clamp(0, S - 1)[:, None].expand(B, T, n)) & (s < S)[:, None]
+            visible = (s < 0)[:, None] | in_tree
         mask = visible[:, None].expand(B, groups, T, n).reshape(B, 1, groups * T, n)
         return CacheLayout(write, self.gather_index(slots, prefix, n).flatten(), mask)
 
@@ -353,12 +370,14 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, cache: KVCache | None = None,
                 slots: torch.Tensor | None = None, kv_len: int | None = None,
-                logits: bool | torch.Tensor = True, prefix: torch.Tensor | None = None) -> torch.Tensor | None:
+                logits: bool | torch.Tensor = True, prefix: torch.Tensor | None = None,
+                tree: TreeStep | None = None) -> torch.Tensor | None:
         """tokens, input_pos: [B, T]; slots: [B] cache rows; kv_len: keys to attend over (≥ max position + 1).
         logits: True gives [B, T, vocab]; False skips the head (a prefill only needs the cache writes); an
         index tensor [B] gives [B, vocab] at one position of each row (a prefill's last prompt token).
         prefix: [B, 2] int64 (slot, length): a row reads cache positions below the length from that slot
-        (a shared persona prefix; every input position is at or past it); None or length 0: none."""
+        (a shared persona prefix; every input position is at or past it); None or length 0: none.
+        tree: the tokens are draft-tree nodes (TreeStep; not with the fused kernels)."""
         B, T = tokens.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=tokens.device).expand(B, T)
@@ -366,12 +385,15 @@ class Transformer(nn.Module):
             slots = torch.arange(B, device=tokens.device) if slots is None else slots
             kv_len = cache.max_seq if kv_len is None else kv_len
             if self.fused:
+                if tree is not None:
+                    raise ValueError("draft trees run the unfused forward: build the engine with fused_kernels=False")
                 if self.model.layers[0].self_attn.qkv is None:
                     raise ValueError("the fused forward needs npc_engine.fusion.fuse_projections_(model) first")
                 return self.forward_fused(tokens, input_pos, cache, slots, kv_len, logits, prefix)
-        x = self.hidden_states(tokens, input_pos, cache, slots, kv_len, prefix)
+        x = self.hidden_states(tokens, input_pos, cache, slots, kv_len, prefix, tree)
         if cache is not None and self.feature_store is not None:
-            self.feature_store[slots[:, None], input_pos] = x.to(self.feature_store.dtype)
+            at = input_pos if tree is None else tree.write
+            self.feature_store[slots[:, None], at] = x.to(self.feature_store.dtype)
         if isinstance(logits, torch.Tensor):
             x = x[torch.arange(B, device=x.device), logits]
         elif not logits:
@@ -380,10 +402,10 @@ class Transformer(nn.Module):
 
     def hidden_states(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache: KVCache | None = None,
                       slots: torch.Tensor | None = None, kv_len: int | None = None,
-                      prefix: torch.Tensor | None = None) -> torch.Tensor:
+                      prefix: torch.Tensor | None = None, tree: TreeStep | None = None) -> torch.Tensor:
         """The last decoder layer's output [B, T, dim], before the final norm (forward's arguments)."""
         groups = self.args.n_heads // self.args.n_kv_heads
-        layout = None if cache is None else cache.layout(slots, input_pos, prefix, kv_len, groups)
+        layout = None if cache is None else cache.layout(slots, input_pos, prefix, kv_len, groups, tree)
         x = self.model.embed_tokens(tokens)
         cos, sin = rope_cos_sin(input_pos, self.inv_freq, x.dtype)
         for i, layer in enumerate(self.model.layers):

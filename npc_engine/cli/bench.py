@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     for draft in ("none", args.draft) if args.draft != "none" else ("none",):
         engine = Engine.load(args.model, draft, args.device, args.dtype, backend=args.backend,
                              onnx_provider=args.onnx_provider, fixed_k=args.k, adapter=args.adapter,
-                             compiled=args.compile)
+                             compiled=args.compile, draft_tree=args.draft_tree if draft != "none" else None)
         engine.capture_graphs(sampled=args.temperature > 0)  # graph captures stay out of the timed runs
         engine.stop_ids = set()  # a line may end after a few tokens; figures need the full --max-tokens
         if persona is None:

@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
                          f"(known: {', '.join(store.ids()) or 'none'})")
     model, adapter = voice_args(args.model or store.get(args.npc).model, args.adapter)
     engine = Engine.load(model, args.draft, args.device, args.dtype, backend=args.backend,
-                         onnx_provider=args.onnx_provider, adapter=adapter, compiled=args.compile)
+                         onnx_provider=args.onnx_provider, adapter=adapter, compiled=args.compile,
+                         draft_tree=args.draft_tree)
 
     run_chat(engine, store, args.npc, lambda persona: sampling_params(
         persona, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,

@@ -51,6 +51,19 @@ def add_model_args(p: argparse.ArgumentParser, model_default: str | None = DEFAU
     p.add_argument("--compile", action="store_true",
                    help="CPU: torch.compile each decoder layer (faster steps; about 10 s of compiling on the first "
                         "requests; needs a C++ compiler)")
+    p.add_argument("--draft-tree", default=None, type=parse_draft_tree, metavar="WIDTH,NODES",
+                   help="with a feature-head --draft: greedy steps verify a draft tree, each level expanding its "
+                        "WIDTH best nodes, NODES verified (e.g. 4,16; CPU: with --dtype bfloat16, where verifying 16 "
+                        "rows costs what 1 does)")
+
+
+def parse_draft_tree(text: str):
+    from npc_engine.engine.trees import TreeShape
+
+    try:
+        return TreeShape.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def voice_args(model: str | None, adapter: str | None) -> tuple[str, str | None]:

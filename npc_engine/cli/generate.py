@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     engine = Engine.load(args.model, args.draft, args.device, args.dtype, backend=args.backend,
                          onnx_provider=args.onnx_provider, fixed_k=args.k, adapter=args.adapter,
-                         compiled=args.compile)
+                         compiled=args.compile, draft_tree=args.draft_tree)
     params = SamplingParams(temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, max_tokens=args.max_tokens)
     prompt = engine.tokenizer.encode(args.prompt)

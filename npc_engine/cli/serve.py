@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         model, adapter = voice_args(args.model, args.adapter)
         engine = Engine.load(model, args.draft, args.device, args.dtype, max_batch=args.max_batch,
                              backend=args.backend, onnx_provider=args.onnx_provider, adapter=adapter,
-                             max_prefill_tokens=args.max_prefill_tokens, compiled=args.compile)
+                             max_prefill_tokens=args.max_prefill_tokens, compiled=args.compile,
+                             draft_tree=args.draft_tree)
         if engine.graphed:
             started = time.perf_counter()
             count = engine.capture_graphs(range(1, args.max_batch + 1))

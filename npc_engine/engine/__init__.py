@@ -14,16 +14,17 @@ from pathlib import Path
 import torch
 
 from npc_engine.drafters import K_MAX, Drafter
-from npc_engine.engine.capture import capture_graphs
+from npc_engine.engine.capture import capture_graphs, greedy_step_seconds
 from npc_engine.engine.forwards import Forwards, compile_step_layers, use_fused_kernels
 from npc_engine.engine.load import load_parts
 from npc_engine.engine.pipeline import Pipeline
-from npc_engine.engine.policy import Calibration, DraftPolicy, calibrate
+from npc_engine.engine.policy import DRAFT_LENGTHS, Calibration, DraftPolicy, calibrate
 from npc_engine.engine.prefill import PREFILL_CHUNK, Prefiller, open_prefill_end
 from npc_engine.engine.requests import Request, RequestStats, StepEvent
 from npc_engine.engine.rows import StepResult
 from npc_engine.engine.slots import Slots, slot_count
 from npc_engine.engine.stepping import Stepper
+from npc_engine.engine.trees import SPAN_MAX, TreeShape
 from npc_engine.header import HeaderCompiler, HeaderMatcher, step_masks
 from npc_engine.model import KVCache, Transformer
 from npc_engine.sampling import SamplingParams
@@ -36,13 +37,16 @@ class Engine:
     def __init__(self, target: Transformer, drafter: Drafter, tokenizer: Tokenizer | None, device="cpu",
                  max_batch: int = 16, max_seq: int = 1024, fixed_k: int | None = None, prefix_cache_mb: float = 256,
                  cuda_graphs: bool = True, fused_kernels: bool | None = None, pipeline: bool | None = None,
-                 max_prefill_tokens: int | None = None, compiled: bool = False):
+                 max_prefill_tokens: int | None = None, compiled: bool = False, draft_tree: TreeShape | None = None):
         """pipeline: launch each greedy step before the previous one's tokens reach the host (default: with CUDA
         graphs). prefix_cache_mb: memory for persona-prefix slots. max_prefill_tokens: prompt tokens a step
         prefills at most (Prefiller), none: every admitted prompt whole. compiled: on the CPU, torch.compile each
-        decoder layer (forwards.compile_step_layers; the first steps of each shape wait for the compiler)."""
+        decoder layer (forwards.compile_step_layers; the first steps of each shape wait for the compiler).
+        draft_tree: greedy drafted steps verify a draft tree of that shape (npc_engine.engine.trees; a feature head
+        drafter, the unfused forward); sampled steps draft a chain."""
         self.target, self.drafter, self.tokenizer = target, drafter, tokenizer
         self.device = torch.device(device)
+        lengths = check_tree(draft_tree, target, drafter, fused_kernels, fixed_k)
         if compiled:
             if self.device.type != "cpu" or not isinstance(target, Transformer):
                 raise ValueError("--compile (compiled layers) is for the torch backend on the CPU; on CUDA the "
@@ -50,7 +54,8 @@ class Engine:
             compile_step_layers(target, drafter)
         if not drafter.uses_features and isinstance(target, Transformer):
             target.feature_store = None  # a feature head's store, left by an earlier engine on this target
-        use_fused_kernels(target, drafter, self.device.type == "cuda" if fused_kernels is None else fused_kernels)
+        fused = self.device.type == "cuda" and draft_tree is None if fused_kernels is None else fused_kernels
+        use_fused_kernels(target, drafter, fused)
         # An ONNX Runtime model (onnx_backend.OnnxModel) has no parameters: it states its dtype.
         self.dtype = next(target.parameters()).dtype if isinstance(target, torch.nn.Module) else target.dtype
         self.max_batch, self.max_seq = max_batch, max_seq
@@ -59,11 +64,11 @@ class Engine:
         self.cache = KVCache(target.args, n_slots, max_seq, self.device, self.dtype)
         self.slots = Slots(max_batch, n_slots)
         graphed = cuda_graphs and self.device.type == "cuda" and isinstance(target, torch.nn.Module)
-        self.fw = Forwards(target, drafter, self.cache, self.device, max_batch, max_seq, graphed)
+        self.fw = Forwards(target, drafter, self.cache, self.device, max_batch, max_seq, graphed, draft_tree)
         self.prefiller, self.stepper = Prefiller(self.fw, self.slots, max_prefill_tokens), Stepper(self.fw)
         self.pipeline = Pipeline(self.fw, self.stepper) if (graphed if pipeline is None else pipeline) else None
         self.policy = DraftPolicy(drafter.drafts, drafter.prior_alpha, fixed_k,
-                                  calibrate(self.fw) if drafter.drafts else Calibration())
+                                  calibrate(self.fw) if drafter.drafts else Calibration(), lengths)
         self.stop_ids = set(tokenizer.stop_ids) if tokenizer is not None else set()
         self.waiting: deque[Request] = deque()
         self.active: dict[str, Request] = {}
@@ -191,8 +196,13 @@ class Engine:
         return events
 
     def capture_graphs(self, batch_sizes=(1,), sampled: bool = True) -> int:
-        """Captures ahead of serving the CUDA graphs of these batch sizes (npc_engine.engine.capture)."""
-        return capture_graphs(self.fw, self.prefiller.chunk, self.policy.fixed_k, batch_sizes, sampled)
+        """Captures ahead of serving the CUDA graphs of these batch sizes (npc_engine.engine.capture), then times
+        their greedy steps for the draft policy."""
+        ks = self.policy.step_lengths()
+        captured = capture_graphs(self.fw, self.prefiller.chunk, ks, batch_sizes, sampled)
+        if captured and self.drafter.drafts:
+            self.policy.step_seconds.update(greedy_step_seconds(self.fw, ks, batch_sizes))
+        return captured
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, rid: str = "generate"):
         """Yields token ids of one request as they are produced (for the CLI and benchmarks)."""
@@ -263,3 +273,18 @@ class Engine:
         del self.active[r.rid]
         self.slots.give_back(r)
         return StepEvent(r.rid, tokens, True, reason, r.stats)
+
+
+def check_tree(tree: TreeShape | None, target, drafter: Drafter, fused_kernels: bool | None,
+               fixed_k: int | None) -> tuple[int, ...]:
+    """The draft lengths (tree depths) an engine with this draft tree may pick; a clear error for what cannot run it."""
+    if tree is None:
+        return DRAFT_LENGTHS
+    if not drafter.drafts_trees:
+        raise ValueError(f"a draft tree needs a feature-head drafter (--draft HEAD_DIR), not {drafter.name!r}")
+    if not isinstance(target, Transformer) or fused_kernels:
+        raise ValueError("a draft tree runs the torch backend's unfused forward: drop --backend onnx / fused kernels")
+    if fixed_k is not None and not tree.fits(fixed_k):
+        raise ValueError(f"a draft tree {tree.width}x{tree.nodes} of depth {fixed_k} writes {tree.span(fixed_k)} "
+                         f"positions ahead, more than {SPAN_MAX}")
+    return tuple(k for k in DRAFT_LENGTHS if tree.fits(k))

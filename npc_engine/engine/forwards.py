@@ -10,6 +10,7 @@ import torch
 from npc_engine.cuda_graphs import GraphedForward, GraphedStep
 from npc_engine.drafters import Drafter
 from npc_engine.engine.stepping import greedy_step
+from npc_engine.engine.trees import TreeShape
 from npc_engine.fusion import fuse_projections_
 from npc_engine.model import KVCache, Transformer, compile_layers
 
@@ -46,12 +47,13 @@ class Forwards:
     max_batch: int  # batch rows own slots [0, max_batch); slot max_batch is the scratch slot graph padding writes
     max_seq: int
     graphed: bool
+    tree: TreeShape | None = None  # greedy drafted steps verify a draft tree (npc_engine.engine.trees)
     forward: Callable = None  # the target's forward, or its graph replayer
     greedy_step: Callable = None  # (packed rows, k, kv_len) -> result rows: one graph replay per step under graphs
 
     def __post_init__(self):
         self.forward = self.target
-        self.greedy_step = partial(greedy_step, self.target, self.cache, self.drafter)
+        self.greedy_step = partial(greedy_step, self.target, self.cache, self.drafter, tree=self.tree)
         if self.graphed:
             self.forward = GraphedForward(self.target, scratch_slot=self.scratch_slot)
             if self.drafter.transformer is not None:
@@ -61,6 +63,10 @@ class Forwards:
     @property
     def scratch_slot(self) -> int:
         return self.max_batch
+
+    def span(self, k: int) -> int:
+        """Cache positions past a row's length that a greedy step drafting k writes."""
+        return max(k, self.tree.span(k)) if self.tree is not None and k else k
 
     def kv_len(self, needed: int) -> int:
         """Keys attended by a forward whose rows reach position needed - 1. Graphs attend over the whole cache: the

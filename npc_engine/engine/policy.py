@@ -39,12 +39,12 @@ def expected_tokens(alpha: float, k: int) -> float:
     return k + 1 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
-def choose_k(alpha: float, step_cost) -> int:
-    """Draft length (one of DRAFT_LENGTHS) maximising tokens per second: step_cost(k) is the time of one step
-    drafting k tokens (k = 0: plain decoding). Returns 0 (speculation off) unless some K beats plain decoding by 5%."""
+def choose_k(alpha: float, step_cost, lengths: tuple[int, ...] = DRAFT_LENGTHS) -> int:
+    """Draft length (one of lengths) maximising tokens per second: step_cost(k) is the time of one step drafting k
+    tokens (k = 0: plain decoding). Returns 0 (speculation off) unless some K beats plain decoding by 5%."""
     plain_rate = 1.0 / step_cost(0)
     best_k, best_rate = 0, 1.05 * plain_rate
-    for k in DRAFT_LENGTHS:
+    for k in lengths:
         rate = expected_tokens(alpha, k) / step_cost(k)
         if rate > best_rate:
             best_k, best_rate = k, rate
@@ -97,10 +97,12 @@ def timed(fn, device: torch.device, repeats: int = 5) -> float:
 
 
 class DraftPolicy:
-    """Draft lengths of the engine's requests. fixed_k: always that K (no adaptation)."""
+    """Draft lengths of the engine's requests, from `lengths` (a tree step's K is its depth, each depth a step
+    shape). fixed_k: always that K (no adaptation)."""
 
-    def __init__(self, drafts: bool, prior_alpha: float, fixed_k: int | None, calibration: Calibration):
-        self.drafts, self.fixed_k, self.calibration = drafts, fixed_k, calibration
+    def __init__(self, drafts: bool, prior_alpha: float, fixed_k: int | None, calibration: Calibration,
+                 lengths: tuple[int, ...] = DRAFT_LENGTHS):
+        self.drafts, self.fixed_k, self.calibration, self.lengths = drafts, fixed_k, calibration, lengths
         self.acceptance = Acceptance.prior(prior_alpha)  # over all requests: where each new one starts
         self.admitted_without_drafts = 0
         # Step wall times measured while serving, per (batch bucket, K): they include the host work the
@@ -115,7 +117,7 @@ class DraftPolicy:
         if self.fixed_k is not None:
             r.k = self.fixed_k
             return
-        r.k = choose_k(alpha, self.step_cost_fn(batch))
+        r.k = choose_k(alpha, self.step_cost_fn(batch), self.lengths)
         if r.k == 0 and self.drafts:
             # Speculation is off: every PROBE_ADMISSIONS-th request drafts one token, so the engine-wide
             # acceptance can recover (short lines never reach the per-request probe after PROBE_AFTER steps).
@@ -134,7 +136,11 @@ class DraftPolicy:
             if r.off_steps >= PROBE_AFTER:
                 r.k, r.off_steps = 1, 0
             return
-        r.k = choose_k(r.acceptance.alpha, step_cost)
+        r.k = choose_k(r.acceptance.alpha, step_cost, self.lengths)
+
+    def step_lengths(self) -> list[int]:
+        """Every K a step may take (0: plain decoding)."""
+        return [0] + ([] if not self.drafts else [self.fixed_k] if self.fixed_k is not None else list(self.lengths))
 
     def asked_k(self, reqs: list) -> int:
         """The draft length of a step of these requests: the longest any of them asks for."""

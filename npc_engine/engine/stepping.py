@@ -12,6 +12,7 @@ from npc_engine.drafters import K_MAX, Drafter
 from npc_engine.engine import rows
 from npc_engine.engine.rows import StepResult
 from npc_engine.engine.slots import prefix_ref, prefix_tensor
+from npc_engine.engine.trees import TreeShape, greedy_tree_step
 from npc_engine.header import StepMasks
 from npc_engine.model import KVCache
 from npc_engine.sampling import params_tensors, probs_from_logits, sample
@@ -49,10 +50,12 @@ def verify_greedy(logits: torch.Tensor, drafts: torch.Tensor,
 
 
 def greedy_step(target, target_cache: KVCache, drafter: Drafter, packed: torch.Tensor, k: int,
-                kv_len: int) -> torch.Tensor:
-    """One whole temperature-0 speculative step on the device, so it can be one CUDA graph: draft k tokens,
-    verify them with one target forward, accept. packed: [B, rows.HOST_DRAFTS (+ k)] input rows; returns the
-    [B, 2 + k + 3] result rows (npc_engine.engine.rows)."""
+                kv_len: int, tree: TreeShape | None = None) -> torch.Tensor:
+    """One whole temperature-0 speculative step on the device, so it can be one CUDA graph: draft k tokens (with
+    `tree`, a draft tree of depth k: npc_engine.engine.trees), verify them with one target forward, accept. packed:
+    [B, rows.HOST_DRAFTS (+ k)] input rows; returns the [B, 2 + k + 3] result rows (npc_engine.engine.rows)."""
+    if tree is not None and k:
+        return greedy_tree_step(target, target_cache, drafter, packed, k, kv_len, tree.width, tree.nodes)
     last2, lengths = packed[:, rows.PREV_TOKEN:rows.LAST_TOKEN + 1], packed[:, rows.LENGTH]
     slots, prefix = packed[:, rows.SLOT].contiguous(), packed[:, rows.PREFIX]
     if k and not drafter.host_drafts:
@@ -90,7 +93,7 @@ class Stepper:
         width = k if any(found) else 0
         k = k if width or not drafter.host_drafts else 0
         packed = self.greedy_rows(reqs, k, found, width)
-        kv_len = self.fw.kv_len(max(len(r.ids) for r in reqs) + k)
+        kv_len = self.fw.kv_len(max(len(r.ids) for r in reqs) + self.fw.span(k))
         out = self.fw.greedy_step(self.fw.tensor(packed), k, kv_len)[:, :rows.FIRST_DRAFT + k].tolist()  # host sync
         return [rows.unpack(o, row, k) for o, row in zip(out, packed)]
 

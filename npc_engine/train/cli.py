@@ -110,6 +110,8 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                    help="head stage with --base: the feature-head folder written")
     p.add_argument("--draft-vocab", type=int, default=None,
                    help="head stage with --base: ids the head drafts over (default: the config's)")
+    p.add_argument("--head-chats", type=int, default=None,
+                   help="head stage with --base: Persona-Chat cuts the target continues (default: the config's)")
     p.add_argument("--adapter-out", type=Path, default=ROOT / "models" / "smollm2-npc-persona",
                    help="persona stage: the LoRA adapter folder written")
     p.add_argument("--epochs", type=int, default=None,
@@ -149,6 +151,8 @@ def cmd_train(args) -> int:
         config = replace(config, base_head=replace(config.base_head, batch_size=args.batch_size))
     if args.draft_vocab is not None:
         config = replace(config, draft_vocab=args.draft_vocab)
+    if args.head_chats is not None:
+        config = replace(config, head_persona_chat=args.head_chats)
     chosen = (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr), ("rank", args.rank),
               ("alpha", None if args.rank is None else 2 * args.rank), ("drills", None if args.drills else False))
     config = replace(config, persona=replace(config.persona, **{k: v for k, v in chosen if v is not None}))

@@ -102,7 +102,7 @@ class TrainConfig:
     cpu_threads: int = 0  # torch threads on CPU; 0 = torch's default
     persona: PersonaStage = field(default_factory=PersonaStage)
     # the head of an instruct base (`--stages head --base`): rows of whole conversations, the target's greedy
-    # continuations at every NPC turn of head_replies of them and at one NPC turn of head_persona_chat Persona-Chat
+    # continuations at every NPC turn of head_replies of them and at head_persona_chat cuts of Persona-Chat
     # examples (in at most a quarter of the stage's budget), a reduced draft vocabulary
     base_head: Stage = field(default_factory=lambda: Stage(
         batch_size=4, block_size=512, lr=3e-3, max_steps=20_000, max_minutes=10, warmup_steps=20, log_every=10,

@@ -165,19 +165,18 @@ def greedy_replies(target: Transformer, prompts: list[list[int]], max_tokens: in
 
 
 def persona_chat_head_examples(corpus: Path, n: int, seed: int) -> list[Example]:
-    """n seeded Persona-Chat examples (each conversation in both roles), each cut after a seeded NPC turn: everyday
-    talk in the npc-dialogue layout. On the written NPC conversations alone a head learned their replies, not its
-    target: it agreed with the target's greedy choice on 0.95 of the tokens of training replies and 0.66 of dev
-    replies (head K, teacher-forced, benchmarks/README.md, "Feature heads for SmolLM2")."""
+    """n seeded Persona-Chat cuts (a conversation, in either role, up to one of its NPC turns; no cut twice):
+    everyday talk in the npc-dialogue layout. On the written NPC conversations alone a head learned their replies,
+    not its target: it agreed with the target's greedy choice on 0.95 of the tokens of training replies and 0.66 of
+    dev replies (head K, teacher-forced, benchmarks/README.md, "Feature heads for SmolLM2")."""
     records = [e for row in read_persona_chat(corpus) for e in persona_chat_examples(row)]
-    generator = torch.Generator().manual_seed(seed)
+    cuts = [(i, j + 1) for i, r in enumerate(records) for j, (speaker, _) in enumerate(r["turns"]) if speaker == "npc"]
     chosen = []
-    for i in torch.randperm(len(records), generator=generator)[:n].tolist():
-        turns = [Turn(speaker, text) for speaker, text in records[i]["turns"]]
-        npc_turns = [j for j, t in enumerate(turns) if t.speaker == "npc"]
-        end = npc_turns[int(torch.randint(len(npc_turns), (1,), generator=generator))] + 1
-        chosen.append(Example(prompt_persona(records[i]["persona"]), turns[:end], None,
-                              [("", None)] * sum(t.speaker == "npc" for t in turns[:end])))
+    for c in torch.randperm(len(cuts), generator=torch.Generator().manual_seed(seed))[:n].tolist():
+        i, end = cuts[c]
+        turns = [Turn(speaker, text) for speaker, text in records[i]["turns"][:end]]
+        chosen.append(Example(prompt_persona(records[i]["persona"]), turns, None,
+                              [("", None)] * sum(t.speaker == "npc" for t in turns)))
     return chosen
 
 
@@ -199,7 +198,7 @@ def draft_vocabulary(replies: list[list[int]], rows: list[tuple[list[int], list[
 
 def train_base_head(ctx: Context, base: Path, adapter: Path | None, corpus: Path, out: Path) -> dict:
     """The feature head of an instruct base (+ its persona adapter): trained on the npc-dialogue corpus's training
-    split and `head_persona_chat` Persona-Chat conversations rendered in the base's chat template (NPC turns in the
+    split and `head_persona_chat` Persona-Chat cuts rendered in the base's chat template (NPC turns in the
     loss) and on the target's own greedy continuations at their NPC turns, drafting over the config's
     `draft_vocab` most frequent ids of the target's outputs."""
     from transformers import AutoTokenizer

@@ -7,6 +7,7 @@ if not torch.cuda.is_available():
 
 from npc_engine.drafters import HeadDrafter, ModelDrafter, NgramDrafter, NoDrafter  # noqa: E402
 from npc_engine.engine import Engine  # noqa: E402
+from npc_engine.engine.policy import DRAFT_LENGTHS  # noqa: E402
 from npc_engine.fusion import fuse_projections_  # noqa: E402
 from npc_engine.head import FeatureHead, head_args  # noqa: E402
 from npc_engine.loading import load_model  # noqa: E402
@@ -80,6 +81,8 @@ def test_captured_graphs_serve_every_step(tiny_pair_dirs, drafter):
         forwards = [engine.fw.forward] + ([d.forward] if drafter == "model" else [])
         if precapture:
             assert engine.capture_graphs(range(1, 9)) > 0
+            if drafter != "none":  # the policy starts from the replay time of every greedy step it may take
+                assert {(b, k) for b in (1, 2, 4, 8) for k in (0, *DRAFT_LENGTHS)} <= engine.policy.step_seconds.keys()
         counts = [len(f.graphs) for f in forwards] + [len(engine.fw.greedy_step.graphs)]
         out = [run(engine, prompts(tok), SamplingParams(temperature=t, seed=3, max_tokens=40)) for t in (0, 0.8)]
         if precapture:
@@ -208,3 +211,28 @@ def test_shared_persona_prefix_with_graphs_and_fused_kernels_equals_unshared_eag
             assert got == expected, f"graphs {graphs}, fused {fused}, wave {wave}"
         (entry,) = engine.prefix_cache.entries.values()
         assert entry.refs == 0 and engine.prefix_cache.hits == 2 * len(prompts) - 1
+
+
+@pytest.mark.parametrize("k", [3, None], ids=["depth3", "adaptive"])
+def test_draft_tree_steps_in_graphs_keep_greedy_lines(tiny_pair_dirs, k):
+    """Tree steps (a planted path: most drafts accepted) replayed from CUDA graphs, pipelined, give plain greedy
+    lines, with shared persona prefixes too."""
+    from npc_engine.engine.trees import TreeShape
+    from test_trees import PlantedTree
+
+    target_dir, _ = tiny_pair_dirs
+    tok = Tokenizer.from_dir(target_dir)
+    params = SamplingParams(temperature=0, max_tokens=32)
+    ids = prompts(tok)
+    plain = run(Engine(load_model(target_dir, "cuda", torch.float32), NoDrafter(), tok, "cuda", max_batch=8), ids,
+                params)
+    lines = [p + out for p, out in zip(ids, plain)]
+    for graphs in (False, True):
+        target = load_model(target_dir, "cuda", torch.float32)
+        torch.manual_seed(0)
+        head = FeatureHead(head_args(target.args)).to("cuda").eval().requires_grad_(False)
+        drafter = PlantedTree(head, target, 9, 1024, "cuda", torch.float32, lines=lines)
+        engine = Engine(target, drafter, tok, "cuda", max_batch=8, cuda_graphs=graphs, fixed_k=k,
+                        draft_tree=TreeShape(3, 8))
+        engine.capture_graphs(range(1, 5))
+        assert run(engine, ids, params) == plain, f"graphs {graphs}"
