@@ -298,7 +298,11 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path
     drafters += [(name, target, lambda h=h: HeadDrafter(h, target, 2, 1024, device, dtype)) for name, h in heads]
     trees = {f"ours speculative, feature head, tree {shape}": TreeShape(*map(int, shape.split("x")))
              for shape in filter(None, args.trees.split(","))} if head_dir else {}
-    drafters += [(name, target, lambda: HeadDrafter(heads[0][1], target, 2, 1024, device, dtype)) for name in trees]
+    # trees run the unfused forward: their own target, so the others keep the fused kernels on the GPU
+    tree_target = load_model(folder, device, dtype, adapter=adapter) if trees else None
+    tree_head = load_head(head_dir, tree_target, device, dtype) if trees else None
+    drafters += [(name, tree_target, lambda: HeadDrafter(tree_head, tree_target, 2, 1024, device, dtype))
+                 for name in trees]
     weights = list(filter(None, args.onnx_weights.split(",")))
     drafters += [(f"ours autoregressive, {name}", m, NoDrafter)
                  for name, m in onnx_models(target, weights, scratch).items()]

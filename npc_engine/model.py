@@ -175,7 +175,7 @@ def grouped_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
     q = q.transpose(1, 2).reshape(B, Hkv, Hq // Hkv * T, D)  # query head h = kv head h // G, as in GQA checkpoints
     out = F.scaled_dot_product_attention(q, keys.index_select(0, layout.read).view(B, Hkv, n, D),
                                          values.index_select(0, layout.read).view(B, Hkv, n, D), attn_mask=layout.mask)
-    return out.view(B, Hq, T, D)
+    return out.reshape(B, Hq, T, D)  # on CUDA the output of several rows is not contiguous
 
 
 def gather_kv(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
