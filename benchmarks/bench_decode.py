@@ -290,7 +290,7 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path
     for m in hf_models.values():
         m.eval().generation_config.eos_token_id = None  # no stop token: every line --new-tokens long, as ours
     torch.manual_seed(0)
-    random_head = FeatureHead(head_args(target.args)).to(device, dtype).eval()
+    random_head = FeatureHead(head_args(target.args)).to(device, dtype).eval().requires_grad_(False)
     heads = [("ours speculative, feature head", load_head(head_dir, target, device, dtype))] if head_dir else []
     heads.append(("ours speculative, random head", random_head))
     drafters = [("ours autoregressive", target, NoDrafter),
@@ -298,9 +298,11 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path
     drafters += [(name, target, lambda h=h: HeadDrafter(h, target, 2, 1024, device, dtype)) for name, h in heads]
     trees = {f"ours speculative, feature head, tree {shape}": TreeShape(*map(int, shape.split("x")))
              for shape in filter(None, args.trees.split(","))} if head_dir else {}
-    # trees run the unfused forward: their own target, so the others keep the fused kernels on the GPU
-    tree_target = load_model(folder, device, dtype, adapter=adapter) if trees else None
-    tree_head = load_head(head_dir, tree_target, device, dtype) if trees else None
+    # trees run the unfused forward: on the GPU their own target, so the others keep the fused kernels
+    tree_target, tree_head = target, heads[0][1] if trees else None
+    if trees and torch.device(device).type == "cuda":
+        tree_target = load_model(folder, device, dtype, adapter=adapter)
+        tree_head = load_head(head_dir, tree_target, device, dtype)
     drafters += [(name, tree_target, lambda: HeadDrafter(tree_head, tree_target, 2, 1024, device, dtype))
                  for name in trees]
     weights = list(filter(None, args.onnx_weights.split(",")))

@@ -1,8 +1,11 @@
 """Draft trees (npc_engine.engine.trees): the step accepts exactly the target's greedy path through the tree, moves
 its cache entries to the line's positions, and greedy lines equal plain decoding's whatever the tree holds."""
+import argparse
+
 import pytest
 import torch
 
+from npc_engine.cli.common import parse_draft_tree
 from npc_engine.drafters import DraftTree, HeadDrafter, NgramDrafter
 from npc_engine.engine import Engine, rows
 from npc_engine.engine.trees import TreeShape, ancestors, greedy_tree_step, path_nodes
@@ -152,3 +155,5 @@ def test_draft_trees_are_refused_where_they_cannot_run(tiny_pair_dirs):
     with pytest.raises(ValueError, match="must be 1"):
         TreeShape(0, 4)
     assert TreeShape.parse("4,16") == TreeShape(4, 16)
+    with pytest.raises(argparse.ArgumentTypeError, match="WIDTH,NODES"):  # what --draft-tree reports
+        parse_draft_tree("4x16")

@@ -15,7 +15,8 @@ from npc_engine.drafters import DraftTree
 from npc_engine.engine import rows
 from npc_engine.model import KVCache, TreeStep
 
-SPAN_MAX = 32  # cache positions past a row's length a tree step may write (Engine.max_prompt_len leaves them free)
+# positions past a row's length a tree step may write: Engine.max_prompt_len leaves 50 free (a pipelined step's 17)
+SPAN_MAX = 32
 
 
 @dataclass(frozen=True)
