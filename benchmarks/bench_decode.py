@@ -10,13 +10,14 @@ where drafting shows. --ignore-stop makes every line --new-tokens long (stop tok
 like any other), so short answers do not hide it. --model (an instruct base, a .gguf file or a folder, with
 --adapter) adds, with --weights, our engine on weight-only int8 / int4 packed weights (--dtype int8 / int4), with
 --onnx-weights our plain engine on ONNX Runtime exports (MatMulNBits) and, where llama-cpp-python is installed (a
-benchmark-only dependency), llama.cpp on the same .gguf file.
+benchmark-only dependency), llama.cpp on the same .gguf file; --trees adds the --model-head drafting trees.
 
     python benchmarks/bench_decode.py --device cuda --shapes 1b,8b --pair models/npc-target
     python benchmarks/bench_decode.py --device cpu --shapes small --pair models/npc-target
     python benchmarks/bench_decode.py --device cpu --shapes "" --threads 2 --prompts 4 --repeats 3 \
         --model models/base/SmolLM2-135M-Instruct.Q4_1.gguf --adapter models/smollm2-npc-persona \
         --model-head runs/smollm2-npc-head --weights int8,int4 --onnx-weights int8
+    python benchmarks/bench_decode.py ... --model-head runs/smollm2-npc-head --dtype bfloat16 --trees 6x24
 """
 import argparse
 import gc

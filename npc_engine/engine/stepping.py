@@ -15,7 +15,7 @@ from npc_engine.engine.slots import prefix_ref, prefix_tensor
 from npc_engine.engine.trees import TreeShape, greedy_tree_step
 from npc_engine.header import StepMasks
 from npc_engine.model import KVCache
-from npc_engine.sampling import params_tensors, probs_from_logits, sample
+from npc_engine.sampling import greedy_tokens, params_tensors, probs_from_logits, sample
 
 
 def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, draft_lens: torch.Tensor,
@@ -42,7 +42,7 @@ def verify_greedy(logits: torch.Tensor, drafts: torch.Tensor,
                   draft_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Temperature 0 (the same rule with one-hot p and q, without building them): the longest prefix
     of drafts matching the target's argmax, then the target's own token."""
-    best = logits.argmax(-1)
+    best = greedy_tokens(logits)
     K = drafts.shape[1]
     proposed = torch.arange(K, device=drafts.device)[None, :] < draft_lens[:, None]
     n_accepted = ((drafts == best[:, :K]) & proposed).long().cumprod(dim=1).sum(dim=1)

@@ -14,6 +14,7 @@ import torch
 from npc_engine.drafters import DraftTree
 from npc_engine.engine import rows
 from npc_engine.model import KVCache, TreeStep
+from npc_engine.sampling import greedy_tokens
 
 # positions past a row's length a tree step may write: Engine.max_prompt_len leaves 50 free (a pipelined step's 17)
 SPAN_MAX = 32
@@ -70,8 +71,8 @@ def greedy_tree_step(target, cache: KVCache, drafter, packed: torch.Tensor, k: i
     depths = torch.cat([torch.zeros_like(tree.depths[:, :1]), tree.depths], dim=1)
     seen = ancestors(tree.parents, k)
     write = start + torch.arange(tokens.shape[1], device=packed.device)
-    best = target(tokens, start + depths, cache, slots, kv_len, prefix=prefix,
-                  tree=TreeStep(write, lengths - 1, seen)).argmax(-1)
+    best = greedy_tokens(target(tokens, start + depths, cache, slots, kv_len, prefix=prefix,
+                                tree=TreeStep(write, lengths - 1, seen)))
     accepted = accepted_nodes(tree, best, packed[:, rows.PROPOSED], k)
     deepest = (accepted * (depths * (tokens.shape[1] + 1) - torch.arange(tokens.shape[1], device=packed.device))
                ).argmax(1)  # the deepest accepted node (the first of equals)
