@@ -127,13 +127,14 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def train(name: str, model: Transformer, loss_fn, sampler: MixedSampler, stage: Stage, ctx: Context,
-          dev_loss=None) -> dict:
+          dev_loss=None, prepared_s: float = 0.0) -> dict:
     """Run one stage's optimisation; loss_fn(model, x, y, mask) -> scalar loss. With dev_loss
     (model -> float), the weights of the step with the lowest dev loss (checked every eval_every
-    steps and at the end) are the ones kept."""
+    steps and at the end) are the ones kept. prepared_s: seconds the stage spent before its loop (loading, data),
+    counted in its budget."""
     opt = make_optimizer(model, stage, ctx.device)
     ckpt = ctx.work / "ckpt" / f"{name}.pt"
-    step, total, spent, best, dev_history = 0, stage.max_steps, 0.0, None, []
+    step, total, spent, best, dev_history = 0, stage.max_steps, prepared_s, None, []
     if ctx.resume and ckpt.is_file():
         state = torch.load(ckpt, map_location=ctx.device, weights_only=False)
         model.load_state_dict(state["model"])
