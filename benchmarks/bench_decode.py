@@ -297,8 +297,10 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path
     drafters = [("ours autoregressive", target, NoDrafter),
                 ("ours speculative, n-gram", target, lambda: NgramDrafter(target.args.vocab_size, device))]
     drafters += [(name, target, lambda h=h: HeadDrafter(h, target, 2, 1024, device, dtype)) for name, h in heads]
-    trees = {f"ours speculative, feature head, tree {shape}": TreeShape(*map(int, shape.split("x")))
-             for shape in filter(None, args.trees.split(","))} if head_dir else {}
+    if args.trees and not head_dir:
+        raise SystemExit("--trees drafts with --model-head: give one")
+    trees = {f"ours speculative, feature head, tree {shape}": TreeShape.parse(shape.replace("x", ","))
+             for shape in filter(None, args.trees.split(","))}
     # trees run the unfused forward: on the GPU their own target, so the others keep the fused kernels
     tree_target, tree_head = target, heads[0][1] if trees else None
     if trees and torch.device(device).type == "cuda":

@@ -37,7 +37,7 @@ class Drafter(Protocol):
     drafts: bool  # False: plain decoding (the engine never asks for drafts)
     host_drafts: bool  # drafts come from `lookup` over the host's tokens (not from a device forward)
     uses_features: bool  # reads the target's hidden states (the target keeps its feature store)
-    drafts_trees: bool  # has draft_tree (a greedy step may verify a tree of drafts: npc_engine.engine.trees)
+    drafts_trees: bool  # has draft_tree(last, lengths, slots, width, depth, nodes, kv_len, prefix) -> DraftTree
     transformer: Transformer | None  # a full draft model the engine may fuse and capture in CUDA graphs
     cache: KVCache | None  # per-slot state, in the engine's slot layout (prefix slots included)
     feeds_last: int  # each proposal re-feeds this many last tokens: its cache needs every token before them
@@ -173,7 +173,9 @@ class HeadDrafter:
     drafts_trees = True
     REFEED = K_MAX + 1  # the last token and every draft a step can accept
     feeds_last = 1  # the last token comes from the step; the refeed reads the others from the token store
-    guessed = K_MAX  # accepted drafts' entries were computed from predicted features until the next refeed
+    # accepted drafts' entries were computed from predicted features (after a tree step: other nodes' entries) until
+    # the next refeed, which covers them: a step accepts at most K_MAX
+    guessed = K_MAX
 
     def __init__(self, head: FeatureHead, target: Transformer, n_slots: int, max_seq: int, device, dtype):
         self.model, self.target, self.device, self.dtype = head, target, device, dtype

@@ -5,6 +5,7 @@ import argparse
 import pytest
 import torch
 
+from kernels.prefix import prefix_rows
 from npc_engine.cli.common import parse_draft_tree
 from npc_engine.drafters import DraftTree, HeadDrafter, NgramDrafter
 from npc_engine.engine import Engine, rows
@@ -27,7 +28,8 @@ class PlantedTree(HeadDrafter):
     def draft_tree(self, last, lengths, slots, width, depth, nodes, kv_len, prefix):
         tree = super().draft_tree(last, lengths, slots, width, depth, nodes, kv_len, prefix)
         for b in range(len(last)):
-            seq = self.tokens[slots[b], :lengths[b] - 1].tolist() + [int(last[b])]
+            pos = torch.arange(int(lengths[b]) - 1)  # a shared persona prefix's tokens are in its own slot
+            seq = self.tokens[prefix_rows(slots[b:b + 1], pos[None], prefix[b:b + 1])[0], pos].tolist() + [int(last[b])]
             line = next((x for x in self.lines if x[:len(seq)] == seq), None)
             path, node = [], int(tree.depths[b].argmax()) + 1
             while node:
@@ -89,8 +91,31 @@ def test_pipelined_tree_steps_keep_the_lines(tiny_pair_dirs):
     plain = run_batch(make_engine(target_dir, "none"), PROMPTS, params)
     tok = Tokenizer.from_dir(target_dir)
     lines = [tok.encode(p) + out for p, out in zip(PROMPTS, plain)]
-    assert run_batch(planted_engine(target_dir, lines, TreeShape(3, 8), fixed_k=3, pipeline=True), PROMPTS,
-                     params) == plain
+    engine = planted_engine(target_dir, lines, TreeShape(3, 8), fixed_k=3, pipeline=True)
+    out, stats = run_with_stats(engine, PROMPTS, params)
+    assert out == plain
+    assert sum(s.accepted for s in stats) >= engine.drafter.planted - 3 * len(PROMPTS) > 0
+
+
+def test_tree_steps_over_a_shared_persona_prefix_keep_the_lines(tiny_pair_dirs):
+    """Rows reading their persona from a prefix slot: the head's refeed, the tree and the moved entries stay in each
+    row's own slot."""
+    target_dir, _ = tiny_pair_dirs
+    tok = Tokenizer.from_dir(target_dir)
+    persona = tok.encode(PROMPTS[0])
+    prompts = [persona + tok.encode(line) for line in ("<|player|>Hi<|eot|><|npc|>", "<|player|>Who are you?<|eot|>")]
+    params = SamplingParams(temperature=0, max_tokens=40)
+    plain_engine = make_engine(target_dir, "none")
+    plain = [list(plain_engine.generate(p, params, rid=str(i))) for i, p in enumerate(prompts)]
+    engine = planted_engine(target_dir, [p + out for p, out in zip(prompts, plain)], TreeShape(3, 8), fixed_k=3)
+    out = {str(i): [] for i in range(len(prompts))}
+    for rid, p in zip(out, prompts):
+        engine.submit(rid, p, params, prefix_len=len(persona))
+    while engine.has_work():
+        for ev in engine.step():
+            out[ev.rid] += ev.token_ids
+    assert list(out.values()) == plain and engine.drafter.planted > 0
+    assert engine.prefix_cache.hits >= 1
 
 
 def test_a_tree_step_keeps_the_deepest_agreeing_path_and_moves_its_cache_entries(tiny_pair_dirs):
@@ -114,7 +139,7 @@ def test_a_tree_step_keeps_the_deepest_agreeing_path_and_moves_its_cache_entries
     drafter.draft_tree = lambda *args: tree
     packed = torch.tensor([rows.pack(prompt, 0, 3, [0, 0], [], 0)])
     with torch.no_grad():
-        out = greedy_tree_step(target, cache, drafter, packed, 3, 256, 2, 6)[0].tolist()
+        out = greedy_tree_step(target, cache, drafter, packed, 3, 256, TreeShape(2, 6))[0].tolist()
     assert out[rows.ACCEPTED] == 2 and out[rows.NEXT_TOKEN] == g3 and out[rows.drafts(3)][:2] == [g1, g2]
     assert out[rows.carried(3)] == [g2, g3, L + 3]
     reference = KVCache(target.args, 1, 256, "cpu", torch.float32)
@@ -150,6 +175,10 @@ def test_draft_trees_are_refused_where_they_cannot_run(tiny_pair_dirs):
         Engine(target, head, None, draft_tree=TreeShape(2, 4), fused_kernels=True)
     with pytest.raises(ValueError, match="positions ahead"):
         Engine(target, head, None, draft_tree=TreeShape(8, 16), fixed_k=6)
+    with pytest.raises(ValueError, match="deeper than its nodes"):
+        Engine(target, head, None, draft_tree=TreeShape(2, 4), fixed_k=6)
+    assert Engine(target, head, None, draft_tree=TreeShape(8, 16)).policy.lengths == (1, 2, 3, 4)  # 8 x 3 <= 32
+    assert Engine(target, head, None, draft_tree=TreeShape(1, 3)).policy.lengths == (1, 2, 3)
     with pytest.raises(ValueError, match="WIDTH,NODES"):
         TreeShape.parse("4x16")
     with pytest.raises(ValueError, match="must be 1"):

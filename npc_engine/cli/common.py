@@ -1,7 +1,11 @@
 """Options and checks shared by the commands that load a model."""
 import argparse
+from typing import TYPE_CHECKING
 
 from npc_engine.paths import TINY_MODEL
+
+if TYPE_CHECKING:  # the commands import torch only when they run
+    from npc_engine.engine.trees import TreeShape
 
 DEFAULT_MODEL = str(TINY_MODEL)  # of generate and bench; serve, chat and the demo speak with the default voice
 MODEL_HELP = "model folder (Hugging Face layout, or made by export-onnx) or a .gguf file (converted once, cached)"
@@ -57,7 +61,7 @@ def add_model_args(p: argparse.ArgumentParser, model_default: str | None = DEFAU
                         "rows costs what 1 does)")
 
 
-def parse_draft_tree(text: str):
+def parse_draft_tree(text: str) -> "TreeShape":
     from npc_engine.engine.trees import TreeShape
 
     try:

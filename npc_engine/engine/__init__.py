@@ -46,7 +46,7 @@ class Engine:
         drafter, the unfused forward); sampled steps draft a chain."""
         self.target, self.drafter, self.tokenizer = target, drafter, tokenizer
         self.device = torch.device(device)
-        lengths = check_tree(draft_tree, target, drafter, fused_kernels, fixed_k)
+        draft_lengths = tree_draft_lengths(draft_tree, target, drafter, fused_kernels, fixed_k)
         if compiled:
             if self.device.type != "cpu" or not isinstance(target, Transformer):
                 raise ValueError("--compile (compiled layers) is for the torch backend on the CPU; on CUDA the "
@@ -54,7 +54,7 @@ class Engine:
             compile_step_layers(target, drafter)
         if not drafter.uses_features and isinstance(target, Transformer):
             target.feature_store = None  # a feature head's store, left by an earlier engine on this target
-        fused = self.device.type == "cuda" and draft_tree is None if fused_kernels is None else fused_kernels
+        fused = (self.device.type == "cuda" and draft_tree is None) if fused_kernels is None else fused_kernels
         use_fused_kernels(target, drafter, fused)
         # An ONNX Runtime model (onnx_backend.OnnxModel) has no parameters: it states its dtype.
         self.dtype = next(target.parameters()).dtype if isinstance(target, torch.nn.Module) else target.dtype
@@ -68,7 +68,7 @@ class Engine:
         self.prefiller, self.stepper = Prefiller(self.fw, self.slots, max_prefill_tokens), Stepper(self.fw)
         self.pipeline = Pipeline(self.fw, self.stepper) if (graphed if pipeline is None else pipeline) else None
         self.policy = DraftPolicy(drafter.drafts, drafter.prior_alpha, fixed_k,
-                                  calibrate(self.fw) if drafter.drafts else Calibration(), lengths)
+                                  calibrate(self.fw) if drafter.drafts else Calibration(), draft_lengths)
         self.stop_ids = set(tokenizer.stop_ids) if tokenizer is not None else set()
         self.waiting: deque[Request] = deque()
         self.active: dict[str, Request] = {}
@@ -201,7 +201,7 @@ class Engine:
         ks = self.policy.step_lengths()
         captured = capture_graphs(self.fw, self.prefiller.chunk, ks, batch_sizes, sampled)
         if captured and self.drafter.drafts:
-            self.policy.step_seconds.update(greedy_step_seconds(self.fw, ks, batch_sizes))
+            self.policy.seed_step_times(greedy_step_seconds(self.fw, ks, batch_sizes))
         return captured
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, rid: str = "generate"):
@@ -275,8 +275,8 @@ class Engine:
         return StepEvent(r.rid, tokens, True, reason, r.stats)
 
 
-def check_tree(tree: TreeShape | None, target, drafter: Drafter, fused_kernels: bool | None,
-               fixed_k: int | None) -> tuple[int, ...]:
+def tree_draft_lengths(tree: TreeShape | None, target: torch.nn.Module, drafter: Drafter, fused_kernels: bool | None,
+                       fixed_k: int | None) -> tuple[int, ...]:
     """The draft lengths (tree depths) an engine with this draft tree may pick; a clear error for what cannot run it."""
     if tree is None:
         return DRAFT_LENGTHS
@@ -285,6 +285,6 @@ def check_tree(tree: TreeShape | None, target, drafter: Drafter, fused_kernels: 
     if not isinstance(target, Transformer) or fused_kernels:
         raise ValueError("a draft tree runs the torch backend's unfused forward: drop --backend onnx / fused kernels")
     if fixed_k is not None and not tree.fits(fixed_k):
-        raise ValueError(f"a draft tree {tree.width}x{tree.nodes} of depth {fixed_k} writes {tree.span(fixed_k)} "
-                         f"positions ahead, more than {SPAN_MAX}")
+        raise ValueError(f"a draft tree {tree.width},{tree.nodes} of depth {fixed_k}: it writes {tree.span(fixed_k)} "
+                         f"positions ahead (at most {SPAN_MAX}) and cannot be deeper than its nodes")
     return tuple(k for k in DRAFT_LENGTHS if tree.fits(k))

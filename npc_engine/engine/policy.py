@@ -108,6 +108,7 @@ class DraftPolicy:
         # Step wall times measured while serving, per (batch bucket, K): they include the host work the
         # forward-only calibration misses, which decides whether speculation pays for small models.
         self.step_seconds: dict[tuple[int, int], float] = {}
+        self.seeded: set[tuple[int, int]] = set()  # step_seconds keys holding seed_step_times' values
 
     def admit(self, r, batch: int) -> None:
         """A new request's K and acceptance, from the acceptance the engine has seen lately (lines are short: a
@@ -169,7 +170,19 @@ class DraftPolicy:
 
         return cost
 
+    def seed_step_times(self, seconds: dict[tuple[int, int], float]) -> None:
+        """Drafted steps' costs before any is measured (replays of captured graphs: no host work); plain decoding is
+        still measured first, and a step's first measurement replaces its seed."""
+        for key, value in seconds.items():
+            if key[1] and key not in self.step_seconds:
+                self.step_seconds[key] = value
+                self.seeded.add(key)
+
     def record_step_time(self, batch: int, k: int, seconds: float) -> None:
+        """With a draft tree, a sampled step's chain of K and a greedy tree of depth K share the key."""
         key = (batch_bucket(batch), k)
         old = self.step_seconds.get(key)
+        if key in self.seeded:
+            self.seeded.discard(key)
+            old = None
         self.step_seconds[key] = seconds if old is None else 0.8 * old + 0.2 * seconds

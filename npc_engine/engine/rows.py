@@ -3,9 +3,9 @@ device, one CUDA-graph input), and its result in another. The one place their co
 
 Input row: token before the last, last token, length, slot, drafts proposed (how many of the step's K drafts the
 target verifies for this row), prefix slot, prefix length, then (host drafters) K drafts.
-Result row: accepted drafts, the target's next token, the K drafts, then the first three input columns of the row's
-next step (token before the next, the next token, the new length), so a pipelined step can start from it on the
-device.
+Result row: accepted drafts, the target's next token, the K drafts (a tree step: its accepted path; only the first
+ACCEPTED columns count), then the first three input columns of the row's next step (token before the next, the next
+token, the new length), so a pipelined step can start from it on the device.
 """
 from typing import NamedTuple
 

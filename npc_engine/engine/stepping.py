@@ -55,7 +55,7 @@ def greedy_step(target, target_cache: KVCache, drafter: Drafter, packed: torch.T
     `tree`, a draft tree of depth k: npc_engine.engine.trees), verify them with one target forward, accept. packed:
     [B, rows.HOST_DRAFTS (+ k)] input rows; returns the [B, 2 + k + 3] result rows (npc_engine.engine.rows)."""
     if tree is not None and k:
-        return greedy_tree_step(target, target_cache, drafter, packed, k, kv_len, tree.width, tree.nodes)
+        return greedy_tree_step(target, target_cache, drafter, packed, k, kv_len, tree)
     last2, lengths = packed[:, rows.PREV_TOKEN:rows.LAST_TOKEN + 1], packed[:, rows.LENGTH]
     slots, prefix = packed[:, rows.SLOT].contiguous(), packed[:, rows.PREFIX]
     if k and not drafter.host_drafts:

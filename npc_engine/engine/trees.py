@@ -11,13 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
-from npc_engine.drafters import DraftTree
+from npc_engine.drafters import DraftTree, HeadDrafter
 from npc_engine.engine import rows
-from npc_engine.model import KVCache, TreeStep
+from npc_engine.engine.prefill import PREFILL_CHUNK
+from npc_engine.model import KVCache, Transformer, TreeStep
 from npc_engine.sampling import greedy_tokens
 
-# positions past a row's length a tree step may write: Engine.max_prompt_len leaves 50 free (a pipelined step's 17)
-SPAN_MAX = 32
+# Positions past a row's length a tree step may write: Engine.max_prompt_len keeps K_MAX + PREFILL_CHUNK + 2 free,
+# and a pipelined step starts up to K_MAX + 1 past the host's length.
+SPAN_MAX = PREFILL_CHUNK
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,8 @@ class TreeShape:
         return max(self.nodes, (depth - 1) * self.width)
 
     def fits(self, depth: int) -> bool:
-        return self.span(depth) <= SPAN_MAX
+        """Within SPAN_MAX, and no deeper than its nodes can reach."""
+        return self.span(depth) <= SPAN_MAX and depth <= self.nodes
 
 
 def ancestors(parents: torch.Tensor, depth: int) -> torch.Tensor:
@@ -59,13 +62,13 @@ def ancestors(parents: torch.Tensor, depth: int) -> torch.Tensor:
     return seen
 
 
-def greedy_tree_step(target, cache: KVCache, drafter, packed: torch.Tensor, k: int, kv_len: int,
-                     width: int, nodes: int) -> torch.Tensor:
+def greedy_tree_step(target: Transformer, cache: KVCache, drafter: HeadDrafter, packed: torch.Tensor, k: int,
+                     kv_len: int, shape: TreeShape) -> torch.Tensor:
     """stepping.greedy_step with a draft tree of depth k (one CUDA graph under graphs): the same packed rows in and
-    result rows out, the accepted path in the draft columns."""
+    result rows out, the accepted path in the first ACCEPTED draft columns."""
     last, lengths = packed[:, rows.LAST_TOKEN], packed[:, rows.LENGTH]
     slots, prefix = packed[:, rows.SLOT].contiguous(), packed[:, rows.PREFIX]
-    tree = drafter.draft_tree(last, lengths, slots, width, k, nodes, kv_len, prefix)
+    tree = drafter.draft_tree(last, lengths, slots, shape.width, k, shape.nodes, kv_len, prefix)
     start = (lengths - 1)[:, None]
     tokens = torch.cat([last[:, None], tree.tokens], dim=1)
     depths = torch.cat([torch.zeros_like(tree.depths[:, :1]), tree.depths], dim=1)
@@ -78,9 +81,10 @@ def greedy_tree_step(target, cache: KVCache, drafter, packed: torch.Tensor, k: i
                ).argmax(1)  # the deepest accepted node (the first of equals)
     n_accepted, extra = depths.gather(1, deepest[:, None])[:, 0], best.gather(1, deepest[:, None])[:, 0]
     path = path_nodes(seen, depths, deepest, k)
-    commit_path(target, cache, drafter, slots, lengths, path, tokens.gather(1, path))
+    path_tokens = tokens.gather(1, path)
+    commit_path(target, cache, drafter, slots, lengths, path, path_tokens)
     before_extra = tokens.gather(1, deepest[:, None])[:, 0]
-    return torch.cat([n_accepted[:, None], extra[:, None], tokens.gather(1, path),
+    return torch.cat([n_accepted[:, None], extra[:, None], path_tokens,
                       torch.stack([before_extra, extra, lengths + n_accepted + 1], dim=1)], dim=1)
 
 
@@ -103,8 +107,8 @@ def path_nodes(seen: torch.Tensor, depths: torch.Tensor, deepest: torch.Tensor, 
     return torch.where(at_level.any(-1), at_level.int().argmax(-1), levels.clamp(max=depths.shape[1] - 1))
 
 
-def commit_path(target, cache: KVCache, drafter, slots: torch.Tensor, lengths: torch.Tensor, path: torch.Tensor,
-                path_tokens: torch.Tensor) -> None:
+def commit_path(target: Transformer, cache: KVCache, drafter: HeadDrafter, slots: torch.Tensor, lengths: torch.Tensor,
+                path: torch.Tensor, path_tokens: torch.Tensor) -> None:
     """Moves the accepted nodes' keys and values (every layer), target features and head tokens from their tree
     positions to the line's positions lengths .. lengths + depth - 1."""
     src = (lengths - 1)[:, None] + path
