@@ -339,6 +339,8 @@ def test_cli_reports_missing_inputs(tmp_path, capsys):
     assert "no books/books-*.jsonl.xz found" in capsys.readouterr().err
     assert main(["--config", "tiny", "--device", "cpu", "--work", str(tmp_path / "w"), "--stages", "finetune"]) == 2
     assert "run stage pretrain first" in capsys.readouterr().err
+    assert main(["--config", "tiny", "--device", "cpu", "--work", str(tmp_path / "w"), "--head-chats", "-1"]) == 2
+    assert "--head-chats must be 0 or more" in capsys.readouterr().err
 
 
 def test_resume_skips_finished_stages(run, capsys):

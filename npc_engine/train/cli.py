@@ -140,6 +140,9 @@ def cmd_train(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("npc-engine train: error: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
+    if args.head_chats is not None and args.head_chats < 0:
+        print(f"npc-engine train: error: --head-chats must be 0 or more, got {args.head_chats}", file=sys.stderr)
+        return 2
     if "persona" in args.stages and args.base is None:
         print("npc-engine train: error: the persona stage needs --base (an instruct model folder or .gguf)",
               file=sys.stderr)
