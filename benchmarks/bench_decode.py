@@ -302,7 +302,7 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path
     trees = {f"ours speculative, feature head, tree {shape}": TreeShape.parse(shape.replace("x", ","))
              for shape in filter(None, args.trees.split(","))}
     # trees run the unfused forward: on the GPU their own target, so the others keep the fused kernels
-    tree_target, tree_head = target, heads[0][1] if trees else None
+    tree_target, tree_head = target, (heads[0][1] if trees else None)
     if trees and torch.device(device).type == "cuda":
         tree_target = load_model(folder, device, dtype, adapter=adapter)
         tree_head = load_head(head_dir, tree_target, device, dtype)

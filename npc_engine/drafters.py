@@ -253,7 +253,8 @@ class HeadDrafter:
         scores, tokens = self.model.top_tokens(self.target, predicted[:, 0], W)
         scores = scores.double()  # float32 could not tell a child 1e-9 below its parent from it
         ids, features = torch.arange(W, device=dev).expand(B, W), predicted.expand(B, W, -1)
-        seen = torch.eye(W, dtype=torch.bool, device=dev).expand(B, W, W)  # fed nodes: ancestors and self
+        eye = torch.eye(W, dtype=torch.bool, device=dev).expand(B, W, W)
+        seen = eye  # of the fed nodes, each one's ancestors and itself
         all_scores, all_tokens, all_parents = [scores], [tokens], [torch.full_like(ids, -1)]
         all_depths = [torch.ones(W, dtype=torch.long, device=dev)]  # no host tensor: this runs inside CUDA graphs
         for d in range(1, depth):  # feed the level-d nodes, expand them to depth d + 1
@@ -271,8 +272,7 @@ class HeadDrafter:
                 parent = best // W  # the fed node each next one comes from
                 tokens, ids = child.flatten(1).gather(1, best), W + (d - 1) * W * W + best
                 features = predicted.gather(1, parent[..., None].expand(-1, -1, predicted.shape[-1]))
-                seen = torch.cat([seen.gather(1, parent[..., None].expand(-1, -1, seen.shape[-1])),
-                                  torch.eye(W, dtype=torch.bool, device=dev).expand(B, W, W)], dim=2)
+                seen = torch.cat([seen.gather(1, parent[..., None].expand(-1, -1, seen.shape[-1])), eye], dim=2)
         expanded = W + (depth - 1) * W * W
         chosen = torch.cat(all_scores, 1).topk(min(nodes, expanded), -1).indices.sort(-1).values
         index_of = torch.zeros(B, expanded + 1, dtype=torch.long, device=dev)  # expanded id + 1 -> tree index

@@ -74,18 +74,21 @@ class FeatureHead(nn.Module):
         """Next-token logits over the full vocabulary; with draft_ids only those are computed, the rest DRAFT_OFF."""
         if self.draft_ids is None:
             return head_logits(target, features)
-        h = target.model.norm(features.to(target.model.norm.weight.dtype))
-        sub = mv_linear(h, self.draft_rows(target))
+        sub = self.draft_logits(target, features)
         out = sub.new_full((*sub.shape[:-1], target.args.vocab_size), DRAFT_OFF)
         return out.scatter_(-1, self.draft_ids.expand_as(sub), sub)
+
+    def draft_logits(self, target: Transformer, features: torch.Tensor) -> torch.Tensor:
+        """A reduced head's logits over its draft_ids only [..., len(draft_ids)]."""
+        h = target.model.norm(features.to(target.model.norm.weight.dtype))
+        return mv_linear(h, self.draft_rows(target))
 
     def top_tokens(self, target: Transformer, features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k most likely next tokens of each predicted feature: (log-probabilities in float32, ids), [..., k]. A
         reduced head's off-vocabulary ids have probability ~exp(DRAFT_OFF), so its softmax runs over draft_ids only."""
         if self.draft_ids is None:
             return head_logits(target, features).float().log_softmax(-1).topk(k, -1)
-        h = target.model.norm(features.to(target.model.norm.weight.dtype))
-        logp, index = mv_linear(h, self.draft_rows(target)).float().log_softmax(-1).topk(k, -1)
+        logp, index = self.draft_logits(target, features).float().log_softmax(-1).topk(k, -1)
         return logp, self.draft_ids[index]
 
     def forward(self, target: Transformer, tokens: torch.Tensor, features: torch.Tensor,

@@ -146,7 +146,7 @@ class CacheLayout:
     """Where a cached forward writes and reads every layer's keys and values, one layer's k or v viewed as
     [n_slots * Hkv * max_seq, head_dim] rows; built once per forward (KVCache.layout) and shared by all layers."""
     write: torch.Tensor  # [B * T * Hkv]: the rows of the new keys and values, in [B, T, Hkv] order
-    read: torch.Tensor  # [B * Hkv * n]: the rows attended (KVCache.gather_index, flattened)
+    read: torch.Tensor  # [B, Hkv, n]: the rows attended (KVCache.gather_index)
     mask: torch.Tensor  # [B, 1, G * T, n], True: visible; the G query heads of a KV head attend as one block
 
 
@@ -168,13 +168,12 @@ def grouped_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
     copied per query head (that copy took 12 % of a CPU decode step of SmolLM2-135M's shape: benchmarks/README.md,
     "CPU decode step")."""
     B, T, Hq, D = q.shape
-    Hkv, n = k.shape[2], layout.mask.shape[-1]
-    keys, values = k_cache.view(-1, D), v_cache.view(-1, D)
-    keys.index_copy_(0, layout.write, k.reshape(-1, D))
-    values.index_copy_(0, layout.write, v.reshape(-1, D))
+    Hkv = k.shape[2]
+    k_cache.view(-1, D).index_copy_(0, layout.write, k.reshape(-1, D))
+    v_cache.view(-1, D).index_copy_(0, layout.write, v.reshape(-1, D))
     q = q.transpose(1, 2).reshape(B, Hkv, Hq // Hkv * T, D)  # query head h = kv head h // G, as in GQA checkpoints
-    out = F.scaled_dot_product_attention(q, keys.index_select(0, layout.read).view(B, Hkv, n, D),
-                                         values.index_select(0, layout.read).view(B, Hkv, n, D), attn_mask=layout.mask)
+    out = F.scaled_dot_product_attention(q, gather_kv(k_cache, layout.read), gather_kv(v_cache, layout.read),
+                                         attn_mask=layout.mask)
     return out.reshape(B, Hq, T, D)  # on CUDA the output of several rows is not contiguous
 
 
@@ -345,7 +344,7 @@ class KVCache:
             in_tree = tree.visible.gather(2, s.clamp(0, S - 1)[:, None].expand(B, T, n)) & (s < S)[:, None]
             visible = (s < 0)[:, None] | in_tree
         mask = visible[:, None].expand(B, groups, T, n).reshape(B, 1, groups * T, n)
-        return CacheLayout(write, self.gather_index(slots, prefix, n).flatten(), mask)
+        return CacheLayout(write, self.gather_index(slots, prefix, n), mask)
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i], self.v[i]

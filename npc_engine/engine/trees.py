@@ -77,8 +77,7 @@ def greedy_tree_step(target: Transformer, cache: KVCache, drafter: HeadDrafter, 
     best = greedy_tokens(target(tokens, start + depths, cache, slots, kv_len, prefix=prefix,
                                 tree=TreeStep(write, lengths - 1, seen)))
     accepted = accepted_nodes(tree, best, packed[:, rows.PROPOSED], k)
-    deepest = (accepted * (depths * (tokens.shape[1] + 1) - torch.arange(tokens.shape[1], device=packed.device))
-               ).argmax(1)  # the deepest accepted node (the first of equals)
+    deepest = (accepted * depths).argmax(1)  # accepted nodes lie on one path; none accepted: the last token
     n_accepted, extra = depths.gather(1, deepest[:, None])[:, 0], best.gather(1, deepest[:, None])[:, 0]
     path = path_nodes(seen, depths, deepest, k)
     path_tokens = tokens.gather(1, path)
