@@ -301,13 +301,7 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path
         raise SystemExit("--trees drafts with --model-head: give one")
     trees = {f"ours speculative, feature head, tree {shape}": TreeShape.parse(shape.replace("x", ","))
              for shape in filter(None, args.trees.split(","))}
-    # trees run the unfused forward: on the GPU their own target, so the others keep the fused kernels
-    tree_target, tree_head = target, (heads[0][1] if trees else None)
-    if trees and torch.device(device).type == "cuda":
-        tree_target = load_model(folder, device, dtype, adapter=adapter)
-        tree_head = load_head(head_dir, tree_target, device, dtype)
-    drafters += [(name, tree_target, lambda: HeadDrafter(tree_head, tree_target, 2, 1024, device, dtype))
-                 for name in trees]
+    drafters += [(name, target, lambda: HeadDrafter(heads[0][1], target, 2, 1024, device, dtype)) for name in trees]
     weights = list(filter(None, args.onnx_weights.split(",")))
     drafters += [(f"ours autoregressive, {name}", m, NoDrafter)
                  for name, m in onnx_models(target, weights, scratch).items()]

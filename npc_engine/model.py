@@ -253,8 +253,10 @@ class Attention(nn.Module):
             out = grouped_cache_attention(q, k, v, *cache_kv, layout)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
-    def forward_fused(self, qkv, cos_table, sin_table, input_pos, k_cache, v_cache, slots, kv_len, prefix, residual):
-        """qkv: [B, T, q + k + v] projections (one fused matrix). Returns residual + the attention block's output."""
+    def forward_fused(self, qkv, cos_table, sin_table, input_pos, k_cache, v_cache, slots, kv_len, prefix, residual,
+                      tree: TreeStep | None = None):
+        """qkv: [B, T, q + k + v] projections (one fused matrix). Returns residual + the attention block's output.
+        tree: q and k rotate at input_pos (a node's depth), the keys and values are written at tree.write."""
         from kernels import rope_kv_write
 
         B, T, _ = qkv.shape
@@ -262,15 +264,18 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
-        q = rope_kv_write(q, k, v, cos_table, sin_table, input_pos, slots, k_cache, v_cache)
-        return self.attend(q, input_pos, k_cache, v_cache, slots, kv_len, prefix, residual)
+        q = rope_kv_write(q, k, v, cos_table, sin_table, input_pos, slots, k_cache, v_cache,
+                          None if tree is None else tree.write)
+        return self.attend(q, input_pos, k_cache, v_cache, slots, kv_len, prefix, residual, tree)
 
-    def attend(self, q, input_pos, k_cache, v_cache, slots, kv_len, prefix, residual):
-        """q [B, T, heads, head_dim], rotated, its keys and values in the cache: residual + o_proj(attention)."""
+    def attend(self, q, input_pos, k_cache, v_cache, slots, kv_len, prefix, residual, tree: TreeStep | None = None):
+        """q [B, T, heads, head_dim], rotated, its keys and values in the cache: residual + o_proj(attention). A tree
+        step's queries sit at their cache positions tree.write, the step's own keys masked by tree.visible."""
         from kernels import cached_attention, linear
 
         B, T = q.shape[:2]
-        out = cached_attention(q, k_cache, v_cache, slots, input_pos, max_len=kv_len, prefix=prefix)
+        at, mask = (input_pos, None) if tree is None else (tree.write, tree.visible)
+        out = cached_attention(q, k_cache, v_cache, slots, at, mask, max_len=kv_len, prefix=prefix)
         return linear(out.reshape(B, T, -1), *linear_params(self.o_proj), residual=residual)
 
 
@@ -376,7 +381,8 @@ class Transformer(nn.Module):
         index tensor [B] gives [B, vocab] at one position of each row (a prefill's last prompt token).
         prefix: [B, 2] int64 (slot, length): a row reads cache positions below the length from that slot
         (a shared persona prefix; every input position is at or past it); None or length 0: none.
-        tree: the tokens are draft-tree nodes (TreeStep; not with the fused kernels)."""
+        tree: the tokens are draft-tree nodes (TreeStep; the fused forward takes only a tree over the step's own
+        nodes, as npc_engine.engine.trees builds it)."""
         B, T = tokens.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=tokens.device).expand(B, T)
@@ -384,11 +390,9 @@ class Transformer(nn.Module):
             slots = torch.arange(B, device=tokens.device) if slots is None else slots
             kv_len = cache.max_seq if kv_len is None else kv_len
             if self.fused:
-                if tree is not None:
-                    raise ValueError("draft trees run the unfused forward: build the engine with fused_kernels=False")
                 if self.model.layers[0].self_attn.qkv is None:
                     raise ValueError("the fused forward needs npc_engine.fusion.fuse_projections_(model) first")
-                return self.forward_fused(tokens, input_pos, cache, slots, kv_len, logits, prefix)
+                return self.forward_fused(tokens, input_pos, cache, slots, kv_len, logits, prefix, tree)
         x = self.hidden_states(tokens, input_pos, cache, slots, kv_len, prefix, tree)
         if cache is not None and self.feature_store is not None:
             at = input_pos if tree is None else tree.write
@@ -412,7 +416,8 @@ class Transformer(nn.Module):
         return x
 
     def forward_fused(self, tokens, input_pos, cache: KVCache, slots, kv_len: int,
-                      logits: bool | torch.Tensor = True, prefix: torch.Tensor | None = None) -> torch.Tensor | None:
+                      logits: bool | torch.Tensor = True, prefix: torch.Tensor | None = None,
+                      tree: TreeStep | None = None) -> torch.Tensor | None:
         """Same function as forward with a cache (the norms' weights folded into the projections after them by
         npc_engine.fusion.fuse_projections_). One row (a decode step at batch 1) without FP8 weights: each RMSNorm
         runs inside the linear kernel after it, each residual add in the epilogue of the one before, and (hidden size
@@ -420,11 +425,16 @@ class Transformer(nn.Module):
         Otherwise residual add + RMSNorm is one kernel (with several rows the linear kernel ran slower with them
         fused than cuBLAS after a norm kernel, and with FP8 weights the one-row kernel did too:
         benchmarks/README.md, "Fused norm and residual"), and so is RoPE + cache write. Attention over cached keys is
-        one kernel (and its split combine)."""
+        one kernel (and its split combine). A draft tree takes the multi-row path; the attention kernel's tree mask
+        covers the step's own keys only, so tree.visible must be [B, T, T] with tree.write[b] = tree.base[b] + 0..T-1
+        (as npc_engine.engine.trees builds it)."""
         from kernels import add_rmsnorm, gated_linear, linear, qkv_rope_write
 
+        if tree is not None and tree.visible.shape != (*tokens.shape, tokens.shape[1]):
+            raise ValueError(f"the fused forward verifies a tree over the step's own nodes: TreeStep.visible must be "
+                             f"[B, T, T] = {[*tokens.shape, tokens.shape[1]]}, got {list(tree.visible.shape)}")
         cos, sin = self.rope_table(cache.max_seq, tokens.device)
-        one_row = tokens.numel() == 1 and self.model.layers[0].self_attn.qkv[2] is None
+        one_row = tree is None and tokens.numel() == 1 and self.model.layers[0].self_attn.qkv[2] is None
         rope_in_qkv = one_row and self.args.dim <= QKV_ROPE_MAX_DIM
         h, pending = self.model.embed_tokens(tokens), None  # pending: a block's output not yet added to h
         for i, layer in enumerate(self.model.layers):
@@ -443,12 +453,13 @@ class Transformer(nn.Module):
             else:
                 x, h = add_rmsnorm(h, None, None, eps1) if pending is None else add_rmsnorm(pending, h, None, eps1)
                 pending = attn.forward_fused(linear(x, *attn.qkv), cos, sin, input_pos, *cache.layer(i), slots, kv_len,
-                                             prefix, residual=None)
+                                             prefix, residual=None, tree=tree)
                 x, h = add_rmsnorm(pending, h, None, eps2)
                 pending = linear(gated_linear(x, *mlp.gate_up), *linear_params(mlp.down_proj))
         if self.feature_store is not None:
             h, pending = h if pending is None else h + pending, None
-            self.feature_store[slots[:, None], input_pos] = h.to(self.feature_store.dtype)
+            at = input_pos if tree is None else tree.write
+            self.feature_store[slots[:, None], at] = h.to(self.feature_store.dtype)
         if isinstance(logits, torch.Tensor):
             rows = torch.arange(h.shape[0], device=h.device)
             h, pending = h[rows, logits][:, None], None if pending is None else pending[rows, logits][:, None]

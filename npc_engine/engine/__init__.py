@@ -43,10 +43,10 @@ class Engine:
         prefills at most (Prefiller), none: every admitted prompt whole. compiled: on the CPU, torch.compile each
         decoder layer (forwards.compile_step_layers; the first steps of each shape wait for the compiler).
         draft_tree: greedy drafted steps verify a draft tree of that shape (npc_engine.engine.trees; a feature head
-        drafter, the unfused forward); sampled steps draft a chain."""
+        drafter, the torch backend); sampled steps draft a chain."""
         self.target, self.drafter, self.tokenizer = target, drafter, tokenizer
         self.device = torch.device(device)
-        draft_lengths = tree_draft_lengths(draft_tree, target, drafter, fused_kernels, fixed_k)
+        draft_lengths = tree_draft_lengths(draft_tree, target, drafter, fixed_k)
         if compiled:
             if self.device.type != "cpu" or not isinstance(target, Transformer):
                 raise ValueError("--compile (compiled layers) is for the torch backend on the CPU; on CUDA the "
@@ -54,7 +54,7 @@ class Engine:
             compile_step_layers(target, drafter)
         if not drafter.uses_features and isinstance(target, Transformer):
             target.feature_store = None  # a feature head's store, left by an earlier engine on this target
-        fused = (self.device.type == "cuda" and draft_tree is None) if fused_kernels is None else fused_kernels
+        fused = self.device.type == "cuda" if fused_kernels is None else fused_kernels
         use_fused_kernels(target, drafter, fused)
         # An ONNX Runtime model (onnx_backend.OnnxModel) has no parameters: it states its dtype.
         self.dtype = next(target.parameters()).dtype if isinstance(target, torch.nn.Module) else target.dtype
@@ -275,15 +275,15 @@ class Engine:
         return StepEvent(r.rid, tokens, True, reason, r.stats)
 
 
-def tree_draft_lengths(tree: TreeShape | None, target: torch.nn.Module, drafter: Drafter, fused_kernels: bool | None,
+def tree_draft_lengths(tree: TreeShape | None, target: torch.nn.Module, drafter: Drafter,
                        fixed_k: int | None) -> tuple[int, ...]:
     """The draft lengths (tree depths) an engine with this draft tree may pick; a clear error for what cannot run it."""
     if tree is None:
         return DRAFT_LENGTHS
     if not drafter.drafts_trees:
         raise ValueError(f"a draft tree needs a feature-head drafter (--draft HEAD_DIR), not {drafter.name!r}")
-    if not isinstance(target, Transformer) or fused_kernels:
-        raise ValueError("a draft tree runs the torch backend's unfused forward: drop --backend onnx / fused kernels")
+    if not isinstance(target, Transformer):
+        raise ValueError("a draft tree runs the torch backend's forward: drop --backend onnx")
     if fixed_k is not None and not tree.fits(fixed_k):
         raise ValueError(f"a draft tree {tree.width},{tree.nodes} of depth {fixed_k}: it writes {tree.span(fixed_k)} "
                          f"positions ahead (at most {SPAN_MAX}) and cannot be deeper than its nodes")

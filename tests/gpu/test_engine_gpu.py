@@ -215,19 +215,33 @@ def test_shared_persona_prefix_with_graphs_and_fused_kernels_equals_unshared_eag
 
 @pytest.mark.parametrize("k", [3, None], ids=["depth3", "adaptive"])
 def test_draft_tree_steps_in_graphs_keep_greedy_lines(tiny_pair_dirs, k):
-    """Tree steps replayed from CUDA graphs (pipelined) give plain greedy lines. The head is random, so few drafts
-    are accepted; tests/test_trees.py plants accepted paths on the CPU (its planting reads the host)."""
+    """Tree steps, eager and replayed from CUDA graphs (pipelined), on the unfused forward and on the fused one (the
+    Triton rope kernel writing each node at its tree position, the attention kernel under the tree mask) give plain
+    greedy lines. The head is random, so few drafts are accepted; tests/test_trees.py plants accepted paths on the CPU
+    (its planting reads the host)."""
     from npc_engine.engine.trees import TreeShape
 
     target_dir, draft_dir = tiny_pair_dirs
     tok = Tokenizer.from_dir(target_dir)
     params = SamplingParams(temperature=0, max_tokens=32)
-    plain = run(Engine(load_model(target_dir, "cuda", torch.float32), NoDrafter(), tok, "cuda", max_batch=8),
-                prompts(tok), params)
-    for graphs in (False, True):
+    plain = run(Engine(load_model(target_dir, "cuda", torch.float32), NoDrafter(), tok, "cuda", max_batch=8,
+                       fused_kernels=False), prompts(tok), params)
+    for graphs, fused in [(False, False), (True, False), (False, True), (True, True)]:
         target = load_model(target_dir, "cuda", torch.float32)
         engine = Engine(target, make_drafter("head", target, draft_dir), tok, "cuda", max_batch=8, cuda_graphs=graphs,
-                        fixed_k=k, draft_tree=TreeShape(3, 8))
+                        fused_kernels=fused, fixed_k=k, draft_tree=TreeShape(3, 8))
+        assert target.fused == fused
         engine.capture_graphs(range(1, 5))
-        assert run(engine, prompts(tok), params) == plain, f"graphs {graphs}"
+        assert run(engine, prompts(tok), params) == plain, f"graphs {graphs}, fused {fused}"
         assert not graphs or engine.fw.greedy_step.graphs  # the tree steps replayed graphs
+
+
+def test_draft_trees_run_the_fused_forward_by_default(tiny_pair_dirs):
+    """An engine with a draft tree on CUDA takes the fused kernels and CUDA graphs, as one without does."""
+    from npc_engine.engine.trees import TreeShape
+
+    target_dir, draft_dir = tiny_pair_dirs
+    target = load_model(target_dir, "cuda", torch.float32)
+    engine = Engine(target, make_drafter("head", target, draft_dir), Tokenizer.from_dir(target_dir), "cuda",
+                    max_batch=2, draft_tree=TreeShape(3, 8))
+    assert engine.target.fused and engine.graphed

@@ -260,10 +260,11 @@ def test_cached_attention_sees_only_its_slot_and_window():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", ATTN_SHAPES)
 @pytest.mark.parametrize("split_size", SPLITS)
-def test_cached_attention_prefix(shape, dtype, split_size):
+@pytest.mark.parametrize("tree", [False, True])
+def test_cached_attention_prefix(shape, dtype, split_size, tree):
     """Keys below a row's prefix length come from the shared prefix slot (the boundary falls inside a key
     block and a split); a row with length 0 reads only its own slot. Its own entries below the prefix
-    length are NaN: never read."""
+    length are NaN: never read. tree: a draft-tree step over a shared persona (both masks at once)."""
     B, T, Hq, Hkv, D, S, max_len = shape
     q, k_cache, v_cache, slots, positions = _attn_inputs(B, T, Hq, Hkv, D, S, max_len, dtype)
     prefix_slot = next(s for s in range(B + 1) if s not in slots.tolist())
@@ -273,8 +274,9 @@ def test_cached_attention_prefix(shape, dtype, split_size):
     prefix = torch.tensor([[prefix_slot, n] for n in lengths], device=DEVICE)
     for b, n in enumerate(lengths):
         k_cache[slots[b], :, :n] = v_cache[slots[b], :, :n] = float("nan")
-    got = cached_attention_triton(q, k_cache, v_cache, slots, positions, None, max_len, split_size, prefix=prefix)
-    ref = cached_attention_reference(q, k_cache, v_cache, slots, positions, None, max_len, prefix)
+    tree_mask = _random_tree(B, T) if tree else None
+    got = cached_attention_triton(q, k_cache, v_cache, slots, positions, tree_mask, max_len, split_size, prefix=prefix)
+    ref = cached_attention_reference(q, k_cache, v_cache, slots, positions, tree_mask, max_len, prefix)
     assert not got.isnan().any() and not ref.isnan().any()
     assert rel_err(got, ref) <= TOL[dtype]
 
