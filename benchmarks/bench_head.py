@@ -10,6 +10,7 @@
     python benchmarks/bench_head.py --model models/base/SmolLM2-135M-Instruct.Q4_1.gguf \\
         --adapter models/smollm2-npc-persona --heads runs/smollm2-npc-head --dev 16
     python benchmarks/bench_head.py --heads runs/smollm2-npc-head --k-sweep 0,1,2,4 --dtype bfloat16 --dev 2
+    python benchmarks/bench_head.py --heads HEAD --k-sweep 0,2,4,6 --device cuda --dtype bfloat16 --tree 6,24 --dev 4
 """
 import argparse
 import sys
@@ -24,6 +25,7 @@ from benchmarks.bench_decode import dev_prompts  # noqa: E402
 from npc_engine.drafters import HeadDrafter  # noqa: E402
 from npc_engine.engine import Engine  # noqa: E402
 from npc_engine.engine.load import load_parts  # noqa: E402
+from npc_engine.engine.trees import TreeShape  # noqa: E402
 from npc_engine.head import load_head  # noqa: E402
 from npc_engine.loading import load_model  # noqa: E402
 from npc_engine.paths import resolve_model  # noqa: E402
@@ -46,11 +48,12 @@ def agreement(target, head, prompts: list[list[int]], replies: list[list[int]]) 
     return hits, total
 
 
-def k_sweep(model, adapter, head_dir, dtype, prompts, ks, new_tokens):
-    target, drafter, _, device = load_parts(model, draft=head_dir, device="cpu", dtype=dtype, adapter=adapter)
+def k_sweep(model, adapter, head_dir, dtype, prompts, ks, new_tokens, device: str, tree: TreeShape | None):
+    target, drafter, _, device = load_parts(model, draft=head_dir, device=device, dtype=dtype, adapter=adapter)
     assert isinstance(drafter, HeadDrafter)
     drafting = []
     draft = drafter.draft
+    graphed = torch.device(device).type == "cuda"  # a graphed step drafts inside its graph: not timed apart
 
     def timed_draft(*args, **kwargs):
         t0 = time.perf_counter()
@@ -58,12 +61,17 @@ def k_sweep(model, adapter, head_dir, dtype, prompts, ks, new_tokens):
         drafting.append(time.perf_counter() - t0)
         return out
 
-    drafter.draft = timed_draft
+    if not graphed:
+        drafter.draft = timed_draft
     params = SamplingParams(temperature=0, max_tokens=new_tokens)
-    print("| K | decode ms/token | drafting ms per token | tokens per step | rest of a step, ms |")
+    print(f"| K{' (tree ' + str(tree.width) + ',' + str(tree.nodes) + ')' if tree else ''} | decode ms/token | "
+          "drafting ms per token | tokens per step | rest of a step, ms |")
     print("|---|---|---|---|---|")
     for k in ks:
-        engine = Engine(target, drafter, None, device, max_batch=1, max_seq=1024, cuda_graphs=False, fixed_k=k)
+        if tree is not None and k and not tree.fits(k):
+            continue
+        engine = Engine(target, drafter, None, device, max_batch=1, max_seq=1024, cuda_graphs=graphed, fixed_k=k,
+                        draft_tree=tree if k else None)
         rounds = []
         for _ in range(2):  # the first round warms up
             decode = tokens = steps = 0
@@ -79,8 +87,9 @@ def k_sweep(model, adapter, head_dir, dtype, prompts, ks, new_tokens):
                 decode, tokens = decode + time.perf_counter() - first, tokens + n - 1
             rounds.append((decode, tokens, steps, sum(drafting)))
         decode, tokens, steps, drafted = rounds[-1]
-        print(f"| {k} | {decode / tokens * 1e3:.2f} | {drafted / tokens * 1e3:.2f} | {tokens / steps:.2f} | "
-              f"{(decode - drafted) / steps * 1e3:.2f} |")
+        draft_ms = "-" if graphed else f"{drafted / tokens * 1e3:.2f}"
+        print(f"| {k} | {decode / tokens * 1e3:.3f} | {draft_ms} | {tokens / steps:.2f} | "
+              f"{(decode - drafted) / steps * 1e3:.3f} |")
 
 
 def main() -> int:
@@ -95,6 +104,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--k-sweep", default="", help="comma-separated draft lengths: time the first head at each")
     ap.add_argument("--dtype", default="float32", help="--k-sweep's target dtype (float32, bfloat16, int4, ...)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="--k-sweep's device (cuda: fused kernels and CUDA graphs, drafting not timed apart)")
+    ap.add_argument("--tree", type=TreeShape.parse, default=None,
+                    help="--k-sweep drafts trees of this shape, WIDTH,NODES (K: the depth; depths it cannot reach "
+                         "are skipped)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
@@ -108,7 +122,7 @@ def main() -> int:
           f"{args.adapter}")
     if args.k_sweep:
         k_sweep(args.model, args.adapter, heads[0], args.dtype, dev, [int(k) for k in args.k_sweep.split(",")],
-                args.new_tokens)
+                args.new_tokens, args.device, args.tree)
         return 0
     train = reply_prompts(tokenizer, train_examples(corpus)[:4 * args.train], 448, last_only=True)[:args.train]
     target = load_model(folder, "cpu", torch.float32, adapter=args.adapter)

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from npc_engine.fusion import fold_norms_
-from npc_engine.model import Transformer
+from npc_engine.model import Linear, Transformer
 
 INT4_GROUP = 32  # GGUF Q4_1's block: a Q4_1 weight without an adapter gets its codes back exactly
+RESCORED = 64  # a packed target's output head: the candidates whose logits are recomputed in float32
 WEIGHT_BITS = ("int8", "int4")
 ACTIVATIONS = torch.bfloat16
 
@@ -97,6 +98,28 @@ class Int4Linear(PackedLinear):
         return torch._weight_int4pack_mm_for_cpu(x, self.weight_int4, self.group, self.scales_and_zeros)
 
 
+class RescoredHead(Linear):
+    """A packed target's output head: every logit from an int8 copy of the weight (a quarter of float32's bytes; the
+    float32 head of SmolLM2's 49,152 x 576 tied embedding took most of an int4 decode step), then the `top` largest
+    recomputed from the float32 rows. The greedy token and the likely tokens' logits are float32's (the int8 error,
+    about 1e-2 of a logit, would have to lift the true argmax out of the top 64), and only the tail, which sampling
+    reaches with a probability of about e^-10, keeps the int8 values. The float32 weight stays the same tensor (tied to
+    the embedding; a reduced-vocabulary feature head reads its rows)."""
+
+    def __init__(self, layer: nn.Linear, top: int = RESCORED):
+        super().__init__(layer.in_features, layer.out_features, bias=False, device="meta")
+        self.weight, self.bias, self.top = layer.weight, layer.bias, min(top, layer.out_features)
+        self.packed = Int8Linear(layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        logits = self.packed.packed_mm(flat.to(ACTIVATIONS)).float()
+        top = logits.topk(self.top, dim=-1).indices  # [N, top]
+        exact = (self.weight[top] @ flat[:, :, None].float())[..., 0]
+        logits = logits.scatter(-1, top, exact).view(*x.shape[:-1], self.out_features)
+        return logits if self.bias is None else logits + self.bias
+
+
 def check_weight_bits(bits: str, device: str | torch.device) -> None:
     """Raises ValueError for weight bits this build or device cannot run (before any weight is loaded)."""
     if bits not in WEIGHT_BITS:
@@ -109,9 +132,9 @@ def check_weight_bits(bits: str, device: str | torch.device) -> None:
 
 def quantize_weights_(model: Transformer, bits: str) -> Transformer:
     """Swaps each nn.Linear of the decoder layers for an Int8Linear or Int4Linear in place (a layer the int4 kernel
-    cannot take gets int8). Embeddings, norms and the output head stay float32: logits keep float32 precision (a
-    bfloat16 output would tie near-equal tokens), and a feature head's reduced vocabulary reads the head's rows. Apply
-    an adapter after this (adapters.merge_adapter keeps its pairs beside the packed weights)."""
+    cannot take gets int8) and the output head for a RescoredHead. Embeddings and norms stay float32, and so do the
+    likely tokens' logits (a bfloat16 output would tie near-equal tokens). Apply an adapter after this
+    (adapters.merge_adapter keeps its pairs beside the packed weights)."""
     check_weight_bits(bits, next(model.parameters()).device)
     if any(isinstance(m, PackedLinear) for m in model.modules()):
         raise ValueError("quantize_weights_: the model's weights are packed already")
@@ -120,4 +143,5 @@ def quantize_weights_(model: Transformer, bits: str) -> Transformer:
             if isinstance(child, nn.Linear):
                 use_int4 = bits == "int4" and Int4Linear.fits(child)
                 setattr(module, name, Int4Linear(child) if use_int4 else Int8Linear(child))
+    model.lm_head = RescoredHead(model.lm_head)
     return model

@@ -160,3 +160,24 @@ def test_weight_bits_are_refused_off_the_cpu_and_on_onnx(tiny_model_dir):
         load_parts(tiny_model_dir, draft="none", dtype="int8", backend="onnx")
     with pytest.raises(ValueError, match="for the CPU"):  # before any weight is loaded onto the GPU
         load_parts(tiny_model_dir, draft="none", dtype="int4", device="cuda")
+
+
+def test_the_rescored_head_gives_float32_logits_where_they_matter():
+    """The packed target's output head: the logits it recomputes are the float32 head's (so is the argmax; the top
+    RESCORED // 2 lie well inside the int8 copy's top RESCORED, which alone may differ at its edge), the tail the int8
+    copy's, within int8's rounding bound."""
+    from npc_engine.quantize import RESCORED, RescoredHead
+
+    torch.manual_seed(3)
+    layer = nn.Linear(64, 500, bias=False)
+    head = RescoredHead(layer)
+    assert head.weight is layer.weight and isinstance(head, nn.Linear)
+    x = torch.randn(2, 3, 64)
+    with torch.no_grad():
+        got, exact = head(x), layer(x)
+    top = exact.topk(RESCORED // 2, dim=-1).indices
+    torch.testing.assert_close(got.gather(-1, top), exact.gather(-1, top), rtol=1e-6, atol=1e-5)
+    assert torch.equal(got.argmax(-1), exact.argmax(-1))
+    bound = x.bfloat16().float().abs() @ (layer.weight.abs().amax(1, keepdim=True) / 127 / 2).expand(-1, 64).T
+    err = (got - exact).abs()
+    assert (err <= bound + exact.abs() * 2 ** -7 + 0.02).all() and err.max() > 1e-4
