@@ -52,17 +52,18 @@ def k_sweep(model, adapter, head_dir, dtype, prompts, ks, new_tokens, device: st
     target, drafter, _, device = load_parts(model, draft=head_dir, device=device, dtype=dtype, adapter=adapter)
     assert isinstance(drafter, HeadDrafter)
     drafting = []
-    draft = drafter.draft
     graphed = torch.device(device).type == "cuda"  # a graphed step drafts inside its graph: not timed apart
 
-    def timed_draft(*args, **kwargs):
-        t0 = time.perf_counter()
-        out = draft(*args, **kwargs)
-        drafting.append(time.perf_counter() - t0)
-        return out
+    def timed(draft):
+        def timed_draft(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = draft(*args, **kwargs)
+            drafting.append(time.perf_counter() - t0)
+            return out
+        return timed_draft
 
     if not graphed:
-        drafter.draft = timed_draft
+        drafter.draft, drafter.draft_tree = timed(drafter.draft), timed(drafter.draft_tree)
     params = SamplingParams(temperature=0, max_tokens=new_tokens)
     print(f"| K{' (tree ' + str(tree.width) + ',' + str(tree.nodes) + ')' if tree else ''} | decode ms/token | "
           "drafting ms per token | tokens per step | rest of a step, ms |")
