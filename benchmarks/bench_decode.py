@@ -317,7 +317,7 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens)
     totals, same = {}, {}
     if args.compile:  # every target's decoder layers (float and packed) and heads share one forward's compile cache
-        torch._dynamo.config.recompile_limit = 64
+        torch._dynamo.config.cache_size_limit = 64
     # one engine per implementation for every prompt, as a service keeps one: its draft policy carries over lines
     engines = {name: Engine(model, make(), None, device, max_batch=1, max_seq=1024, cuda_graphs=graphs,
                             compiled=args.compile, draft_tree=trees.get(name)) for name, model, make in drafters}

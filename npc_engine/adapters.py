@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from npc_engine.errors import CheckpointError
-from npc_engine.quantize import PackedLinear
+from npc_engine.quantize import PackedLinear, RescoredHead
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
@@ -110,4 +110,6 @@ def merge_adapter(model: nn.Module, path: str | Path) -> nn.Module:
             layer.weight = nn.Parameter(layer.weight.clone(), requires_grad=False)  # untie before changing it
         delta = (b.float() @ a.float()) * scale
         layer.weight.copy_((layer.weight.float() + delta.to(layer.weight.device)).to(layer.weight.dtype))
+        if isinstance(layer, RescoredHead):
+            layer.repack()
     return model

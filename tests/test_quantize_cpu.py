@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from npc_engine.adapters import merge_adapter
@@ -10,7 +11,7 @@ from npc_engine.drafters import HeadDrafter, ModelDrafter, NgramDrafter, NoDraft
 from npc_engine.engine import Engine
 from npc_engine.engine.load import load_parts
 from npc_engine.loading import load_model
-from npc_engine.quantize import INT4_GROUP, Int4Linear, Int8Linear, PackedLinear, quantize_weights_
+from npc_engine.quantize import INT4_GROUP, Int4Linear, Int8Linear, PackedLinear, RescoredHead, quantize_weights_
 from npc_engine.sampling import SamplingParams
 from npc_engine.tokenizer import Tokenizer
 from test_speculative import EMBEDDED, PROMPTS, random_head, run_batch
@@ -128,7 +129,8 @@ def test_load_parts_packs_the_target_only(tiny_pair_dirs):
     target, drafter, _, _ = load_parts(target_dir, draft=str(draft_dir), dtype="int4")
     assert isinstance(target.model.layers[0].self_attn.q_proj, Int4Linear)
     assert not any(isinstance(m, nn.Linear) for m in target.model.layers.modules())
-    assert isinstance(target.lm_head, nn.Linear) and target.lm_head.weight.dtype == torch.float32
+    assert isinstance(target.lm_head, RescoredHead)
+    assert target.lm_head.weight.dtype == torch.float32
     assert not any(isinstance(m, PackedLinear) for m in drafter.model.modules())
     with pytest.raises(ValueError, match="packed already"):
         quantize_weights_(target, "int8")
@@ -162,22 +164,53 @@ def test_weight_bits_are_refused_off_the_cpu_and_on_onnx(tiny_model_dir):
         load_parts(tiny_model_dir, draft="none", dtype="int4", device="cuda")
 
 
-def test_the_rescored_head_gives_float32_logits_where_they_matter():
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_rescored_head_gives_float32_logits_where_they_matter(bias):
     """The packed target's output head: the logits it recomputes are the float32 head's (so is the argmax; the top
     RESCORED // 2 lie well inside the int8 copy's top RESCORED, which alone may differ at its edge), the tail the int8
-    copy's, within int8's rounding bound."""
+    copy's, within int8's rounding bound; each row's logits are the same computed alone or beside others."""
     from npc_engine.quantize import RESCORED, RescoredHead
 
     torch.manual_seed(3)
-    layer = nn.Linear(64, 500, bias=False)
+    layer = nn.Linear(64, 500, bias=bias)
+    if bias:  # a bias that alone lifts some tokens to the top
+        layer.bias.data = torch.randn(500) * 3
     head = RescoredHead(layer)
     assert head.weight is layer.weight and isinstance(head, nn.Linear)
     x = torch.randn(2, 3, 64)
     with torch.no_grad():
         got, exact = head(x), layer(x)
+        one_by_one = torch.stack([head(row) for row in x.view(-1, 64)]).view_as(got)
     top = exact.topk(RESCORED // 2, dim=-1).indices
     torch.testing.assert_close(got.gather(-1, top), exact.gather(-1, top), rtol=1e-6, atol=1e-5)
-    assert torch.equal(got.argmax(-1), exact.argmax(-1))
+    assert torch.equal(got.argmax(-1), exact.argmax(-1)) and torch.equal(got, one_by_one)
     bound = x.bfloat16().float().abs() @ (layer.weight.abs().amax(1, keepdim=True) / 127 / 2).expand(-1, 64).T
     err = (got - exact).abs()
-    assert (err <= bound + exact.abs() * 2 ** -7 + 0.02).all() and err.max() > 1e-4
+    assert (err <= bound + exact.abs() * 2 ** -7).all() and err.max() > 1e-4
+
+
+def test_an_adapter_on_a_packed_targets_output_head_repacks_its_int8_copy(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from test_adapters import tiny_llama
+
+    tiny_llama(tmp_path / "base")
+    (tmp_path / "adapter").mkdir()
+    g = torch.Generator().manual_seed(4)
+    save_file({"base_model.model.lm_head.lora_A.weight": torch.randn(4, 64, generator=g),
+               "base_model.model.lm_head.lora_B.weight": torch.randn(128, 4, generator=g)},
+              str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4,
+                                                                          "lora_alpha": 4}))
+    target, _, _, _ = load_parts(tmp_path / "base", draft="none", dtype="int8", adapter=tmp_path / "adapter")
+    head = target.lm_head
+    assert isinstance(head, RescoredHead) and head.weight is not target.model.embed_tokens.weight  # untied
+    before = nn.Linear(64, 128, bias=False)
+    before.weight.data = target.model.embed_tokens.weight.data  # the head's weight before the adapter
+    codes = head.packed.weight_int8
+    assert torch.equal(codes, Int8Linear(head).weight_int8) and not torch.equal(codes, Int8Linear(before).weight_int8)
+    x = torch.randn(5, 64, generator=g)
+    with torch.no_grad():
+        assert torch.equal(head(x).argmax(-1), F.linear(x, head.weight).argmax(-1))

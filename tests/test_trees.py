@@ -230,7 +230,7 @@ def test_draft_trees_are_refused_where_they_cannot_run(tiny_pair_dirs):
         Engine(target, head, None, draft_tree=TreeShape(2, 4), fixed_k=6)
     assert Engine(target, head, None, draft_tree=TreeShape(8, 16)).policy.lengths == (1, 2, 3, 4)  # 8 x 3 <= 32
     assert Engine(target, head, None, draft_tree=TreeShape(1, 3)).policy.lengths == (1, 2, 3)
-    assert Engine(target, head, None, draft_tree=TreeShape(2, 4), fused_kernels=True).target.fused
+    assert Engine(target, head, None, draft_tree=TreeShape(2, 4), fused_kernels=True).target.fused  # stays fused
     # the fused attention masks the step's own keys only: not the head's levels, whose regions are wider
     tokens, write = torch.zeros(1, 3, dtype=torch.long), torch.arange(3)[None]
     wide = TreeStep(write, torch.zeros(1, dtype=torch.long), torch.ones(1, 3, 5, dtype=torch.bool))
