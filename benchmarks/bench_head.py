@@ -65,9 +65,9 @@ def k_sweep(model, adapter, head_dir, dtype, prompts, ks, new_tokens, device: st
     if not graphed:
         drafter.draft, drafter.draft_tree = timed(drafter.draft), timed(drafter.draft_tree)
     params = SamplingParams(temperature=0, max_tokens=new_tokens)
+    shape = f" (tree {tree.width},{tree.nodes})" if tree else ""
     rest = "a step, ms" if graphed else "rest of a step, ms"
-    print(f"| K{' (tree ' + str(tree.width) + ',' + str(tree.nodes) + ')' if tree else ''} | decode ms/token | "
-          f"drafting ms per token | tokens per step | {rest} |")
+    print(f"| K{shape} | decode ms/token | drafting ms per token | tokens per step | {rest} |")
     print("|---|---|---|---|---|")
     for k in ks:
         if tree is not None and k and not tree.fits(k):
