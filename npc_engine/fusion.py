@@ -1,18 +1,24 @@
 """Weights rearranged for the fused forward (`Transformer.forward_fused`): each decoder layer's RMSNorm weights
-folded into the projections after them, and q/k/v and gate/up as one matrix each."""
+folded into the projections after them, and q/k/v and gate/up as one matrix each. A feature head's layer fuses the
+same way (`FeatureHead.fused`)."""
 import torch
 from torch import nn
 
 from npc_engine.model import Transformer, linear_params
 
 
-def fold_norms_(model: Transformer) -> Transformer:
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """A Transformer's decoder layers, or a feature head's one layer."""
+    return list(model.model.layers) if isinstance(model, Transformer) else [model.layer]
+
+
+def fold_norms_(model: nn.Module) -> nn.Module:
     """Multiplies each decoder layer's RMSNorm weight into the columns of the projections it feeds (q, k, v; gate,
     up) and sets it to 1: the same function (up to rounding), and the fused forward normalizes inside the linear
     kernel. A no-op on folded norms. The final norm stays (the output head may be the tied embedding)."""
     from kernels.fp8 import Fp8Linear
 
-    for layer in model.model.layers:
+    for layer in decoder_layers(model):
         for norm, projections in ((layer.input_layernorm, (layer.self_attn.q_proj, layer.self_attn.k_proj,
                                                            layer.self_attn.v_proj)),
                                   (layer.post_attention_layernorm, (layer.mlp.gate_proj, layer.mlp.up_proj))):
@@ -26,7 +32,7 @@ def fold_norms_(model: Transformer) -> Transformer:
     return model
 
 
-def fuse_projections_(model: Transformer) -> Transformer:
+def fuse_projections_(model: nn.Module) -> nn.Module:
     """Folds the norms (fold_norms_), then one matrix for q, k, v and one for gate, up (bf16 or FP8 with their
     per-channel scales), so a step reads each in one kernel. The separate layers become views of the fused storage:
     no extra memory, and state_dict() keeps the Hugging Face names (with the folded values: the same function)."""
@@ -50,7 +56,7 @@ def fuse_projections_(model: Transformer) -> Transformer:
         return weight, bias, scale
 
     fold_norms_(model)
-    for layer in model.model.layers:
+    for layer in decoder_layers(model):
         attn, mlp = layer.self_attn, layer.mlp
         attn.qkv = fuse([attn.q_proj, attn.k_proj, attn.v_proj])
         mlp.gate_up = fuse([mlp.gate_proj, mlp.up_proj])

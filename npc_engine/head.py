@@ -32,6 +32,7 @@ from torch import nn
 
 from npc_engine.loading import CheckpointError, parse_dtype
 from npc_engine.model import (
+    QKV_ROPE_MAX_DIM,
     DecoderLayer,
     KVCache,
     Linear,
@@ -39,6 +40,7 @@ from npc_engine.model import (
     RMSNorm,
     Transformer,
     TreeStep,
+    fused_layer,
     mv_linear,
     rope_cos_sin,
     rope_inv_freq,
@@ -49,6 +51,10 @@ DRAFT_OFF = -1e4  # finite: a header mask that allows only ids off the draft voc
 
 
 class FeatureHead(nn.Module):
+    # With a cache and no tree: the fused kernels (model.fused_layer), its layer's projections fused first
+    # (npc_engine.fusion.fuse_projections_); set with the target's by npc_engine.engine.forwards.use_fused_kernels.
+    fused: bool = False
+
     def __init__(self, args: ModelArgs, draft_ids: torch.Tensor | None = None, input_norms: bool = True):
         super().__init__()
         self.args = args  # the target's shape with n_layers = 1 (the KV cache of the head has one layer)
@@ -80,8 +86,13 @@ class FeatureHead(nn.Module):
 
     def draft_logits(self, target: Transformer, features: torch.Tensor) -> torch.Tensor:
         """A reduced head's logits over its draft_ids only [..., len(draft_ids)]."""
-        h = target.model.norm(features.to(target.model.norm.weight.dtype))
-        return mv_linear(h, self.draft_rows(target))
+        norm = target.model.norm
+        if self.fused:
+            from kernels import add_rmsnorm, linear
+
+            return linear(add_rmsnorm(features.to(norm.weight.dtype), None, norm.weight, norm.eps)[0],
+                          self.draft_rows(target))
+        return mv_linear(norm(features.to(norm.weight.dtype)), self.draft_rows(target))
 
     def top_tokens(self, target: Transformer, features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k most likely next tokens of each predicted feature: (log-probabilities in float32, ids), [..., k]. A
@@ -101,18 +112,33 @@ class FeatureHead(nn.Module):
         B, T = tokens.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=tokens.device).expand(B, T)
-        layout = None
-        if cache is not None:
-            args = self.args
-            layout = cache.layout(slots, input_pos, prefix, cache.max_seq if kv_len is None else kv_len,
-                                  args.n_heads // args.n_kv_heads, tree)
+        kv_len = None if cache is None else cache.max_seq if kv_len is None else kv_len
+        fused = self.fused and cache is not None and tree is None  # the kernels' tree mask is over one step's nodes
         dtype = self.fc.weight.dtype  # the target may run another (int4 weights: float32 embeddings)
         embedded, features = target.model.embed_tokens(tokens).to(dtype), features.to(dtype)
         if self.embed_norm is not None:
-            embedded, features = self.embed_norm(embedded), self.feature_norm(features)
-        x = self.fc(torch.cat([embedded, features], dim=-1))
+            embedded, features = self.input_norms(embedded, features, fused)
+        x = torch.cat([embedded, features], dim=-1)
+        if fused:
+            from kernels import linear
+
+            x, (cos, sin) = linear(x, self.fc.weight), target.rope_table(cache.max_seq, x.device)
+            return fused_layer(self.layer, x, cos, sin, input_pos, *cache.layer(0), slots, kv_len, prefix,
+                               rope_in_qkv=tokens.numel() == 1 and self.args.dim <= QKV_ROPE_MAX_DIM)
+        x, layout = self.fc(x), None
+        if cache is not None:
+            layout = cache.layout(slots, input_pos, prefix, kv_len, self.args.n_heads // self.args.n_kv_heads, tree)
         return self.layer(x, *rope_cos_sin(input_pos, self.inv_freq, x.dtype),
                           None if cache is None else cache.layer(0), layout)
+
+    def input_norms(self, embedded: torch.Tensor, features: torch.Tensor,
+                    fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if not fused:
+            return self.embed_norm(embedded), self.feature_norm(features)
+        from kernels import add_rmsnorm
+
+        return (add_rmsnorm(embedded, None, self.embed_norm.weight, self.embed_norm.eps)[0],
+                add_rmsnorm(features, None, self.feature_norm.weight, self.feature_norm.eps)[0])
 
 
 def head_logits(target: Transformer, features: torch.Tensor) -> torch.Tensor:

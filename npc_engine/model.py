@@ -19,6 +19,11 @@ SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
 # the trained pair (256) and the 1B shape (2048), slower for the 8B shape (4096) (benchmarks/README.md,
 # "One-row q/k/v + RoPE kernel").
 QKV_ROPE_MAX_DIM = 2048
+# Forwards of a few rows (up to kernels.gemv.FUSED_MAX_ROWS: verified drafts, draft trees, a feature head's refeed) up
+# to this hidden size fuse each RMSNorm and residual add into the linear kernels as one row does: at SmolLM2-135M's
+# size (576) a step is launch-bound and fewer kernels win; at 2048 and up the norm kernel + cuBLAS ran faster
+# (benchmarks/README.md, "Fused norm and residual", "Sixth GPU session").
+ROWS_FUSED_MAX_DIM = 1024
 
 
 @dataclass
@@ -419,43 +424,37 @@ class Transformer(nn.Module):
                       logits: bool | torch.Tensor = True, prefix: torch.Tensor | None = None,
                       tree: TreeStep | None = None) -> torch.Tensor | None:
         """Same function as forward with a cache (the norms' weights folded into the projections after them by
-        npc_engine.fusion.fuse_projections_). One row (a decode step at batch 1) without FP8 weights: each RMSNorm
-        runs inside the linear kernel after it, each residual add in the epilogue of the one before, and (hidden size
-        up to QKV_ROPE_MAX_DIM) the q/k/v kernel also rotates q and k and writes the cache (kernels.qkv_rope).
-        Otherwise residual add + RMSNorm is one kernel (with several rows the linear kernel ran slower with them
-        fused than cuBLAS after a norm kernel, and with FP8 weights the one-row kernel did too:
-        benchmarks/README.md, "Fused norm and residual"), and so is RoPE + cache write. Attention over cached keys is
-        one kernel (and its split combine). A draft tree takes the multi-row path; the attention kernel's tree mask
-        covers the step's own keys only, so tree.visible must be [B, T, T] with tree.write[b] = tree.base[b] + 0..T-1
-        (as npc_engine.engine.trees builds it)."""
-        from kernels import add_rmsnorm, gated_linear, linear, qkv_rope_write
+        npc_engine.fusion.fuse_projections_). One row (a decode step at batch 1), and a few rows up to
+        ROWS_FUSED_MAX_DIM, without FP8 weights: `fused_layer`. Otherwise residual add + RMSNorm is one kernel (with
+        several rows at 2048 and up the linear kernel ran slower with them fused than cuBLAS after a norm kernel, and
+        with FP8 weights the one-row kernel did too: benchmarks/README.md, "Fused norm and residual"), and so is RoPE
+        + cache write. Attention over cached keys is one kernel (and its split combine). The attention kernel's tree
+        mask covers the step's own keys only, so a draft tree's tree.visible must be [B, T, T] with tree.write[b] =
+        tree.base[b] + 0..T-1 (as npc_engine.engine.trees builds it)."""
+        from kernels import add_rmsnorm, gated_linear, linear
+        from kernels.gemv import FUSED_MAX_ROWS
 
         if tree is not None and tree.visible.shape != (*tokens.shape, tokens.shape[1]):
             raise ValueError(f"the fused forward verifies a tree over the step's own nodes: TreeStep.visible must be "
                              f"[B, T, T] = {[*tokens.shape, tokens.shape[1]]}, got {list(tree.visible.shape)}")
         cos, sin = self.rope_table(cache.max_seq, tokens.device)
-        one_row = tree is None and tokens.numel() == 1 and self.model.layers[0].self_attn.qkv[2] is None
+        plain = self.model.layers[0].self_attn.qkv[2] is None  # not FP8
+        one_row = tree is None and tokens.numel() == 1 and plain
+        rows_fused = one_row or (plain and tokens.numel() <= FUSED_MAX_ROWS and self.args.dim <= ROWS_FUSED_MAX_DIM)
         rope_in_qkv = one_row and self.args.dim <= QKV_ROPE_MAX_DIM
         h, pending = self.model.embed_tokens(tokens), None  # pending: a block's output not yet added to h
         for i, layer in enumerate(self.model.layers):
+            if rows_fused:
+                h = fused_layer(layer, h, cos, sin, input_pos, *cache.layer(i), slots, kv_len, prefix, tree,
+                                rope_in_qkv)
+                continue
             attn, mlp = layer.self_attn, layer.mlp
             eps1, eps2 = layer.input_layernorm.eps, layer.post_attention_layernorm.eps
-            if one_row:
-                k_cache, v_cache = cache.layer(i)
-                if rope_in_qkv:
-                    q = qkv_rope_write(h, *attn.qkv[:2], eps1, attn.n_heads, attn.n_kv_heads, cos, sin, input_pos,
-                                       slots, k_cache, v_cache)
-                    h = attn.attend(q, input_pos, k_cache, v_cache, slots, kv_len, prefix, residual=h)
-                else:
-                    h = attn.forward_fused(linear(h, *attn.qkv, rms_eps=eps1), cos, sin, input_pos, k_cache, v_cache,
-                                           slots, kv_len, prefix, residual=h)
-                h = linear(gated_linear(h, *mlp.gate_up, rms_eps=eps2), *linear_params(mlp.down_proj), residual=h)
-            else:
-                x, h = add_rmsnorm(h, None, None, eps1) if pending is None else add_rmsnorm(pending, h, None, eps1)
-                pending = attn.forward_fused(linear(x, *attn.qkv), cos, sin, input_pos, *cache.layer(i), slots, kv_len,
-                                             prefix, residual=None, tree=tree)
-                x, h = add_rmsnorm(pending, h, None, eps2)
-                pending = linear(gated_linear(x, *mlp.gate_up), *linear_params(mlp.down_proj))
+            x, h = add_rmsnorm(h, None, None, eps1) if pending is None else add_rmsnorm(pending, h, None, eps1)
+            pending = attn.forward_fused(linear(x, *attn.qkv), cos, sin, input_pos, *cache.layer(i), slots, kv_len,
+                                         prefix, residual=None, tree=tree)
+            x, h = add_rmsnorm(pending, h, None, eps2)
+            pending = linear(gated_linear(x, *mlp.gate_up), *linear_params(mlp.down_proj))
         if self.feature_store is not None:
             h, pending = h if pending is None else h + pending, None
             at = input_pos if tree is None else tree.write
@@ -476,6 +475,26 @@ class Transformer(nn.Module):
             freqs = torch.arange(n, device=device).float()[:, None] * self.inv_freq.to(device).float()
             self.rope_tables = (freqs.cos(), freqs.sin())
         return self.rope_tables
+
+
+def fused_layer(layer: DecoderLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, kv_len: int,
+                prefix: torch.Tensor | None, tree: TreeStep | None = None, rope_in_qkv: bool = False) -> torch.Tensor:
+    """h + one decoder layer of h [B, T, dim] over its cache on the fused kernels, its norms folded into its fused
+    projections (npc_engine.fusion): four linear kernels with the norms and residual adds inside them, RoPE + cache
+    write, attention. rope_in_qkv (one row): the q/k/v kernel also rotates and writes the cache (kernels.qkv_rope)."""
+    from kernels import gated_linear, linear, qkv_rope_write
+
+    attn, mlp = layer.self_attn, layer.mlp
+    eps1, eps2 = layer.input_layernorm.eps, layer.post_attention_layernorm.eps
+    if rope_in_qkv:
+        q = qkv_rope_write(h, *attn.qkv[:2], eps1, attn.n_heads, attn.n_kv_heads, cos, sin, input_pos, slots,
+                           k_cache, v_cache)
+        h = attn.attend(q, input_pos, k_cache, v_cache, slots, kv_len, prefix, residual=h)
+    else:
+        h = attn.forward_fused(linear(h, *attn.qkv, rms_eps=eps1), cos, sin, input_pos, k_cache, v_cache, slots,
+                               kv_len, prefix, residual=h, tree=tree)
+    return linear(gated_linear(h, *mlp.gate_up, rms_eps=eps2), *linear_params(mlp.down_proj), residual=h)
 
 
 def compile_layers(model: nn.Module, dynamic: bool | None = None) -> None:

@@ -1,12 +1,16 @@
-"""Feature head: input norms, and heads saved before them."""
+"""Feature head: input norms, heads saved before them, and the fused kernels' path."""
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from npc_engine.drafters import HeadDrafter
+from npc_engine.engine import Engine
+from npc_engine.fusion import fuse_projections_
 from npc_engine.head import FeatureHead, head_args, load_head, save_head
 from npc_engine.loading import CheckpointError, load_model
+from npc_engine.model import KVCache
 
 
 def drafted_features(head: FeatureHead, target) -> torch.Tensor:
@@ -56,3 +60,46 @@ def test_a_head_with_input_norms_round_trips(tiny_model_dir, tmp_path):
     save_file({k: v for k, v in state.items() if k != "feature_norm.weight"}, tmp_path / "new" / "model.safetensors")
     with pytest.raises(CheckpointError, match="missing tensors: feature_norm.weight"):
         load_head(tmp_path / "new", target, "cpu")
+
+
+def refeed_and_drafts(target, head: FeatureHead, prompt: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """The target and the head prefilled on prompt bar its last token, then the head's refeed (its predicted feature
+    after the last token) and a chain of 4 greedy drafts."""
+    drafter = HeadDrafter(head, target, 2, 256, "cpu", torch.float32)
+    cache, slots, n = KVCache(target.args, 2, 256, "cpu", torch.float32), torch.tensor([0]), len(prompt)
+    with torch.no_grad():
+        target(torch.tensor([prompt[:-1]]), torch.arange(n - 1)[None], cache, slots, 256, logits=False)
+        drafter.prefill(torch.tensor([prompt[:-1]]), torch.arange(n - 1)[None], slots, 256)
+        lengths = torch.tensor([n])
+        predicted = drafter.refeed(torch.tensor([prompt[-1]]), lengths, slots, 256, None)
+        drafts = drafter.greedy_drafts(torch.tensor([prompt[-2:]]), lengths, slots, 4, 256)
+    return predicted, drafts[0].tolist()
+
+
+@pytest.mark.parametrize("reduced", [False, True])
+def test_the_fused_head_drafts_as_the_unfused_one(tiny_model_dir, reduced):
+    """On the fused kernels (their PyTorch references on the CPU: the input norms, the layer with its norms folded
+    into fused projections, the refeed's 17 rows and the one-row drafts with the q/k/v + RoPE kernel, the draft
+    vocabulary's logits) the head predicts the unfused head's features and drafts the same tokens."""
+    prompt = [(7 * i + 3) % 97 for i in range(30)]
+    runs = []
+    for fused in (False, True):
+        target = load_model(tiny_model_dir)
+        torch.manual_seed(0)
+        head = FeatureHead(head_args(target.args), torch.arange(0, 97, 2) if reduced else None).eval()
+        if fused:
+            fuse_projections_(target).fused = fuse_projections_(head).fused = True
+        runs.append(refeed_and_drafts(target, head, prompt))
+    (predicted, drafts), (fused_predicted, fused_drafts) = runs
+    assert torch.allclose(fused_predicted, predicted, atol=1e-4) and predicted.abs().max() > 0.1
+    assert fused_drafts == drafts
+
+
+def test_the_engine_runs_a_feature_head_on_the_fused_kernels_with_its_target(tiny_model_dir):
+    target = load_model(tiny_model_dir)
+    head = FeatureHead(head_args(target.args)).eval()
+    drafter = HeadDrafter(head, target, 3, 256, "cpu", torch.float32)
+    Engine(target, drafter, None, max_batch=2, max_seq=256, fused_kernels=True)
+    assert target.fused and head.fused and head.layer.self_attn.qkv is not None and head.layer.mlp.gate_up is not None
+    Engine(target, drafter, None, max_batch=2, max_seq=256, fused_kernels=False)
+    assert not target.fused and not head.fused

@@ -11,7 +11,8 @@ from npc_engine.cuda_graphs import GraphedForward, GraphedStep
 from npc_engine.drafters import Drafter
 from npc_engine.engine.stepping import greedy_step
 from npc_engine.engine.trees import TreeShape
-from npc_engine.fusion import fuse_projections_
+from npc_engine.fusion import decoder_layers, fuse_projections_
+from npc_engine.head import FeatureHead
 from npc_engine.model import KVCache, Transformer, compile_layers
 
 
@@ -21,10 +22,13 @@ def kv_bucket(needed: int, max_seq: int, step: int = 64) -> int:
 
 
 def use_fused_kernels(target, drafter: Drafter, fused: bool) -> None:
-    """The kernels of kernels/ (Triton on CUDA, their PyTorch references elsewhere) for the target and a draft model."""
-    for model in [target] + ([drafter.transformer] if drafter.transformer is not None else []):
+    """The kernels of kernels/ (Triton on CUDA, their PyTorch references elsewhere) for the target, a draft model and
+    a feature head."""
+    for model in (target, drafter.transformer, drafter.model if drafter.uses_features else None):
+        if model is None:
+            continue
         model.fused = fused
-        if fused and isinstance(model, Transformer) and model.model.layers[0].self_attn.qkv is None:
+        if fused and isinstance(model, Transformer | FeatureHead) and decoder_layers(model)[0].self_attn.qkv is None:
             fuse_projections_(model)
 
 

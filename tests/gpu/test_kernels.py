@@ -387,8 +387,9 @@ def test_small_m_linear(shape, rows, dtype, fp8, with_bias, gated):
 
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("shape", SMALL_M_SHAPES)
-@pytest.mark.parametrize("rows", [1, 9, 16])
-@pytest.mark.parametrize("fp8", [False, True])
+# bf16 up to FUSED_MAX_ROWS (a draft tree; 5: the one-row config over a grid of rows), FP8 up to MAX_ROWS
+@pytest.mark.parametrize("rows,fp8", [(1, False), (5, False), (9, False), (16, False), (25, False), (1, True),
+                                      (9, True), (16, True)])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("rms,with_residual", [(True, False), (False, True), (True, True)])
 def test_small_m_linear_fused_norm_and_residual(shape, rows, dtype, fp8, gated, rms, with_residual):
@@ -418,8 +419,11 @@ def test_small_m_linear_fused_norm_and_residual(shape, rows, dtype, fp8, gated, 
 
 def test_small_m_linear_refuses_bad_inputs():
     w = torch.randn(8, 64, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="1 to 32 rows"):
+        small_m_linear_triton(torch.randn(33, 64, device=DEVICE, dtype=torch.bfloat16), w)
+    w8, scale = quantize_fp8(w)
     with pytest.raises(ValueError, match="1 to 16 rows"):
-        small_m_linear_triton(torch.randn(17, 64, device=DEVICE, dtype=torch.bfloat16), w)
+        small_m_linear_triton(torch.randn(17, 64, device=DEVICE, dtype=torch.bfloat16), w8, scale=scale)
     x = torch.randn(1, 64, device=DEVICE, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=r"must be \[N, 64\]"):
         small_m_linear_triton(x, w[:, :32])
@@ -476,22 +480,23 @@ def test_qkv_rope_write(dim, n_heads, n_kv_heads, head_dim, dtype, rms, with_bia
 @needs_cuda
 def test_linear_dispatch():
     """One bf16 row takes the small-M kernel, more rows or float32 stay on cuBLAS (same results as
-    F.linear); FP8 weights take it up to 16 rows and go to fp8_linear above."""
+    F.linear); FP8 weights take it up to 16 rows and go to fp8_linear above; bf16 with a norm, residual or gate to
+    fuse up to 32 rows."""
     weight = torch.randn(96, 64, device=DEVICE, dtype=torch.bfloat16)
-    rows = torch.randn(17, 64, device=DEVICE, dtype=torch.bfloat16)
+    rows = torch.randn(33, 64, device=DEVICE, dtype=torch.bfloat16)
     assert torch.equal(linear(rows[:3], weight), linear_reference(rows[:3], weight))
     assert torch.equal(linear(rows[:1], weight), small_m_linear_triton(rows[:1], weight))
     assert torch.equal(linear(rows[:1].float(), weight.float()), linear_reference(rows[:1].float(), weight.float()))
     w8, scale = quantize_fp8(weight)
-    assert torch.equal(linear(rows, w8, None, scale), fp8_linear(rows, w8, scale))
+    assert torch.equal(linear(rows[:17], w8, None, scale), fp8_linear(rows[:17], w8, scale))
     assert torch.equal(linear(rows[:4], w8, None, scale), small_m_linear_triton(rows[:4], w8, None, scale))
-    gate, up = linear_reference(rows, weight).chunk(2, dim=-1)  # 17 rows: linear, then silu * up
+    gate, up = linear_reference(rows, weight).chunk(2, dim=-1)  # 33 rows: linear, then silu * up
     assert torch.equal(gated_linear(rows, weight), torch.nn.functional.silu(gate) * up)
-    assert torch.equal(gated_linear(rows[:5], weight), small_m_linear_triton(rows[:5], weight, gated=True))
-    # a norm or residual to fuse: the kernel up to 16 rows (bf16 too); above, norm -> linear -> add
-    res = torch.randn(17, 96, device=DEVICE, dtype=torch.bfloat16)
-    assert torch.equal(linear(rows[:3], weight, rms_eps=1e-5, residual=res[:3]),
-                       small_m_linear_triton(rows[:3], weight, rms_eps=1e-5, residual=res[:3]))
+    assert torch.equal(gated_linear(rows[:25], weight), small_m_linear_triton(rows[:25], weight, gated=True))
+    # a norm or residual to fuse: the kernel up to 32 rows (bf16; FP8 up to 16); above, norm -> linear -> add
+    res = torch.randn(33, 96, device=DEVICE, dtype=torch.bfloat16)
+    assert torch.equal(linear(rows[:25], weight, rms_eps=1e-5, residual=res[:25]),
+                       small_m_linear_triton(rows[:25], weight, rms_eps=1e-5, residual=res[:25]))
     normed = add_rmsnorm_reference(rows, None, None, 1e-5)[0]
     assert torch.equal(linear(rows, weight, rms_eps=1e-5, residual=res), linear_reference(normed, weight) + res)
     assert torch.equal(linear(rows, w8, None, scale, rms_eps=1e-5), fp8_linear(normed, w8, scale))
