@@ -57,15 +57,21 @@ def admission_key(priority: str, open: bool, deadline: float | None, arrival: in
 class PrefillBudget:
     """How many waiting requests enter the engine at once: while their prompt tokens still to prefill fit
     the budget, and always the first. The engine prefills an admitted prompt in its next step, so this
-    bounds that step: it never runs far past the earliest deadline."""
+    bounds that step: it never runs far past the earliest deadline. A persona prefix the engine has not
+    cached is prefilled in that step too, once for all the requests that share it."""
 
     def __init__(self, tokens: int):
         self.left, self.first = tokens, True
+        self.prefixes: set[tuple[int, ...]] = set()  # uncached prefixes already counted
 
-    def take(self, tokens: int) -> bool:
-        if not self.first and tokens > self.left:
+    def take(self, tokens: int, uncached_prefix: tuple[int, ...] = ()) -> bool:
+        """tokens: the prompt's tokens past its persona prefix; uncached_prefix: that prefix when the engine has
+        not cached it."""
+        cost = tokens if uncached_prefix in self.prefixes else tokens + len(uncached_prefix)
+        if not self.first and cost > self.left:
             return False
-        self.left, self.first = self.left - tokens, False
+        self.left, self.first = self.left - cost, False
+        self.prefixes.add(uncached_prefix)
         return True
 
 

@@ -174,3 +174,37 @@ def test_streamed_prompt_changed_inside_the_shared_prefix_is_recomputed_in_its_o
     engine.update_prompt("b", ids[:P - 3], complete=True)  # cut back inside the persona
     assert engine.active["b"].shared is None and entry.refs == 0
     assert drain(engine, "b") == run(plain, [ids[:P - 3]], GREEDY)[0][0]
+
+
+def test_a_step_counts_the_prefixes_it_computes_against_its_prefill_budget(tiny_pair_dirs):
+    """Two lines of personas not cached yet, a budget that holds both prefixes and one line's own tokens: the
+    step computes both prefixes and one line; the other line's tokens wait for the next step (the service admitted
+    both counting their prefixes, scheduler.PrefillBudget)."""
+    target_dir, _ = tiny_pair_dirs
+    tok = make_engine(target_dir, "none").tokenizer
+    (a, pa), (b, pb) = conversation(tok, PERSONAS[0]), conversation(tok, PERSONAS[1], LINES[1])
+    engine = make_engine(target_dir, "none", max_prefill_tokens=len(a) + len(b) - 1)
+    engine.submit("a", a, GREEDY, prefix_len=pa)
+    engine.submit("b", b, GREEDY, prefix_len=pb)
+    assert [ev.rid for ev in engine.step() if ev.token_ids] == ["a"]
+    assert sorted(ev.rid for ev in engine.step() if ev.token_ids) == ["a", "b"]
+    assert engine.prefix_cached(a[:pa]) and engine.prefix_cached(b[:pb])
+
+
+def test_a_cached_prefix_is_read_even_when_a_new_prefix_in_the_same_step_needs_its_slot(tiny_pair_dirs):
+    """The service admits a line whose prefix is cached as if it were free: a new prefix admitted with it in one step
+    must not evict it first."""
+    target_dir, _ = tiny_pair_dirs
+    plain = make_engine(target_dir, "none")
+    slot_mb = KVCache.slot_bytes(plain.target.args, plain.max_seq, plain.dtype) / 2**20
+    engine = make_engine(target_dir, "none", prefix_cache_mb=1.5 * slot_mb)  # one prefix slot
+    (a, pa), (b, pb) = conversation(engine.tokenizer, PERSONAS[0]), conversation(engine.tokenizer, PERSONAS[1])
+    run(engine, [a], GREEDY, pa)
+    assert engine.prefix_cached(a[:pa]) and not engine.prefix_cached(b[:pb])
+    engine.submit("b", b, GREEDY, prefix_len=pb)  # first: it asks for a prefix slot before a takes its reference
+    engine.submit("a", a, GREEDY, prefix_len=pa)
+    stats = {}
+    while engine.has_work():
+        stats |= {ev.rid: ev.stats for ev in engine.step() if ev.finished}
+    assert stats["a"].cached_prefix_tokens == pa and stats["a"].prefill_tokens == len(a) - pa
+    assert stats["b"].cached_prefix_tokens == 0 and stats["b"].prefill_tokens == len(b)  # in its own slot

@@ -18,8 +18,9 @@ def add_parser(sub) -> None:
     p.add_argument("--bind", default=DEFAULT_ADDR, help="ZeroMQ endpoint; a port of '*' picks a free one")
     p.add_argument("--max-batch", type=int, default=16, help="requests generated together")
     p.add_argument("--max-prefill-tokens", type=int, default=512,
-                   help="prompt tokens prefilled per step (a longer prompt takes several steps, and admission "
-                        "follows deadlines): bounds how far a step can run past a deadline")
+                   help="prompt tokens prefilled per step, persona blocks not yet cached included (a longer prompt "
+                        "takes several steps, and admission follows deadlines): bounds how far a step can run past "
+                        "a deadline")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                    help="CPU threads for the model (default: all cores but one, so socket I/O never starves)")
     p.add_argument("--state", metavar="DIR", help="keep conversation history and memories in DIR/state.sqlite3 "

@@ -40,8 +40,9 @@ class Engine:
                  max_prefill_tokens: int | None = None, compiled: bool = False, draft_tree: TreeShape | None = None):
         """pipeline: launch each greedy step before the previous one's tokens reach the host (default: with CUDA
         graphs). prefix_cache_mb: memory for persona-prefix slots. max_prefill_tokens: prompt tokens a step
-        prefills at most (Prefiller), none: every admitted prompt whole. compiled: on the CPU, torch.compile each
-        decoder layer (forwards.compile_step_layers; the first steps of each shape wait for the compiler).
+        prefills at most, persona prefixes included (Prefiller), none: every admitted prompt whole. compiled: on the
+        CPU, torch.compile each decoder layer (forwards.compile_step_layers; the first steps of each shape wait for the
+        compiler).
         draft_tree: greedy drafted steps verify a draft tree of that shape (npc_engine.engine.trees; a feature head
         drafter, the torch backend); sampled steps draft a chain."""
         self.target, self.drafter, self.tokenizer = target, drafter, tokenizer
@@ -164,6 +165,10 @@ class Engine:
     def capacity_left(self) -> int:
         return len(self.slots.free) - len(self.waiting)
 
+    def prefix_cached(self, prefix_ids: tuple[int, ...]) -> bool:
+        """Whether a persona prefix's KV is cached: a request that starts with it prefills only the rest."""
+        return tuple(prefix_ids) in self.slots.prefixes
+
     def max_prompt_len(self) -> int:
         return self.max_seq - K_MAX - PREFILL_CHUNK - 2
 
@@ -186,10 +191,10 @@ class Engine:
             self.policy.admit(r, len(self.active) + 1)
             self.active[r.rid] = r
             admitted.append(r)
-        self.prefiller.attach_prefixes(admitted)
+        spent = self.prefiller.attach_prefixes(admitted)
         # Requests whose first token comes out of this step's prefill return with it now: TTFT is one prefill.
         decoding = [r for r in self.active.values() if r.decoding]
-        first = self.prefiller.prefill([r for r in self.active.values() if r.fed < len(r.prompt)])
+        first = self.prefiller.prefill([r for r in self.active.values() if r.fed < len(r.prompt)], spent)
         events += [e for e in (self.emit(r, [t]) for r, t in first) if e is not None]
         if decoding:
             events += self.decode(decoding)

@@ -23,17 +23,19 @@ def open_prefill_end(r: Request) -> int:
 
 class Prefiller:
     def __init__(self, fw, slots: Slots, max_tokens: int | None = None):
-        """max_tokens: complete-prompt tokens fed per step at most (the first prompt gets at least one chunk), so
-        a step never runs far past a request's deadline; the rest follows in the next steps."""
+        """max_tokens: persona-prefix and complete-prompt tokens fed per step at most (the first prompt gets at least
+        one chunk), so a step never runs far past a request's deadline; the rest follows in the next steps."""
         self.fw, self.slots, self.max_tokens = fw, slots, max_tokens
         self.chunk = PREFILL_CHUNK if fw.graphed else EAGER_PREFILL_CHUNK
 
-    def attach_prefixes(self, reqs: list[Request]) -> None:
+    def attach_prefixes(self, reqs: list[Request]) -> int:
         """Points each request at the shared KV of its persona prefix, computing a missing one once into a prefix
-        slot (target and drafter). With no slot to spare the prefix is computed in the request's own slot like the
-        rest of its prompt."""
+        slot (target and drafter); returns the prefix tokens computed. With no slot to spare the prefix is computed
+        in the request's own slot like the rest of its prompt."""
         missing = []
-        for r in reqs:
+        # Hits take their references first: a miss may evict the least recently used unreferenced prefix, and the
+        # service admitted this step's requests counting their cached prefixes as free.
+        for r in sorted(reqs, key=lambda r: tuple(r.prompt[:r.prefix_len]) not in self.slots.prefixes):
             if not r.prefix_len:
                 continue
             compute = self.slots.share(r)
@@ -45,10 +47,12 @@ class Prefiller:
             else:
                 r.stats.cached_prefix_tokens = r.prefix_len
         self.feed([(r, 0, r.prefix_len) for r in missing], into_prefix=True)
+        return sum(r.prefix_len for r in missing)
 
-    def prefill(self, reqs: list[Request]) -> list[tuple[Request, int]]:
-        """Feeds the prompts not yet in the cache; returns (request, first token) for each prompt completed."""
-        complete = self.within_budget([(r, r.fed, len(r.prompt)) for r in reqs if r.complete])
+    def prefill(self, reqs: list[Request], spent: int = 0) -> list[tuple[Request, int]]:
+        """Feeds the prompts not yet in the cache (complete ones within max_tokens less `spent`, the prefix tokens
+        this step computed); returns (request, first token) for each prompt completed."""
+        complete = self.within_budget([(r, r.fed, len(r.prompt)) for r in reqs if r.complete], spent)
         streaming = [(r, r.fed, open_prefill_end(r)) for r in reqs if not r.complete]
         # Requests that start with speculation off leave the drafter's cache behind (a drafting step catches up);
         # a prefill that feeds the drafter catches its requests up first (an open prompt fed while none drafted).
@@ -66,10 +70,10 @@ class Prefiller:
         finishing = [r for r, _ in last_logits]
         return list(zip(finishing, self.first_tokens(finishing, torch.stack([row for _, row in last_logits]))))
 
-    def within_budget(self, ranges: list[tuple[Request, int, int]]) -> list[tuple[Request, int, int]]:
+    def within_budget(self, ranges: list[tuple[Request, int, int]], spent: int) -> list[tuple[Request, int, int]]:
         if self.max_tokens is None:
             return ranges
-        left, out = self.max_tokens, []
+        left, out = self.max_tokens - spent, []
         for r, a, b in ranges:
             take = min(b - a, left if out else max(left, self.chunk))
             if take < b - a:

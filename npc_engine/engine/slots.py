@@ -46,6 +46,10 @@ class PrefixCache:
     def release(self, entry: PrefixEntry) -> None:
         entry.refs -= 1
 
+    def __contains__(self, key: tuple[int, ...]) -> bool:
+        """Whether key's KV is computed (an entry is computed in the step that made it)."""
+        return key in self.entries
+
 
 def slot_count(target_args, dtype: torch.dtype, drafter, max_batch: int, max_seq: int, prefix_cache_mb: float) -> int:
     """One slot per batch row, the scratch slot, then as many prefix slots as prefix_cache_mb holds (a slot of the

@@ -1,21 +1,25 @@
 """The ZeroMQ service: one ROUTER socket (transport), one loop that reads messages (handlers), runs the
 calls (calls) on the engine (engine_api) and answers. The wire protocol is bridge/PROTOCOL.md.
 
-Socket I/O and `engine.step()` share one thread, so the engine and the socket never cross threads.
+Socket I/O and `engine.step()` share one thread, except that while a step runs the socket is lent to
+the heartbeat thread (heartbeats), which answers `ping` and `hello` and holds every other message, in
+order, for the loop: a step of long prompts on a slow CPU can outlast a client's heartbeat timeout.
 While the engine has work the socket is polled with timeout 0 between steps; when idle the loop
 sleeps in `poll` until a message, the next deadline or the next persona reload check. A deadline
 can therefore be noticed one engine step late at worst; to keep the promise anyway, a request is
 ended with its fallback line when the next step (estimated from recent steps) would end after
-its deadline, and admission bounds the prefill work a step takes on (scheduler.PrefillBudget). An
-open `say` (the player still typing, its text arriving in `say.append` pieces) is handed to the
-engine as soon as it arrives, with its prompt marked incomplete: the engine prefills the text so far
-and generates nothing until the final piece completes the prompt.
+its deadline, and admission bounds the prefill work a step takes on, persona prefixes the engine has
+not cached included (scheduler.PrefillBudget). An open `say` (the player still typing, its text
+arriving in `say.append` pieces) is handed to the engine as soon as it arrives, with its prompt marked
+incomplete: the engine prefills the text so far and generates nothing until the final piece completes
+the prompt.
 """
 import logging
 import math
 import os
 import random
 import time
+from collections import deque
 
 from bridge import protocol
 from npc_engine.dialogue import LineStream, fallback_line, prefix_ids
@@ -24,10 +28,11 @@ from npc_engine.scheduler import PrefillBudget, pick_preemption
 from npc_engine.service.calls import Call, Calls
 from npc_engine.service.config import ServiceConfig, ServiceError, check_bind, is_local_endpoint
 from npc_engine.service.engine_api import EngineAPI
-from npc_engine.service.handlers import Handlers
+from npc_engine.service.handlers import Handlers, is_heartbeat
+from npc_engine.service.heartbeats import Heartbeats
 from npc_engine.service.scene_handlers import SceneHandlers, open_scenes
 from npc_engine.service.state_handlers import StateHandlers, open_state
-from npc_engine.service.transport import Transport
+from npc_engine.service.transport import Incoming, Transport
 
 __all__ = ["Service", "ServiceConfig", "ServiceError", "check_bind", "is_local_endpoint"]
 
@@ -56,6 +61,8 @@ class Service(Handlers, StateHandlers, SceneHandlers):
         self.next_reload = 0.0
         self.reported_errors: dict[str, str] = {}
         self.minors: dict[bytes, int] = {}  # the minor protocol version each client negotiated (hello)
+        self.heartbeats = Heartbeats(self.answer_heartbeats)  # started by run()
+        self.held: deque[Incoming] = deque()  # messages read while a step ran, not yet handled
 
     @property
     def endpoint(self) -> str | None:
@@ -67,6 +74,7 @@ class Service(Handlers, StateHandlers, SceneHandlers):
         endpoint = self.transport.bind()
         log.info("listening on %s (%d personas)", endpoint, len(self.personas.ids()))
         self.check_personas(self.personas.ids())
+        self.compile_headers(self.personas.ids())
         return endpoint
 
     def stop(self) -> None:
@@ -76,17 +84,20 @@ class Service(Handlers, StateHandlers, SceneHandlers):
     def run(self) -> None:
         if self.transport.socket is None:
             self.bind()
+        self.heartbeats.start()
         try:
             while not self.stopping:
                 self.iterate()
             self.shut_down()
         finally:
+            self.heartbeats.stop()
             self.transport.close()
             self.state.close()
 
     def iterate(self) -> None:
-        busy = self.engine.has_work() or (len(self.calls.queue) > 0 and self.engine.capacity_left() > 0)
-        if self.transport.poll(0 if busy else self.idle_timeout_ms()):
+        busy = bool(self.held) or self.engine.has_work() or (
+            len(self.calls.queue) > 0 and self.engine.capacity_left() > 0)
+        if self.transport.poll(0 if busy else self.idle_timeout_ms()) or self.held:
             self.read_messages()
         self.forget_gone_clients()
         now = time.monotonic()
@@ -121,6 +132,8 @@ class Service(Handlers, StateHandlers, SceneHandlers):
         log.info("stopped")
 
     def read_messages(self) -> None:
+        while self.held:
+            self.handle(self.held.popleft())
         for _ in range(self.config.max_reads_per_step):
             src = self.transport.recv()
             if src is None:
@@ -144,7 +157,7 @@ class Service(Handlers, StateHandlers, SceneHandlers):
                 if not call.open and not self.preempted:
                     self.preempt_open_say()
                 return
-            if not budget.take(len(call.prompt_ids) - call.prefix_len):
+            if not budget.take(len(call.prompt_ids) - call.prefix_len, self.uncached_prefix(call)):
                 return
             self.calls.queue.pop()
             try:
@@ -154,6 +167,11 @@ class Service(Handlers, StateHandlers, SceneHandlers):
             except Exception:
                 log.exception("engine.submit failed for %s", call.rid)
                 self.finish(call, protocol.error(call.id, "internal", "the engine refused the request"))
+
+    def uncached_prefix(self, call: Call) -> tuple[int, ...]:
+        """The call's persona prefix when the engine would compute it in the step that admits the call, else ()."""
+        prefix = tuple(call.prompt_ids[:call.prefix_len])
+        return () if self.engine.prefix_cached(prefix) else prefix
 
     def preempt_open_say(self) -> None:
         """A complete say waits and every slot is taken: free one held by an open say (PROTOCOL.md, 'Admission')."""
@@ -173,7 +191,8 @@ class Service(Handlers, StateHandlers, SceneHandlers):
     def step_engine(self) -> None:
         start = time.monotonic()
         try:
-            events = self.engine.step()
+            with self.heartbeats.lent():
+                events = self.engine.step()
         except Exception:
             log.exception("engine.step failed; failing its active requests")
             for call in self.calls.admitted():
@@ -194,6 +213,15 @@ class Service(Handlers, StateHandlers, SceneHandlers):
             except Exception:
                 log.exception("handling tokens of %s failed", call.rid)
                 self.finish(call, protocol.error(call.id, "internal", "internal error while streaming this line"))
+
+    def answer_heartbeats(self) -> None:
+        """On the heartbeat thread, while a step runs: handles the `ping` and `hello` messages waiting in the
+        socket and holds the others, at most max_reads_per_step of them (a flood delays only heartbeats)."""
+        while len(self.held) < self.config.max_reads_per_step and (src := self.transport.recv()) is not None:
+            if is_heartbeat(src.frames, self.config.limits.max_message_bytes):
+                self.handle(src)
+            else:
+                self.held.append(src)
 
     def on_tokens(self, call: Call, event, now: float) -> None:
         call.stats = event.stats
@@ -319,6 +347,7 @@ class Service(Handlers, StateHandlers, SceneHandlers):
         if changed:
             log.info("personas %s", self.personas.describe(changed))
             self.check_personas(changed)
+            self.compile_headers(changed)
         errors = self.persona_errors()
         if errors != self.reported_errors:
             live = {str(self.personas.get(i).source) for i in self.personas.ids()}
@@ -327,6 +356,14 @@ class Service(Handlers, StateHandlers, SceneHandlers):
                     state = "its loaded version stays live" if file in live else "not loaded"
                     log.error("persona file %s (%s): %s", file, state, message)
             self.reported_errors = errors
+
+    def compile_headers(self, ids: list[str]) -> None:
+        """Compiles the line header of each persona now, not on its first line: the first compile sets up the
+        grammar library (seconds), and the loop answers nothing meanwhile."""
+        for npc_id in ids:
+            if npc_id in self.personas.ids():
+                persona = self.personas.get(npc_id)
+                self.engine.header_matcher(persona.emotions, persona.actions)
 
     def check_personas(self, ids: list[str]) -> None:
         """Warn about what a persona asks that the service cannot give: its own model, a prompt block

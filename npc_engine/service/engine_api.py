@@ -35,6 +35,9 @@ class EngineAPI(Protocol):
     def capacity_left(self) -> int:
         """How many more requests submit() can take now."""
 
+    def prefix_cached(self, prefix_ids: tuple[int, ...]) -> bool:
+        """Whether a persona prefix's KV is cached: a request starting with it prefills only the rest."""
+
     def max_prompt_len(self) -> int:
         """The longest prompt submit() accepts."""
 

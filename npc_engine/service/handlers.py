@@ -1,6 +1,5 @@
 """Client messages, validated by bridge.protocol, turned into calls on the engine (see Service)."""
 import logging
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -16,6 +15,15 @@ from npc_engine.state import Key, StateError
 log = logging.getLogger("npc_engine.service")
 
 SERVER_NAME = "npc-engine"
+HEARTBEATS = ("ping", "hello")  # answered even while the engine steps (PROTOCOL.md section 7)
+
+
+def is_heartbeat(frames: list[bytes], max_bytes: int) -> bool:
+    try:
+        msg = protocol.decode(frames, max_bytes)
+    except protocol.ProtocolError:
+        return False
+    return msg.get("type") in HEARTBEATS
 
 
 @contextmanager
@@ -97,7 +105,7 @@ class Handlers:
         if len(self.calls) >= self.config.max_calls:
             limit = self.config.max_calls
             raise protocol.ProtocolError("overloaded", f"the service is at its limit of {limit} requests", mid)
-        now = time.monotonic()
+        now = src.read_at  # a say read during a step is handled after it; its clock started at the read
         session = Key(persona.id, msg["session"], src.user)  # PROTOCOL.md, "History": scoped by CURVE key
         if not msg["open"] and banned_topic(persona, msg["text"]):
             self.state.remember(session, msg["text"], persona.deflection)
@@ -128,7 +136,7 @@ class Handlers:
         if len(text) > limit:
             raise protocol.ProtocolError("too_large", f"the pieces of say '{mid}' add up to {len(text)} characters, "
                                          f"the limit is {limit}", mid)
-        now = time.monotonic()
+        now = src.read_at
         call.text = text
         if not msg["final"]:
             self.calls.open_expiry.push(call.key, (now + self.config.limits.max_open_ms / 1000,))

@@ -2,7 +2,6 @@
 npc_engine.scenes, who speaks and what the speaker is shown in npc_engine.scene_policy. A scene line is an
 ordinary Call (the same queue, engine, deadline, guard and cancel as a `say`) that carries its scene: the
 service tells the scene when the line ends (Service.drop), and a `done` names the line's speaker and addressee."""
-import time
 
 from bridge import protocol
 from npc_engine.dialogue import sampling_params
@@ -122,7 +121,7 @@ class SceneHandlers:
         scene.flight = None
 
     def start_line(self, src: Incoming, msg: dict, scene: Scene, pick: Pick, priority: str) -> None:
-        mid, now = msg["id"], time.monotonic()
+        mid, now = msg["id"], src.read_at
         try:
             persona = self.personas.get(pick.speaker)
         except KeyError:

@@ -60,6 +60,7 @@ class Incoming:
     client: bytes  # the routing id the ROUTER assigned to the connection
     frames: list[bytes]  # the frames after the routing id
     user: str  # the CURVE public key (Z85) of the client; "" without CURVE
+    read_at: float  # time.monotonic() when the service read it: a say's times count from here (PROTOCOL.md section 6)
 
 
 @dataclass
@@ -260,7 +261,7 @@ class Transport:
                 continue
             conn.clients.add(client)
             self.client_fd[client] = fd
-            return Incoming(client, [p.bytes for p in parts[1:]], self.user_of(last))
+            return Incoming(client, [p.bytes for p in parts[1:]], self.user_of(last), time.monotonic())
 
     @staticmethod
     def own_name(frame: zmq.Frame) -> bool:
