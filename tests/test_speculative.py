@@ -125,6 +125,17 @@ def test_good_draft_is_accepted_and_bad_draft_still_exact(tiny_pair_dirs):
     assert bad.last_stats.accepted < bad.last_stats.drafted
 
 
+def prefilled_reference(target_dir, draft_dir, ids: list[int]) -> tuple[Engine, int]:
+    """A fresh engine that prefilled ids (every token but the last, the state the rollback invariant promises) into
+    both caches, and the slot it used. fixed_k: with an adaptive K a request may start at 0 on a CPU where the
+    calibration finds drafting too slow, and then only the target's cache is fed."""
+    fresh = make_engine(target_dir, "model", draft_dir, fixed_k=6)
+    fresh_slot = fresh.slots.free[-1]
+    fresh.submit("b", ids, SamplingParams(max_tokens=1))
+    fresh.step()
+    return fresh, fresh_slot
+
+
 def test_rollback_leaves_caches_as_if_only_accepted_tokens_were_fed(tiny_pair_dirs):
     target_dir, draft_dir = tiny_pair_dirs
     engine = make_engine(target_dir, "model", draft_dir, fixed_k=6)
@@ -134,10 +145,7 @@ def test_rollback_leaves_caches_as_if_only_accepted_tokens_were_fed(tiny_pair_di
         engine.step()
     req = engine.active["a"]
     assert req.stats.accepted < req.stats.drafted  # some drafts were rolled back
-    fresh = make_engine(target_dir, "model", draft_dir)
-    fresh_slot = fresh.slots.free[-1]
-    fresh.submit("b", req.ids, SamplingParams(max_tokens=1))
-    fresh.step()  # prefills every token but the last: the state the rollback invariant promises
+    fresh, fresh_slot = prefilled_reference(target_dir, draft_dir, req.ids)
     n = len(req.ids)
     # The target holds every token but the last; the draft every token but the last two (it
     # re-feeds those two at the start of its next proposal).
@@ -416,9 +424,6 @@ def test_draft_cache_catches_up_after_steps_without_drafting(tiny_pair_dirs):
     engine.step()
     n = len(req.ids)
     assert req.draft_valid == n - 2
-    fresh = make_engine(target_dir, "model", draft_dir)
-    fresh_slot = fresh.slots.free[-1]
-    fresh.submit("b", req.ids, SamplingParams(max_tokens=1))
-    fresh.step()
+    fresh, fresh_slot = prefilled_reference(target_dir, draft_dir, req.ids)
     ours, theirs = engine.drafter.cache.k[:, req.slot, :, :n - 2], fresh.drafter.cache.k[:, fresh_slot, :, :n - 2]
     assert torch.allclose(ours, theirs, atol=1e-5)
