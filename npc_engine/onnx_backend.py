@@ -22,7 +22,7 @@ from npc_engine.onnx_export import MANIFEST_FILE, MANIFEST_FORMAT
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}
 
 
 class OnnxBackendError(ValueError):
@@ -108,6 +108,7 @@ class OnnxModel:
             raise OnnxBackendError(f"{path}: model inputs/outputs differ from {MANIFEST_FILE}; "
                                    "re-run npc-engine export-onnx")
         self.binding = self.session.io_binding()
+        self.layout = manifest.get("layout", "portable")
 
     def bind(self, name: str, tensor: torch.Tensor, output: bool = False) -> None:
         bind = self.binding.bind_output if output else self.binding.bind_input
@@ -119,6 +120,8 @@ class OnnxModel:
         """tokens, input_pos: [B, T], each row's positions consecutive; every cache entry of a row before its
         first position is valid (below its prefix length: in its prefix slot, see Transformer.forward).
         Entries from that position on are hidden and then overwritten."""
+        if self.layout == "ort":
+            return self.call_ort(tokens, input_pos, cache, slots, kv_len, logits, prefix)
         args, (B, T) = self.args, tokens.shape
         # Tensors bound to the session must stay alive until the run ends: they are all kept in `bound`.
         past_visible = torch.arange(kv_len, device=self.device)[None, :] < input_pos[:, :1]
@@ -147,6 +150,39 @@ class OnnxModel:
         for i in range(args.n_layers):
             cache.k[i][rows, :, input_pos] = presents[f"present.{i}.key"][:, :, kv_len:].transpose(1, 2)
             cache.v[i][rows, :, input_pos] = presents[f"present.{i}.value"][:, :, kv_len:].transpose(1, 2)
+        return out[torch.arange(B, device=out.device), logits] if isinstance(logits, torch.Tensor) else out
+
+
+    def call_ort(self, tokens, input_pos, cache: KVCache, slots, kv_len: int, logits, prefix) -> torch.Tensor:
+        """`__call__` on a `--layout ort` export: GroupQueryAttention reads and writes its past buffers in place. Rows
+        in consecutive slots without a shared prefix (a single request, as in most games) bind the cache itself;
+        other batches gather their entries into a buffer and copy the new ones back."""
+        args, (B, T) = self.args, tokens.shape
+        seqlens = (input_pos[:, 0] + T - 1).to(torch.int32)
+        bound = {"input_ids": tokens.long().contiguous(), "seqlens_k": seqlens,
+                 "total_sequence_length": torch.tensor(kv_len, dtype=torch.int32, device=self.device),
+                 "query_seqlens": torch.full((B,), T, dtype=torch.int32, device=self.device)}
+        first = int(slots[0])
+        in_place = (prefix is None or not bool(prefix[:, 1].any())) and slots.tolist() == list(range(first, first + B))
+        index = None if in_place else cache.gather_index(slots, prefix, kv_len)
+        for i in range(args.n_layers):
+            for kv, layer in (("key", cache.k[i]), ("value", cache.v[i])):
+                bound[f"past_key_values.{i}.{kv}"] = layer[first:first + B] if in_place else gather_kv(layer, index)
+        out = torch.empty(B, T, args.vocab_size, dtype=self.dtype, device=self.device)
+        for name, tensor in bound.items():
+            self.bind(name, tensor)
+        self.bind("logits", out, output=True)
+        for i in range(args.n_layers):
+            for kv in ("key", "value"):
+                self.bind(f"present.{i}.{kv}", bound[f"past_key_values.{i}.{kv}"], output=True)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        self.session.run_with_iobinding(self.binding)
+        if not in_place:
+            rows = torch.arange(B, device=self.device)[:, None]
+            for i in range(args.n_layers):
+                for kv, layer in (("key", cache.k[i]), ("value", cache.v[i])):
+                    layer[slots[:, None], :, input_pos] = bound[f"past_key_values.{i}.{kv}"][rows, :, input_pos]
         return out[torch.arange(B, device=out.device), logits] if isinstance(logits, torch.Tensor) else out
 
 

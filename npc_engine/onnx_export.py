@@ -10,6 +10,19 @@ written for those (in ONNX Runtime, Unity Sentis, Unreal NNE) can drive it:
 
 A query at index t of the new tokens sees past and new entries j with j <= past + t whose mask is 1.
 
+`--layout ort` writes a graph for ONNX Runtime alone (its com.microsoft operators), the fast CPU path: each layer's
+attention is one GroupQueryAttention (RoPE inside, GQA without repeating keys, past and present one buffer updated in
+place), q/k/v one MatMul and gate/up one MatMul:
+
+  inputs   input_ids [batch, seq] int64, seqlens_k [batch] int32 (the cache length after this call, minus 1),
+           total_sequence_length [] int32 (an upper bound of seqlens_k + 1: the buffer length),
+           query_seqlens [batch] int32 (seq for every row),
+           past_key_values.{i}.key / .value [batch, kv_heads, buffer, head_dim]
+  outputs  logits [batch, seq, vocab], present.{i}.key / .value: the past buffers themselves (bind them to the same
+           memory), the new tokens' keys and values written at positions seqlens_k + 1 - seq ...
+
+A row's new tokens sit at positions seqlens_k + 1 - seq onwards and see every cache entry before them.
+
 `--weights int8|int4`: weight-only quantization for the CPU: every MatMul with a constant weight (the projections
 and the output head) becomes ONNX Runtime's MatMulNBits (blocks of WEIGHT_BLOCK input channels with a float scale
 and a zero point each, as the Q4_1 GGUF; embedding, norms and the KV cache stay in the export's dtype). Decoding on
@@ -23,6 +36,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -40,6 +54,7 @@ MAX_OPSET = 20  # the newest opset torch's TorchScript exporter supports
 EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf caps a file at 2 GiB; larger weights go to model.onnx.data
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 WEIGHT_BITS = {"float": None, "int8": 8, "int4": 4}
+LAYOUTS = ("portable", "ort")  # the decoder-with-past convention, or ONNX Runtime's GroupQueryAttention graph
 WEIGHT_BLOCK = 32  # llama.cpp's Q4_0/Q8_0 block
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "npc_engine.json")
@@ -49,10 +64,12 @@ class ExportError(ValueError):
     """An export that cannot be made; the message says why."""
 
 
-def io_names(n_layers: int) -> tuple[list[str], list[str]]:
+def io_names(n_layers: int, layout: str = "portable") -> tuple[list[str], list[str]]:
     past = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
-    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+    first = (["input_ids", "attention_mask", "position_ids"] if layout == "portable" else
+             ["input_ids", "seqlens_k", "total_sequence_length", "query_seqlens"])
+    return [*first, *past], ["logits", *present]
 
 
 class DecoderWithPast(nn.Module):
@@ -92,18 +109,94 @@ class DecoderWithPast(nn.Module):
         return (m.lm_head(m.model.norm.reference(x)), *presents)
 
 
-def example_inputs(model: Transformer, dtype: torch.dtype, batch: int = 2, seq: int = 3, past: int = 5):
+class GroupQueryAttention(torch.autograd.Function):
+    """ONNX Runtime's com.microsoft.GroupQueryAttention in the exported graph. Exporting only traces `forward`, which
+    gives outputs of the operator's shapes; ONNX Runtime computes the values."""
+
+    @staticmethod
+    def forward(ctx, qkv, past_k, past_v, seqlens_k, total, query_seqlens, cos, sin, args):
+        return qkv[..., :args.n_heads * args.head_dim], past_k, past_v
+
+    @staticmethod
+    def symbolic(g, qkv, past_k, past_v, seqlens_k, total, query_seqlens, cos, sin, args):
+        none = g.op("prim::Constant").setType(torch._C.OptionalType.ofTensor())
+        # inputs: query (packed q, k, v), key, value, past_key, past_value, seqlens_k, total_sequence_length,
+        # cos_cache, sin_cache, position_ids, attention_bias, head_sink, k_scale, v_scale, q_norm_weight,
+        # k_norm_weight, query_seqlens
+        out, present_k, present_v = g.op(
+            "com.microsoft::GroupQueryAttention", qkv, none, none, past_k, past_v, seqlens_k, total, cos, sin,
+            none, none, none, none, none, none, none, query_seqlens, num_heads_i=args.n_heads,
+            kv_num_heads_i=args.n_kv_heads, do_rotary_i=1, rotary_interleaved_i=0, outputs=3)
+        out.setType(qkv.type().with_sizes([None, None, args.n_heads * args.head_dim]))
+        present_k.setType(past_k.type())
+        present_v.setType(past_v.type())
+        return out, present_k, present_v
+
+
+class OrtDecoder(nn.Module):
+    """The Transformer's weights behind the `--layout ort` interface (see the module docstring)."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+        freqs = torch.arange(model.args.max_position_embeddings, dtype=torch.float32)[:, None] * model.inv_freq.float()
+        dtype = model.lm_head.weight.dtype
+        self.register_buffer("cos", freqs.cos().to(dtype), persistent=False)  # [positions, head_dim / 2]
+        self.register_buffer("sin", freqs.sin().to(dtype), persistent=False)
+        self.qkv, self.gate_up = nn.ModuleList(), nn.ModuleList()
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.qkv.append(concatenated(attn.q_proj, attn.k_proj, attn.v_proj))
+            self.gate_up.append(concatenated(mlp.gate_proj, mlp.up_proj))
+
+    def forward(self, input_ids, seqlens_k, total_sequence_length, query_seqlens, *past):
+        m, args = self.model, self.model.args
+        x = m.model.embed_tokens(input_ids)
+        presents = []
+        for i, layer in enumerate(m.model.layers):
+            qkv = self.qkv[i](layer.input_layernorm.reference(x))
+            out, k, v = GroupQueryAttention.apply(qkv, past[2 * i], past[2 * i + 1], seqlens_k, total_sequence_length,
+                                                  query_seqlens, self.cos, self.sin, args)
+            presents += [k, v]
+            x = x + layer.self_attn.o_proj(out)
+            gate, up = self.gate_up[i](layer.post_attention_layernorm.reference(x)).chunk(2, dim=-1)
+            x = x + layer.mlp.down_proj(F.silu(gate) * up)
+        return (m.lm_head(m.model.norm.reference(x)), *presents)
+
+
+def concatenated(*layers: nn.Linear) -> nn.Linear:
+    """One nn.Linear computing the layers' outputs side by side."""
+    bias = layers[0].bias is not None
+    fused = nn.Linear(layers[0].in_features, sum(la.out_features for la in layers), bias=bias,
+                      dtype=layers[0].weight.dtype)
+    fused.weight.data = torch.cat([la.weight.data for la in layers])
+    if bias:
+        fused.bias.data = torch.cat([la.bias.data for la in layers])
+    return fused
+
+
+def example_inputs(model: Transformer, dtype: torch.dtype, layout: str, batch: int = 2, seq: int = 3, past: int = 5):
     args = model.args
-    kv = torch.zeros(batch, args.n_kv_heads, past, args.head_dim, dtype=dtype)
-    return (torch.zeros(batch, seq, dtype=torch.long), torch.ones(batch, past + seq, dtype=torch.long),
+    kv = torch.zeros(batch, args.n_kv_heads, past if layout == "portable" else past + seq, args.head_dim, dtype=dtype)
+    ids = torch.zeros(batch, seq, dtype=torch.long)
+    if layout == "ort":
+        lengths = torch.full((batch,), past + seq, dtype=torch.int32)
+        return (ids, lengths - 1, torch.tensor(past + seq, dtype=torch.int32), torch.full_like(lengths, seq),
+                *([kv] * (2 * args.n_layers)))
+    return (ids, torch.ones(batch, past + seq, dtype=torch.long),
             torch.arange(past, past + seq).expand(batch, seq).contiguous(), *([kv] * (2 * args.n_layers)))
 
 
-def dynamic_axes(n_layers: int) -> dict[str, dict[int, str]]:
-    inputs, outputs = io_names(n_layers)
-    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
-            "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
-    axes.update({name: {0: "batch", 2: "past_sequence"} for name in inputs[3:]})
+def dynamic_axes(n_layers: int, layout: str) -> dict[str, dict[int, str]]:
+    inputs, outputs = io_names(n_layers, layout)
+    first = len(inputs) - 2 * n_layers
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
+    if layout == "ort":
+        axes.update({"seqlens_k": {0: "batch"}, "query_seqlens": {0: "batch"}})
+        axes.update({name: {0: "batch", 2: "buffer"} for name in inputs[first:] + outputs[1:]})
+        return axes
+    axes.update({"attention_mask": {0: "batch", 1: "total_sequence"}, "position_ids": {0: "batch", 1: "sequence"}})
+    axes.update({name: {0: "batch", 2: "past_sequence"} for name in inputs[first:]})
     axes.update({name: {0: "batch", 2: "total_sequence"} for name in outputs[1:]})
     return axes
 
@@ -123,10 +216,10 @@ def quantize_weights(proto, bits: int):
 
 
 def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT_OPSET, dtype: str = "fp32",
-                progress: bool = True, weights: str = "float") -> Path:
+                progress: bool = True, weights: str = "float", layout: str = "portable") -> Path:
     """Write OUT_DIR/model.onnx (weights in model.onnx.data when over EXTERNAL_DATA_BYTES), the tokenizer
     and config files and manifest.json. Returns the path of model.onnx. weights: "float" (the export's dtype),
-    "int8" or "int4" (module docstring)."""
+    "int8" or "int4"; layout: "portable" or "ort" (module docstring)."""
     import onnx  # only the exporter needs it; the runtime backend does not
 
     model_dir, out_dir = resolve_model(model_dir), Path(out_dir)  # a .gguf file: its converted folder
@@ -134,6 +227,8 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
         raise ExportError(f"--dtype {dtype!r} not supported; choose one of {', '.join(EXPORT_DTYPES)}")
     if weights not in WEIGHT_BITS:
         raise ExportError(f"--weights {weights!r} not supported; choose one of {', '.join(WEIGHT_BITS)}")
+    if layout not in LAYOUTS:
+        raise ExportError(f"--layout {layout!r} not supported; choose one of {', '.join(LAYOUTS)}")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"--opset {opset} not supported; choose {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})")
     if out_dir.exists() and out_dir.resolve() == model_dir.resolve():
@@ -142,7 +237,10 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
     steps.set_postfix_str("loading weights")
     model = load_model(model_dir, "cpu", EXPORT_DTYPES[dtype])
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    inputs, outputs = io_names(model.args.n_layers)
+    if layout == "ort" and model.args.head_dim % 16:
+        raise ExportError(f"--layout ort: ONNX Runtime's GroupQueryAttention wants a head dimension that is a "
+                          f"multiple of 16, this model's is {model.args.head_dim}; use --layout portable")
+    inputs, outputs = io_names(model.args.n_layers, layout)
     steps.update()
     steps.set_postfix_str("tracing the graph")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -151,9 +249,11 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
         traced = Path(scratch) / MODEL_FILE
         try:
             with torch.no_grad():
-                torch.onnx.export(DecoderWithPast(model), example_inputs(model, EXPORT_DTYPES[dtype]), str(traced),
+                graph = DecoderWithPast(model) if layout == "portable" else OrtDecoder(model)
+                torch.onnx.export(graph, example_inputs(model, EXPORT_DTYPES[dtype], layout), str(traced),
                                   dynamo=False, opset_version=opset, input_names=inputs, output_names=outputs,
-                                  dynamic_axes=dynamic_axes(model.args.n_layers), do_constant_folding=True)
+                                  dynamic_axes=dynamic_axes(model.args.n_layers, layout), do_constant_folding=True,
+                                  custom_opsets={"com.microsoft": 1} if layout == "ort" else None)
         except Exception as e:  # torch raises several unrelated types for unsupported opsets or ops
             raise ExportError(f"torch.onnx.export failed at opset {opset}: {e}") from e
         steps.update()
@@ -182,7 +282,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
     args = model.args
     manifest = {
         "format": MANIFEST_FORMAT, "format_version": 1, "model_file": MODEL_FILE, "external_data": external_data,
-        "opset": opset, "dtype": dtype, "weights": weights, "inputs": inputs, "outputs": outputs,
+        "opset": opset, "dtype": dtype, "weights": weights, "layout": layout, "inputs": inputs, "outputs": outputs,
         "n_layers": args.n_layers, "n_kv_heads": args.n_kv_heads, "head_dim": args.head_dim,
         "vocab_size": args.vocab_size,
         "source_model": str(model_dir.resolve()), "npc_engine_version": npc_engine.__version__,
@@ -196,7 +296,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     try:
-        path = export_onnx(args.model, args.output, args.opset, args.dtype, weights=args.weights)
+        path = export_onnx(args.model, args.output, args.opset, args.dtype, weights=args.weights, layout=args.layout)
     except (ExportError, CheckpointError) as e:
         print(f"npc-engine export-onnx: error: {e}", file=sys.stderr)
         return 2

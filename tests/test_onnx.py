@@ -62,10 +62,14 @@ def run_steps(model, cache: KVCache) -> list[torch.Tensor]:
     return logits
 
 
+@pytest.mark.parametrize("layout", onnx_export.LAYOUTS)
 @pytest.mark.parametrize("variant", ["llama_gqa", "qwen2_bias", "llama_tied"])
-def test_ort_logits_and_cache_match_torch(make_checkpoint, export, variant):
+def test_ort_logits_and_cache_match_torch(make_checkpoint, export, variant, layout):
+    """Both layouts; with `--layout ort` the two-row steps (slots 2 and 0) gather and write back, the one-row step
+    runs GroupQueryAttention on the cache slot in place."""
     model_dir = make_checkpoint(variant)
-    torch_model, ort_model = load_model(model_dir), OnnxModel(export(model_dir))
+    torch_model, ort_model = load_model(model_dir), OnnxModel(export(model_dir, layout=layout))
+    assert ort_model.layout == layout
     torch_cache = KVCache(torch_model.args, 3, 256, "cpu", torch.float32)
     ort_cache = KVCache(ort_model.args, 3, 256, "cpu", torch.float32)
     for step, (expected, got) in enumerate(zip(run_steps(torch_model, torch_cache), run_steps(ort_model, ort_cache))):
@@ -134,15 +138,17 @@ def run_batch(engine: Engine, prompts: list[str], params: SamplingParams, prefix
     return [outputs[f"r{i}"] for i in range(len(prompts))]
 
 
-@pytest.mark.parametrize("draft,k", [("model", 4), ("model", None), ("ngram", 6)])
-def test_greedy_speculative_output_is_identical_across_backends(tiny_pair_dirs, export, draft, k):
+@pytest.mark.parametrize("draft,k,layout", [("model", 4, "portable"), ("model", None, "portable"),
+                                             ("ngram", 6, "portable"), ("model", 4, "ort"), ("ngram", 6, "ort")])
+def test_greedy_speculative_output_is_identical_across_backends(tiny_pair_dirs, export, draft, k, layout):
     target_dir, draft_dir = tiny_pair_dirs
     target = load_model(target_dir)
     drafter = (ModelDrafter(load_model(draft_dir), 5, 512, "cpu", torch.float32) if draft == "model"
                else NgramDrafter(target.args.vocab_size, "cpu"))
     torch_engine = Engine(target, drafter, Tokenizer.from_dir(target_dir), max_batch=4, max_seq=512, fixed_k=k)
-    onnx_engine = Engine.load(export(target_dir), draft=str(export(draft_dir)) if draft == "model" else draft,
-                              backend="onnx", max_batch=4, max_seq=512, fixed_k=k)
+    # the draft model's head dimension (8) is one GroupQueryAttention does not take: its export stays portable
+    onnx_engine = Engine.load(export(target_dir, layout=layout), draft=str(export(draft_dir)) if draft == "model"
+                              else draft, backend="onnx", max_batch=4, max_seq=512, fixed_k=k)
     assert isinstance(onnx_engine.target, OnnxModel)
     assert draft != "model" or isinstance(onnx_engine.drafter.model, OnnxModel)
     params = SamplingParams(temperature=0, max_tokens=16)
@@ -238,11 +244,15 @@ def test_dtype_other_than_the_exported_one_is_refused(tiny_model_dir, export):
         load_onnx_model(out, dtype="bfloat16")
 
 
-def test_export_refuses_bad_options(tiny_model_dir, tmp_path, capsys):
+def test_export_refuses_bad_options(tiny_model_dir, tmp_path, capsys, tiny_pair_dirs):
     with pytest.raises(ExportError, match="--opset 9 not supported"):
         export_onnx(tiny_model_dir, tmp_path, opset=9, progress=False)
     with pytest.raises(ExportError, match="must differ from the model folder"):
         export_onnx(tiny_model_dir, tiny_model_dir, progress=False)
+    with pytest.raises(ExportError, match="--layout 'sentis' not supported"):
+        export_onnx(tiny_model_dir, tmp_path, layout="sentis", progress=False)
+    with pytest.raises(ExportError, match="multiple of 16, this model's is 8; use --layout portable"):
+        export_onnx(tiny_pair_dirs[1], tmp_path, layout="ort", progress=False)
     assert main(["export-onnx", "--model", str(tmp_path / "absent"), "-o", str(tmp_path / "out")]) == 2
     assert "model folder not found" in capsys.readouterr().err
 
@@ -267,19 +277,23 @@ def test_feature_head_needs_the_torch_backend(tiny_model_dir, export, tmp_path):
         Engine.load(export(tiny_model_dir), draft=str(tmp_path / "head"))
 
 
-@pytest.mark.parametrize("weights,max_abs,max_kl", [("int8", 0.5, 0.005), ("int4", 6.0, 0.3)])
-def test_weight_only_quantized_export_stays_near_float32(tmp_path, weights, max_abs, max_kl):
-    """--weights int8/int4 on the embedded target: every linear layer (7 per decoder layer and the output head)
-    becomes MatMulNBits, and prefill logits of the persona prompts stay within the stated tolerance of the float32
-    model (logits' standard deviation about 3.4): the largest |difference| and the mean KL(float32 || quantized)
-    per prompt. Block-32 int4 on this 256-wide model moves logits a lot: int8 is the safe choice there."""
+@pytest.mark.parametrize("weights,max_abs,max_kl,layout", [("int8", 0.5, 0.005, "portable"),
+                                                            ("int4", 6.0, 0.3, "portable"), ("int4", 6.0, 0.3, "ort")])
+def test_weight_only_quantized_export_stays_near_float32(tmp_path, weights, max_abs, max_kl, layout):
+    """--weights int8/int4 on the embedded target: every linear layer (7 per decoder layer and the output head;
+    `--layout ort`: q/k/v and gate/up one each) becomes MatMulNBits, and prefill logits of the persona prompts stay
+    within the stated tolerance of the float32 model (logits' standard deviation about 3.4): the largest |difference|
+    and the mean KL(float32 || quantized) per prompt. Block-32 int4 on this 256-wide model moves logits a lot: int8 is
+    the safe choice there."""
     target_dir = EMBEDDED / "npc-target"
     out = tmp_path / weights
-    export_onnx(target_dir, out, progress=False, weights=weights)
+    export_onnx(target_dir, out, progress=False, weights=weights, layout=layout)
     assert json.loads((out / "manifest.json").read_text())["weights"] == weights
     ops = [node.op_type for node in onnx.load(str(out / "model.onnx")).graph.node]
     torch_model, ort_model = load_model(target_dir), OnnxModel(out)
-    assert ops.count("MatMulNBits") == 7 * torch_model.args.n_layers + 1
+    per_layer = 7 if layout == "portable" else 4
+    assert ops.count("MatMulNBits") == per_layer * torch_model.args.n_layers + 1
+    assert ops.count("GroupQueryAttention") == (layout == "ort") * torch_model.args.n_layers
     tokenizer = Tokenizer.from_dir(target_dir)
     for text in PROMPTS:
         ids = torch.tensor([tokenizer.encode(text)])

@@ -11,6 +11,10 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="weight and KV-cache dtype")
     p.add_argument("--weights", default="float", choices=["float", "int8", "int4"],
                    help="weight-only quantization of the matrix weights for the CPU (MatMulNBits; default: none)")
+    p.add_argument("--layout", default="portable", choices=["portable", "ort"],
+                   help="portable: the decoder-with-past graph of Hugging Face Optimum (any ONNX runtime, e.g. Unity "
+                        "Sentis, Unreal NNE); ort: ONNX Runtime's GroupQueryAttention with the cache updated in "
+                        "place, the fast CPU path of the engine's onnx backend")
     p.set_defaults(func=run)
 
 
