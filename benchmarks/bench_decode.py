@@ -9,8 +9,9 @@ also timed on its own: prefill is the same work with or without speculation, so 
 where drafting shows. --ignore-stop makes every line --new-tokens long (stop tokens are generated
 like any other), so short answers do not hide it. --model (an instruct base, a .gguf file or a folder, with
 --adapter) adds, with --weights, our engine on weight-only int8 / int4 packed weights (--dtype int8 / int4), with
---onnx-weights our plain engine on ONNX Runtime exports (MatMulNBits) and, where llama-cpp-python is installed (a
-benchmark-only dependency), llama.cpp on the same .gguf file; --trees adds the --model-head drafting trees.
+--onnx-weights our plain and n-gram engines on ONNX Runtime exports (MatMulNBits, in the --onnx-layouts) and, where
+llama-cpp-python is installed (a benchmark-only dependency), llama.cpp on the same .gguf file; --trees adds the
+--model-head drafting trees.
 
     python benchmarks/bench_decode.py --device cuda --shapes 1b,8b --pair models/npc-target
     python benchmarks/bench_decode.py --device cpu --shapes small --pair models/npc-target
@@ -205,18 +206,22 @@ def dev_prompts(tokenizer, corpus: Path, n: int, max_len: int = 448) -> list[lis
     return reply_prompts(tokenizer, examples(read_split(corpus, "dev"))[:4 * n], max_len, last_only=True)[:n]
 
 
-def onnx_models(target, weights: list[str], scratch: Path) -> dict[str, object]:
-    """target (its adapter merged) through `export-onnx` once per --onnx-weights choice, run by ONNX Runtime with
-    torch's thread count: the weight-only int8 / int4 (`MatMulNBits`) CPU path."""
+def onnx_models(target, weights: list[str], layouts: list[str], scratch: Path) -> dict[str, object]:
+    """target (its adapter merged) through `export-onnx` once per --onnx-weights and --onnx-layouts choice, run by
+    ONNX Runtime with torch's thread count: the weight-only int8 / int4 (`MatMulNBits`) CPU path."""
     from npc_engine.loading import save_model
     from npc_engine.onnx_backend import OnnxModel
     from npc_engine.onnx_export import export_onnx
 
+    if not weights:
+        return {}
     save_model(target, scratch / "weights", dtype=torch.float32, max_shard_mb=4096)
     models = {}
     for w in weights:
-        export_onnx(scratch / "weights", scratch / f"onnx-{w}", progress=False, weights=w)
-        models[f"onnxruntime {w}"] = OnnxModel(scratch / f"onnx-{w}", "cpu", torch.get_num_threads())
+        for layout in layouts:
+            out = scratch / f"onnx-{w}-{layout}"
+            export_onnx(scratch / "weights", out, progress=False, weights=w, layout=layout)
+            models[f"onnxruntime {w}, {layout} layout"] = OnnxModel(out, "cpu", torch.get_num_threads())
     return models
 
 
@@ -258,6 +263,8 @@ def engine_line(engine: Engine, prompt: list[int], params: SamplingParams, rid: 
 
 def plain_row(name: str) -> str:
     """The row whose tokens `name`'s should equal: our plain decoding on the same weights."""
+    if "onnxruntime" in name:
+        return "ours autoregressive, " + name[name.index("onnxruntime"):]
     weights = name.rsplit(", ", 1)[-1]
     return f"ours autoregressive, {weights}" if weights.endswith(" weights") else "ours autoregressive"
 
@@ -303,8 +310,9 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path
              for shape in filter(None, args.trees.split(","))}
     drafters += [(name, target, lambda: HeadDrafter(heads[0][1], target, 2, 1024, device, dtype)) for name in trees]
     weights = list(filter(None, args.onnx_weights.split(",")))
-    drafters += [(f"ours autoregressive, {name}", m, NoDrafter)
-                 for name, m in onnx_models(target, weights, scratch).items()]
+    for name, m in onnx_models(target, weights, list(filter(None, args.onnx_layouts.split(","))), scratch).items():
+        drafters += [(f"ours autoregressive, {name}", m, NoDrafter),
+                     (f"ours speculative, n-gram, {name}", m, lambda m=m: NgramDrafter(m.args.vocab_size, device))]
     for bits in filter(None, args.weights.split(",")):  # --dtype int8 / int4: the same engine on packed weights
         q = load_parts(folder, draft="none", device=device, dtype=bits, adapter=adapter)[0]
         drafters += [(f"ours autoregressive, {bits} weights", q, NoDrafter),
@@ -403,7 +411,9 @@ def main():
     ap.add_argument("--trees", default="", help="--model-head also drafting trees, comma-separated WIDTHxNODES shapes "
                     "(e.g. 4x16,6x24; the policy picks the depth)")
     ap.add_argument("--onnx-weights", default="", help="--model also through ONNX Runtime, comma-separated exports: "
-                    "float, int8, int4 (e.g. int8,int4)")
+                    "float, int8, int4 (e.g. int8,int4); plain and n-gram rows")
+    ap.add_argument("--onnx-layouts", default="ort", help="export-onnx layouts for --onnx-weights, comma-separated: "
+                    "ort (GroupQueryAttention, the fast CPU path), portable")
     ap.add_argument("--weights", default="", help="--model also on weight-only packed weights (--dtype int8 / int4), "
                     "comma-separated: int8, int4; rows for plain, n-gram and --model-head decoding")
     ap.add_argument("--corpus", default=str(Path(__file__).resolve().parents[2] / "shared" / "corpus"))

@@ -216,10 +216,12 @@ def quantize_weights(proto, bits: int):
 
 
 def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT_OPSET, dtype: str = "fp32",
-                progress: bool = True, weights: str = "float", layout: str = "portable") -> Path:
+                progress: bool = True, weights: str = "float", layout: str = "portable",
+                adapter: str | Path | None = None) -> Path:
     """Write OUT_DIR/model.onnx (weights in model.onnx.data when over EXTERNAL_DATA_BYTES), the tokenizer
     and config files and manifest.json. Returns the path of model.onnx. weights: "float" (the export's dtype),
-    "int8" or "int4"; layout: "portable" or "ort" (module docstring)."""
+    "int8" or "int4"; layout: "portable" or "ort" (module docstring); adapter: a PEFT LoRA folder merged into the
+    weights before any quantization."""
     import onnx  # only the exporter needs it; the runtime backend does not
 
     model_dir, out_dir = resolve_model(model_dir), Path(out_dir)  # a .gguf file: its converted folder
@@ -235,7 +237,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
         raise ExportError("the output folder must differ from the model folder")
     steps = tqdm(total=5, desc=f"export {model_dir.name}", unit="step", disable=not progress, file=sys.stderr)
     steps.set_postfix_str("loading weights")
-    model = load_model(model_dir, "cpu", EXPORT_DTYPES[dtype])
+    model = load_model(model_dir, "cpu", EXPORT_DTYPES[dtype], adapter=adapter)
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if layout == "ort" and model.args.head_dim % 16:
         raise ExportError(f"--layout ort: ONNX Runtime's GroupQueryAttention wants a head dimension that is a "
@@ -285,7 +287,8 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
         "opset": opset, "dtype": dtype, "weights": weights, "layout": layout, "inputs": inputs, "outputs": outputs,
         "n_layers": args.n_layers, "n_kv_heads": args.n_kv_heads, "head_dim": args.head_dim,
         "vocab_size": args.vocab_size,
-        "source_model": str(model_dir.resolve()), "npc_engine_version": npc_engine.__version__,
+        "source_model": str(model_dir.resolve()), "adapter": str(Path(adapter).resolve()) if adapter else None,
+        "npc_engine_version": npc_engine.__version__,
         "torch_version": torch.__version__, "onnx_version": onnx.__version__,
     }
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -296,7 +299,8 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     try:
-        path = export_onnx(args.model, args.output, args.opset, args.dtype, weights=args.weights, layout=args.layout)
+        path = export_onnx(args.model, args.output, args.opset, args.dtype, weights=args.weights, layout=args.layout,
+                           adapter=args.adapter)
     except (ExportError, CheckpointError) as e:
         print(f"npc-engine export-onnx: error: {e}", file=sys.stderr)
         return 2

@@ -107,3 +107,22 @@ def test_truncated_adapter_keeps_the_full_rank_model_and_is_the_best_low_rank_de
     a1, b1 = small["model.layers.0.self_attn.q_proj"]
     assert a1.shape[0] == 1 and json.loads((tmp_path / "small" / "adapter_config.json").read_text())["r"] == 1
     torch.testing.assert_close(torch.linalg.matrix_norm(delta - b1 @ a1), s[1:].norm(), atol=1e-4, rtol=1e-4)
+
+
+def test_export_onnx_merges_the_adapter(tmp_path):
+    """`export-onnx --adapter` (the `ort` layout, GroupQueryAttention): the export's prefill logits equal peft's merged
+    model's, and the manifest names the adapter."""
+    from npc_engine.model import KVCache
+    from npc_engine.onnx_backend import OnnxModel
+    from npc_engine.onnx_export import export_onnx
+
+    base = tiny_llama(tmp_path / "base")
+    merged = lora(base, tmp_path / "adapter", r=4, lora_alpha=8)
+    export_onnx(tmp_path / "base", tmp_path / "onnx", progress=False, layout="ort", adapter=tmp_path / "adapter")
+    assert json.loads((tmp_path / "onnx" / "manifest.json").read_text())["adapter"] == str(tmp_path / "adapter")
+    ort_model = OnnxModel(tmp_path / "onnx")
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(0))
+    got = ort_model(ids, torch.arange(10)[None], KVCache(ort_model.args, 1, 32, "cpu", torch.float32),
+                    torch.tensor([0]), 32)
+    with torch.no_grad():
+        torch.testing.assert_close(got, merged(ids).logits, atol=1e-4, rtol=1e-4)
