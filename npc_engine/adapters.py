@@ -80,11 +80,9 @@ def truncate_adapter(src: str | Path, dst: str | Path, rank: int) -> None:
     (dst / CONFIG).write_text(json.dumps(small, indent=2) + "\n")
 
 
-@torch.no_grad()
-def merge_adapter(model: nn.Module, path: str | Path) -> nn.Module:
-    """Adds each LoRA delta to its nn.Linear weight in place (computed in float32); a packed layer
-    (npc_engine.quantize) keeps its pair beside the packed weight instead. Raises CheckpointError, naming the module,
-    for an adapter made for another model."""
+def adapter_pairs(model: nn.Module, path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module name: (A [r, in], B [out, r] times the module's scale)} in float32, checked against the model's
+    layers: a CheckpointError, naming the module, for an adapter made for another model."""
     path = Path(path)
     cfg, pairs = read_adapter(path)
     modules = dict(model.named_modules())
@@ -99,16 +97,25 @@ def merge_adapter(model: nn.Module, path: str | Path) -> nn.Module:
             raise CheckpointError(f"{path}: adapter for another shape: {name} is {in_f} -> {out_f}, the adapter's "
                                   f"lora_A is {tuple(a.shape)} and lora_B {tuple(b.shape)}"
                                   + (f" (adapter made for {base})" if base else ""))
-    for name, (a, b) in pairs.items():  # checked all first: a refused adapter leaves the model untouched
+    return {name: (a.float().contiguous(), (b.float() * module_scale(cfg, name)).contiguous())
+            for name, (a, b) in pairs.items()}
+
+
+@torch.no_grad()
+def merge_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+    """Adds each LoRA delta to its nn.Linear weight in place (computed in float32); a packed layer
+    (npc_engine.quantize) keeps its pair beside the packed weight instead. Raises CheckpointError, naming the module,
+    for an adapter made for another model (checked for every module before any changes)."""
+    modules = dict(model.named_modules())
+    for name, (a, b) in adapter_pairs(model, path).items():
         layer = modules[name]
-        scale = module_scale(cfg, name)
         if isinstance(layer, PackedLinear):
-            layer.lora_a, layer.lora_b = a.float().contiguous(), (b.float() * scale).contiguous()
+            layer.lora_a, layer.lora_b = a, b
             continue
         # fan_in_fan_out is ignored: PEFT resets it to False for nn.Linear targets, as all of ours are.
         if name == "lm_head" and layer.weight is modules["model.embed_tokens"].weight:
             layer.weight = nn.Parameter(layer.weight.clone(), requires_grad=False)  # untie before changing it
-        delta = (b.float() @ a.float()) * scale
+        delta = b @ a
         layer.weight.copy_((layer.weight.float() + delta.to(layer.weight.device)).to(layer.weight.dtype))
         if isinstance(layer, RescoredHead):
             layer.repack()

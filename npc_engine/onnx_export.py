@@ -41,6 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 import npc_engine
+from npc_engine.adapters import adapter_pairs
 from npc_engine.loading import CheckpointError, load_model
 from npc_engine.model import Transformer, apply_rope, rope_cos_sin
 from npc_engine.paths import resolve_model
@@ -164,15 +165,45 @@ class OrtDecoder(nn.Module):
         return (m.lm_head(m.model.norm.reference(x)), *presents)
 
 
-def concatenated(*layers: nn.Linear) -> nn.Linear:
-    """One nn.Linear computing the layers' outputs side by side."""
-    bias = layers[0].bias is not None
-    fused = nn.Linear(layers[0].in_features, sum(la.out_features for la in layers), bias=bias,
-                      dtype=layers[0].weight.dtype)
-    fused.weight.data = torch.cat([la.weight.data for la in layers])
+class LoraLinear(nn.Module):
+    """base(x) + B(A(x)): a LoRA pair beside a weight that --weights quantizes. The pair stays in the export's dtype
+    (quantize_weights skips it): rounding a merged weight to 4 bits snaps the adapter's small delta back onto the
+    base's grid (benchmarks/README.md, "ONNX Runtime's GroupQueryAttention layout")."""
+
+    def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.lora_a = nn.Linear(a.shape[1], a.shape[0], bias=False, dtype=base.weight.dtype)
+        self.lora_b = nn.Linear(b.shape[1], b.shape[0], bias=False, dtype=base.weight.dtype)
+        self.lora_a.weight.data, self.lora_b.weight.data = a.to(base.weight.dtype), b.to(base.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora_b(self.lora_a(x))
+
+
+def keep_adapter_beside_(model: Transformer, adapter: str | Path) -> None:
+    """Wraps each layer the adapter targets in a LoraLinear."""
+    for name, (a, b) in adapter_pairs(model, adapter).items():
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, LoraLinear(getattr(owner, child), a, b))
+
+
+def concatenated(*layers: nn.Module) -> nn.Module:
+    """One layer computing the layers' (nn.Linear or LoraLinear) outputs side by side; LoRA pairs become one pair
+    (the A rows stacked, the B blocks on the diagonal)."""
+    bases = [la.base if isinstance(la, LoraLinear) else la for la in layers]
+    bias, dtype = bases[0].bias is not None, bases[0].weight.dtype
+    fused = nn.Linear(bases[0].in_features, sum(la.out_features for la in bases), bias=bias, dtype=dtype)
+    fused.weight.data = torch.cat([la.weight.data for la in bases])
     if bias:
-        fused.bias.data = torch.cat([la.bias.data for la in layers])
-    return fused
+        fused.bias.data = torch.cat([la.bias.data for la in bases])
+    if not any(isinstance(la, LoraLinear) for la in layers):
+        return fused
+    pairs = [(la.lora_a.weight.data, la.lora_b.weight.data) if isinstance(la, LoraLinear) else
+             (torch.zeros(0, la.in_features, dtype=dtype), torch.zeros(la.out_features, 0, dtype=dtype))
+             for la in layers]
+    return LoraLinear(fused, torch.cat([a for a, _ in pairs]), torch.block_diag(*[b for _, b in pairs]))
 
 
 def example_inputs(model: Transformer, dtype: torch.dtype, layout: str, batch: int = 2, seq: int = 3, past: int = 5):
@@ -202,15 +233,18 @@ def dynamic_axes(n_layers: int, layout: str) -> dict[str, dict[int, str]]:
 
 
 def quantize_weights(proto, bits: int):
-    """The graph with each constant-weight MatMul as MatMulNBits of `bits` bits (onnxruntime's quantizer)."""
+    """The graph with each constant-weight MatMul as MatMulNBits of `bits` bits (onnxruntime's quantizer), but
+    LoraLinear's pairs."""
     import logging
 
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    lora = [node.name for node in proto.graph.node if "/lora_" in node.name]
     # accuracy level 4: int8 activations inside the product (MLAS's fast CPU kernels; int8 weights take 5-7x
-    # longer without it, see benchmarks/README.md)
-    quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=WEIGHT_BLOCK, is_symmetric=False, accuracy_level=4)
+    # longer without it, see benchmarks/README.md, and int4 weights 12x in the `ort` layout)
+    quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=WEIGHT_BLOCK, is_symmetric=False, accuracy_level=4,
+                                     nodes_to_exclude=lora)
     quantizer.process()
     return quantizer.model.model
 
@@ -220,8 +254,8 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
                 adapter: str | Path | None = None) -> Path:
     """Write OUT_DIR/model.onnx (weights in model.onnx.data when over EXTERNAL_DATA_BYTES), the tokenizer
     and config files and manifest.json. Returns the path of model.onnx. weights: "float" (the export's dtype),
-    "int8" or "int4"; layout: "portable" or "ort" (module docstring); adapter: a PEFT LoRA folder merged into the
-    weights before any quantization."""
+    "int8" or "int4"; layout: "portable" or "ort" (module docstring); adapter: a PEFT LoRA folder, merged into float
+    weights and kept beside quantized ones (LoraLinear)."""
     import onnx  # only the exporter needs it; the runtime backend does not
 
     model_dir, out_dir = resolve_model(model_dir), Path(out_dir)  # a .gguf file: its converted folder
@@ -237,7 +271,9 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
         raise ExportError("the output folder must differ from the model folder")
     steps = tqdm(total=5, desc=f"export {model_dir.name}", unit="step", disable=not progress, file=sys.stderr)
     steps.set_postfix_str("loading weights")
-    model = load_model(model_dir, "cpu", EXPORT_DTYPES[dtype], adapter=adapter)
+    model = load_model(model_dir, "cpu", EXPORT_DTYPES[dtype], adapter=None if WEIGHT_BITS[weights] else adapter)
+    if adapter and WEIGHT_BITS[weights]:
+        keep_adapter_beside_(model, adapter)
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if layout == "ort" and model.args.head_dim % 16:
         raise ExportError(f"--layout ort: ONNX Runtime's GroupQueryAttention wants a head dimension that is a "

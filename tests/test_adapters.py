@@ -126,3 +126,32 @@ def test_export_onnx_merges_the_adapter(tmp_path):
                     torch.tensor([0]), 32)
     with torch.no_grad():
         torch.testing.assert_close(got, merged(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["ort", "portable"])
+def test_quantized_export_keeps_the_adapter_beside_its_weights(tmp_path, layout):
+    """`export-onnx --adapter --weights int8`: the base's projections become MatMulNBits while the LoRA pairs stay
+    float MatMuls beside them (a merged weight rounded to the grid would lose the adapter's small delta); the logits
+    stay near peft's merged model."""
+    import onnx
+
+    from npc_engine.model import KVCache
+    from npc_engine.onnx_backend import OnnxModel
+    from npc_engine.onnx_export import export_onnx
+
+    base = tiny_llama(tmp_path / "base")
+    merged = lora(base, tmp_path / "adapter", r=4, lora_alpha=8)
+    out = tmp_path / "onnx"
+    export_onnx(tmp_path / "base", out, progress=False, layout=layout, weights="int8", adapter=tmp_path / "adapter")
+    nodes = onnx.load(str(out / "model.onnx")).graph.node
+    per_layer = 4 if layout == "ort" else 7  # ort: q/k/v and gate/up are one matrix (and one LoRA pair) each
+    assert sum(n.op_type == "MatMulNBits" for n in nodes) == per_layer * 2 + 1
+    assert sum(n.op_type == "MatMul" and "/lora_" in n.name for n in nodes) == 2 * per_layer * 2
+    ort_model = OnnxModel(out)
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(0))
+    got = ort_model(ids, torch.arange(10)[None], KVCache(ort_model.args, 1, 32, "cpu", torch.float32),
+                    torch.tensor([0]), 32)
+    with torch.no_grad():
+        expected = merged(ids).logits
+        adapter_effect = (expected - load_model(tmp_path / "base", dtype="float32")(ids)).abs().mean()
+    assert (got - expected).abs().mean() < 0.1 * adapter_effect  # int8 rounding, small next to what the adapter does
