@@ -366,6 +366,7 @@ class Transformer(nn.Module):
     # [n_slots, max_seq, dim]: when set, every cached forward stores its last hidden states (before the final norm)
     # at (slot, position), the features a feature-head drafter reads (npc_engine.head).
     feature_store: torch.Tensor | None = None
+    reads_prefix_slots = True  # a row reads its persona prefix from the prefix's slot (forward's `prefix`)
 
     def __init__(self, args: ModelArgs):
         super().__init__()

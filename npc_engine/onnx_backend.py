@@ -109,6 +109,8 @@ class OnnxModel:
                                    "re-run npc-engine export-onnx")
         self.binding = self.session.io_binding()
         self.layout = manifest.get("layout", "portable")
+        # GroupQueryAttention reads one buffer per row: the engine copies a persona prefix into the row's own slot
+        self.reads_prefix_slots = self.layout == "portable"
 
     def bind(self, name: str, tensor: torch.Tensor, output: bool = False) -> None:
         bind = self.binding.bind_output if output else self.binding.bind_input

@@ -8,6 +8,7 @@ import torch
 from npc_engine.engine.requests import Request
 from npc_engine.engine.slots import Slots, prefix_ref, prefix_tensor
 from npc_engine.header import step_masks
+from npc_engine.model import KVCache
 from npc_engine.sampling import params_tensors, probs_from_logits, sample
 
 STREAM_CHUNK = 16  # an open prompt is prefilled in chunks of this many tokens as it arrives
@@ -47,7 +48,20 @@ class Prefiller:
             else:
                 r.stats.cached_prefix_tokens = r.prefix_len
         self.feed([(r, 0, r.prefix_len) for r in missing], into_prefix=True)
+        if not self.fw.target.reads_prefix_slots:
+            self.copy_prefixes([r for r in reqs if r.shared is not None])
         return sum(r.prefix_len for r in missing)
+
+    def copy_prefixes(self, reqs: list[Request]) -> None:
+        """For a target that reads one slot per row: each request's persona prefix copied from its prefix slot into
+        its own (target and draft caches), and the reference dropped. The prefix is still computed once."""
+        caches = [self.fw.cache] + ([self.fw.drafter.cache] if isinstance(self.fw.drafter.cache, KVCache) else [])
+        for r in reqs:
+            for cache in caches:
+                for kv in (cache.k, cache.v):
+                    kv[:, r.slot, :, :r.prefix_len] = kv[:, r.shared.slot, :, :r.prefix_len]
+            self.slots.unshare(r)
+            r.shared = None
 
     def prefill(self, reqs: list[Request], spent: int = 0) -> list[tuple[Request, int]]:
         """Feeds the prompts not yet in the cache (complete ones within max_tokens less `spent`, the prefix tokens
