@@ -206,21 +206,18 @@ def dev_prompts(tokenizer, corpus: Path, n: int, max_len: int = 448) -> list[lis
     return reply_prompts(tokenizer, examples(read_split(corpus, "dev"))[:4 * n], max_len, last_only=True)[:n]
 
 
-def onnx_models(target, weights: list[str], layouts: list[str], scratch: Path) -> dict[str, object]:
-    """target (its adapter merged) through `export-onnx` once per --onnx-weights and --onnx-layouts choice, run by
-    ONNX Runtime with torch's thread count: the weight-only int8 / int4 (`MatMulNBits`) CPU path."""
-    from npc_engine.loading import save_model
+def onnx_models(folder: Path, adapter, weights: list[str], layouts: list[str], scratch: Path) -> dict[str, object]:
+    """The model folder and adapter through `export-onnx` once per --onnx-weights and --onnx-layouts choice (the
+    adapter's pairs kept in float beside quantized weights, as a user's export keeps them), run by ONNX Runtime with
+    torch's thread count: the weight-only int8 / int4 (`MatMulNBits`) CPU path."""
     from npc_engine.onnx_backend import OnnxModel
     from npc_engine.onnx_export import export_onnx
 
-    if not weights:
-        return {}
-    save_model(target, scratch / "weights", dtype=torch.float32, max_shard_mb=4096)
     models = {}
     for w in weights:
         for layout in layouts:
             out = scratch / f"onnx-{w}-{layout}"
-            export_onnx(scratch / "weights", out, progress=False, weights=w, layout=layout)
+            export_onnx(folder, out, progress=False, weights=w, layout=layout, adapter=adapter)
             models[f"onnxruntime {w}, {layout} layout"] = OnnxModel(out, "cpu", torch.get_num_threads())
     return models
 
@@ -274,10 +271,10 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path
     ignored on both sides), round-robin: each repeat runs every implementation once, in an order rotated each round,
     so a change of load on a shared machine hits all of them (medians of --repeats rounds after one warm-up round):
     transformers.generate on our merged weights, ours plain, n-gram, the trained feature head, a random head; with
-    --onnx-weights our plain engine on ONNX Runtime exports of the merged weights; llama.cpp on the GGUF file where
-    llama_cpp is importable (the base without the adapter: the same work per token, other tokens). Each of our
-    implementations is one engine over every prompt (its draft policy learns across lines, as a service's does),
-    with its CUDA graphs captured before the first line on the GPU."""
+    --onnx-weights our plain and n-gram engines on ONNX Runtime exports (`export-onnx --adapter`); llama.cpp on the
+    GGUF file where llama_cpp is importable (the base without the adapter: the same work per token, other tokens).
+    Each of our implementations is one engine over every prompt (its draft policy learns across lines, as a
+    service's does), with its CUDA graphs captured before the first line on the GPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from npc_engine.head import FeatureHead, head_args
@@ -310,7 +307,8 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path
              for shape in filter(None, args.trees.split(","))}
     drafters += [(name, target, lambda: HeadDrafter(heads[0][1], target, 2, 1024, device, dtype)) for name in trees]
     weights = list(filter(None, args.onnx_weights.split(",")))
-    for name, m in onnx_models(target, weights, list(filter(None, args.onnx_layouts.split(","))), scratch).items():
+    layouts = list(filter(None, args.onnx_layouts.split(",")))
+    for name, m in onnx_models(folder, adapter, weights, layouts, scratch).items():
         drafters += [(f"ours autoregressive, {name}", m, NoDrafter),
                      (f"ours speculative, n-gram, {name}", m, lambda m=m: NgramDrafter(m.args.vocab_size, device))]
     for bits in filter(None, args.weights.split(",")):  # --dtype int8 / int4: the same engine on packed weights

@@ -254,8 +254,8 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
                 adapter: str | Path | None = None) -> Path:
     """Write OUT_DIR/model.onnx (weights in model.onnx.data when over EXTERNAL_DATA_BYTES), the tokenizer
     and config files and manifest.json. Returns the path of model.onnx. weights: "float" (the export's dtype),
-    "int8" or "int4"; layout: "portable" or "ort" (module docstring); adapter: a PEFT LoRA folder, merged into float
-    weights and kept beside quantized ones (LoraLinear)."""
+    "int8" or "int4"; layout: "portable" or "ort" (module docstring); adapter: a PEFT LoRA folder, merged into the
+    weights but kept beside int4 ones (LoraLinear)."""
     import onnx  # only the exporter needs it; the runtime backend does not
 
     model_dir, out_dir = resolve_model(model_dir), Path(out_dir)  # a .gguf file: its converted folder
@@ -271,8 +271,12 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
         raise ExportError("the output folder must differ from the model folder")
     steps = tqdm(total=5, desc=f"export {model_dir.name}", unit="step", disable=not progress, file=sys.stderr)
     steps.set_postfix_str("loading weights")
-    model = load_model(model_dir, "cpu", EXPORT_DTYPES[dtype], adapter=None if WEIGHT_BITS[weights] else adapter)
-    if adapter and WEIGHT_BITS[weights]:
+    # int4 keeps an adapter's pairs beside its weights (LoraLinear); int8's grid holds the merged delta (the voice
+    # eval measured so), and merging saves the pairs' MatMuls (benchmarks/README.md, "ONNX Runtime's
+    # GroupQueryAttention layout")
+    keep_pairs = adapter is not None and weights == "int4"
+    model = load_model(model_dir, "cpu", EXPORT_DTYPES[dtype], adapter=None if keep_pairs else adapter)
+    if keep_pairs:
         keep_adapter_beside_(model, adapter)
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if layout == "ort" and model.args.head_dim % 16:

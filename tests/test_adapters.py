@@ -130,9 +130,9 @@ def test_export_onnx_merges_the_adapter(tmp_path):
 
 @pytest.mark.parametrize("layout", ["ort", "portable"])
 def test_quantized_export_keeps_the_adapter_beside_its_weights(tmp_path, layout):
-    """`export-onnx --adapter --weights int8`: the base's projections become MatMulNBits while the LoRA pairs stay
+    """`export-onnx --adapter --weights int4`: the base's projections become MatMulNBits while the LoRA pairs stay
     float MatMuls beside them (a merged weight rounded to the grid would lose the adapter's small delta); the logits
-    stay near peft's merged model."""
+    stay near peft's merged model. int8 merges (its grid holds the delta)."""
     import onnx
 
     from npc_engine.model import KVCache
@@ -142,7 +142,10 @@ def test_quantized_export_keeps_the_adapter_beside_its_weights(tmp_path, layout)
     base = tiny_llama(tmp_path / "base")
     merged = lora(base, tmp_path / "adapter", r=4, lora_alpha=8)
     out = tmp_path / "onnx"
-    export_onnx(tmp_path / "base", out, progress=False, layout=layout, weights="int8", adapter=tmp_path / "adapter")
+    export_onnx(tmp_path / "base", out, progress=False, layout=layout, weights="int4", adapter=tmp_path / "adapter")
+    int8 = tmp_path / "onnx8"
+    export_onnx(tmp_path / "base", int8, progress=False, layout=layout, weights="int8", adapter=tmp_path / "adapter")
+    assert not [n for n in onnx.load(str(int8 / "model.onnx")).graph.node if "/lora_" in n.name]
     nodes = onnx.load(str(out / "model.onnx")).graph.node
     per_layer = 4 if layout == "ort" else 7  # ort: q/k/v and gate/up are one matrix (and one LoRA pair) each
     assert sum(n.op_type == "MatMulNBits" for n in nodes) == per_layer * 2 + 1
@@ -154,4 +157,4 @@ def test_quantized_export_keeps_the_adapter_beside_its_weights(tmp_path, layout)
     with torch.no_grad():
         expected = merged(ids).logits
         adapter_effect = (expected - load_model(tmp_path / "base", dtype="float32")(ids)).abs().mean()
-    assert (got - expected).abs().mean() < 0.1 * adapter_effect  # int8 rounding, small next to what the adapter does
+    assert (got - expected).abs().mean() < 0.1 * adapter_effect  # int4 rounding, small next to what the adapter does

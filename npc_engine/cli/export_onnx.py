@@ -7,8 +7,8 @@ def add_parser(sub) -> None:
     p.add_argument("--model", required=True, help="Hugging Face layout model folder or .gguf file (target or draft)")
     p.add_argument("-o", "--output", required=True,
                    help="folder to write model.onnx, manifest.json and the tokenizer to")
-    p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder: merged into float weights, "
-                   "kept in float beside --weights int8/int4 ones")
+    p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder: merged into the weights, but "
+                   "kept in float beside --weights int4 ones")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14..20")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="weight and KV-cache dtype")
     p.add_argument("--weights", default="float", choices=["float", "int8", "int4"],
