@@ -97,8 +97,13 @@ class OnnxModel:
                     f"{path}: exported with opset {manifest['opset']} (manifest), which onnxruntime {ort.__version__} "
                     f"cannot load; re-export with a lower --opset or upgrade onnxruntime. "
                     f"({message.strip()[-200:]})") from None
+            hint = ""
+            if manifest.get("layout") == "ort":
+                hint = (f" (a --layout ort export uses ONNX Runtime's GroupQueryAttention as onnxruntime "
+                        f"{manifest.get('onnxruntime_version')} defines it: install that version, or re-export with "
+                        f"--layout portable)")
             raise OnnxBackendError(f"{path}: onnxruntime {ort.__version__} cannot load the model on "
-                                   f"{PROVIDERS[self.provider]}: {message.strip()[-300:]}") from None
+                                   f"{PROVIDERS[self.provider]}{hint}: {message.strip()[-300:]}") from None
         if self.session.get_providers()[0] != PROVIDERS[self.provider]:
             raise OnnxBackendError(f"onnxruntime did not start {PROVIDERS[self.provider]} (it gave "
                                    f"{self.session.get_providers()[0]}); "

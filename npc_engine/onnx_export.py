@@ -330,11 +330,21 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
         "source_model": str(model_dir.resolve()), "adapter": str(Path(adapter).resolve()) if adapter else None,
         "npc_engine_version": npc_engine.__version__,
         "torch_version": torch.__version__, "onnx_version": onnx.__version__,
+        "onnxruntime_version": onnxruntime_version(),
     }
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     steps.update()
     steps.close()
     return model_path
+
+
+def onnxruntime_version() -> str | None:
+    """The installed onnxruntime's version: a `--layout ort` graph uses its operators as that version defines them."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime.__version__
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import onnx
+import onnxruntime
 import pytest
 import torch
 
@@ -240,6 +241,21 @@ def test_opset_the_runtime_cannot_load_is_explained(tiny_model_dir, export, tmp_
     (future / "manifest.json").write_text(json.dumps({**manifest, "opset": 40}))
     with pytest.raises(OnnxBackendError, match=r"opset 40 \(manifest\).*re-export with a lower --opset"):
         OnnxModel(future)
+
+
+def test_an_ort_layout_the_runtime_defines_otherwise_is_explained(tiny_model_dir, export, tmp_path):
+    """A `--layout ort` graph whose GroupQueryAttention this onnxruntime does not take (here: an input more than its
+    schema has, as an older runtime lacks a newer input) names the version that exported it and the way out."""
+    other = shutil.copytree(export(tiny_model_dir, layout="ort"), tmp_path / "other")
+    assert json.loads((other / "manifest.json").read_text())["onnxruntime_version"] == onnxruntime.__version__
+    proto = onnx.load(str(other / "model.onnx"))
+    for node in proto.graph.node:
+        if node.op_type == "GroupQueryAttention":
+            node.input.extend(["input_ids"] * 8)
+    onnx.save_model(proto, str(other / "model.onnx"))
+    hint = rf"GroupQueryAttention as onnxruntime {onnxruntime.__version__} defines it: install that version, or "
+    with pytest.raises(OnnxBackendError, match=hint + "re-export with --layout portable"):
+        OnnxModel(other)
 
 
 def test_dtype_other_than_the_exported_one_is_refused(tiny_model_dir, export):
