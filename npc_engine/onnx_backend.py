@@ -5,7 +5,8 @@ slot-indexed `KVCache` (torch tensors on the model's device), so shared persona 
 length and every drafter work unchanged. Each call gathers the slots' first kv_len cache entries as the
 graph's past (a row's entries below its prefix length from its prefix slot), binds every input and
 output to torch memory with I/O binding (no copies through numpy; on CUDA the KV cache never leaves
-the device) and writes the new keys and values back at their positions.
+the device) and writes the new keys and values back at their positions. A `--layout ort` export
+(GroupQueryAttention) instead reads and writes the cache slot itself where it can (`OnnxModel.call_ort`).
 The CPU and CUDA paths are one code path: only the execution provider, the bound device and one
 stream synchronisation before each run differ.
 """
@@ -158,7 +159,6 @@ class OnnxModel:
             cache.k[i][rows, :, input_pos] = presents[f"present.{i}.key"][:, :, kv_len:].transpose(1, 2)
             cache.v[i][rows, :, input_pos] = presents[f"present.{i}.value"][:, :, kv_len:].transpose(1, 2)
         return out[torch.arange(B, device=out.device), logits] if isinstance(logits, torch.Tensor) else out
-
 
     def call_ort(self, tokens, input_pos, cache: KVCache, slots, kv_len: int, logits, prefix) -> torch.Tensor:
         """`__call__` on a `--layout ort` export: GroupQueryAttention reads and writes its past buffers in place. Rows
