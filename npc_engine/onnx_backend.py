@@ -166,29 +166,19 @@ class OnnxModel:
         other batches gather their entries into a buffer and copy the new ones back."""
         args, (B, T) = self.args, tokens.shape
         seqlens = (input_pos[:, 0] + T - 1).to(torch.int32)
-        # logits at one position per row (a prefill's last prompt token) or none (then one row's, as ONNX Runtime
-        # binds no empty output): only those rows reach the output head (`row_logits`; ONNX Runtime runs only the
-        # nodes the bound outputs need)
-        at_rows = isinstance(logits, torch.Tensor)
-        rows_asked = at_rows or not logits
-        logit_rows = (torch.arange(B, device=self.device) * T + logits.to(self.device) if at_rows else
-                      torch.zeros(1, dtype=torch.long, device=self.device))
         bound = {"input_ids": tokens.long().contiguous(), "seqlens_k": seqlens,
                  "total_sequence_length": torch.tensor(kv_len, dtype=torch.int32, device=self.device),
-                 "query_seqlens": torch.full((B,), T, dtype=torch.int32, device=self.device), "logit_rows": logit_rows}
+                 "query_seqlens": torch.full((B,), T, dtype=torch.int32, device=self.device)}
         first = int(slots[0])
         in_place = (prefix is None or not bool(prefix[:, 1].any())) and slots.tolist() == list(range(first, first + B))
         index = None if in_place else cache.gather_index(slots, prefix, kv_len)
         for i in range(args.n_layers):
             for kv, layer in (("key", cache.k[i]), ("value", cache.v[i])):
                 bound[f"past_key_values.{i}.{kv}"] = layer[first:first + B] if in_place else gather_kv(layer, index)
-        out = torch.empty(*((len(logit_rows),) if rows_asked else (B, T)), args.vocab_size, dtype=self.dtype,
-                          device=self.device)
-        self.binding.clear_binding_inputs()
-        self.binding.clear_binding_outputs()
+        out = torch.empty(B, T, args.vocab_size, dtype=self.dtype, device=self.device)
         for name, tensor in bound.items():
             self.bind(name, tensor)
-        self.bind("row_logits" if rows_asked else "logits", out, output=True)
+        self.bind("logits", out, output=True)
         for i in range(args.n_layers):
             for kv in ("key", "value"):
                 self.bind(f"present.{i}.{kv}", bound[f"past_key_values.{i}.{kv}"], output=True)
@@ -200,7 +190,7 @@ class OnnxModel:
             for i in range(args.n_layers):
                 for kv, layer in (("key", cache.k[i]), ("value", cache.v[i])):
                     layer[slots[:, None], :, input_pos] = bound[f"past_key_values.{i}.{kv}"][rows, :, input_pos]
-        return None if logits is False else out
+        return out[torch.arange(B, device=out.device), logits] if isinstance(logits, torch.Tensor) else out
 
 
 def load_onnx_model(path: str | Path, provider: str = "cpu", dtype: str | torch.dtype | None = None) -> OnnxModel:

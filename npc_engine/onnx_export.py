@@ -16,11 +16,10 @@ place), q/k/v one MatMul and gate/up one MatMul:
 
   inputs   input_ids [batch, seq] int64, seqlens_k [batch] int32 (the cache length after this call, minus 1),
            total_sequence_length [] int32 (an upper bound of seqlens_k + 1: the buffer length),
-           query_seqlens [batch] int32 (seq for every row), logit_rows [rows] int64 (indices into batch * seq),
+           query_seqlens [batch] int32 (seq for every row),
            past_key_values.{i}.key / .value [batch, kv_heads, buffer, head_dim]
-  outputs  logits [batch, seq, vocab], row_logits [rows, vocab] (only those positions through the output head: bind
-           one of the two), present.{i}.key / .value: the past buffers themselves (bind them to the same memory),
-           the new tokens' keys and values written at positions seqlens_k + 1 - seq ...
+  outputs  logits [batch, seq, vocab], present.{i}.key / .value: the past buffers themselves (bind them to the same
+           memory), the new tokens' keys and values written at positions seqlens_k + 1 - seq ...
 
 A row's new tokens sit at positions seqlens_k + 1 - seq onwards and see every cache entry before them.
 
@@ -70,8 +69,8 @@ def io_names(n_layers: int, layout: str = "portable") -> tuple[list[str], list[s
     past = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
     first = (["input_ids", "attention_mask", "position_ids"] if layout == "portable" else
-             ["input_ids", "seqlens_k", "total_sequence_length", "query_seqlens", "logit_rows"])
-    return [*first, *past], ["logits", *(["row_logits"] if layout == "ort" else []), *present]
+             ["input_ids", "seqlens_k", "total_sequence_length", "query_seqlens"])
+    return [*first, *past], ["logits", *present]
 
 
 class DecoderWithPast(nn.Module):
@@ -151,7 +150,7 @@ class OrtDecoder(nn.Module):
             self.qkv.append(concatenated(attn.q_proj, attn.k_proj, attn.v_proj))
             self.gate_up.append(concatenated(mlp.gate_proj, mlp.up_proj))
 
-    def forward(self, input_ids, seqlens_k, total_sequence_length, query_seqlens, logit_rows, *past):
+    def forward(self, input_ids, seqlens_k, total_sequence_length, query_seqlens, *past):
         m, args = self.model, self.model.args
         x = m.model.embed_tokens(input_ids)
         presents = []
@@ -163,8 +162,7 @@ class OrtDecoder(nn.Module):
             x = x + layer.self_attn.o_proj(out)
             gate, up = self.gate_up[i](layer.post_attention_layernorm.reference(x)).chunk(2, dim=-1)
             x = x + layer.mlp.down_proj(F.silu(gate) * up)
-        x = m.model.norm.reference(x)
-        return (m.lm_head(x), m.lm_head(x.reshape(-1, args.dim)[logit_rows]), *presents)
+        return (m.lm_head(m.model.norm.reference(x)), *presents)
 
 
 class LoraLinear(nn.Module):
@@ -215,7 +213,7 @@ def example_inputs(model: Transformer, dtype: torch.dtype, layout: str, batch: i
     if layout == "ort":
         lengths = torch.full((batch,), past + seq, dtype=torch.int32)
         return (ids, lengths - 1, torch.tensor(past + seq, dtype=torch.int32), torch.full_like(lengths, seq),
-                torch.arange(batch) * seq + seq - 1, *([kv] * (2 * args.n_layers)))
+                *([kv] * (2 * args.n_layers)))
     return (ids, torch.ones(batch, past + seq, dtype=torch.long),
             torch.arange(past, past + seq).expand(batch, seq).contiguous(), *([kv] * (2 * args.n_layers)))
 
@@ -225,8 +223,7 @@ def dynamic_axes(n_layers: int, layout: str) -> dict[str, dict[int, str]]:
     first = len(inputs) - 2 * n_layers
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
     if layout == "ort":
-        axes.update({"seqlens_k": {0: "batch"}, "query_seqlens": {0: "batch"}, "logit_rows": {0: "rows"},
-                     "row_logits": {0: "rows"}})
+        axes.update({"seqlens_k": {0: "batch"}, "query_seqlens": {0: "batch"}})
         axes.update({name: {0: "batch", 2: "buffer"} for name in inputs[first:] + outputs[1:]})
         return axes
     axes.update({"attention_mask": {0: "batch", 1: "total_sequence"}, "position_ids": {0: "batch", 1: "sequence"}})

@@ -80,20 +80,6 @@ def test_ort_logits_and_cache_match_torch(make_checkpoint, export, variant, layo
     assert torch.allclose(ort_cache.v, torch_cache.v, atol=1e-4, rtol=0)
 
 
-def test_ort_layout_computes_asked_rows_only(tiny_model_dir, export):
-    """`--layout ort`: logits at one position per row (a prefill's last prompt token) come from `row_logits`, equal to
-    those rows of the full logits; logits=False returns None, as Transformer.forward does."""
-    ort_model, torch_model = OnnxModel(export(tiny_model_dir, layout="ort")), load_model(tiny_model_dir)
-    tokens = torch.randint(0, ort_model.args.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
-    pos, last = torch.arange(7).expand(2, 7), torch.tensor([6, 3])
-    full = torch_model(tokens, pos, KVCache(torch_model.args, 2, 64, "cpu", torch.float32), torch.tensor([0, 1]), 64)
-    cache = KVCache(ort_model.args, 2, 64, "cpu", torch.float32)
-    assert ort_model(tokens, pos, cache, torch.tensor([0, 1]), 64, logits=False) is None
-    got = ort_model(tokens, pos, cache, torch.tensor([0, 1]), 64, logits=last)
-    assert got.shape == (2, ort_model.args.vocab_size)
-    assert torch.allclose(got, full[torch.arange(2), last], atol=1e-4, rtol=0)
-
-
 def test_export_writes_a_valid_graph_manifest_and_tokenizer(tiny_model_dir, export):
     out = export(tiny_model_dir)
     onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
