@@ -143,8 +143,18 @@ class OnnxModel:
             for kv in ("key", "value"):
                 presents[f"present.{i}.{kv}"] = torch.empty(B, args.n_kv_heads, kv_len + T, args.head_dim,
                                                              dtype=self.dtype, device=self.device)
-        out = torch.empty(B, T, args.vocab_size, dtype=self.dtype, device=self.device)
-        for name, tensor in bound.items():
+        out = self.run(bound, presents, B, T)
+        rows = slots[:, None]
+        for i in range(args.n_layers):
+            cache.k[i][rows, :, input_pos] = presents[f"present.{i}.key"][:, :, kv_len:].transpose(1, 2)
+            cache.v[i][rows, :, input_pos] = presents[f"present.{i}.value"][:, :, kv_len:].transpose(1, 2)
+        return out[torch.arange(B, device=out.device), logits] if isinstance(logits, torch.Tensor) else out
+
+    def run(self, inputs: dict[str, torch.Tensor], presents: dict[str, torch.Tensor], B: int, T: int) -> torch.Tensor:
+        """Binds the inputs, the presents and a new logits tensor (returned), and runs the session. Every bound tensor
+        must stay alive until the run ends: the caller keeps them."""
+        out = torch.empty(B, T, self.args.vocab_size, dtype=self.dtype, device=self.device)
+        for name, tensor in inputs.items():
             self.bind(name, tensor)
         self.bind("logits", out, output=True)
         for name, tensor in presents.items():
@@ -154,11 +164,7 @@ class OnnxModel:
             # for its stream at the end of a run, so the outputs are ready for torch afterwards.
             torch.cuda.current_stream(self.device).synchronize()
         self.session.run_with_iobinding(self.binding)
-        rows = slots[:, None]
-        for i in range(args.n_layers):
-            cache.k[i][rows, :, input_pos] = presents[f"present.{i}.key"][:, :, kv_len:].transpose(1, 2)
-            cache.v[i][rows, :, input_pos] = presents[f"present.{i}.value"][:, :, kv_len:].transpose(1, 2)
-        return out[torch.arange(B, device=out.device), logits] if isinstance(logits, torch.Tensor) else out
+        return out
 
     def call_ort(self, tokens, input_pos, cache: KVCache, slots, kv_len: int, logits, prefix) -> torch.Tensor:
         """`__call__` on a `--layout ort` export: GroupQueryAttention reads and writes its past buffers in place. Rows
@@ -175,16 +181,10 @@ class OnnxModel:
         for i in range(args.n_layers):
             for kv, layer in (("key", cache.k[i]), ("value", cache.v[i])):
                 bound[f"past_key_values.{i}.{kv}"] = layer[first:first + B] if in_place else gather_kv(layer, index)
-        out = torch.empty(B, T, args.vocab_size, dtype=self.dtype, device=self.device)
-        for name, tensor in bound.items():
-            self.bind(name, tensor)
-        self.bind("logits", out, output=True)
-        for i in range(args.n_layers):
-            for kv in ("key", "value"):
-                self.bind(f"present.{i}.{kv}", bound[f"past_key_values.{i}.{kv}"], output=True)
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        self.session.run_with_iobinding(self.binding)
+        # GroupQueryAttention updates its past buffers in place: each present is bound to its past's memory
+        presents = {f"present.{i}.{kv}": bound[f"past_key_values.{i}.{kv}"]
+                    for i in range(args.n_layers) for kv in ("key", "value")}
+        out = self.run(bound, presents, B, T)
         if not in_place:
             rows = torch.arange(B, device=self.device)[:, None]
             for i in range(args.n_layers):

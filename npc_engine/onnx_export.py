@@ -168,7 +168,7 @@ class OrtDecoder(nn.Module):
 class LoraLinear(nn.Module):
     """base(x) + B(A(x)): a LoRA pair beside a weight that --weights quantizes. The pair stays in the export's dtype
     (quantize_weights skips it): rounding a merged weight to 4 bits snaps the adapter's small delta back onto the
-    base's grid (benchmarks/README.md, "ONNX Runtime's GroupQueryAttention layout")."""
+    base's grid (measured with `--dtype int4`: models/README.md, "The shipped rank-4 cut on the dev split")."""
 
     def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor):
         super().__init__()
