@@ -9,9 +9,9 @@ also timed on its own: prefill is the same work with or without speculation, so 
 where drafting shows. --ignore-stop makes every line --new-tokens long (stop tokens are generated
 like any other), so short answers do not hide it. --model (an instruct base, a .gguf file or a folder, with
 --adapter) adds, with --weights, our engine on weight-only int8 / int4 packed weights (--dtype int8 / int4), with
---onnx-weights our plain and n-gram engines on ONNX Runtime exports (MatMulNBits, in the --onnx-layouts) and, where
-llama-cpp-python is installed (a benchmark-only dependency), llama.cpp on the same .gguf file; --trees adds the
---model-head drafting trees.
+--onnx-weights our engines on ONNX Runtime exports (MatMulNBits, in the --onnx-layouts; the heads on `ort`
+ones) and, where llama-cpp-python is installed (a benchmark-only dependency), llama.cpp on the same .gguf file;
+--trees adds the --model-head drafting trees.
 
     python benchmarks/bench_decode.py --device cuda --shapes 1b,8b --pair models/npc-target
     python benchmarks/bench_decode.py --device cpu --shapes small --pair models/npc-target
@@ -271,8 +271,9 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path
     ignored on both sides), round-robin: each repeat runs every implementation once, in an order rotated each round,
     so a change of load on a shared machine hits all of them (medians of --repeats rounds after one warm-up round):
     transformers.generate on our merged weights, ours plain, n-gram, the trained feature head, a random head; with
-    --onnx-weights our plain and n-gram engines on ONNX Runtime exports (`export-onnx --adapter`); llama.cpp on the
-    GGUF file where llama_cpp is importable (the base without the adapter: the same work per token, other tokens).
+    --onnx-weights our engines on ONNX Runtime exports (`export-onnx --adapter`; the heads on `ort` ones);
+    llama.cpp on the GGUF file where llama_cpp is importable (the base without the adapter: the same work per token,
+    other tokens).
     Each of our implementations is one engine over every prompt (its draft policy learns across lines, as a
     service's does), with its CUDA graphs captured before the first line on the GPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -311,6 +312,10 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path
     for name, m in onnx_models(folder, adapter, weights, layouts, scratch).items():
         drafters += [(f"ours autoregressive, {name}", m, NoDrafter),
                      (f"ours speculative, n-gram, {name}", m, lambda m=m: NgramDrafter(m.args.vocab_size, device))]
+        if m.hidden:  # the `ort` layout: the heads draft on its hidden states
+            m.attach_draft_weights()
+            drafters += [(f"{head_name}, {name}", m, lambda h=h, m=m: HeadDrafter(h, m, 2, 1024, device, dtype))
+                         for head_name, h in heads]
     for bits in filter(None, args.weights.split(",")):  # --dtype int8 / int4: the same engine on packed weights
         q = load_parts(folder, draft="none", device=device, dtype=bits, adapter=adapter)[0]
         drafters += [(f"ours autoregressive, {bits} weights", q, NoDrafter),

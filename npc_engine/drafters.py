@@ -320,7 +320,7 @@ def make_drafter(draft: str, target, load_model, torch_backend: bool, max_batch:
         return NgramDrafter(target.args.vocab_size, device)
     if is_head_dir(draft):
         if not torch_backend:
-            raise ValueError(f"feature head {draft} drafts from the target's hidden states: it needs the torch backend")
+            target.attach_draft_weights()  # an ONNX export: the weights the head reads of its target
         return HeadDrafter(load_head(draft, target, device, dtype), target, max_batch + 1, max_seq, device, dtype)
     draft_model = load_model(draft)
     if draft_model.args.vocab_size != target.args.vocab_size:

@@ -9,6 +9,9 @@ the device) and writes the new keys and values back at their positions. A `--lay
 (GroupQueryAttention) instead reads and writes the cache slot itself where it can (`OnnxModel.call_ort`).
 The CPU and CUDA paths are one code path: only the execution provider, the bound device and one
 stream synchronisation before each run differ.
+
+A `--layout ort` export also outputs its hidden states: with a feature head (`attach_draft_weights`) each call
+stores them in `feature_store` as Transformer.forward does, and the head drafts on them.
 """
 import json
 from pathlib import Path
@@ -16,9 +19,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from safetensors.torch import load_file
+from torch import nn
 
 from npc_engine.loading import DTYPE_NAMES, read_config
-from npc_engine.model import KVCache, gather_kv
+from npc_engine.model import KVCache, RMSNorm, gather_kv
 from npc_engine.onnx_export import MANIFEST_FILE, MANIFEST_FORMAT
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -76,6 +81,8 @@ def read_manifest(path: Path) -> dict:
 class OnnxModel:
     """An ONNX decoder-with-past run by ONNX Runtime, with a Transformer's call signature."""
 
+    feature_store: torch.Tensor | None = None  # [slots, max_seq, dim]: a feature head's, as Transformer's
+
     def __init__(self, path: str | Path, provider: str = "cpu", threads: int = 0):
         path = Path(path)
         manifest = read_manifest(path)
@@ -117,6 +124,23 @@ class OnnxModel:
         self.layout = manifest.get("layout", "portable")
         # GroupQueryAttention reads one buffer per row: the engine copies a persona prefix into the row's own slot
         self.reads_prefix_slots = self.layout == "portable"
+        self.path, self.hidden = path, "hidden_states" in manifest["outputs"]
+
+    def attach_draft_weights(self) -> None:
+        """`model.embed_tokens`, `model.norm` and `lm_head` in torch, as a feature head reads them of its target (the
+        export's DRAFT_WEIGHTS_FILE)."""
+        file = self.path / (self.manifest.get("draft_weights") or "")
+        if not self.hidden or not file.is_file():
+            raise OnnxBackendError(f"{self.path}: a feature head drafts from its target's hidden states, which this "
+                                   f"export lacks; re-export with `npc-engine export-onnx --layout ort`")
+        tensors = {k: v.to(self.device) for k, v in load_file(str(file)).items()}
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding.from_pretrained(tensors["embed_tokens.weight"])
+        self.model.norm = RMSNorm(self.args.dim, self.args.norm_eps).to(self.device, self.dtype)
+        self.model.norm.weight.data = tensors["norm.weight"]
+        self.lm_head = nn.Linear(self.args.dim, self.args.vocab_size, bias=False, device="meta")
+        self.lm_head.weight = self.model.embed_tokens.weight if "lm_head.weight" not in tensors else nn.Parameter(
+            tensors["lm_head.weight"], requires_grad=False)
 
     def bind(self, name: str, tensor: torch.Tensor, output: bool = False) -> None:
         bind = self.binding.bind_output if output else self.binding.bind_input
@@ -151,12 +175,15 @@ class OnnxModel:
         return out[torch.arange(B, device=out.device), logits] if isinstance(logits, torch.Tensor) else out
 
     def run(self, inputs: dict[str, torch.Tensor], presents: dict[str, torch.Tensor], B: int, T: int) -> torch.Tensor:
-        """Binds the inputs, the presents and a new logits tensor (returned), and runs the session. Every bound tensor
-        must stay alive until the run ends: the caller keeps them."""
+        """Binds the inputs, the presents, a new logits tensor (returned) and the hidden states (self.last_hidden),
+        and runs the session. Every bound tensor must stay alive until the run ends: the caller keeps them."""
         out = torch.empty(B, T, self.args.vocab_size, dtype=self.dtype, device=self.device)
         for name, tensor in inputs.items():
             self.bind(name, tensor)
         self.bind("logits", out, output=True)
+        if self.hidden:
+            self.last_hidden = torch.empty(B, T, self.args.dim, dtype=self.dtype, device=self.device)
+            self.bind("hidden_states", self.last_hidden, output=True)
         for name, tensor in presents.items():
             self.bind(name, tensor, output=True)
         if self.device.type == "cuda":
@@ -185,6 +212,8 @@ class OnnxModel:
         presents = {f"present.{i}.{kv}": bound[f"past_key_values.{i}.{kv}"]
                     for i in range(args.n_layers) for kv in ("key", "value")}
         out = self.run(bound, presents, B, T)
+        if self.feature_store is not None:
+            self.feature_store[slots[:, None], input_pos] = self.last_hidden.to(self.feature_store.dtype)
         if not in_place:
             rows = torch.arange(B, device=self.device)[:, None]
             for i in range(args.n_layers):

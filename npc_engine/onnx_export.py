@@ -19,9 +19,12 @@ place), q/k/v one MatMul and gate/up one MatMul:
            query_seqlens [batch] int32 (seq for every row),
            past_key_values.{i}.key / .value [batch, kv_heads, buffer, head_dim]
   outputs  logits [batch, seq, vocab], present.{i}.key / .value: the past buffers themselves (bind them to the same
-           memory), the new tokens' keys and values written at positions seqlens_k + 1 - seq ...
+           memory), the new tokens' keys and values written at positions seqlens_k + 1 - seq ...,
+           hidden_states [batch, seq, hidden]: the last decoder layer's output before the final norm
 
-A row's new tokens sit at positions seqlens_k + 1 - seq onwards and see every cache entry before them.
+A row's new tokens sit at positions seqlens_k + 1 - seq onwards and see every cache entry before them. The hidden
+states and DRAFT_WEIGHTS_FILE (the embedding, final norm and output head in the export's dtype, unquantized) let a
+feature head (npc_engine.head) draft for the export; the graph's own weights verify every token.
 
 `--weights int8|int4`: weight-only quantization for the CPU: every MatMul with a constant weight (the projections
 and the output head) becomes ONNX Runtime's MatMulNBits (blocks of WEIGHT_BLOCK input channels with a float scale
@@ -37,6 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -49,6 +53,7 @@ from npc_engine.paths import resolve_model
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "npc-engine-onnx-decoder"
+DRAFT_WEIGHTS_FILE = "draft_weights.safetensors"
 DEFAULT_OPSET = 17
 MIN_OPSET = 14  # the oldest opset the graph is tested at
 MAX_OPSET = 20  # the newest opset torch's TorchScript exporter supports
@@ -70,7 +75,7 @@ def io_names(n_layers: int, layout: str = "portable") -> tuple[list[str], list[s
     present = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
     first = (["input_ids", "attention_mask", "position_ids"] if layout == "portable" else
              ["input_ids", "seqlens_k", "total_sequence_length", "query_seqlens"])
-    return [*first, *past], ["logits", *present]
+    return [*first, *past], ["logits", *present] + (["hidden_states"] if layout == "ort" else [])
 
 
 class DecoderWithPast(nn.Module):
@@ -162,7 +167,7 @@ class OrtDecoder(nn.Module):
             x = x + layer.self_attn.o_proj(out)
             gate, up = self.gate_up[i](layer.post_attention_layernorm.reference(x)).chunk(2, dim=-1)
             x = x + layer.mlp.down_proj(F.silu(gate) * up)
-        return (m.lm_head(m.model.norm.reference(x)), *presents)
+        return (m.lm_head(m.model.norm.reference(x)), *presents, x)
 
 
 class LoraLinear(nn.Module):
@@ -220,15 +225,16 @@ def example_inputs(model: Transformer, dtype: torch.dtype, layout: str, batch: i
 
 def dynamic_axes(n_layers: int, layout: str) -> dict[str, dict[int, str]]:
     inputs, outputs = io_names(n_layers, layout)
-    first = len(inputs) - 2 * n_layers
+    past, present = inputs[len(inputs) - 2 * n_layers:], outputs[1:1 + 2 * n_layers]
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
     if layout == "ort":
-        axes.update({"seqlens_k": {0: "batch"}, "query_seqlens": {0: "batch"}})
-        axes.update({name: {0: "batch", 2: "buffer"} for name in inputs[first:] + outputs[1:]})
+        axes.update({"seqlens_k": {0: "batch"}, "query_seqlens": {0: "batch"},
+                     "hidden_states": {0: "batch", 1: "sequence"}})
+        axes.update({name: {0: "batch", 2: "buffer"} for name in past + present})
         return axes
     axes.update({"attention_mask": {0: "batch", 1: "total_sequence"}, "position_ids": {0: "batch", 1: "sequence"}})
-    axes.update({name: {0: "batch", 2: "past_sequence"} for name in inputs[first:]})
-    axes.update({name: {0: "batch", 2: "total_sequence"} for name in outputs[1:]})
+    axes.update({name: {0: "batch", 2: "past_sequence"} for name in past})
+    axes.update({name: {0: "batch", 2: "total_sequence"} for name in present})
     return axes
 
 
@@ -321,12 +327,14 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
     for name in COPIED_FILES:
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, out_dir / name)
+    if layout == "ort":
+        save_draft_weights(model, out_dir / DRAFT_WEIGHTS_FILE)
     args = model.args
     manifest = {
         "format": MANIFEST_FORMAT, "format_version": 1, "model_file": MODEL_FILE, "external_data": external_data,
         "opset": opset, "dtype": dtype, "weights": weights, "layout": layout, "inputs": inputs, "outputs": outputs,
         "n_layers": args.n_layers, "n_kv_heads": args.n_kv_heads, "head_dim": args.head_dim,
-        "vocab_size": args.vocab_size,
+        "vocab_size": args.vocab_size, "draft_weights": DRAFT_WEIGHTS_FILE if layout == "ort" else None,
         "source_model": str(model_dir.resolve()), "adapter": str(Path(adapter).resolve()) if adapter else None,
         "npc_engine_version": npc_engine.__version__,
         "torch_version": torch.__version__, "onnx_version": onnx.__version__,
@@ -336,6 +344,15 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
     steps.update()
     steps.close()
     return model_path
+
+
+def save_draft_weights(model: Transformer, path: Path) -> None:
+    """What a feature head reads of its target besides the hidden states: the embedding, the final norm and the
+    output head (omitted when tied to the embedding)."""
+    tensors = {"embed_tokens.weight": model.model.embed_tokens.weight, "norm.weight": model.model.norm.weight}
+    if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
+        tensors["lm_head.weight"] = model.lm_head.weight
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path))
 
 
 def onnxruntime_version() -> str | None:

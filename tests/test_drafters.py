@@ -124,8 +124,8 @@ def test_the_registry_makes_each_drafter_and_each_states_every_capability(tiny_p
     head_dir = tmp_path / "head"
     save_head(random_head(target), head_dir, target_name=target_dir.name, dtype=torch.float32)
 
-    def make(spec: str, torch_backend: bool = True):
-        return make_drafter(spec, target, load_model, torch_backend, 2, 64, "cpu", torch.float32)
+    def make(spec: str):
+        return make_drafter(spec, target, load_model, True, 2, 64, "cpu", torch.float32)
 
     kinds = {"none": NoDrafter, "ngram": NgramDrafter, str(head_dir): HeadDrafter, str(draft_dir): ModelDrafter}
     for spec, kind in kinds.items():
@@ -135,8 +135,6 @@ def test_the_registry_makes_each_drafter_and_each_states_every_capability(tiny_p
         assert drafter.drafts == (kind is not NoDrafter) and drafter.host_drafts == (kind is NgramDrafter)
         assert (drafter.transformer is not None) == (kind is ModelDrafter)
         assert drafter.uses_features == (kind is HeadDrafter)
-    with pytest.raises(ValueError, match="needs the torch backend"):
-        make(str(head_dir), torch_backend=False)
     assert draft_spec(target_dir, "auto") == "ngram" and draft_spec(target_dir, "none") == "none"
 
 

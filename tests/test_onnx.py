@@ -2,6 +2,7 @@
 output is identical across backends, and bad exports, providers and opsets are refused clearly."""
 import json
 import shutil
+from operator import attrgetter
 from pathlib import Path
 
 import onnx
@@ -11,8 +12,10 @@ import torch
 
 from npc_engine import onnx_export
 from npc_engine.cli import main
-from npc_engine.drafters import ModelDrafter, NgramDrafter
+from npc_engine.drafters import HeadDrafter, ModelDrafter, NgramDrafter
 from npc_engine.engine import Engine
+from npc_engine.engine.trees import TreeShape
+from npc_engine.head import load_head
 from npc_engine.loading import load_model
 from npc_engine.model import KVCache
 from npc_engine.onnx_backend import OnnxBackendError, OnnxModel, cuda_usable, load_onnx_model
@@ -67,17 +70,27 @@ def run_steps(model, cache: KVCache) -> list[torch.Tensor]:
 @pytest.mark.parametrize("variant", ["llama_gqa", "qwen2_bias", "llama_tied"])
 def test_ort_logits_and_cache_match_torch(make_checkpoint, export, variant, layout):
     """Both layouts; with `--layout ort` the two-row steps (slots 2 and 0) gather and write back, the one-row step
-    runs GroupQueryAttention on the cache slot in place."""
+    runs GroupQueryAttention on the cache slot in place, and the hidden states a feature head drafts from fill the
+    feature store as the torch model's do."""
     model_dir = make_checkpoint(variant)
     torch_model, ort_model = load_model(model_dir), OnnxModel(export(model_dir, layout=layout))
-    assert ort_model.layout == layout
+    assert ort_model.layout == layout and ort_model.hidden == (layout == "ort")
     torch_cache = KVCache(torch_model.args, 3, 256, "cpu", torch.float32)
     ort_cache = KVCache(ort_model.args, 3, 256, "cpu", torch.float32)
+    if layout == "ort":
+        torch_model.feature_store = torch.zeros(3, 256, torch_model.args.dim)
+        ort_model.feature_store = torch.zeros(3, 256, torch_model.args.dim)
     for step, (expected, got) in enumerate(zip(run_steps(torch_model, torch_cache), run_steps(ort_model, ort_cache))):
         assert got.shape == expected.shape
         assert torch.allclose(got, expected, atol=1e-4, rtol=0), f"step {step}: {(got - expected).abs().max()}"
     assert torch.allclose(ort_cache.k, torch_cache.k, atol=1e-4, rtol=0)
     assert torch.allclose(ort_cache.v, torch_cache.v, atol=1e-4, rtol=0)
+    if layout == "ort":
+        assert torch_model.feature_store.abs().sum() > 0
+        assert torch.allclose(ort_model.feature_store, torch_model.feature_store, atol=1e-4, rtol=0)
+        ort_model.attach_draft_weights()  # the head's view of its target: the torch model's tensors
+        for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+            assert torch.equal(attrgetter(name)(ort_model), torch_model.get_parameter(name)), name
 
 
 def test_export_writes_a_valid_graph_manifest_and_tokenizer(tiny_model_dir, export):
@@ -140,18 +153,32 @@ def run_batch(engine: Engine, prompts: list[str], params: SamplingParams, prefix
 
 
 @pytest.mark.parametrize("draft,k,layout", [("model", 4, "portable"), ("model", None, "portable"),
-                                             ("ngram", 6, "portable"), ("model", 4, "ort"), ("ngram", 6, "ort")])
-def test_greedy_speculative_output_is_identical_across_backends(tiny_pair_dirs, export, draft, k, layout):
+                                             ("ngram", 6, "portable"), ("model", 4, "ort"), ("ngram", 6, "ort"),
+                                             ("head", 4, "ort"), ("head", None, "ort")])
+def test_greedy_speculative_output_is_identical_across_backends(tiny_pair_dirs, export, draft, k, layout, tmp_path):
+    """A feature head drafts on the `ort` export's hidden states: with a fixed K it proposes the very drafts it
+    proposes on the torch target (features, tokens and its cache copied with each persona prefix)."""
+    from npc_engine.head import save_head
+    from tests.test_speculative import random_head
+
     target_dir, draft_dir = tiny_pair_dirs
     target = load_model(target_dir)
+    head_dir = tmp_path / "head"
+    save_head(random_head(target), head_dir, target_name="tiny", dtype=torch.float32)
     drafter = (ModelDrafter(load_model(draft_dir), 5, 512, "cpu", torch.float32) if draft == "model"
-               else NgramDrafter(target.args.vocab_size, "cpu"))
+               else HeadDrafter(load_head(head_dir, target, "cpu"), target, 5, 512, "cpu", torch.float32)
+               if draft == "head" else NgramDrafter(target.args.vocab_size, "cpu"))
     torch_engine = Engine(target, drafter, Tokenizer.from_dir(target_dir), max_batch=4, max_seq=512, fixed_k=k)
     # the draft model's head dimension (8) is one GroupQueryAttention does not take: its export stays portable
-    onnx_engine = Engine.load(export(target_dir, layout=layout), draft=str(export(draft_dir)) if draft == "model"
-                              else draft, backend="onnx", max_batch=4, max_seq=512, fixed_k=k)
+    spec = {"model": str(export(draft_dir)), "head": str(head_dir)}.get(draft, draft)
+    onnx_engine = Engine.load(export(target_dir, layout=layout), draft=spec, backend="onnx", max_batch=4, max_seq=512,
+                              fixed_k=k)
     assert isinstance(onnx_engine.target, OnnxModel)
     assert draft != "model" or isinstance(onnx_engine.drafter.model, OnnxModel)
+    proposed = {engine: [] for engine in (torch_engine, onnx_engine)}
+    if draft == "head":
+        for engine, drafts in proposed.items():
+            engine.drafter.draft = record_drafts(engine.drafter.draft, drafts)
     prefixes_read = []
     if layout == "ort":  # the engine copies each prefix into the row's own slot: no call reads a prefix slot
         call = onnx_engine.target.call_ort
@@ -164,6 +191,16 @@ def test_greedy_speculative_output_is_identical_across_backends(tiny_pair_dirs, 
     assert layout == "portable" or prefixes_read and all(p is None or not p[:, 1].any() for p in prefixes_read)
     assert run_batch(onnx_engine, PROMPTS, params) == expected  # no shared prefix: the same lines
     assert any(expected)
+    if draft == "head" and k:
+        assert proposed[onnx_engine][:len(proposed[torch_engine])] == proposed[torch_engine] != []
+
+
+def record_drafts(draft, into: list):
+    def recorded(*args):
+        drafts = draft(*args)
+        into.append(torch.stack(drafts, 1).tolist() if drafts else [])
+        return drafts
+    return recorded
 
 
 def test_engine_load_picks_the_backend_from_the_folder(tiny_model_dir, export):
@@ -289,13 +326,15 @@ def test_cuda_provider_keeps_the_cache_on_the_device_and_matches(tiny_model_dir,
         assert torch.allclose(g.cpu(), e, atol=1e-4, rtol=0)
 
 
-def test_feature_head_needs_the_torch_backend(tiny_model_dir, export, tmp_path):
+def test_feature_head_needs_an_export_with_hidden_states(tiny_model_dir, export, tmp_path):
     from npc_engine.head import FeatureHead, head_args, save_head
     from npc_engine.loading import load_model
 
     save_head(FeatureHead(head_args(load_model(tiny_model_dir).args)), tmp_path / "head", target_name="tiny")
-    with pytest.raises(ValueError, match="feature head .* needs the torch backend"):
+    with pytest.raises(ValueError, match="hidden states, which this export lacks; re-export with .*--layout ort"):
         Engine.load(export(tiny_model_dir), draft=str(tmp_path / "head"))
+    with pytest.raises(ValueError, match="a draft tree runs the torch backend's forward"):
+        Engine.load(export(tiny_model_dir, layout="ort"), draft=str(tmp_path / "head"), draft_tree=TreeShape(2, 4))
 
 
 @pytest.mark.parametrize("weights,max_abs,max_kl,layout", [("int8", 0.5, 0.005, "portable"),

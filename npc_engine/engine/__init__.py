@@ -53,7 +53,7 @@ class Engine:
                 raise ValueError("--compile (compiled layers) is for the torch backend on the CPU; on CUDA the "
                                  "engine captures graphs instead: drop --compile")
             compile_step_layers(target, drafter)
-        if not drafter.uses_features and isinstance(target, Transformer):
+        if not drafter.uses_features:
             target.feature_store = None  # a feature head's store, left by an earlier engine on this target
         fused = self.device.type == "cuda" if fused_kernels is None else fused_kernels
         use_fused_kernels(target, drafter, fused)

@@ -27,7 +27,8 @@ def use_fused_kernels(target, drafter: Drafter, fused: bool) -> None:
     for model in (target, drafter.transformer, drafter.model if drafter.uses_features else None):
         if model is None:
             continue
-        model.fused = fused
+        # a fused head reads its target's RoPE table, which an ONNX Runtime target has not
+        model.fused = fused and (model is target or isinstance(target, Transformer))
         if fused and isinstance(model, Transformer | FeatureHead) and decoder_layers(model)[0].self_attn.qkv is None:
             fuse_projections_(model)
 

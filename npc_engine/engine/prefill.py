@@ -54,12 +54,17 @@ class Prefiller:
 
     def copy_prefixes(self, reqs: list[Request]) -> None:
         """For a target that reads one slot per row: each request's persona prefix copied from its prefix slot into
-        its own (target and draft caches), and the reference dropped. The prefix is still computed once."""
-        caches = [self.fw.cache] + ([self.fw.drafter.cache] if isinstance(self.fw.drafter.cache, KVCache) else [])
+        its own (target and draft caches, a feature head's features and tokens), and the reference dropped. The
+        prefix is still computed once."""
+        drafter = self.fw.drafter
+        caches = [self.fw.cache] + ([drafter.cache] if isinstance(drafter.cache, KVCache) else [])
+        stores = [self.fw.target.feature_store, drafter.tokens] if drafter.uses_features else []
         for r in reqs:
             for cache in caches:
                 for kv in (cache.k, cache.v):
                     kv[:, r.slot, :, :r.prefix_len] = kv[:, r.shared.slot, :, :r.prefix_len]
+            for store in stores:
+                store[r.slot, :r.prefix_len] = store[r.shared.slot, :r.prefix_len]
             self.slots.unshare(r)
             r.shared = None
 
