@@ -97,7 +97,7 @@ def k_sweep(model, adapter, head_dir, dtype, prompts, ks, new_tokens, device: st
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/base/SmolLM2-135M-Instruct.Q4_1.gguf")
-    ap.add_argument("--adapter", default="models/smollm2-npc-persona")
+    ap.add_argument("--adapter", default="models/smollm2-npc-persona", help="\"\": none (an ONNX export: merged)")
     ap.add_argument("--heads", required=True, help="comma-separated feature-head folders")
     ap.add_argument("--corpus", default=str(Path(__file__).resolve().parents[2] / "shared" / "corpus"))
     ap.add_argument("--dev", type=int, default=16, help="dev-split prompts (their last NPC turn)")
@@ -123,7 +123,7 @@ def main() -> int:
     print(f"# {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {args.threads} threads, {args.model} + "
           f"{args.adapter}")
     if args.k_sweep:
-        k_sweep(args.model, args.adapter, heads[0], args.dtype, dev, [int(k) for k in args.k_sweep.split(",")],
+        k_sweep(args.model, args.adapter or None, heads[0], args.dtype, dev, [int(k) for k in args.k_sweep.split(",")],
                 args.new_tokens, args.device, args.tree)
         return 0
     train = reply_prompts(tokenizer, train_examples(corpus)[:4 * args.train], 448, last_only=True)[:args.train]

@@ -94,6 +94,10 @@ class OnnxModel:
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        # ORT's workers spin on after a run by default, holding the cores the next torch op (a feature head's
+        # drafts) or the game itself wants: 11.8 against 5.7 ms of drafting per token (benchmarks/README.md,
+        # "A feature head on ONNX Runtime"); stopped at each run's end, runs are as fast
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         provider_options = {"device_id": str(self.device.index)} if self.provider == "cuda" else {}
         try:
             self.session = ort.InferenceSession(str(path / manifest["model_file"]), options,
