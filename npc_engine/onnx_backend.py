@@ -137,14 +137,13 @@ class OnnxModel:
         if not self.hidden or not file.is_file():
             raise OnnxBackendError(f"{self.path}: a feature head drafts from its target's hidden states, which this "
                                    f"export lacks; re-export with `npc-engine export-onnx --layout ort`")
-        tensors = {k: v.to(self.device) for k, v in load_file(str(file)).items()}
+        tensors = {k: nn.Parameter(v.to(self.device), requires_grad=False) for k, v in load_file(str(file)).items()}
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding.from_pretrained(tensors["embed_tokens.weight"])
-        self.model.norm = RMSNorm(self.args.dim, self.args.norm_eps).to(self.device, self.dtype)
-        self.model.norm.weight.data = tensors["norm.weight"]
+        self.model.norm = RMSNorm(self.args.dim, self.args.norm_eps)
+        self.model.norm.weight = tensors["norm.weight"]
         self.lm_head = nn.Linear(self.args.dim, self.args.vocab_size, bias=False, device="meta")
-        self.lm_head.weight = self.model.embed_tokens.weight if "lm_head.weight" not in tensors else nn.Parameter(
-            tensors["lm_head.weight"], requires_grad=False)
+        self.lm_head.weight = tensors.get("lm_head.weight", self.model.embed_tokens.weight)  # absent: tied
 
     def bind(self, name: str, tensor: torch.Tensor, output: bool = False) -> None:
         bind = self.binding.bind_output if output else self.binding.bind_input
