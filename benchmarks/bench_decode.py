@@ -217,7 +217,8 @@ def onnx_models(folder: Path, adapter, weights: list[str], layouts: list[str], s
     for w in weights:
         for layout in layouts:
             out = scratch / f"onnx-{w}-{layout}"
-            export_onnx(folder, out, progress=False, weights=w, layout=layout, adapter=adapter)
+            export_onnx(folder, out, progress=False, weights=w, layout=layout, adapter=adapter,
+                        draft_weights=layout == "ort")
             models[f"onnxruntime {w}, {layout} layout"] = OnnxModel(out, "cpu", torch.get_num_threads())
     return models
 

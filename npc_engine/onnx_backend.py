@@ -24,7 +24,7 @@ from torch import nn
 
 from npc_engine.loading import DTYPE_NAMES, read_config
 from npc_engine.model import KVCache, RMSNorm, gather_kv
-from npc_engine.onnx_export import MANIFEST_FILE, MANIFEST_FORMAT
+from npc_engine.onnx_export import DRAFT_WEIGHTS_FILE, MANIFEST_FILE, MANIFEST_FORMAT
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -135,8 +135,9 @@ class OnnxModel:
         export's DRAFT_WEIGHTS_FILE)."""
         file = self.path / (self.manifest.get("draft_weights") or "")
         if not self.hidden or not file.is_file():
-            raise OnnxBackendError(f"{self.path}: a feature head drafts from its target's hidden states, which this "
-                                   f"export lacks; re-export with `npc-engine export-onnx --layout ort`")
+            lacks = "its target's hidden states" if not self.hidden else f"the export's {DRAFT_WEIGHTS_FILE}"
+            raise OnnxBackendError(f"{self.path}: a feature head drafts from {lacks}, which this export lacks; "
+                                   f"re-export with `npc-engine export-onnx --layout ort --draft-weights`")
         tensors = {k: nn.Parameter(v.to(self.device), requires_grad=False) for k, v in load_file(str(file)).items()}
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding.from_pretrained(tensors["embed_tokens.weight"])

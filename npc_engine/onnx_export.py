@@ -23,8 +23,9 @@ place), q/k/v one MatMul and gate/up one MatMul:
            hidden_states [batch, seq, hidden]: the last decoder layer's output before the final norm
 
 A row's new tokens sit at positions seqlens_k + 1 - seq onwards and see every cache entry before them. The hidden
-states and DRAFT_WEIGHTS_FILE (the embedding, final norm and output head in the export's dtype, unquantized) let a
-feature head (npc_engine.head) draft for the export; the graph's own weights verify every token.
+states and, with `--draft-weights`, DRAFT_WEIGHTS_FILE (the embedding, final norm and output head in the export's
+dtype, unquantized: SmolLM2-135M's 113 MB in float32, so only on request) let a feature head (npc_engine.head) draft
+for the export; the graph's own weights verify every token.
 
 `--weights int8|int4`: weight-only quantization for the CPU: every MatMul with a constant weight (the projections
 and the output head) becomes ONNX Runtime's MatMulNBits (blocks of WEIGHT_BLOCK input channels with a float scale
@@ -257,11 +258,11 @@ def quantize_weights(proto, bits: int):
 
 def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT_OPSET, dtype: str = "fp32",
                 progress: bool = True, weights: str = "float", layout: str = "portable",
-                adapter: str | Path | None = None) -> Path:
+                adapter: str | Path | None = None, draft_weights: bool = False) -> Path:
     """Write OUT_DIR/model.onnx (weights in model.onnx.data when over EXTERNAL_DATA_BYTES), the tokenizer
     and config files and manifest.json. Returns the path of model.onnx. weights: "float" (the export's dtype),
     "int8" or "int4"; layout: "portable" or "ort" (module docstring); adapter: a PEFT LoRA folder, merged into the
-    weights but kept beside int4 ones (LoraLinear)."""
+    weights but kept beside int4 ones (LoraLinear); draft_weights: with layout "ort", DRAFT_WEIGHTS_FILE too."""
     import onnx  # only the exporter needs it; the runtime backend does not
 
     model_dir, out_dir = resolve_model(model_dir), Path(out_dir)  # a .gguf file: its converted folder
@@ -271,6 +272,8 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
         raise ExportError(f"--weights {weights!r} not supported; choose one of {', '.join(WEIGHT_BITS)}")
     if layout not in LAYOUTS:
         raise ExportError(f"--layout {layout!r} not supported; choose one of {', '.join(LAYOUTS)}")
+    if draft_weights and layout != "ort":
+        raise ExportError("--draft-weights goes with --layout ort (the graph that outputs its hidden states)")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"--opset {opset} not supported; choose {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})")
     if out_dir.exists() and out_dir.resolve() == model_dir.resolve():
@@ -327,14 +330,15 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
     for name in COPIED_FILES:
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, out_dir / name)
-    if layout == "ort":
+    (out_dir / DRAFT_WEIGHTS_FILE).unlink(missing_ok=True)
+    if draft_weights:
         save_draft_weights(model, out_dir / DRAFT_WEIGHTS_FILE)
     args = model.args
     manifest = {
         "format": MANIFEST_FORMAT, "format_version": 1, "model_file": MODEL_FILE, "external_data": external_data,
         "opset": opset, "dtype": dtype, "weights": weights, "layout": layout, "inputs": inputs, "outputs": outputs,
         "n_layers": args.n_layers, "n_kv_heads": args.n_kv_heads, "head_dim": args.head_dim,
-        "vocab_size": args.vocab_size, "draft_weights": DRAFT_WEIGHTS_FILE if layout == "ort" else None,
+        "vocab_size": args.vocab_size, "draft_weights": DRAFT_WEIGHTS_FILE if draft_weights else None,
         "source_model": str(model_dir.resolve()), "adapter": str(Path(adapter).resolve()) if adapter else None,
         "npc_engine_version": npc_engine.__version__,
         "torch_version": torch.__version__, "onnx_version": onnx.__version__,
@@ -367,7 +371,7 @@ def onnxruntime_version() -> str | None:
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     try:
         path = export_onnx(args.model, args.output, args.opset, args.dtype, weights=args.weights, layout=args.layout,
-                           adapter=args.adapter)
+                           adapter=args.adapter, draft_weights=args.draft_weights)
     except (ExportError, CheckpointError) as e:
         print(f"npc-engine export-onnx: error: {e}", file=sys.stderr)
         return 2

@@ -73,7 +73,8 @@ def test_ort_logits_and_cache_match_torch(make_checkpoint, export, variant, layo
     runs GroupQueryAttention on the cache slot in place, and the hidden states a feature head drafts from fill the
     feature store as the torch model's do."""
     model_dir = make_checkpoint(variant)
-    torch_model, ort_model = load_model(model_dir), OnnxModel(export(model_dir, layout=layout))
+    options = {"layout": layout, "draft_weights": True} if layout == "ort" else {"layout": layout}
+    torch_model, ort_model = load_model(model_dir), OnnxModel(export(model_dir, **options))
     assert ort_model.layout == layout and ort_model.hidden == (layout == "ort")
     torch_cache = KVCache(torch_model.args, 3, 256, "cpu", torch.float32)
     ort_cache = KVCache(ort_model.args, 3, 256, "cpu", torch.float32)
@@ -171,8 +172,9 @@ def test_greedy_speculative_output_is_identical_across_backends(tiny_pair_dirs, 
     torch_engine = Engine(target, drafter, Tokenizer.from_dir(target_dir), max_batch=4, max_seq=512, fixed_k=k)
     # the draft model's head dimension (8) is one GroupQueryAttention does not take: its export stays portable
     spec = {"model": str(export(draft_dir)), "head": str(head_dir)}.get(draft, draft)
-    onnx_engine = Engine.load(export(target_dir, layout=layout), draft=spec, backend="onnx", max_batch=4, max_seq=512,
-                              fixed_k=k)
+    options = {"draft_weights": True} if draft == "head" else {}
+    onnx_engine = Engine.load(export(target_dir, layout=layout, **options), draft=spec, backend="onnx", max_batch=4,
+                              max_seq=512, fixed_k=k)
     assert isinstance(onnx_engine.target, OnnxModel)
     assert draft != "model" or isinstance(onnx_engine.drafter.model, OnnxModel)
     proposed = {engine: [] for engine in (torch_engine, onnx_engine)}
@@ -309,6 +311,8 @@ def test_export_refuses_bad_options(tiny_model_dir, tmp_path, capsys, tiny_pair_
         export_onnx(tiny_model_dir, tiny_model_dir, progress=False)
     with pytest.raises(ExportError, match="--layout 'sentis' not supported"):
         export_onnx(tiny_model_dir, tmp_path, layout="sentis", progress=False)
+    with pytest.raises(ExportError, match="--draft-weights goes with --layout ort"):
+        export_onnx(tiny_model_dir, tmp_path, draft_weights=True, progress=False)
     with pytest.raises(ExportError, match="multiple of 16, this model's is 8; use --layout portable"):
         export_onnx(tiny_pair_dirs[1], tmp_path, layout="ort", progress=False)
     assert main(["export-onnx", "--model", str(tmp_path / "absent"), "-o", str(tmp_path / "out")]) == 2
@@ -331,10 +335,14 @@ def test_feature_head_needs_an_export_with_hidden_states(tiny_model_dir, export,
     from npc_engine.loading import load_model
 
     save_head(FeatureHead(head_args(load_model(tiny_model_dir).args)), tmp_path / "head", target_name="tiny")
-    with pytest.raises(ValueError, match="hidden states, which this export lacks; re-export with .*--layout ort"):
+    fix = "re-export with `npc-engine export-onnx --layout ort --draft-weights`"
+    with pytest.raises(ValueError, match=f"hidden states, which this export lacks; {fix}"):
         Engine.load(export(tiny_model_dir), draft=str(tmp_path / "head"))
+    with pytest.raises(ValueError, match=f"draft_weights.safetensors, which this export lacks; {fix}"):
+        Engine.load(export(tiny_model_dir, layout="ort"), draft=str(tmp_path / "head"))
     with pytest.raises(ValueError, match="a draft tree runs the torch backend's forward"):
-        Engine.load(export(tiny_model_dir, layout="ort"), draft=str(tmp_path / "head"), draft_tree=TreeShape(2, 4))
+        Engine.load(export(tiny_model_dir, layout="ort", draft_weights=True), draft=str(tmp_path / "head"),
+                    draft_tree=TreeShape(2, 4))
 
 
 @pytest.mark.parametrize("weights,max_abs,max_kl,layout", [("int8", 0.5, 0.005, "portable"),

@@ -17,6 +17,9 @@ def add_parser(sub) -> None:
                    help="portable: the decoder-with-past graph of Hugging Face Optimum (any ONNX runtime, e.g. Unity "
                         "Sentis, Unreal NNE); ort: ONNX Runtime's GroupQueryAttention with the cache updated in "
                         "place, the fast CPU path of the engine's onnx backend")
+    p.add_argument("--draft-weights", action="store_true",
+                   help="with --layout ort: also write the embedding, final norm and output head, unquantized, so a "
+                        "feature head can draft for the export (--draft HEAD_DIR)")
     p.set_defaults(func=run)
 
 
