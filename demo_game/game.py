@@ -386,10 +386,10 @@ class Game:
     def bubbles_with_text(self) -> list[dict]:
         """The NPC bubbles on screen, fully opaque and showing words (not the thinking dots)."""
         now = time.perf_counter()
-        return [{"npc": npc, "rect": list(b.rect), "text": b.display_text(),
-                 "finished": not b.streaming}
+        # display_text, not text: a line of characters no font draws (a random model's) still shows the dots
+        return [{"npc": npc, "rect": list(b.rect), "text": text, "finished": not b.streaming}
                 for npc, b in self.bubbles.items()
-                if b.rect is not None and b.alpha(now) == 255 and b.text.strip()]
+                if b.rect is not None and b.alpha(now) == 255 and (text := b.display_text())]
 
     def keep_best_screenshot(self) -> None:
         """Keep a copy of the frame showing the most speech bubbles so far, finished lines
