@@ -8,7 +8,14 @@ import torch
 
 from npc_engine.drafters import HeadDrafter, ModelDrafter, NgramDrafter, NoDrafter
 from npc_engine.engine import Engine
-from npc_engine.engine.policy import DRAFT_LENGTHS, PROBE_ADMISSIONS, Acceptance, choose_k
+from npc_engine.engine.policy import (
+    DRAFT_LENGTHS,
+    PROBE_ADMISSIONS,
+    PROBE_AFTER,
+    PROBE_CATCH_UP_MAX,
+    Acceptance,
+    choose_k,
+)
 from npc_engine.engine.stepping import verify
 from npc_engine.head import FeatureHead, head_args
 from npc_engine.loading import load_model
@@ -409,6 +416,24 @@ def test_speculation_switched_off_engine_wide_is_probed_again(tiny_pair_dirs):
         drafted.append(engine.last_stats.drafted)
     assert drafted[0] == 0 and drafted[PROBE_ADMISSIONS - 1] > 0  # the 16th request probed
     assert engine.policy.acceptance.alpha > 0.5 and drafted[-1] > 0  # and speculation stayed on
+
+
+def test_a_request_admitted_without_drafting_probes_only_with_little_to_catch_up(tiny_pair_dirs):
+    """After PROBE_AFTER steps off, a request probes K = 1 again, unless its drafter would first have to catch up on
+    more than PROBE_CATCH_UP_MAX positions (its whole prompt, when it was admitted without drafting); a host
+    drafter (n-gram) has nothing to catch up on and probes."""
+    target_dir, draft_dir = tiny_pair_dirs
+    long_prompt = " ".join(PROMPTS) * 3
+    for drafter, probes in (("model", False), ("ngram", True)):
+        engine = make_engine(target_dir, drafter, draft_dir)
+        engine.policy.acceptance = Acceptance(0.0, 100.0)  # admitted with K = 0 (the probe admission is far off)
+        engine.submit("a", engine.tokenizer.encode(long_prompt), SamplingParams(temperature=0, max_tokens=80))
+        ks = []
+        while engine.has_work():
+            ks += [r.k for r in engine.active.values()]
+            engine.step()
+        assert len(engine.tokenizer.encode(long_prompt)) > PROBE_CATCH_UP_MAX and len(ks) > PROBE_AFTER + 1
+        assert (1 in ks) == probes, (drafter, ks)
 
 
 def test_draft_cache_catches_up_after_steps_without_drafting(tiny_pair_dirs):

@@ -11,6 +11,10 @@ from npc_engine.engine.rows import batch_bucket
 # The draft lengths the policy picks from: each is a CUDA graph that capture_graphs makes before serving.
 DRAFT_LENGTHS = (1, 2, 3, 4, 6, 8, 12, 16)
 PROBE_AFTER = 32  # steps with speculation off before a request tries K = 1 again
+# positions a drafter with a cache may have to catch up on before such a probe: one admitted without drafting would
+# first feed it the whole prompt (a random head's probes so cost an ONNX int8 target 11 % of its decoding:
+# benchmarks/README.md, "A feature head on ONNX Runtime")
+PROBE_CATCH_UP_MAX = 2 * PROBE_AFTER
 PROBE_ADMISSIONS = 16  # with speculation off, one new request in this many starts at K = 1
 
 
@@ -101,8 +105,9 @@ class DraftPolicy:
     shape). fixed_k: always that K (no adaptation)."""
 
     def __init__(self, drafts: bool, prior_alpha: float, fixed_k: int | None, calibration: Calibration,
-                 lengths: tuple[int, ...] = DRAFT_LENGTHS):
+                 lengths: tuple[int, ...] = DRAFT_LENGTHS, catches_up: bool = False):
         self.drafts, self.fixed_k, self.calibration, self.lengths = drafts, fixed_k, calibration, lengths
+        self.catches_up = catches_up  # the drafter has a cache that steps without drafting leave behind
         self.acceptance = Acceptance.prior(prior_alpha)  # over all requests: where each new one starts
         self.admitted_without_drafts = 0
         # Step wall times measured while serving, per (batch bucket, K): they include the host work the
@@ -134,7 +139,8 @@ class DraftPolicy:
             return
         if r.k == 0:
             r.off_steps += 1
-            if r.off_steps >= PROBE_AFTER:
+            behind = len(r.ids) - r.draft_valid if self.catches_up else 0
+            if r.off_steps >= PROBE_AFTER and behind <= PROBE_CATCH_UP_MAX:
                 r.k, r.off_steps = 1, 0
             return
         r.k = choose_k(r.acceptance.alpha, step_cost, self.lengths)
