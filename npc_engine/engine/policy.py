@@ -12,8 +12,8 @@ from npc_engine.engine.rows import batch_bucket
 DRAFT_LENGTHS = (1, 2, 3, 4, 6, 8, 12, 16)
 PROBE_AFTER = 32  # steps with speculation off before a request tries K = 1 again
 # positions a drafter with a cache may have to catch up on before such a probe: one admitted without drafting would
-# first feed it the whole prompt (a random head's probes so cost an ONNX int8 target 11 % of its decoding:
-# benchmarks/README.md, "A feature head on ONNX Runtime")
+# first feed it the whole prompt (with such probes a random head decoded at 0.85-0.89x an ONNX int8 target's plain
+# decoding, 0.99x without: benchmarks/README.md, "A feature head on ONNX Runtime")
 PROBE_CATCH_UP_MAX = 2 * PROBE_AFTER
 PROBE_ADMISSIONS = 16  # with speculation off, one new request in this many starts at K = 1
 
