@@ -97,7 +97,8 @@ def k_sweep(model, adapter, head_dir, dtype, prompts, ks, new_tokens, device: st
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/base/SmolLM2-135M-Instruct.Q4_1.gguf")
-    ap.add_argument("--adapter", default="models/smollm2-npc-persona", help="\"\": none (an ONNX export: merged)")
+    ap.add_argument("--adapter", default="models/smollm2-npc-persona",
+                    help="the target's PEFT adapter; \"\" for none (an ONNX export holds it merged)")
     ap.add_argument("--heads", required=True, help="comma-separated feature-head folders")
     ap.add_argument("--corpus", default=str(Path(__file__).resolve().parents[2] / "shared" / "corpus"))
     ap.add_argument("--dev", type=int, default=16, help="dev-split prompts (their last NPC turn)")

@@ -171,23 +171,25 @@ class OnnxModel:
             for kv in ("key", "value"):
                 presents[f"present.{i}.{kv}"] = torch.empty(B, args.n_kv_heads, kv_len + T, args.head_dim,
                                                              dtype=self.dtype, device=self.device)
-        out = self.run(bound, presents, B, T)
+        out, _ = self.run(bound, presents, B, T)
         rows = slots[:, None]
         for i in range(args.n_layers):
             cache.k[i][rows, :, input_pos] = presents[f"present.{i}.key"][:, :, kv_len:].transpose(1, 2)
             cache.v[i][rows, :, input_pos] = presents[f"present.{i}.value"][:, :, kv_len:].transpose(1, 2)
         return out[torch.arange(B, device=out.device), logits] if isinstance(logits, torch.Tensor) else out
 
-    def run(self, inputs: dict[str, torch.Tensor], presents: dict[str, torch.Tensor], B: int, T: int) -> torch.Tensor:
-        """Binds the inputs, the presents, a new logits tensor (returned) and the hidden states (self.last_hidden),
-        and runs the session. Every bound tensor must stay alive until the run ends: the caller keeps them."""
+    def run(self, inputs: dict[str, torch.Tensor], presents: dict[str, torch.Tensor], B: int,
+            T: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Binds the inputs, the presents and new logits and hidden-state tensors (returned; no hidden states from
+        a graph without them), and runs the session. Every bound tensor must stay alive until the run ends: the
+        caller keeps them."""
         out = torch.empty(B, T, self.args.vocab_size, dtype=self.dtype, device=self.device)
         for name, tensor in inputs.items():
             self.bind(name, tensor)
         self.bind("logits", out, output=True)
-        if self.hidden:
-            self.last_hidden = torch.empty(B, T, self.args.dim, dtype=self.dtype, device=self.device)
-            self.bind("hidden_states", self.last_hidden, output=True)
+        hidden = torch.empty(B, T, self.args.dim, dtype=self.dtype, device=self.device) if self.hidden else None
+        if hidden is not None:
+            self.bind("hidden_states", hidden, output=True)
         for name, tensor in presents.items():
             self.bind(name, tensor, output=True)
         if self.device.type == "cuda":
@@ -195,7 +197,7 @@ class OnnxModel:
             # for its stream at the end of a run, so the outputs are ready for torch afterwards.
             torch.cuda.current_stream(self.device).synchronize()
         self.session.run_with_iobinding(self.binding)
-        return out
+        return out, hidden
 
     def call_ort(self, tokens, input_pos, cache: KVCache, slots, kv_len: int, logits, prefix) -> torch.Tensor:
         """`__call__` on a `--layout ort` export: GroupQueryAttention reads and writes its past buffers in place. Rows
@@ -215,9 +217,9 @@ class OnnxModel:
         # GroupQueryAttention updates its past buffers in place: each present is bound to its past's memory
         presents = {f"present.{i}.{kv}": bound[f"past_key_values.{i}.{kv}"]
                     for i in range(args.n_layers) for kv in ("key", "value")}
-        out = self.run(bound, presents, B, T)
+        out, hidden = self.run(bound, presents, B, T)
         if self.feature_store is not None:
-            self.feature_store[slots[:, None], input_pos] = self.last_hidden.to(self.feature_store.dtype)
+            self.feature_store[slots[:, None], input_pos] = hidden.to(self.feature_store.dtype)
         if not in_place:
             rows = torch.arange(B, device=self.device)[:, None]
             for i in range(args.n_layers):

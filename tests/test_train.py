@@ -7,6 +7,7 @@ import random
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -331,6 +332,29 @@ def test_time_budget_sets_the_schedule_and_stops(run, tmp_path):
                                       Log(tmp_path / "log")))
     assert 30 < info["planned_steps"] < 1_000_000
     assert info["steps"] <= info["planned_steps"] and info["seconds"] < 3 + 1.0
+
+
+def test_time_budget_is_measured_again_after_a_slow_start(run, tmp_path, monkeypatch):
+    """Slow steps 10-30 (as compiled layers meeting new batch widths are on CUDA) must not fix the schedule: the mark
+    at step 200 measures the real speed and plans more steps. A fake clock: 1 s a step up to step 30, then 0.5 s."""
+    config = replace(TINY, pretrain=replace(TINY.pretrain, max_steps=1_000_000, max_minutes=4, log_every=1000))
+    shutil.copytree(run["work"] / "tokens", tmp_path / "tokens")
+    shutil.copytree(run["work"] / "tokenizer", tmp_path / "tokenizer")
+    real_step, clock, calls = loop.optimisation_step, [0.0], []
+
+    def timed_step(*args):
+        calls.append(1)
+        clock[0] += 1.0 if len(calls) <= 30 else 0.5
+        return real_step(*args)
+
+    monkeypatch.setattr(loop, "optimisation_step", timed_step)
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    info = loop.pretrain(loop.Context(config, tmp_path, tmp_path / "out", torch.device("cpu"), 0, False,
+                                      Log(tmp_path / "log")))
+    plans = [int(line.split("schedule set to ")[1].split()[0]) for line in (tmp_path / "log").read_text().splitlines()
+             if "schedule set to" in line]
+    # 240 s * 0.97: at step 30 (30 s spent, 1 s a step) 232 steps fit; at step 200 (115 s, 0.5 s a step) 435
+    assert plans[:2] == [232, 435] and info["steps"] == info["planned_steps"] == plans[-1], plans
 
 
 def test_cli_reports_missing_inputs(tmp_path, capsys):
