@@ -13,6 +13,7 @@
     python benchmarks/bench_head.py --heads HEAD --k-sweep 0,2,4,6 --device cuda --dtype bfloat16 --tree 6,24 --dev 4
 """
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -48,7 +49,8 @@ def agreement(target, head, prompts: list[list[int]], replies: list[list[int]]) 
     return hits, total
 
 
-def k_sweep(model, adapter, head_dir, dtype, prompts, ks, new_tokens, device: str, tree: TreeShape | None):
+def k_sweep(model, adapter, head_dir, dtype, prompts, ks, new_tokens, device: str, tree: TreeShape | None,
+            copies: list[bool]):
     target, drafter, _, device = load_parts(model, draft=head_dir, device=device, dtype=dtype, adapter=adapter)
     assert isinstance(drafter, HeadDrafter)
     drafting = []
@@ -67,11 +69,12 @@ def k_sweep(model, adapter, head_dir, dtype, prompts, ks, new_tokens, device: st
     params = SamplingParams(temperature=0, max_tokens=new_tokens)
     shape = f" (tree {tree.width},{tree.nodes})" if tree else ""
     rest = "a step, ms" if graphed else "rest of a step, ms"
-    print(f"| K{shape} | decode ms/token | drafting ms per token | tokens per step | {rest} |")
-    print("|---|---|---|---|---|")
-    for k in ks:
-        if tree is not None and k and not tree.fits(k):
+    print(f"| K{shape} | copies | decode ms/token | drafting ms per token | tokens per step | {rest} |")
+    print("|---|---|---|---|---|---|")
+    for k, copy in itertools.product(ks, copies):
+        if tree is not None and k and not tree.fits(k) or not k and copy != copies[0]:  # K = 0 drafts nothing
             continue
+        drafter.copies = copy
         engine = Engine(target, drafter, None, device, max_batch=1, max_seq=1024, cuda_graphs=graphed, fixed_k=k,
                         draft_tree=tree if k else None)
         rounds = []
@@ -90,7 +93,8 @@ def k_sweep(model, adapter, head_dir, dtype, prompts, ks, new_tokens, device: st
             rounds.append((decode, tokens, steps, sum(drafting)))
         decode, tokens, steps, drafted = rounds[-1]
         draft_ms = "-" if graphed else f"{drafted / tokens * 1e3:.2f}"
-        print(f"| {k} | {decode / tokens * 1e3:.3f} | {draft_ms} | {tokens / steps:.2f} | "
+        copied = "-" if not k or tree else "on" if copy else "off"
+        print(f"| {k} | {copied} | {decode / tokens * 1e3:.3f} | {draft_ms} | {tokens / steps:.2f} | "
               f"{(decode - drafted) / steps * 1e3:.3f} |")
 
 
@@ -109,6 +113,8 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", help="--k-sweep's target dtype (float32, bfloat16, int4, ...)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="--k-sweep's device (cuda: fused kernels and CUDA graphs, drafting not timed apart)")
+    ap.add_argument("--copies", default="on", choices=["on", "off", "on,off"],
+                    help="--k-sweep with the head's copied drafts (HeadDrafter.copy_after) on, off or each in turn")
     ap.add_argument("--tree", type=TreeShape.parse, default=None,
                     help="--k-sweep drafts trees of this shape, WIDTH,NODES (K: the depth; depths it cannot reach "
                          "are skipped)")
@@ -125,7 +131,7 @@ def main() -> int:
           f"{args.adapter}")
     if args.k_sweep:
         k_sweep(args.model, args.adapter or None, heads[0], args.dtype, dev, [int(k) for k in args.k_sweep.split(",")],
-                args.new_tokens, args.device, args.tree)
+                args.new_tokens, args.device, args.tree, [c == "on" for c in args.copies.split(",")])
         return 0
     train = reply_prompts(tokenizer, train_examples(corpus)[:4 * args.train], 448, last_only=True)[:args.train]
     target = load_model(folder, "cpu", torch.float32, adapter=args.adapter)

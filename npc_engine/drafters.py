@@ -171,6 +171,7 @@ class HeadDrafter:
 
     name, prior_alpha, drafts, host_drafts, uses_features, transformer = "head", 0.7, True, False, True, None
     drafts_trees = True
+    copies = True  # drafts copied from earlier in the line where the head's first draft finds them (copy_after)
     REFEED = K_MAX + 1  # the last token and every draft a step can accept
     feeds_last = 1  # the last token comes from the step; the refeed reads the others from the token store
     # accepted drafts' entries were computed from predicted features (after a tree step: other nodes' entries) until
@@ -220,18 +221,46 @@ class HeadDrafter:
         self.forward(tokens, input_pos, self.cache, slots, kv_len, logits=False, prefix=prefix)
 
     def draft(self, last: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, k: int, kv_len: int,
-              prefix: torch.Tensor | None, pick) -> list[torch.Tensor]:
-        """k drafts after each row's last token [B] at position lengths - 1; pick(i, logits [B, V]) chooses draft i.
-        Positions before the last were all fed to the target, and to the head as prompt or accepted drafts."""
-        drafts, predicted, pos = [], self.refeed(last, lengths, slots, kv_len, prefix), lengths[:, None]
-        for i in range(k):
-            drafts.append(pick(i, self.model.logits(self.target, predicted)[:, -1]))
-            if i + 1 < k:
+              prefix: torch.Tensor | None, pick, copy: bool = True) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """k drafts after each row's last token [B] at position lengths - 1: the head's first, pick(0, logits [B, V]),
+        then per position the copy `copy_after` finds or the head's own chain, pick(i, logits). Returns the drafts and
+        which later ones are copies [B, k - 1] (None: no lookup). Positions before the last were all fed to the
+        target, and to the head as prompt or accepted drafts."""
+        predicted, pos = self.refeed(last, lengths, slots, kv_len, prefix), lengths[:, None]
+        drafts, copied = [pick(0, self.model.logits(self.target, predicted)[:, -1])], None
+        if copy and self.copies and k > 1:
+            tokens, count = self.copy_after(drafts[0], lengths, slots, prefix, kv_len, k - 1)
+            copied = torch.arange(k - 1, device=last.device) < count[:, None]
+        # reading a CPU flag costs nothing and a skipped head forward is most of a draft; a CUDA step is one graph
+        chain = copied is None or last.device.type != "cpu" or not bool(copied.all())
+        for i in range(1, k):
+            if chain:
                 predicted = self.run(drafts[-1][:, None], pos, predicted, slots, kv_len, prefix)
-                pos = pos + 1
-        if k:  # the last draft is never fed here; the next step's refeed reads it if it is accepted
-            self.tokens[slots[:, None], pos] = drafts[-1][:, None]
-        return drafts
+                mine = pick(i, self.model.logits(self.target, predicted)[:, -1])
+                drafts.append(mine if copied is None else torch.where(copied[:, i - 1], tokens[:, i - 1], mine))
+            else:
+                drafts.append(tokens[:, i - 1])
+            pos = pos + 1
+        if k:  # the token store holds every draft (the head fed all but the last, or none); refeeds read it
+            self.tokens[slots[:, None], lengths[:, None] + torch.arange(k, device=last.device)] = torch.stack(drafts, 1)
+        return drafts, copied
+
+    def copy_after(self, first: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, prefix: torch.Tensor | None,
+                   kv_len: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt lookup seeded by the head's first draft [B]: the latest earlier place where the row's last token was
+        followed by `first` (one where the token before the last matches too preferred), and the `width` tokens that
+        followed it there [B, width] with how many of them the row holds [B] (0: no such place). An NPC line often
+        repeats its persona's words: there a copy drafts further than the head, and costs no head forward."""
+        B, dev = len(first), first.device
+        pos = torch.arange(kv_len, device=dev).expand(B, kv_len)
+        history = self.tokens[prefix_rows(slots, pos, prefix), pos]  # past a row's last position: stale, masked
+        last = (lengths - 1)[:, None]
+        pair = ((history == first[:, None]) & (history.roll(1, 1) == history.gather(1, last))
+                & (pos >= 1) & (pos < last))
+        triple = pair & (history.roll(2, 1) == history.gather(1, (last - 1).clamp(min=0))) & (pos >= 2)
+        best, at = torch.where(pair, pos + kv_len * triple, -1).max(1)
+        count = torch.where(best >= 0, (last[:, 0] - at).clamp(max=width), 0)
+        return history.gather(1, (at[:, None] + 1 + torch.arange(width, device=dev)).clamp(max=kv_len - 1)), count
 
     def refeed(self, last: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, kv_len: int,
                prefix: torch.Tensor | None) -> torch.Tensor:
@@ -283,22 +312,27 @@ class HeadDrafter:
 
     def greedy_drafts(self, last2, lengths, slots, k, kv_len, prefix=None) -> torch.Tensor:
         return torch.stack(self.draft(last2[:, 1], lengths, slots, k, kv_len, prefix,
-                                      lambda i, logits: logits.argmax(-1)), 1)
+                                      lambda i, logits: logits.argmax(-1))[0], 1)
 
     def propose(self, seqs, slots, k, sampling, u, kv_len, prefix=None, constrain=None):
-        qs, drafts = [], []
+        qs, picked = [], []
 
         def pick(i, logits):
-            if constrain is not None:
-                logits = constrain(logits, drafts[-1] if drafts else None)
+            if constrain is not None:  # a header mask: copies stay off (the draft before is then the head's)
+                logits = constrain(logits, picked[-1] if picked else None)
             qs.append(probs_from_logits(logits[:, None], *sampling)[:, 0])
-            drafts.append(sample(qs[-1], u[:, i]))
-            return drafts[-1]
+            picked.append(sample(qs[-1], u[:, i]))
+            return picked[-1]
 
         lengths = torch.tensor([len(s) for s in seqs], device=self.device)
         last = torch.tensor([s[-1] for s in seqs], device=self.device)
-        self.draft(last, lengths, slots, k, kv_len, prefix, pick)  # pick collects the drafts and their q
-        return torch.stack(drafts, 1), torch.stack(qs, 1), torch.full((len(seqs),), k, device=self.device)
+        drafts, copied = self.draft(last, lengths, slots, k, kv_len, prefix, pick, copy=constrain is None)
+        drafts, q = torch.stack(drafts, 1), torch.stack(qs, 1)
+        if copied is not None:  # a copy is a function of the line and the first draft: its q is one-hot
+            copies = F.one_hot(drafts[:, 1:], q.shape[-1]).to(q.dtype)
+            later = q[:, 1:] if len(qs) == k else copies  # the head skipped: every later draft is a copy
+            q = torch.cat([q[:, :1], torch.where(copied[..., None], copies, later)], 1)
+        return drafts, q, torch.full((len(seqs),), k, device=self.device)
 
 
 def draft_spec(model_dir: Path, draft: str) -> str:

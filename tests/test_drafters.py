@@ -3,12 +3,14 @@ import pytest
 import torch
 
 from npc_engine.drafters import HeadDrafter, ModelDrafter, NgramDrafter, NoDrafter
+from npc_engine.engine import Engine
 from npc_engine.engine.slots import prefix_ref, prefix_tensor
 from npc_engine.head import FeatureHead
 from npc_engine.loading import load_model
 from npc_engine.model import Transformer
 from npc_engine.sampling import SamplingParams
-from test_speculative import PROMPTS, make_engine, random_head
+from npc_engine.tokenizer import Tokenizer
+from test_speculative import PROMPTS, make_engine, random_head, run_batch
 
 
 def test_ngram_lookup_finds_the_latest_earlier_occurrence():
@@ -73,6 +75,7 @@ def test_head_drafts_and_cache_match_an_uncached_run(tiny_pair_dirs, shared_pref
     assert r.stats.drafted > 0 and (r.shared is not None) == shared_prefix
     assert r.stats.cached_prefix_tokens == prefix_len
     drafter = engine.drafter
+    drafter.copies = False  # the head's own chain (copies: test_a_head_copies_...)
     n = len(r.ids)
     with torch.no_grad():
         got = drafter.greedy_drafts(torch.tensor([r.ids[-2:]]), torch.tensor([n]), torch.tensor([r.slot]), 4,
@@ -85,6 +88,85 @@ def test_head_drafts_and_cache_match_an_uncached_run(tiny_pair_dirs, shared_pref
     fresh.step()  # prefills every token: the head's cache as if only these tokens were fed
     ours = drafter.cache.k[0, r.slot, :, prefix_len:n]
     assert torch.allclose(ours, fresh.drafter.cache.k[0, fresh_slot, :, prefix_len:n], atol=1e-5)
+
+
+def copied_after(drafter: HeadDrafter, first: int, length: int, prefix=None, width: int = 4) -> list[int]:
+    tokens, count = drafter.copy_after(torch.tensor([first]), torch.tensor([length]), torch.tensor([1]), prefix, 64,
+                                       width)
+    return tokens[0, :count[0]].tolist()
+
+
+def test_a_head_copies_the_continuation_of_its_first_draft_from_earlier_in_the_line(tiny_pair_dirs):
+    """copy_after: the latest earlier place where the last token was followed by the head's first draft, one that
+    also matches the token before the last first; what followed it, at most `width` and only tokens the line holds
+    (not the stale store past its length, not the last token's own place); a persona prefix read from its slot."""
+    target = load_model(tiny_pair_dirs[0])
+    drafter = HeadDrafter(random_head(target), target, 3, 64, "cpu", torch.float32)
+    store = drafter.tokens
+    line = [9, 1, 2, 3, 4, 7, 1, 2, 5, 6, 8, 2, 1]
+    store[1, :len(line)], store[1, len(line):len(line) + 3] = torch.tensor(line), torch.tensor([1, 7, 7])
+    assert copied_after(drafter, 2, len(line)) == [5, 6, 8, 2]  # the later of two (1, 2)
+    assert copied_after(drafter, 2, len(line), width=2) == [5, 6]
+    assert copied_after(drafter, 7, len(line)) == []  # (1, 7) only in the stale store
+    assert copied_after(drafter, 4, len(line)) == []
+    line = [5, 1, 2, 8, 3, 1, 2, 9, 4, 5, 1]
+    store[1, :len(line)] = torch.tensor(line)
+    assert copied_after(drafter, 2, len(line)) == [8, 3, 1, 2]  # (5, 1, 2) before the later (1, 2)
+    line = [4, 1, 2, 6, 1]
+    store[1, :len(line)] = torch.tensor(line)
+    assert copied_after(drafter, 2, len(line)) == [6, 1]  # up to the last token
+    store[0, :3], store[1, :6] = torch.tensor([3, 1, 2]), torch.tensor([0, 0, 0, 6, 5, 1])
+    assert copied_after(drafter, 2, 6, prefix=torch.tensor([[0, 3]])) == [6, 5, 1]
+    assert copied_after(drafter, 2, 6) == []
+
+
+def test_head_drafts_copy_where_the_first_draft_is_found_and_the_store_holds_them(tiny_pair_dirs):
+    """draft(): rows whose first draft is found earlier take the copy as their later drafts, the others the head's
+    chain (as with copies off); the token store holds every draft for the next refeed."""
+    target = load_model(tiny_pair_dirs[0])
+    drafter = HeadDrafter(random_head(target, seed=3), target, 3, 64, "cpu", torch.float32)
+    line = [9, 1, 2, 3, 4, 7, 1]
+    drafter.tokens[:2, :len(line)] = torch.tensor(line)
+    first = torch.tensor([2, 5])  # row 0: (1, 2) follows earlier; row 1: (1, 5) does not
+
+    def pick(i, logits):
+        return first if i == 0 else logits.argmax(-1)
+
+    args = torch.tensor([1, 1]), torch.tensor([len(line)] * 2), torch.tensor([0, 1]), 4, 64, None, pick
+    with torch.no_grad():
+        drafts, copied = drafter.draft(*args)
+        drafter.copies = False
+        chain, none = drafter.draft(*args)
+    drafts, chain = torch.stack(drafts, 1).tolist(), torch.stack(chain, 1).tolist()
+    assert none is None and copied.tolist() == [[True] * 3, [False] * 3]
+    assert drafts == [[2, 3, 4, 7], chain[1]] and chain[0][1:] != [3, 4, 7]
+    assert drafter.tokens[0, len(line):len(line) + 4].tolist() == chain[0]  # the last draft() wrote its drafts
+
+
+def test_greedy_lines_are_unchanged_where_the_head_copies(tiny_pair_dirs):
+    """A head drafting over the few ids of the target's lines finds its first draft earlier in the line often, so
+    many steps verify copies: the lines equal plain decoding's at batch sizes 1, 3 and 8."""
+    target_dir, _ = tiny_pair_dirs
+    params = SamplingParams(temperature=0, max_tokens=24)
+    plain = run_batch(make_engine(target_dir, "none"), PROMPTS, params)
+    target, tokenizer = load_model(target_dir), Tokenizer.from_dir(target_dir)
+    ids, found = torch.tensor(sorted({*sum(plain, [])})), []
+    for batch in (1, 3, 8):
+        drafter = HeadDrafter(random_head(target, draft_ids=ids), target, 9, 1024, "cpu", torch.float32)
+
+        def spy(*args, copy_after=drafter.copy_after):
+            tokens, count = copy_after(*args)
+            found.append(count)
+            return tokens, count
+
+        drafter.copy_after = spy
+        engine = Engine(target, drafter, tokenizer, max_batch=8, fixed_k=4)
+        got = []
+        for start in range(0, len(PROMPTS), batch):
+            got += run_batch(engine, PROMPTS[start:start + batch], params)
+        assert got == plain, f"batch {batch}"
+        assert int((torch.cat(found) > 0).sum()) >= 5, "too few copies to test them"
+        found.clear()
 
 
 def test_head_catches_up_after_steps_without_drafting(tiny_pair_dirs):
