@@ -298,11 +298,20 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path
         m.eval().generation_config.eos_token_id = None  # no stop token: every line --new-tokens long, as ours
     torch.manual_seed(0)
     random_head = FeatureHead(head_args(target.args)).to(device, dtype).eval().requires_grad_(False)
-    heads = [("ours speculative, feature head", load_head(head_dir, target, device, dtype))] if head_dir else []
-    heads.append(("ours speculative, random head", random_head))
+    trained = load_head(head_dir, target, device, dtype) if head_dir else None
+    heads = [(f"ours speculative, feature head{'' if copies else ', no copies'}", trained, copies)
+             for copies in ([True, False] if args.head_copies == "on,off" else [args.head_copies == "on"])
+             if trained is not None]
+    heads.append(("ours speculative, random head", random_head, True))
+
+    def head_drafter(head, copies, target):
+        drafter = HeadDrafter(head, target, 2, 1024, device, dtype)
+        drafter.copies = copies
+        return drafter
+
     drafters = [("ours autoregressive", target, NoDrafter),
                 ("ours speculative, n-gram", target, lambda: NgramDrafter(target.args.vocab_size, device))]
-    drafters += [(name, target, lambda h=h: HeadDrafter(h, target, 2, 1024, device, dtype)) for name, h in heads]
+    drafters += [(name, target, lambda h=h, c=c: head_drafter(h, c, target)) for name, h, c in heads]
     if args.trees and not head_dir:
         raise SystemExit("--trees drafts with --model-head: give one")
     trees = {f"ours speculative, feature head, tree {shape}": TreeShape.parse(shape.replace("x", ","))
@@ -315,15 +324,15 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path
                      (f"ours speculative, n-gram, {name}", m, lambda m=m: NgramDrafter(m.args.vocab_size, device))]
         if m.hidden:  # the `ort` layout: the heads draft on its hidden states
             m.attach_draft_weights()
-            drafters += [(f"{head_name}, {name}", m, lambda h=h, m=m: HeadDrafter(h, m, 2, 1024, device, dtype))
-                         for head_name, h in heads]
+            drafters += [(f"{head_name}, {name}", m, lambda h=h, c=c, m=m: head_drafter(h, c, m))
+                         for head_name, h, c in heads]
     for bits in filter(None, args.weights.split(",")):  # --dtype int8 / int4: the same engine on packed weights
         q = load_parts(folder, draft="none", device=device, dtype=bits, adapter=adapter)[0]
         drafters += [(f"ours autoregressive, {bits} weights", q, NoDrafter),
                      (f"ours speculative, n-gram, {bits} weights", q, lambda q=q: NgramDrafter(q.args.vocab_size,
                                                                                                 device))]
-        drafters += [(f"{name}, {bits} weights", q, lambda h=h, q=q: HeadDrafter(h, q, 2, 1024, device, dtype))
-                     for name, h in heads[:-1]]  # the trained head; the random one is measured on float weights
+        drafters += [(f"{name}, {bits} weights", q, lambda h=h, c=c, q=q: head_drafter(h, c, q))
+                     for name, h, c in heads[:-1]]  # the trained head; the random one is measured on float weights
     graphs = torch.device(device).type == "cuda"
     llm = llama_cpp_model(model_path)
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens)
@@ -412,6 +421,8 @@ def main():
     ap.add_argument("--model", default=None, help="an instruct base (folder or .gguf) on dev-split persona prompts")
     ap.add_argument("--adapter", default=None, help="--model's persona LoRA adapter")
     ap.add_argument("--model-head", default="", help="--model's feature head folder (a random head runs too)")
+    ap.add_argument("--head-copies", default="on", choices=["on", "off", "on,off"],
+                    help="--model-head with its copied drafts (HeadDrafter.copy_after) on, off, or a row each")
     ap.add_argument("--trees", default="", help="--model-head also drafting trees, comma-separated WIDTHxNODES shapes "
                     "(e.g. 4x16,6x24; the policy picks the depth)")
     ap.add_argument("--onnx-weights", default="", help="--model also through ONNX Runtime, comma-separated exports: "

@@ -10,6 +10,7 @@
     python benchmarks/bench_head.py --model models/base/SmolLM2-135M-Instruct.Q4_1.gguf \\
         --adapter models/smollm2-npc-persona --heads runs/smollm2-npc-head --dev 16
     python benchmarks/bench_head.py --heads runs/smollm2-npc-head --k-sweep 0,1,2,4 --dtype bfloat16 --dev 2
+    python benchmarks/bench_head.py --model EXPORT --adapter "" --heads HEAD --k-sweep 0,4,auto --copies on,off
     python benchmarks/bench_head.py --heads HEAD --k-sweep 0,2,4,6 --device cuda --dtype bfloat16 --tree 6,24 --dev 4
 """
 import argparse
@@ -72,11 +73,11 @@ def k_sweep(model, adapter, head_dir, dtype, prompts, ks, new_tokens, device: st
     print(f"| K{shape} | copies | decode ms/token | drafting ms per token | tokens per step | {rest} |")
     print("|---|---|---|---|---|---|")
     for k, copy in itertools.product(ks, copies):
-        if tree is not None and k and not tree.fits(k) or not k and copy != copies[0]:  # K = 0 drafts nothing
+        if tree is not None and k and not tree.fits(k) or k == 0 and copy != copies[0]:  # K = 0 drafts nothing
             continue
         drafter.copies = copy
         engine = Engine(target, drafter, None, device, max_batch=1, max_seq=1024, cuda_graphs=graphed, fixed_k=k,
-                        draft_tree=tree if k else None)
+                        draft_tree=None if k == 0 else tree)
         rounds = []
         for _ in range(2):  # the first round warms up
             decode = tokens = steps = 0
@@ -93,9 +94,9 @@ def k_sweep(model, adapter, head_dir, dtype, prompts, ks, new_tokens, device: st
             rounds.append((decode, tokens, steps, sum(drafting)))
         decode, tokens, steps, drafted = rounds[-1]
         draft_ms = "-" if graphed else f"{drafted / tokens * 1e3:.2f}"
-        copied = "-" if not k or tree else "on" if copy else "off"
-        print(f"| {k} | {copied} | {decode / tokens * 1e3:.3f} | {draft_ms} | {tokens / steps:.2f} | "
-              f"{(decode - drafted) / steps * 1e3:.3f} |")
+        copied = "-" if k == 0 or tree else "on" if copy else "off"
+        print(f"| {'auto' if k is None else k} | {copied} | {decode / tokens * 1e3:.3f} | {draft_ms} | "
+              f"{tokens / steps:.2f} | {(decode - drafted) / steps * 1e3:.3f} |")
 
 
 def main() -> int:
@@ -109,7 +110,8 @@ def main() -> int:
     ap.add_argument("--train", type=int, default=2, help="training-split prompts for the agreement")
     ap.add_argument("--new-tokens", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--k-sweep", default="", help="comma-separated draft lengths: time the first head at each")
+    ap.add_argument("--k-sweep", default="", help="comma-separated draft lengths: time the first head at each "
+                    "(auto: the engine's policy, one engine over both rounds)")
     ap.add_argument("--dtype", default="float32", help="--k-sweep's target dtype (float32, bfloat16, int4, ...)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="--k-sweep's device (cuda: fused kernels and CUDA graphs, drafting not timed apart)")
@@ -130,8 +132,9 @@ def main() -> int:
     print(f"# {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {args.threads} threads, {args.model} + "
           f"{args.adapter}")
     if args.k_sweep:
-        k_sweep(args.model, args.adapter or None, heads[0], args.dtype, dev, [int(k) for k in args.k_sweep.split(",")],
-                args.new_tokens, args.device, args.tree, [c == "on" for c in args.copies.split(",")])
+        ks = [None if k == "auto" else int(k) for k in args.k_sweep.split(",")]
+        k_sweep(args.model, args.adapter or None, heads[0], args.dtype, dev, ks, args.new_tokens, args.device,
+                args.tree, [c == "on" for c in args.copies.split(",")])
         return 0
     train = reply_prompts(tokenizer, train_examples(corpus)[:4 * args.train], 448, last_only=True)[:args.train]
     target = load_model(folder, "cpu", torch.float32, adapter=args.adapter)
