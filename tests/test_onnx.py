@@ -199,9 +199,9 @@ def test_greedy_speculative_output_is_identical_across_backends(tiny_pair_dirs, 
 
 def record_drafts(draft, into: list):
     def recorded(*args):
-        drafts = draft(*args)
-        into.append(torch.stack(drafts, 1).tolist() if drafts else [])
-        return drafts
+        drafts, copied = draft(*args)
+        into.append(torch.stack(drafts, 1).tolist())
+        return drafts, copied
     return recorded
 
 
