@@ -13,6 +13,7 @@ from npc_engine.engine.policy import (
     PROBE_ADMISSIONS,
     PROBE_AFTER,
     PROBE_CATCH_UP_MAX,
+    PROBE_FIRST,
     Acceptance,
     choose_k,
 )
@@ -470,6 +471,23 @@ def test_a_request_admitted_without_drafting_probes_only_with_little_to_catch_up
             engine.step()
         assert len(engine.tokenizer.encode(long_prompt)) > PROBE_CATCH_UP_MAX and len(ks) > PROBE_AFTER + 1
         assert (1 in ks) == probes, (drafter, ks)
+
+
+def test_a_request_switched_off_mid_line_probes_after_waits_that_double(tiny_pair_dirs):
+    """A request that drafted and was switched off by its acceptance probes K = 1 after PROBE_FIRST steps off, then
+    after twice as many each time, up to PROBE_AFTER."""
+    target_dir, draft_dir = tiny_pair_dirs
+    engine = make_engine(target_dir, "model", draft_dir)
+    engine.policy.step_cost_fn = lambda batch: lambda k: 1.0 + 0.1 * k  # whether it drafts follows acceptance
+    engine.submit("a", engine.tokenizer.encode(PROMPTS[0]), SamplingParams(temperature=0, max_tokens=150))
+    ks = []
+    while engine.has_work():
+        ks += [r.k for r in engine.active.values()]
+        engine.step()
+    runs = "".join("0" if k == 0 else "k" for k in ks).strip("0").split("k")
+    waits = [len(run) for run in runs if run]
+    assert waits[:3] == [PROBE_FIRST, 2 * PROBE_FIRST, 4 * PROBE_FIRST] and PROBE_FIRST * 4 == PROBE_AFTER, ks
+    assert set(waits[3:]) <= {PROBE_AFTER}, ks
 
 
 def test_draft_cache_catches_up_after_steps_without_drafting(tiny_pair_dirs):

@@ -10,7 +10,10 @@ from npc_engine.engine.rows import batch_bucket
 
 # The draft lengths the policy picks from: each is a CUDA graph that capture_graphs makes before serving.
 DRAFT_LENGTHS = (1, 2, 3, 4, 6, 8, 12, 16)
-PROBE_AFTER = 32  # steps with speculation off before a request tries K = 1 again
+# Steps with speculation off before a request tries K = 1 again: PROBE_FIRST, doubled after each probe up to
+# PROBE_AFTER (from the start for one admitted off). A 40-token line switched off by a bad stretch never reached a
+# probe after 32 steps (3 of 16 dev lines decoded their last 20-24 tokens without drafts with head Q).
+PROBE_FIRST, PROBE_AFTER = 8, 32
 # positions a drafter with a cache may have to catch up on before such a probe: one admitted without drafting would
 # first feed it the whole prompt (with such probes a random head decoded at 0.85-0.89x an ONNX int8 target's plain
 # decoding, 0.99x without: benchmarks/README.md, "A feature head on ONNX Runtime")
@@ -126,12 +129,15 @@ class DraftPolicy:
         r.k = choose_k(alpha, self.step_cost_fn(batch), self.lengths)
         if r.k == 0 and self.drafts:
             # Speculation is off: every PROBE_ADMISSIONS-th request drafts one token, so the engine-wide
-            # acceptance can recover (short lines never reach the per-request probe after PROBE_AFTER steps).
+            # acceptance can recover (a request admitted off probes mid-line only with a prompt of at most
+            # PROBE_CATCH_UP_MAX tokens: its drafter would first be fed all of it).
             self.admitted_without_drafts += 1
             r.k = int(self.admitted_without_drafts % PROBE_ADMISSIONS == 0)
+            if not r.k:  # the engine's drafts fail lately: the probe admissions test them, not each line early
+                r.probe_wait = PROBE_AFTER
 
     def update(self, r, accepted: int, drafted: int, step_cost) -> None:
-        """After a step: the acceptance rates, then r's next K (or, speculation off, a probe after PROBE_AFTER)."""
+        """After a step: the acceptance rates, then r's next K (or, speculation off, a probe after r.probe_wait)."""
         if drafted:
             r.acceptance.update(accepted, drafted, 0.9)
             self.acceptance.update(accepted, drafted, 0.98)
@@ -140,8 +146,8 @@ class DraftPolicy:
         if r.k == 0:
             r.off_steps += 1
             behind = len(r.ids) - r.draft_valid if self.catches_up else 0
-            if r.off_steps >= PROBE_AFTER and behind <= PROBE_CATCH_UP_MAX:
-                r.k, r.off_steps = 1, 0
+            if r.off_steps >= r.probe_wait and behind <= PROBE_CATCH_UP_MAX:
+                r.k, r.off_steps, r.probe_wait = 1, 0, min(2 * r.probe_wait, PROBE_AFTER)
             return
         r.k = choose_k(r.acceptance.alpha, step_cost, self.lengths)
 

@@ -3,7 +3,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from npc_engine.engine.policy import Acceptance
+from npc_engine.engine.policy import PROBE_FIRST, Acceptance
 from npc_engine.engine.slots import PrefixEntry
 from npc_engine.header import HeaderMatcher
 from npc_engine.sampling import SamplingParams
@@ -45,6 +45,7 @@ class Request:
     k: int = 0  # drafts this request asks for per step
     acceptance: Acceptance = field(default_factory=lambda: Acceptance(0.0, 0.0))
     off_steps: int = 0  # steps since speculation was switched off for it
+    probe_wait: int = PROBE_FIRST  # off steps before its next probe
     draft_valid: int = 0  # positions below this were fed to the drafter's cache (see its `guessed`)
     fed: int = 0  # prompt positions below this are in the target's cache
     shared: PrefixEntry | None = None  # positions below prefix_len are read from this entry's slot, never written
