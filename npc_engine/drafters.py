@@ -225,7 +225,7 @@ class HeadDrafter:
 
     def draft(self, last: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, k: int, kv_len: int,
               prefix: torch.Tensor | None, pick, copy: bool = True) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """k drafts after each row's last token [B] at position lengths - 1: the head's first, pick(0, logits [B, V]),
+        """k >= 1 drafts after each row's last token [B] at position lengths - 1: the head's first, pick(0, logits),
         then per position the copy `copy_after` finds or the head's own chain, pick(i, logits). Returns the drafts and
         which later ones are copies [B, k - 1] (None: no lookup). Positions before the last were all fed to the
         target, and to the head as prompt or accepted drafts."""
@@ -244,8 +244,8 @@ class HeadDrafter:
             else:
                 drafts.append(tokens[:, i - 1])
             pos = pos + 1
-        if k:  # the token store holds every draft (the head fed all but the last, or none); refeeds read it
-            self.tokens[slots[:, None], lengths[:, None] + torch.arange(k, device=last.device)] = torch.stack(drafts, 1)
+        # the token store holds every draft (the head fed all but the last, or none); the next refeed reads it
+        self.tokens[slots[:, None], lengths[:, None] + torch.arange(k, device=last.device)] = torch.stack(drafts, 1)
         return drafts, copied
 
     def copy_after(self, first: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, prefix: torch.Tensor | None,
