@@ -42,6 +42,8 @@ class Drafter(Protocol):
     cache: KVCache | None  # per-slot state, in the engine's slot layout (prefix slots included)
     feeds_last: int  # each proposal re-feeds this many last tokens: its cache needs every token before them
     guessed: int  # positions before those whose cache entries may rest on its own guesses (re-fed on catch-up)
+    # A proposal's `stale`: how many of those `guessed` positions may rest on guesses this step (the engine counts
+    # them per request; None: all `guessed`). A drafter that never guesses (guessed = 0) has nothing to re-feed.
 
     def slot_bytes(self, max_seq: int) -> int:
         """Bytes of drafter state per cache slot."""
@@ -52,7 +54,8 @@ class Drafter(Protocol):
     def prefill(self, tokens, input_pos, slots, kv_len, prefix=None) -> None:
         """Feeds prompt (or catch-up) positions."""
 
-    def propose(self, seqs: list[list[int]], slots, k: int, sampling, u, kv_len: int, prefix=None, constrain=None):
+    def propose(self, seqs: list[list[int]], slots, k: int, sampling, u, kv_len: int, prefix=None, constrain=None,
+                stale: int | None = None):
         """(drafts [B, k], q [B, k, V], lengths [B]): k drafts per row sampled with the uniforms u [B, k].
         constrain(logits [B, V], previous drafts [B] or None) masks each draft position's logits before q is taken
         (npc_engine.header.StepMasks.draft); host drafters leave it to the target side."""
@@ -101,7 +104,7 @@ class NgramDrafter(Cacheless):
                 return seq[start + n:start + n + k]
         return []
 
-    def propose(self, seqs, slots, k, sampling, u, kv_len, prefix=None, constrain=None):
+    def propose(self, seqs, slots, k, sampling, u, kv_len, prefix=None, constrain=None, stale=None):
         found = [self.lookup(s, k) for s in seqs]
         width = k if any(found) else 0  # padded to the asked K: one verify shape per K
         drafts = torch.tensor([f + [0] * (width - len(f)) for f in found], dtype=torch.long, device=self.device)
@@ -133,7 +136,7 @@ class ModelDrafter:
     def prefill(self, tokens, input_pos, slots, kv_len, prefix=None) -> None:
         self.forward(tokens, input_pos, self.cache, slots, kv_len, logits=False, prefix=prefix)
 
-    def propose(self, seqs, slots, k, sampling, u, kv_len, prefix=None, constrain=None):
+    def propose(self, seqs, slots, k, sampling, u, kv_len, prefix=None, constrain=None, stale=None):
         """Feeds the last two tokens first: after a step the draft cache may lack one or both of them,
         and rewriting a cached token at its own position is harmless."""
         lengths = torch.tensor([len(s) for s in seqs], device=self.device)
@@ -151,7 +154,7 @@ class ModelDrafter:
         return torch.stack(drafts, 1), torch.stack(qs, 1), torch.full((len(seqs),), k, device=self.device)
 
     def greedy_drafts(self, last2: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, k: int,
-                      kv_len: int, prefix: torch.Tensor | None = None) -> torch.Tensor:
+                      kv_len: int, prefix: torch.Tensor | None = None, stale: int | None = None) -> torch.Tensor:
         """k argmax drafts, all on the device (the raw model: this runs inside the greedy step's graph)."""
         tokens, pos = last2, torch.stack([(lengths - 2).clamp(min=0), lengths - 1], dim=1)
         drafts = []
@@ -165,13 +168,12 @@ class HeadDrafter:
     """A feature head (npc_engine.head) on the target's hidden states. The target stores them for every position
     it computes (`Transformer.feature_store`, one row per cache slot, prefix slots included); the head has its own
     one-layer KV cache and the tokens it was fed in the same slot layout. Each draft first re-feeds the last
-    REFEED positions with the target's features, so the head's cache holds only target features up to the last
-    token whatever the previous step accepted, then drafts on its own predicted features. After steps without
-    drafting the engine's catch-up feeds it again from `guessed` positions before where it stopped."""
+    token and the positions before it that the previous step accepted (`refeed`) with the target's features, so the
+    head's cache holds only target features up to the last token, then drafts on its own predicted features. After
+    steps without drafting the engine's catch-up feeds it again from `guessed` positions before where it stopped."""
 
     name, prior_alpha, drafts, host_drafts, uses_features, transformer = "head", 0.7, True, False, True, None
     drafts_trees = True
-    REFEED = K_MAX + 1  # the last token and every draft a step can accept
     feeds_last = 1  # the last token comes from the step; the refeed reads the others from the token store
     # accepted drafts' entries were computed from predicted features (after a tree step: other nodes' entries) until
     # the next refeed, which covers them: a step accepts at most K_MAX
@@ -224,12 +226,13 @@ class HeadDrafter:
         self.forward(tokens, input_pos, self.cache, slots, kv_len, logits=False, prefix=prefix)
 
     def draft(self, last: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, k: int, kv_len: int,
-              prefix: torch.Tensor | None, pick, copy: bool = True) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+              prefix: torch.Tensor | None, pick, copy: bool = True,
+              stale: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """k >= 1 drafts after each row's last token [B] at position lengths - 1: the head's first, pick(0, logits),
         then per position the copy `copy_after` finds or the head's own chain, pick(i, logits). Returns the drafts and
         which later ones are copies [B, k - 1] (None: no lookup). Positions before the last were all fed to the
         target, and to the head as prompt or accepted drafts."""
-        predicted, pos = self.refeed(last, lengths, slots, kv_len, prefix), lengths[:, None]
+        predicted, pos = self.refeed(last, lengths, slots, kv_len, prefix, stale), lengths[:, None]
         drafts, copied = [pick(0, self.model.logits(self.target, predicted)[:, -1])], None
         if copy and self.copies and k > 1:
             tokens, count = self.copy_after(drafts[0], lengths, slots, prefix, kv_len, k - 1)
@@ -266,22 +269,26 @@ class HeadDrafter:
         return history.gather(1, (at[:, None] + 1 + torch.arange(width, device=dev)).clamp(max=kv_len - 1)), count
 
     def refeed(self, last: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, kv_len: int,
-               prefix: torch.Tensor | None) -> torch.Tensor:
-        """Feeds the last REFEED positions on the target's features: the predicted feature [B, 1, dim] after last."""
-        pos = ((lengths - 1)[:, None] + torch.arange(1 - self.REFEED, 1, device=lengths.device)).clamp(min=0)
+               prefix: torch.Tensor | None, stale: int | None = None) -> torch.Tensor:
+        """Feeds the last token and the `stale` positions before it (whose entries may rest on guesses: the
+        engine's count, default all `guessed`) on the target's features: the predicted feature [B, 1, dim] after
+        last. The engine counts 1 + the drafts its last step accepted (about 2 at K = 4 against 17 here): on the CPU
+        the head's forward over 17 positions was a third of its drafting time."""
+        width = self.feeds_last + (self.guessed if stale is None else stale)
+        pos = ((lengths - 1)[:, None] + torch.arange(1 - width, 1, device=lengths.device)).clamp(min=0)
         tokens = self.tokens[prefix_rows(slots, pos, prefix), pos]
         tokens[:, -1] = last
         return self.run(tokens, pos, self.features_before(slots, pos, prefix), slots, kv_len, prefix)[:, -1:]
 
     def draft_tree(self, last: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, width: int, depth: int,
-                   nodes: int, kv_len: int, prefix: torch.Tensor | None) -> DraftTree:
+                   nodes: int, kv_len: int, prefix: torch.Tensor | None, stale: int | None = None) -> DraftTree:
         """EAGLE-2's dynamic draft tree after each row's last token [B] at position lengths - 1: every level
         expands the `width` best-scored nodes of the level before by their `width` most likely tokens (a node's
         score: the summed log-probabilities of its path), `depth` levels, then the `nodes` best-scored of all
         expanded nodes are the tree. A child scores below its parent, so the chosen nodes hold their ancestors. The
         head feeds each level at cache positions past the row's length, its nodes seeing their ancestors only."""
         B, W, dev = len(last), width, last.device
-        predicted = self.refeed(last, lengths, slots, kv_len, prefix)
+        predicted = self.refeed(last, lengths, slots, kv_len, prefix, stale)
         scores, tokens = self.model.top_tokens(self.target, predicted[:, 0], W)
         scores = scores.double()  # float32 could not tell a child 1e-9 below its parent from it
         ids, features = torch.arange(W, device=dev).expand(B, W), predicted.expand(B, W, -1)
@@ -313,11 +320,11 @@ class HeadDrafter:
                          index_of.gather(1, torch.cat(all_parents, 1).gather(1, chosen) + 1),
                          torch.cat(all_depths)[chosen])
 
-    def greedy_drafts(self, last2, lengths, slots, k, kv_len, prefix=None) -> torch.Tensor:
+    def greedy_drafts(self, last2, lengths, slots, k, kv_len, prefix=None, stale=None) -> torch.Tensor:
         return torch.stack(self.draft(last2[:, 1], lengths, slots, k, kv_len, prefix,
-                                      lambda i, logits: logits.argmax(-1))[0], 1)
+                                      lambda i, logits: logits.argmax(-1), stale=stale)[0], 1)
 
-    def propose(self, seqs, slots, k, sampling, u, kv_len, prefix=None, constrain=None):
+    def propose(self, seqs, slots, k, sampling, u, kv_len, prefix=None, constrain=None, stale=None):
         qs, picked = [], []
 
         def pick(i, logits):
@@ -329,7 +336,8 @@ class HeadDrafter:
 
         lengths = torch.tensor([len(s) for s in seqs], device=self.device)
         last = torch.tensor([s[-1] for s in seqs], device=self.device)
-        drafts, copied = self.draft(last, lengths, slots, k, kv_len, prefix, pick, copy=constrain is None)
+        drafts, copied = self.draft(last, lengths, slots, k, kv_len, prefix, pick, copy=constrain is None,
+                                    stale=stale)
         drafts, q = torch.stack(drafts, 1), torch.stack(qs, 1)
         if copied is not None:  # a copy is a function of the line and the first draft: its q is one-hot
             copies = F.one_hot(drafts[:, 1:], q.shape[-1]).to(q.dtype)

@@ -58,7 +58,7 @@ def test_head_drafts_and_cache_match_an_uncached_run(tiny_pair_dirs, shared_pref
     """After prefill (from a shared persona prefix or not) and steps whose drafts were partly rejected (sampled,
     greedy, pipelined greedy), the feature head's next drafts are those of an uncached run on the accepted tokens,
     whatever they accepted, and its cache equals a fresh prefill's: the target's stored features, the head's token
-    store and the refeed after a rollback are right."""
+    store and the refeeds after rollbacks (each only as wide as the drafts its step accepted) are right."""
     target_dir, _ = tiny_pair_dirs
     engine = make_engine(target_dir, "head", fixed_k=4, pipeline=pipeline)
     persona = engine.tokenizer.encode(PROMPTS[0])
@@ -76,10 +76,11 @@ def test_head_drafts_and_cache_match_an_uncached_run(tiny_pair_dirs, shared_pref
     assert r.stats.cached_prefix_tokens == prefix_len
     drafter = engine.drafter
     drafter.copies = False  # the head's own chain (copies: test_a_head_copies_...)
-    n = len(r.ids)
+    n, stale = len(r.ids), engine.prefiller.stale([r])  # re-feeds only what the engine counts as guessed
+    assert stale <= 4 < drafter.guessed
     with torch.no_grad():
         got = drafter.greedy_drafts(torch.tensor([r.ids[-2:]]), torch.tensor([n]), torch.tensor([r.slot]), 4,
-                                    engine.max_seq, prefix_tensor([prefix_ref(r)], "cpu"))
+                                    engine.max_seq, prefix_tensor([prefix_ref(r)], "cpu"), stale)
     assert got[0].tolist() == reference_head_drafts(engine.target, drafter.model, r.ids, 4)
     fresh = make_engine(target_dir, "head", fixed_k=4)
     fresh.drafter.model = drafter.model

@@ -26,8 +26,8 @@ class PlantedTree(HeadDrafter):
         super().__init__(*args)
         self.lines, self.planted = lines, 0  # planted: drafts on planted paths (each step accepts its path)
 
-    def draft_tree(self, last, lengths, slots, width, depth, nodes, kv_len, prefix):
-        tree = super().draft_tree(last, lengths, slots, width, depth, nodes, kv_len, prefix)
+    def draft_tree(self, last, lengths, slots, width, depth, nodes, kv_len, prefix, stale=None):
+        tree = super().draft_tree(last, lengths, slots, width, depth, nodes, kv_len, prefix, stale)
         for b in range(len(last)):
             pos = torch.arange(int(lengths[b]) - 1)  # a shared persona prefix's tokens are in its own slot
             seq = self.tokens[prefix_rows(slots[b:b + 1], pos[None], prefix[b:b + 1])[0], pos].tolist() + [int(last[b])]

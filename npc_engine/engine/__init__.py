@@ -132,10 +132,11 @@ class Engine:
         r.prompt, r.ids, r.complete = list(prompt_ids), list(prompt_ids), complete
         # A request that has not generated keeps its last prompt token unfed: its logits give the first token.
         r.fed, r.draft_valid = min(r.fed, same, len(prompt_ids) - 1), min(r.draft_valid, same, len(prompt_ids) - 1)
+        r.draft_exact = min(r.draft_exact, r.draft_valid)
         if same < r.prefix_len or len(prompt_ids) <= r.prefix_len:  # the persona prefix no longer leads the prompt
             if r.shared is not None:  # its own slot never held the prefix: it is computed there from the start
                 self.slots.unshare(r)
-                r.fed = r.draft_valid = r.stats.cached_prefix_tokens = 0
+                r.fed = r.draft_valid = r.draft_exact = r.stats.cached_prefix_tokens = 0
             r.prefix_len = 0
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
@@ -226,6 +227,7 @@ class Engine:
         k = self.policy.asked_k(reqs)
         if k:  # steps without drafting left the drafter's cache behind
             self.prefiller.catch_up(reqs)
+        stale = self.prefiller.stale(reqs) if k else 0
         # A line header being written is masked at each draft and verified position: the sampled step does it (its
         # temperature 0 is the masked argmax), with the host in the loop for a few steps at the start of a line.
         masks = step_masks([r.header for r in reqs], self.target.args.vocab_size, self.device)
@@ -234,7 +236,7 @@ class Engine:
         if greedy and self.pipeline is not None and not (self.drafter.host_drafts and k):
             return self.apply(self.pipeline.step(reqs, k, self.policy.record_step_time), k)
         started = time.perf_counter()  # a catch-up is paid once; the step time decides every later step
-        results = self.stepper.greedy(reqs, k) if greedy else self.stepper.sampled(reqs, k, masks)
+        results = self.stepper.greedy(reqs, k, stale) if greedy else self.stepper.sampled(reqs, k, stale, masks)
         if masks is None:  # a masked step's host work is not what later steps cost
             self.policy.record_step_time(len(reqs), k, time.perf_counter() - started)
         return self.apply(list(zip(reqs, results)), k)
@@ -251,6 +253,8 @@ class Engine:
         step_cost = self.policy.step_cost_fn(len(live))
         events = []
         for r, res in live:
+            if k_asked and self.drafter.cache is not None:  # the step re-fed every position before its drafts
+                r.draft_exact = len(r.ids)
             r.stats.target_forwards += 1
             r.stats.drafted += res.proposed
             r.stats.accepted += res.accepted

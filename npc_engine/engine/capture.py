@@ -27,7 +27,7 @@ def capture_graphs(fw, prefill_chunk: int, ks: list[int], batch_sizes=(1,), samp
             drafter.prefill(*zeros(T), slots, fw.max_seq)
         for k in ks:
             width = k if drafter.host_drafts else 0
-            fw.greedy_step(fw.tensor([rows.padding(fw.scratch_slot, width)] * B), k, fw.max_seq)
+            fw.greedy_step(fw.tensor([rows.padding(fw.scratch_slot, width)] * B), k, fw.max_seq, None)
             if sampled:
                 fw.forward(*zeros(k + 1), fw.cache, slots, fw.max_seq)
                 if k and drafter.transformer is not None:  # propose feeds the last two tokens, then one at a time

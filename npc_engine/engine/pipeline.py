@@ -48,7 +48,7 @@ class Pipeline:
         if previous is not None:  # tokens and lengths from the device: the host has not seen them yet
             on_device[:, rows.CARRIED] = previous.carried
             ahead = previous.k + 1
-        out = fw.greedy_step(on_device, k, fw.kv_len(max(len(r.ids) for r in reqs) + ahead + fw.span(k)))
+        out = fw.greedy_step(on_device, k, fw.kv_len(max(len(r.ids) for r in reqs) + ahead + fw.span(k)), None)
         result = self.host_buffer("result", *out.shape)  # all of it: a slice would need a device-side copy first
         result.copy_(out, non_blocking=True)
         done = None

@@ -42,7 +42,7 @@ class Prefiller:
             compute = self.slots.share(r)
             if r.shared is None:
                 continue
-            r.fed = r.draft_valid = r.prefix_len
+            r.fed = r.draft_valid = r.draft_exact = r.prefix_len
             if compute:
                 missing.append(r)
             else:
@@ -112,6 +112,12 @@ class Prefiller:
         self.feed([(r, max(0, r.draft_valid - drafter.guessed), len(r.ids) - drafter.feeds_last) for r in behind],
                   target=False)
 
+    def stale(self, reqs: list[Request]) -> int:
+        """After catch_up: how many positions before those a drafting step re-feeds may hold the drafter's guesses
+        in some row (the drafts its last step accepted; its whole `guessed` where unknown)."""
+        drafter = self.fw.drafter
+        return max(0, min(drafter.guessed, max(len(r.ids) - drafter.feeds_last - r.draft_exact for r in reqs)))
+
     def first_tokens(self, reqs: list[Request], logits: torch.Tensor) -> list[int]:
         masks = step_masks([r.header for r in reqs], logits.shape[-1], self.fw.device)
         if masks is not None:  # a line header's first token
@@ -155,4 +161,7 @@ class Prefiller:
                     r.stats.prefill_tokens += b - a
             if draft:
                 fw.drafter.prefill(tokens, pos_t, slots, kv_len, prefix)
+        for r, a, b in ranges if draft and not into_prefix else ():
+            if a <= r.draft_exact:  # padding past b may have overwritten entries there
+                r.draft_exact = b
         return last_logits

@@ -47,6 +47,7 @@ class Request:
     off_steps: int = 0  # steps since speculation was switched off for it
     probe_wait: int = PROBE_FIRST  # off steps before its next probe
     draft_valid: int = 0  # positions below this were fed to the drafter's cache (see its `guessed`)
+    draft_exact: int = 0  # positions below this were fed to it from the line's tokens only, none from its guesses
     fed: int = 0  # prompt positions below this are in the target's cache
     shared: PrefixEntry | None = None  # positions below prefix_len are read from this entry's slot, never written
     complete: bool = True  # False while the prompt is still arriving

@@ -50,16 +50,17 @@ def verify_greedy(logits: torch.Tensor, drafts: torch.Tensor,
 
 
 def greedy_step(target, target_cache: KVCache, drafter: Drafter, packed: torch.Tensor, k: int,
-                kv_len: int, tree: TreeShape | None = None) -> torch.Tensor:
+                kv_len: int, stale: int | None = None, tree: TreeShape | None = None) -> torch.Tensor:
     """One whole temperature-0 speculative step on the device, so it can be one CUDA graph: draft k tokens (with
     `tree`, a draft tree of depth k: npc_engine.engine.trees), verify them with one target forward, accept. packed:
-    [B, rows.HOST_DRAFTS (+ k)] input rows; returns the [B, 2 + k + 3] result rows (npc_engine.engine.rows)."""
+    [B, rows.HOST_DRAFTS (+ k)] input rows; returns the [B, 2 + k + 3] result rows (npc_engine.engine.rows). stale:
+    the drafter's (Drafter.propose); None under graphs, whose step re-feeds as much whatever the last step accepted."""
     if tree is not None and k:
-        return greedy_tree_step(target, target_cache, drafter, packed, k, kv_len, tree)
+        return greedy_tree_step(target, target_cache, drafter, packed, k, kv_len, tree, stale)
     last2, lengths = packed[:, rows.PREV_TOKEN:rows.LAST_TOKEN + 1], packed[:, rows.LENGTH]
     slots, prefix = packed[:, rows.SLOT].contiguous(), packed[:, rows.PREFIX]
     if k and not drafter.host_drafts:
-        drafts = drafter.greedy_drafts(last2, lengths, slots, k, kv_len, prefix)
+        drafts = drafter.greedy_drafts(last2, lengths, slots, k, kv_len, prefix, stale)
     else:
         drafts = packed[:, rows.HOST_DRAFTS:rows.HOST_DRAFTS + k]
     emitted = torch.cat([last2[:, 1:], drafts], dim=1)  # the last token, then the drafts
@@ -85,7 +86,7 @@ class Stepper:
             packed += [rows.padding(self.fw.scratch_slot, width)] * (rows.batch_bucket(len(reqs)) - len(reqs))
         return packed
 
-    def greedy(self, reqs: list, k: int) -> list[StepResult]:
+    def greedy(self, reqs: list, k: int, stale: int | None = None) -> list[StepResult]:
         """Temperature 0: the whole step is one `greedy_step` call (one graph replay on CUDA) on one packed tensor."""
         drafter = self.fw.drafter
         # host drafts are padded to the asked K (not the longest found: fewer graph shapes)
@@ -94,10 +95,12 @@ class Stepper:
         k = k if width or not drafter.host_drafts else 0
         packed = self.greedy_rows(reqs, k, found, width)
         kv_len = self.fw.kv_len(max(len(r.ids) for r in reqs) + self.fw.span(k))
-        out = self.fw.greedy_step(self.fw.tensor(packed), k, kv_len)[:, :rows.FIRST_DRAFT + k].tolist()  # host sync
+        stale = None if self.fw.graphed else stale  # one graph per K
+        out = self.fw.greedy_step(self.fw.tensor(packed), k, kv_len, stale)[:, :rows.FIRST_DRAFT + k].tolist()
         return [rows.unpack(o, row, k) for o, row in zip(out, packed)]
 
-    def sampled(self, reqs: list, k_asked: int, masks: StepMasks | None = None) -> list[StepResult]:
+    def sampled(self, reqs: list, k_asked: int, stale: int | None = None,
+                masks: StepMasks | None = None) -> list[StepResult]:
         """masks: the line headers being written, masked at every draft and verified position."""
         fw, dev = self.fw, self.fw.device
         B, seqs = len(reqs), [r.ids for r in reqs]
@@ -109,7 +112,7 @@ class Stepper:
         kv_len = fw.kv_len(max(map(len, seqs)) + k_asked)
         if k_asked > 0:
             drafts, q, lens = fw.drafter.propose(seqs, slots, k_asked, (temperature, top_k, top_p), u[:, :k_asked],
-                                                 kv_len, prefix, masks.draft if masks is not None else None)
+                                                 kv_len, prefix, masks.draft if masks is not None else None, stale)
             lens = torch.minimum(lens.to(dev), fw.tensor([r.k for r in reqs]))
             drafts = drafts.to(dev)
         else:

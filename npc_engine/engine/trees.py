@@ -63,12 +63,12 @@ def ancestors(parents: torch.Tensor, depth: int) -> torch.Tensor:
 
 
 def greedy_tree_step(target: Transformer, cache: KVCache, drafter: HeadDrafter, packed: torch.Tensor, k: int,
-                     kv_len: int, shape: TreeShape) -> torch.Tensor:
+                     kv_len: int, shape: TreeShape, stale: int | None = None) -> torch.Tensor:
     """stepping.greedy_step with a draft tree of depth k (one CUDA graph under graphs): the same packed rows in and
     result rows out, the accepted path in the first ACCEPTED draft columns."""
     last, lengths = packed[:, rows.LAST_TOKEN], packed[:, rows.LENGTH]
     slots, prefix = packed[:, rows.SLOT].contiguous(), packed[:, rows.PREFIX]
-    tree = drafter.draft_tree(last, lengths, slots, shape.width, k, shape.nodes, kv_len, prefix)
+    tree = drafter.draft_tree(last, lengths, slots, shape.width, k, shape.nodes, kv_len, prefix, stale)
     start = (lengths - 1)[:, None]
     tokens = torch.cat([last[:, None], tree.tokens], dim=1)
     depths = torch.cat([torch.zeros_like(tree.depths[:, :1]), tree.depths], dim=1)
