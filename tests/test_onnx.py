@@ -198,8 +198,8 @@ def test_greedy_speculative_output_is_identical_across_backends(tiny_pair_dirs, 
 
 
 def record_drafts(draft, into: list):
-    def recorded(*args):
-        drafts, copied = draft(*args)
+    def recorded(*args, **kwargs):
+        drafts, copied = draft(*args, **kwargs)
         into.append(torch.stack(drafts, 1).tolist())
         return drafts, copied
     return recorded
