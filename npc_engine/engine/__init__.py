@@ -227,7 +227,6 @@ class Engine:
         k = self.policy.asked_k(reqs)
         if k:  # steps without drafting left the drafter's cache behind
             self.prefiller.catch_up(reqs)
-        stale = self.prefiller.stale(reqs) if k else 0
         # A line header being written is masked at each draft and verified position: the sampled step does it (its
         # temperature 0 is the masked argmax), with the host in the loop for a few steps at the start of a line.
         masks = step_masks([r.header for r in reqs], self.target.args.vocab_size, self.device)
@@ -235,6 +234,7 @@ class Engine:
         # host drafts are looked up in the host's tokens: a step that drafts waits for the one before it
         if greedy and self.pipeline is not None and not (self.drafter.host_drafts and k):
             return self.apply(self.pipeline.step(reqs, k, self.policy.record_step_time), k)
+        stale = self.prefiller.stale(reqs) if k else 0  # graphed steps re-feed all a drafter may have guessed
         started = time.perf_counter()  # a catch-up is paid once; the step time decides every later step
         results = self.stepper.greedy(reqs, k, stale) if greedy else self.stepper.sampled(reqs, k, stale, masks)
         if masks is None:  # a masked step's host work is not what later steps cost
@@ -253,15 +253,14 @@ class Engine:
         step_cost = self.policy.step_cost_fn(len(live))
         events = []
         for r, res in live:
-            if k_asked and self.drafter.cache is not None:  # the step re-fed every position before its drafts
-                r.draft_exact = len(r.ids)
+            start = len(r.ids)
             r.stats.target_forwards += 1
             r.stats.drafted += res.proposed
             r.stats.accepted += res.accepted
             self.policy.update(r, res.accepted, res.proposed, step_cost)
             events.append(self.emit(r, res.drafts[:res.accepted] + [res.next_token]))
-            if k_asked and self.drafter.cache is not None:  # fed every token but those it re-feeds
-                r.draft_valid = len(r.ids) - self.drafter.feeds_last
+            if k_asked and self.drafter.cache is not None:  # fed every token but those it re-feeds, only the line's
+                r.draft_valid, r.draft_exact = len(r.ids) - self.drafter.feeds_last, start  # before its drafts
         return [e for e in events if e is not None]
 
     def emit(self, r: Request, new_tokens: list[int]) -> StepEvent | None:
