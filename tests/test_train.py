@@ -524,6 +524,8 @@ def test_head_stage_on_an_instruct_base_writes_a_reduced_head_that_keeps_greedy_
     # a continuation at every NPC turn of the first head_replies conversations, not one per conversation
     assert info["steps"] == TINY.base_head.max_steps and info["replies"] > TINY.head_replies
     assert info["persona_chat"] == TINY.head_persona_chat  # everyday talk beside the NPC conversations
+    # head_samples (1) sampled continuations at each NPC turn of the conversations, none at the Persona-Chat cuts
+    assert TINY.head_replies < info["sampled_replies"] < info["replies"]
     assert info["draft_vocab"] == 48 and info["adapter"] == str(adapter) and info["last_loss"] < info["first_loss"]
     assert json.loads((head_dir / "config.json").read_text())["draft_vocab_size"] == 48
 

@@ -112,6 +112,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                    help="head stage with --base: ids the head drafts over (default: the config's)")
     p.add_argument("--head-chats", type=int, default=None,
                    help="head stage with --base: Persona-Chat cuts the target continues (default: the config's)")
+    p.add_argument("--head-samples", type=int, default=None,
+                   help="head stage with --base: sampled continuations per NPC turn of the written conversations, "
+                        "beside the greedy one (default: the config's)")
     p.add_argument("--adapter-out", type=Path, default=ROOT / "models" / "smollm2-npc-persona",
                    help="persona stage: the LoRA adapter folder written")
     p.add_argument("--epochs", type=int, default=None,
@@ -143,6 +146,9 @@ def cmd_train(args) -> int:
     if args.head_chats is not None and args.head_chats < 0:
         print(f"npc-engine train: error: --head-chats must be 0 or more, got {args.head_chats}", file=sys.stderr)
         return 2
+    if args.head_samples is not None and args.head_samples < 0:
+        print(f"npc-engine train: error: --head-samples must be 0 or more, got {args.head_samples}", file=sys.stderr)
+        return 2
     if "persona" in args.stages and args.base is None:
         print("npc-engine train: error: the persona stage needs --base (an instruct model folder or .gguf)",
               file=sys.stderr)
@@ -156,6 +162,8 @@ def cmd_train(args) -> int:
         config = replace(config, draft_vocab=args.draft_vocab)
     if args.head_chats is not None:
         config = replace(config, head_persona_chat=args.head_chats)
+    if args.head_samples is not None:
+        config = replace(config, head_samples=args.head_samples)
     chosen = (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr), ("rank", args.rank),
               ("alpha", None if args.rank is None else 2 * args.rank), ("drills", None if args.drills else False))
     config = replace(config, persona=replace(config.persona, **{k: v for k, v in chosen if v is not None}))

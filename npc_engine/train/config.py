@@ -103,7 +103,8 @@ class TrainConfig:
     persona: PersonaStage = field(default_factory=PersonaStage)
     # the head of an instruct base (`--stages head --base`): rows of whole conversations, the target's greedy
     # continuations at every NPC turn of head_replies of them and at head_persona_chat cuts of Persona-Chat
-    # examples (in at most a quarter of the stage's budget), a reduced draft vocabulary
+    # examples (in at most a quarter of the stage's budget), head_samples continuations sampled at
+    # head_sample_temperature at each of those NPC turns (in another quarter at most), a reduced draft vocabulary
     base_head: Stage = field(default_factory=lambda: Stage(
         batch_size=4, block_size=512, lr=3e-3, max_steps=20_000, max_minutes=10, warmup_steps=20, log_every=10,
         ckpt_every=100))
@@ -111,6 +112,8 @@ class TrainConfig:
     head_replies: int = 1024
     head_reply_tokens: int = 48
     head_persona_chat: int = 2048
+    head_samples: int = 0
+    head_sample_temperature: float = 0.8
 
 
 DEFAULT = TrainConfig(
@@ -162,6 +165,7 @@ TINY = TrainConfig(
     head_replies=6,
     head_reply_tokens=8,
     head_persona_chat=8,
+    head_samples=1,
 )
 
 CONFIGS = {"default": DEFAULT, "tiny": TINY}

@@ -12,6 +12,7 @@ as `distill`.
 import json
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -138,20 +139,21 @@ def reply_prompts(tokenizer, examples: list[Example], max_len: int, last_only: b
     return prompts
 
 
-def greedy_replies(target: Transformer, prompts: list[list[int]], max_tokens: int, seconds: float,
-                   device: torch.device, log) -> list[list[int]]:
-    """The target's greedy continuation of each prompt, max_tokens long past any end of turn (as a benchmark line
-    runs; what follows an NPC's turn is the target's own text too), batched, until `seconds` have passed (0: all
-    of them)."""
+def target_replies(target: Transformer, prompts: list[list[int]], params: SamplingParams, seconds: float,
+                   device: torch.device, log, label: str = "greedy") -> list[list[int]]:
+    """The target's continuation of each prompt under params (max_tokens long past any end of turn, as a benchmark
+    line runs; what follows an NPC's turn is the target's own text too), batched, until `seconds` have passed (0:
+    all of them). A seeded params.seed gives prompt i the seed params.seed + i."""
     batch = 32 if device.type == "cuda" else 8
-    longest = max(len(p) for p in prompts) + max_tokens
+    longest = max(len(p) for p in prompts) + params.max_tokens
     engine = Engine(target, NoDrafter(), None, device, max_batch=batch, prefix_cache_mb=0,
                     max_seq=longest + K_MAX + PREFILL_CHUNK + 2)  # Engine.max_prompt_len's margin
-    params, replies, start = SamplingParams(temperature=0, max_tokens=max_tokens), [], time.perf_counter()
+    replies, start = [], time.perf_counter()
     for i in range(0, len(prompts), batch):
         out = {}
         for j, prompt in enumerate(prompts[i:i + batch]):
-            engine.submit(str(j), prompt, params)
+            seed = None if params.seed is None else params.seed + i + j
+            engine.submit(str(j), prompt, replace(params, seed=seed))
             out[str(j)] = []
         while engine.has_work():
             for ev in engine.step():
@@ -160,8 +162,13 @@ def greedy_replies(target: Transformer, prompts: list[list[int]], max_tokens: in
         if seconds and time.perf_counter() - start > seconds:
             break
         if (i // batch) % 8 == 7:
-            log(f"head: {len(replies)}/{len(prompts)} greedy replies, {time.perf_counter() - start:.0f} s")
+            log(f"head: {len(replies)}/{len(prompts)} {label} replies, {time.perf_counter() - start:.0f} s")
     return replies
+
+
+def greedy_replies(target: Transformer, prompts: list[list[int]], max_tokens: int, seconds: float,
+                   device: torch.device, log) -> list[list[int]]:
+    return target_replies(target, prompts, SamplingParams(temperature=0, max_tokens=max_tokens), seconds, device, log)
 
 
 def persona_chat_head_examples(corpus: Path, n: int, seed: int) -> list[Example]:
@@ -214,17 +221,24 @@ def train_base_head(ctx: Context, base: Path, adapter: Path | None, corpus: Path
     chats = persona_chat_head_examples(corpus, cfg.head_persona_chat, ctx.seed + 3)
     rows = [r for r in (encode(hf_tok, ex, stage.block_size + 1) for ex in examples + chats) if sum(r[1])]
     max_prompt = stage.block_size + 1 - cfg.head_reply_tokens
-    prompts = reply_prompts(hf_tok, examples[:cfg.head_replies], max_prompt)
-    prompts += reply_prompts(hf_tok, chats, max_prompt, last_only=True)
+    npc_prompts = reply_prompts(hf_tok, examples[:cfg.head_replies], max_prompt)
+    prompts = npc_prompts + reply_prompts(hf_tok, chats, max_prompt, last_only=True)
     ctx.log(f"head: target {base}{f' + {adapter}' if adapter else ''}, {len(rows)} corpus rows ({len(chats)} from "
-            f"Persona-Chat); greedy replies to {len(prompts)} prompts, up to {cfg.head_reply_tokens} tokens")
+            f"Persona-Chat); greedy replies to {len(prompts)} prompts, {cfg.head_samples} sampled at temperature "
+            f"{cfg.head_sample_temperature} to each of {len(npc_prompts)}, up to {cfg.head_reply_tokens} tokens")
+    quarter = stage.max_minutes * 60 / 4
     with torch.no_grad():
-        replies = greedy_replies(target, prompts, cfg.head_reply_tokens, stage.max_minutes * 60 / 4, ctx.device,
-                                 ctx.log)
-    rows += [(p + r, [0] * len(p) + [1] * len(r)) for p, r in zip(prompts, replies) if r]
+        replies = greedy_replies(target, prompts, cfg.head_reply_tokens, quarter, ctx.device, ctx.log)
+        sampled_prompts = npc_prompts * cfg.head_samples
+        sampled = target_replies(target, sampled_prompts, SamplingParams(
+            cfg.head_sample_temperature, max_tokens=cfg.head_reply_tokens, seed=ctx.seed + 7), quarter, ctx.device,
+            ctx.log, "sampled") if sampled_prompts else []
+    rows += [(p + r, [0] * len(p) + [1] * len(r))
+             for p, r in [*zip(prompts, replies), *zip(sampled_prompts, sampled)] if r]
+    # the draft vocabulary from greedy replies only: what the engine verifies greedy lines against
     draft_ids = draft_vocabulary(replies, rows, min(cfg.draft_vocab, target.args.vocab_size), tokenizer.stop_ids)
-    ctx.log(f"head: {len(replies)} replies, {sum(map(len, replies)):,} tokens; draft vocabulary {len(draft_ids):,} "
-            f"of {target.args.vocab_size:,} ids")
+    ctx.log(f"head: {len(replies)} greedy replies, {sum(map(len, replies)):,} tokens; {len(sampled)} sampled, "
+            f"{sum(map(len, sampled)):,} tokens; draft vocabulary {len(draft_ids):,} of {target.args.vocab_size:,} ids")
     torch.manual_seed(ctx.seed + 3)
     head = FeatureHead(head_args(target.args), draft_ids).to(ctx.device)
     torch.nn.init.normal_(head.fc.weight, 0.0, 0.02)
@@ -235,6 +249,6 @@ def train_base_head(ctx: Context, base: Path, adapter: Path | None, corpus: Path
                  prepared_s=time.perf_counter() - began)
     save_head(head, out, target_name=str(base))
     extra = {"base": str(base), "adapter": str(adapter) if adapter else None, "draft_vocab": len(draft_ids),
-             "replies": len(replies), "rows": len(rows), "persona_chat": len(chats)}
+             "replies": len(replies), "sampled_replies": len(sampled), "rows": len(rows), "persona_chat": len(chats)}
     (out / "training.json").write_text(json.dumps({**info, **extra}, indent=1) + "\n")
     return record(ctx, "head", {**info, **extra, "parameters": count_params(head)})
