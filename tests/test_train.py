@@ -540,3 +540,18 @@ def test_head_stage_on_an_instruct_base_writes_a_reduced_head_that_keeps_greedy_
                                         add_special_tokens=False)
         assert list(drafted.generate(prompt, params)) == list(plain.generate(prompt, params))
         assert drafted.last_stats.drafted > 0
+
+
+def test_head_stage_samples_seeded_continuations_beside_the_greedy_ones(tiny_model_dir):
+    """--head-samples: the target's sampled continuations, one seed per prompt (a rerun gives the same rows), as the
+    engine samples them (so they part from the greedy ones), each max_tokens long."""
+    from npc_engine.sampling import SamplingParams
+    from npc_engine.train.feature_head import greedy_replies, target_replies
+
+    target, cpu = load_model(tiny_model_dir, "cpu", torch.float32), torch.device("cpu")
+    prompts = [[5, 9, 13, 21], [7, 7, 30], [5, 9, 13, 21]]
+    sampled = SamplingParams(temperature=1.0, max_tokens=12, seed=40)
+    first = target_replies(target, prompts, sampled, 0, cpu, print, "sampled")
+    assert first == target_replies(target, prompts, sampled, 0, cpu, print, "sampled")
+    assert all(len(r) == 12 for r in first) and first[0] != first[2]  # the same prompt, another seed
+    assert first != greedy_replies(target, prompts, 12, 0, cpu, print)
