@@ -10,11 +10,14 @@ from npc_engine.drafters import HeadDrafter, ModelDrafter, NgramDrafter, NoDraft
 from npc_engine.engine import Engine
 from npc_engine.engine.policy import (
     DRAFT_LENGTHS,
+    EXPLORE_EVERY,
     PROBE_ADMISSIONS,
     PROBE_AFTER,
     PROBE_CATCH_UP_MAX,
     PROBE_FIRST,
     Acceptance,
+    Calibration,
+    DraftPolicy,
     choose_k,
 )
 from npc_engine.engine.stepping import verify
@@ -414,6 +417,29 @@ def test_choose_k_follows_acceptance_and_cost():
     assert all(choose_k(a / 10, linear(0.05)) in (0, *DRAFT_LENGTHS) for a in range(10))
     # host overhead measured on every speculative step (not in a forward-only cost model) turns it off
     assert choose_k(0.5, lambda k: 1.0 if k == 0 else 1.6 + 0.1 * k) == 0
+
+
+def test_policy_measures_the_lengths_beside_its_choice_again():
+    """Every EXPLORE_EVERY-th drafting step takes the next length up, then the next down, and a step time measured
+    more than STALE_STEPS steps ago is replaced: one slow measurement of K = 4 (the machine was busy then) no longer
+    keeps the policy at K = 3 for good."""
+    from types import SimpleNamespace
+
+    policy = DraftPolicy(True, 0.8, None, Calibration(), lengths=(2, 3, 4))
+    true_cost = {0: 1.0, 2: 1.25, 3: 1.3, 4: 1.35}
+    for k in (0, 2, 3):
+        policy.record_step_time(1, k, true_cost[k])
+    policy.record_step_time(1, 4, 3.0)  # once, on a busy machine
+    r = SimpleNamespace(k=3, acceptance=Acceptance.prior(0.8), off_steps=0, probe_wait=PROBE_FIRST, ids=[],
+                        draft_valid=0)
+    ks = []
+    for _ in range(4 * EXPLORE_EVERY):
+        policy.record_step_time(1, r.k, true_cost[r.k])
+        policy.update(r, r.k, r.k, policy.step_cost_fn(1))  # every draft accepted: the longest K pays most
+        ks.append(r.k)
+    assert ks[:EXPLORE_EVERY - 1] == [3] * (EXPLORE_EVERY - 1) and ks[EXPLORE_EVERY - 1] == 4  # explored up
+    assert ks[-EXPLORE_EVERY:].count(4) >= EXPLORE_EVERY - 1, ks  # K = 4 measured again, and chosen since
+    assert policy.step_seconds[(1, 4)] == pytest.approx(1.35)  # the busy measurement replaced, not averaged in
 
 
 def test_engine_switches_speculation_off_when_it_does_not_pay(tiny_pair_dirs):

@@ -19,6 +19,12 @@ PROBE_FIRST, PROBE_AFTER = 8, 32
 # decoding, 0.99x without: benchmarks/README.md, "A feature head on ONNX Runtime")
 PROBE_CATCH_UP_MAX = 2 * PROBE_AFTER
 PROBE_ADMISSIONS = 16  # with speculation off, one new request in this many starts at K = 1
+# Every EXPLORE_EVERY-th drafting step takes the next draft length up, then the next down, instead of the chosen one,
+# and a step time older than STALE_STEPS steps is replaced, not averaged in: on a CPU whose load moves, lengths the
+# policy had stopped choosing kept one old measurement each and were never chosen again (head Q on the float32 ONNX
+# export chose K = 3 on 72 % of its steps, at 1.53x plain decoding against 1.64x at a fixed K = 4:
+# benchmarks/README.md, "The draft-length policy on the CPU"). The chosen length is measured every step (averaged).
+EXPLORE_EVERY = STALE_STEPS = 16
 
 
 @dataclass
@@ -116,6 +122,8 @@ class DraftPolicy:
         # Step wall times measured while serving, per (batch bucket, K): they include the host work the
         # forward-only calibration misses, which decides whether speculation pays for small models.
         self.step_seconds: dict[tuple[int, int], float] = {}
+        self.measured_at: dict[tuple[int, int], int] = {}  # the step count at each key's last measurement
+        self.steps = self.drafting_steps = 0
         self.seeded: set[tuple[int, int]] = set()  # step_seconds keys holding seed_step_times' values
 
     def admit(self, r, batch: int) -> None:
@@ -150,6 +158,11 @@ class DraftPolicy:
                 r.k, r.off_steps, r.probe_wait = 1, 0, min(2 * r.probe_wait, PROBE_AFTER)
             return
         r.k = choose_k(r.acceptance.alpha, step_cost, self.lengths)
+        if r.k:
+            self.drafting_steps += 1
+            if self.drafting_steps % EXPLORE_EVERY == 0:
+                i = self.lengths.index(r.k) + (1 if self.drafting_steps % (2 * EXPLORE_EVERY) else -1)
+                r.k = self.lengths[min(max(i, 0), len(self.lengths) - 1)]
 
     def step_lengths(self) -> list[int]:
         """Every K a step may take (0: plain decoding)."""
@@ -193,8 +206,10 @@ class DraftPolicy:
     def record_step_time(self, batch: int, k: int, seconds: float) -> None:
         """With a draft tree, a sampled step's chain of K and a greedy tree of depth K share the key."""
         key = (batch_bucket(batch), k)
+        self.steps += 1
         old = self.step_seconds.get(key)
-        if key in self.seeded:
+        if key in self.seeded or self.steps - self.measured_at.get(key, self.steps) > STALE_STEPS:
             self.seeded.discard(key)
             old = None
         self.step_seconds[key] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        self.measured_at[key] = self.steps
