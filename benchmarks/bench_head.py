@@ -41,10 +41,10 @@ def agreement(target, head, prompts: list[list[int]], replies: list[list[int]]) 
     hits = total = 0
     for prompt, reply in zip(prompts, replies):
         x = torch.tensor([prompt + reply])
-        features = target.hidden_states(x, torch.arange(x.shape[1])[None])
+        features, stored = target.layer_features(x, torch.arange(x.shape[1])[None], head.feature_layers)
         greedy = target.lm_head(target.model.norm(features))[0, len(prompt) - 1:-1].argmax(-1)
         assert greedy.tolist() == reply, "the target's argmax must be its greedy reply"
-        before = F.pad(features[:, :-1], (0, 0, 1, 0))
+        before = F.pad(head.target_features(stored)[:, :-1], (0, 0, 1, 0))
         mine = head.logits(target, head(target, x, before))[0, len(prompt) - 1:-1].argmax(-1)
         hits, total = hits + int((mine == greedy).sum()), total + len(reply)
     return hits, total

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from kernels.prefix import prefix_rows
 from npc_engine.head import FeatureHead, is_head_dir, load_head
+from npc_engine.loading import CheckpointError
 from npc_engine.model import KVCache, Transformer, TreeStep
 from npc_engine.sampling import probs_from_logits, sample
 
@@ -36,7 +37,7 @@ class Drafter(Protocol):
     prior_alpha: float  # the acceptance rate assumed before any is measured
     drafts: bool  # False: plain decoding (the engine never asks for drafts)
     host_drafts: bool  # drafts come from `lookup` over the host's tokens (not from a device forward)
-    uses_features: bool  # reads the target's hidden states (the target keeps its feature store)
+    uses_features: bool  # reads the target's hidden states (attach(): the target writes them into its store)
     drafts_trees: bool  # has draft_tree(last, lengths, slots, width, depth, nodes, kv_len, prefix) -> DraftTree
     transformer: Transformer | None  # a full draft model the engine may fuse and capture in CUDA graphs
     cache: KVCache | None  # per-slot state, in the engine's slot layout (prefix slots included)
@@ -181,36 +182,51 @@ class HeadDrafter:
 
     def __init__(self, head: FeatureHead, target: Transformer, n_slots: int, max_seq: int, device, dtype):
         self.model, self.target, self.device, self.dtype = head, target, device, dtype
+        if target.feature_layers != head.feature_layers:
+            if not isinstance(target, Transformer):  # an ONNX export outputs the layers it was exported with
+                raise CheckpointError(
+                    f"the feature head reads the outputs of target layers {list(head.feature_layers) or 'last'}, the "
+                    f"export outputs layers {list(target.feature_layers) or 'last'}: re-export with `npc-engine "
+                    f"export-onnx --layout ort --draft-weights --feature-layers "
+                    f"{','.join(map(str, head.feature_layers)) or 'last'}`")
         # Later drafts copied from earlier in the line where the first draft is found there (copy_after). On the CPU a
         # step that copies skips the head's forwards (head Q: 1.53x plain decoding with copies, 1.30x without); on an
         # H200 the lookup cost 0.06 ms of a 1.0-1.6 ms step, and head Q decoded at 1.34x with copies, 1.39x without.
         self.copies = torch.device(device).type == "cpu"
         if head.draft_ids is not None:
             head.draft_rows(target)  # taken now: a target it cannot draft for is refused at load, not mid-line
-        self.cache = self.tokens = None
+        self.cache = self.tokens = self.store = None
         self.allocate(n_slots, max_seq)
 
     def slot_bytes(self, max_seq: int) -> int:
         """The head's KV, the target's stored features and the head's token store."""
         return KVCache.slot_bytes(self.model.args, max_seq, self.dtype) + max_seq * (
-            self.model.args.dim * self.dtype.itemsize + torch.long.itemsize)
+            self.store_width() * self.dtype.itemsize + torch.long.itemsize)
+
+    def store_width(self) -> int:
+        return max(1, len(self.model.feature_layers)) * self.model.args.dim
 
     def allocate(self, n_slots: int, max_seq: int) -> None:
-        """The head's cache, the target's feature store and the head's token store, one row per slot."""
-        if (self.cache is not None and self.cache.max_seq == max_seq and self.cache.n_slots >= n_slots
-                and self.target.feature_store is not None):
-            return
-        self.cache = self.target.feature_store = self.tokens = None  # freed before the larger ones are allocated
-        self.cache = KVCache(self.model.args, n_slots, max_seq, self.device, self.dtype)
-        self.target.feature_store = torch.zeros(n_slots, max_seq, self.model.args.dim, device=self.device,
-                                                dtype=self.dtype)
-        self.tokens = torch.zeros(n_slots, max_seq, dtype=torch.long, device=self.device)
+        """The head's cache, the target's feature store and the head's token store, one row per slot; attached."""
+        if self.cache is None or self.cache.max_seq != max_seq or self.cache.n_slots < n_slots:
+            self.cache = self.store = self.tokens = None  # freed before the larger ones are allocated
+            self.cache = KVCache(self.model.args, n_slots, max_seq, self.device, self.dtype)
+            self.store = torch.zeros(n_slots, max_seq, self.store_width(), device=self.device, dtype=self.dtype)
+            self.tokens = torch.zeros(n_slots, max_seq, dtype=torch.long, device=self.device)
+        self.attach()
+
+    def attach(self) -> None:
+        """The target stores the outputs this head reads in this drafter's store (engines sharing one target, each
+        with its own head, attach theirs before each step)."""
+        self.target.feature_store, self.target.feature_layers = self.store, self.model.feature_layers
 
     def features_before(self, slots: torch.Tensor, input_pos: torch.Tensor,
                         prefix: torch.Tensor | None) -> torch.Tensor:
-        """The target's feature at each position before input_pos [B, T] (zeros before position 0)."""
+        """The target's feature at each position before input_pos [B, T] (zeros before position 0), as the head
+        reads it (FeatureHead.target_features)."""
         before = (input_pos - 1).clamp(min=0)
-        return self.target.feature_store[prefix_rows(slots, before, prefix), before] * (input_pos > 0)[..., None]
+        stored = self.target.feature_store[prefix_rows(slots, before, prefix), before]
+        return self.model.target_features(stored) * (input_pos > 0)[..., None]
 
     def run(self, tokens, input_pos, features, slots, kv_len, prefix, tree: TreeStep | None = None) -> torch.Tensor:
         if tree is None:  # tree nodes are not the line's tokens: the step writes the accepted ones (engine.trees)

@@ -18,9 +18,15 @@ one dimension at 528), so an unnormalized fc hardly sees the token. Both inputs 
 the head's output scale is then free (the target's final norm and the next position's input norm both remove it).
 Heads saved before the norms (no `input_norms` in their config) load and draft as they were trained.
 
+Several layers' features (EAGLE-3): a head may read the outputs of several target layers (`feature_layers`, e.g. a low,
+two middle and the last one), each RMS-normalized, side by side, mixed to one feature by the `fuse` linear layer; the
+target stores those outputs side by side (`Transformer.feature_layers`, an `ort` export's `--feature-layers`). Its
+own predicted features, fed back while drafting, are already one feature wide and skip the mix.
+
 A head folder holds `config.json` (the target's shape with one layer, `architectures`:
 ["NpcEngineFeatureHead"], `input_norms`, `draft_vocab_size` when reduced) and `model.safetensors` (`fc.weight`,
-`layer.*`, `embed_norm.weight` and `feature_norm.weight` with input norms, `draft_ids` when reduced).
+`layer.*`, `embed_norm.weight` and `feature_norm.weight` with input norms, `draft_ids` when reduced; with several
+feature layers, `feature_layers` in the config and `layer_norms.*`, `fuse.weight`).
 """
 import json
 from pathlib import Path
@@ -55,9 +61,17 @@ class FeatureHead(nn.Module):
     # (npc_engine.fusion.fuse_projections_); set with the target's by npc_engine.engine.forwards.use_fused_kernels.
     fused: bool = False
 
-    def __init__(self, args: ModelArgs, draft_ids: torch.Tensor | None = None, input_norms: bool = True):
+    def __init__(self, args: ModelArgs, draft_ids: torch.Tensor | None = None, input_norms: bool = True,
+                 feature_layers: tuple[int, ...] = ()):
+        """feature_layers: two or more target layers whose outputs the head reads; () the last layer's alone."""
         super().__init__()
         self.args = args  # the target's shape with n_layers = 1 (the KV cache of the head has one layer)
+        if len(feature_layers) == 1:
+            raise ValueError("feature_layers: two or more layers, or () for the last layer's output alone")
+        self.feature_layers = tuple(feature_layers)
+        if feature_layers:
+            self.layer_norms = nn.ModuleList(RMSNorm(args.dim, args.norm_eps) for _ in self.feature_layers)
+            self.fuse = Linear(len(self.feature_layers) * args.dim, args.dim, bias=False)
         self.embed_norm = RMSNorm(args.dim, args.norm_eps) if input_norms else None
         self.feature_norm = RMSNorm(args.dim, args.norm_eps) if input_norms else None
         self.fc = Linear(2 * args.dim, args.dim, bias=False)
@@ -65,6 +79,14 @@ class FeatureHead(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         self.register_buffer("draft_ids", None if draft_ids is None else torch.as_tensor(draft_ids, dtype=torch.long))
         self._rows, self._rows_of = None, (None, -1)  # the target's output-head rows of draft_ids, taken once
+
+    def target_features(self, stored: torch.Tensor) -> torch.Tensor:
+        """The target's stored features [..., len(feature_layers) * dim] as the head's input feature [..., dim]."""
+        if not self.feature_layers:
+            return stored
+        dtype = self.fuse.weight.dtype
+        parts = stored.to(dtype).chunk(len(self.feature_layers), -1)
+        return self.fuse(torch.cat([norm(part) for norm, part in zip(self.layer_norms, parts)], -1))
 
     def draft_rows(self, target: Transformer) -> torch.Tensor:
         """Taken again when the output head changes (another tensor, or this one edited in place: folded norms)."""
@@ -106,9 +128,9 @@ class FeatureHead(nn.Module):
                 input_pos: torch.Tensor | None = None, cache: KVCache | None = None, slots: torch.Tensor | None = None,
                 kv_len: int | None = None, prefix: torch.Tensor | None = None,
                 tree: TreeStep | None = None) -> torch.Tensor:
-        """tokens [B, T], features [B, T, dim] (the target's feature at each position before): the predicted
-        features [B, T, dim]. Without a cache the T positions attend causally to each other (training); tree: the
-        tokens are draft-tree nodes (npc_engine.model.TreeStep)."""
+        """tokens [B, T], features [B, T, dim] (the feature at each position before: target_features of the target's
+        or the head's own prediction): the predicted features [B, T, dim]. Without a cache the T positions attend
+        causally to each other (training); tree: the tokens are draft-tree nodes (npc_engine.model.TreeStep)."""
         B, T = tokens.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=tokens.device).expand(B, T)
@@ -146,6 +168,14 @@ def head_logits(target: Transformer, features: torch.Tensor) -> torch.Tensor:
     return target.lm_head(target.model.norm(features.to(target.model.norm.weight.dtype)))
 
 
+def default_feature_layers(n_layers: int) -> tuple[int, ...]:
+    """A low, two middle and the last layer (SmolLM2-135M's 30: 5, 12, 20, 29), as EAGLE-3 mixes low, middle and
+    high features; () for a one-layer target. Against the last layer alone, at equal training on the H200:
+    teacher-forced dev agreement 0.738 against 0.688 (benchmarks/README.md, "Several layers' features")."""
+    layers = tuple(sorted({n_layers // 6, 2 * n_layers // 5, 2 * n_layers // 3, n_layers - 1}))
+    return layers if len(layers) > 1 else ()
+
+
 def head_args(target_args: ModelArgs) -> ModelArgs:
     return ModelArgs(**{**target_args.__dict__, "n_layers": 1, "architecture": "LlamaForCausalLM"})
 
@@ -161,6 +191,8 @@ def save_head(head: FeatureHead, path: str | Path, target_name: str, dtype: torc
     cfg = {**head.args.to_hf_config(), "architectures": [ARCHITECTURE], "model_type": "npc_engine_feature_head",
            "target": target_name, "torch_dtype": str(dtype).removeprefix("torch."),
            "input_norms": head.embed_norm is not None}
+    if head.feature_layers:
+        cfg["feature_layers"] = list(head.feature_layers)
     if head.draft_ids is not None:
         cfg["draft_vocab_size"] = len(head.draft_ids)
     (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -192,7 +224,13 @@ def load_head(path: str | Path, target: Transformer, device, dtype=None) -> Feat
                                   or int(draft_ids.min()) < 0 or int(draft_ids.max()) >= args.vocab_size):
         raise CheckpointError(f"{weights.name}: draft_ids must be a non-empty list of token ids below "
                               f"{args.vocab_size}")
-    head = FeatureHead(args, draft_ids, input_norms=cfg.get("input_norms", False))
+    raw = cfg.get("feature_layers") or []
+    layers = tuple(raw) if isinstance(raw, list) else (raw,)
+    if layers and (len(layers) < 2 or not all(isinstance(i, int) for i in layers)
+                   or list(layers) != sorted(set(layers)) or not 0 <= layers[0] <= layers[-1] < target.args.n_layers):
+        raise CheckpointError(f"feature head {path}: feature_layers {list(layers)} must be two or more increasing "
+                              f"layer indices of this target's {target.args.n_layers} layers")
+    head = FeatureHead(args, draft_ids, input_norms=cfg.get("input_norms", False), feature_layers=layers)
     expected_shapes = {k: v.shape for k, v in head.state_dict().items()}
     for name, tensor in tensors.items():
         if expected_shapes.get(name) != tensor.shape:

@@ -364,8 +364,10 @@ class Transformer(nn.Module):
     # With a cache, run the fused kernels of kernels/ (Triton on CUDA, their PyTorch references elsewhere).
     fused: bool = False
     # [n_slots, max_seq, dim]: when set, every cached forward stores its last hidden states (before the final norm)
-    # at (slot, position), the features a feature-head drafter reads (npc_engine.head).
+    # at (slot, position), the features a feature-head drafter reads (npc_engine.head). With feature_layers (two or
+    # more layer indices, a head's) it stores those layers' outputs side by side: [n_slots, max_seq, n * dim].
     feature_store: torch.Tensor | None = None
+    feature_layers: tuple[int, ...] = ()
     reads_prefix_slots = True  # a row reads its persona prefix from the prefix's slot (forward's `prefix`)
 
     def __init__(self, args: ModelArgs):
@@ -400,9 +402,6 @@ class Transformer(nn.Module):
                     raise ValueError("the fused forward needs npc_engine.fusion.fuse_projections_(model) first")
                 return self.forward_fused(tokens, input_pos, cache, slots, kv_len, logits, prefix, tree)
         x = self.hidden_states(tokens, input_pos, cache, slots, kv_len, prefix, tree)
-        if cache is not None and self.feature_store is not None:
-            at = input_pos if tree is None else tree.write
-            self.feature_store[slots[:, None], at] = x.to(self.feature_store.dtype)
         if isinstance(logits, torch.Tensor):
             x = x[torch.arange(B, device=x.device), logits]
         elif not logits:
@@ -412,14 +411,42 @@ class Transformer(nn.Module):
     def hidden_states(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache: KVCache | None = None,
                       slots: torch.Tensor | None = None, kv_len: int | None = None,
                       prefix: torch.Tensor | None = None, tree: TreeStep | None = None) -> torch.Tensor:
-        """The last decoder layer's output [B, T, dim], before the final norm (forward's arguments)."""
+        """The last decoder layer's output [B, T, dim], before the final norm (forward's arguments); with a cache
+        and a feature store, the features stored too."""
+        return self.layer_outputs(tokens, input_pos, cache, slots, kv_len, prefix, tree)[0]
+
+    def layer_features(self, tokens: torch.Tensor, input_pos: torch.Tensor,
+                       layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Without a cache (a feature head's training): the last layer's output [B, T, dim] and the listed layers'
+        side by side [B, T, len(layers) * dim]; () lists the last alone."""
+        last, kept = self.layer_outputs(tokens, input_pos, keep=layers)
+        return last, torch.cat(kept, -1) if kept else last
+
+    def layer_outputs(self, tokens, input_pos, cache: KVCache | None = None, slots=None, kv_len=None, prefix=None,
+                      tree: TreeStep | None = None, keep: tuple[int, ...] = ()) -> tuple[torch.Tensor, list]:
         groups = self.args.n_heads // self.args.n_kv_heads
         layout = None if cache is None else cache.layout(slots, input_pos, prefix, kv_len, groups, tree)
         x = self.model.embed_tokens(tokens)
         cos, sin = rope_cos_sin(input_pos, self.inv_freq, x.dtype)
+        store, kept = self.store_columns() if cache is not None else {}, []
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, None if cache is None else cache.layer(i), layout)
-        return x
+            if i in store:
+                self.store_features(x, store[i], slots, input_pos if tree is None else tree.write)
+            if i in keep:
+                kept.append(x)
+        return x, kept
+
+    def store_columns(self) -> dict[int, slice]:
+        """Layer index -> the feature store's columns its output fills ({} without a store)."""
+        if self.feature_store is None:
+            return {}
+        dim = self.args.dim
+        return {i: slice(n * dim, (n + 1) * dim)
+                for n, i in enumerate(self.feature_layers or (self.args.n_layers - 1,))}
+
+    def store_features(self, x: torch.Tensor, columns: slice, slots: torch.Tensor, at: torch.Tensor) -> None:
+        self.feature_store[slots[:, None], at, columns] = x.to(self.feature_store.dtype)
 
     def forward_fused(self, tokens, input_pos, cache: KVCache, slots, kv_len: int,
                       logits: bool | torch.Tensor = True, prefix: torch.Tensor | None = None,
@@ -444,22 +471,22 @@ class Transformer(nn.Module):
         rows_fused = one_row or (plain and tokens.numel() <= FUSED_MAX_ROWS and self.args.dim <= ROWS_FUSED_MAX_DIM)
         rope_in_qkv = one_row and self.args.dim <= QKV_ROPE_MAX_DIM
         h, pending = self.model.embed_tokens(tokens), None  # pending: a block's output not yet added to h
+        store, at = self.store_columns(), input_pos if tree is None else tree.write
         for i, layer in enumerate(self.model.layers):
             if rows_fused:
                 h = fused_layer(layer, h, cos, sin, input_pos, *cache.layer(i), slots, kv_len, prefix, tree,
                                 rope_in_qkv)
-                continue
-            attn, mlp = layer.self_attn, layer.mlp
-            eps1, eps2 = layer.input_layernorm.eps, layer.post_attention_layernorm.eps
-            x, h = add_rmsnorm(h, None, None, eps1) if pending is None else add_rmsnorm(pending, h, None, eps1)
-            pending = attn.forward_fused(linear(x, *attn.qkv), cos, sin, input_pos, *cache.layer(i), slots, kv_len,
-                                         prefix, residual=None, tree=tree)
-            x, h = add_rmsnorm(pending, h, None, eps2)
-            pending = linear(gated_linear(x, *mlp.gate_up), *linear_params(mlp.down_proj))
-        if self.feature_store is not None:
-            h, pending = h if pending is None else h + pending, None
-            at = input_pos if tree is None else tree.write
-            self.feature_store[slots[:, None], at] = h.to(self.feature_store.dtype)
+            else:
+                attn, mlp = layer.self_attn, layer.mlp
+                eps1, eps2 = layer.input_layernorm.eps, layer.post_attention_layernorm.eps
+                x, h = add_rmsnorm(h, None, None, eps1) if pending is None else add_rmsnorm(pending, h, None, eps1)
+                pending = attn.forward_fused(linear(x, *attn.qkv), cos, sin, input_pos, *cache.layer(i), slots,
+                                             kv_len, prefix, residual=None, tree=tree)
+                x, h = add_rmsnorm(pending, h, None, eps2)
+                pending = linear(gated_linear(x, *mlp.gate_up), *linear_params(mlp.down_proj))
+            if i in store:
+                h, pending = h if pending is None else h + pending, None
+                self.store_features(h, store[i], slots, at)
         if isinstance(logits, torch.Tensor):
             rows = torch.arange(h.shape[0], device=h.device)
             h, pending = h[rows, logits][:, None], None if pending is None else pending[rows, logits][:, None]

@@ -81,7 +81,7 @@ def read_manifest(path: Path) -> dict:
 class OnnxModel:
     """An ONNX decoder-with-past run by ONNX Runtime, with a Transformer's call signature."""
 
-    feature_store: torch.Tensor | None = None  # [slots, max_seq, dim]: a feature head's, as Transformer's
+    feature_store: torch.Tensor | None = None  # [slots, max_seq, dim × layers]: a feature head's, as Transformer's
 
     def __init__(self, path: str | Path, provider: str = "cpu", threads: int = 0):
         path = Path(path)
@@ -129,6 +129,8 @@ class OnnxModel:
         # GroupQueryAttention reads one buffer per row: the engine copies a persona prefix into the row's own slot
         self.reads_prefix_slots = self.layout == "portable"
         self.path, self.hidden = path, "hidden_states" in manifest["outputs"]
+        # the layers whose outputs hidden_states holds side by side (export-onnx --feature-layers); (): the last
+        self.feature_layers = tuple(manifest.get("feature_layers") or ())
 
     def attach_draft_weights(self) -> None:
         """`model.embed_tokens`, `model.norm` and `lm_head` in torch, as a feature head reads them of its target (the
@@ -187,7 +189,8 @@ class OnnxModel:
         for name, tensor in inputs.items():
             self.bind(name, tensor)
         self.bind("logits", out, output=True)
-        hidden = torch.empty(B, T, self.args.dim, dtype=self.dtype, device=self.device) if self.hidden else None
+        width = max(1, len(self.feature_layers)) * self.args.dim
+        hidden = torch.empty(B, T, width, dtype=self.dtype, device=self.device) if self.hidden else None
         if hidden is not None:
             self.bind("hidden_states", hidden, output=True)
         for name, tensor in presents.items():

@@ -20,7 +20,9 @@ place), q/k/v one MatMul and gate/up one MatMul:
            past_key_values.{i}.key / .value [batch, kv_heads, buffer, head_dim]
   outputs  logits [batch, seq, vocab], present.{i}.key / .value: the past buffers themselves (bind them to the same
            memory), the new tokens' keys and values written at positions seqlens_k + 1 - seq ...,
-           hidden_states [batch, seq, hidden]: the last decoder layer's output before the final norm
+           hidden_states [batch, seq, hidden]: the last decoder layer's output before the final norm; with
+           `--feature-layers I,J,...` [batch, seq, n × hidden]: those layers' outputs side by side (what a feature
+           head trained with the same `--feature-layers` reads)
 
 A row's new tokens sit at positions seqlens_k + 1 - seq onwards and see every cache entry before them. The hidden
 states and, with `--draft-weights`, DRAFT_WEIGHTS_FILE (the embedding, final norm and output head in the export's
@@ -143,9 +145,9 @@ class GroupQueryAttention(torch.autograd.Function):
 class OrtDecoder(nn.Module):
     """The Transformer's weights behind the `--layout ort` interface (see the module docstring)."""
 
-    def __init__(self, model: Transformer):
+    def __init__(self, model: Transformer, feature_layers: tuple[int, ...] = ()):
         super().__init__()
-        self.model = model
+        self.model, self.feature_layers = model, feature_layers or (model.args.n_layers - 1,)
         freqs = torch.arange(model.args.max_position_embeddings, dtype=torch.float32)[:, None] * model.inv_freq.float()
         dtype = model.lm_head.weight.dtype
         self.register_buffer("cos", freqs.cos().to(dtype), persistent=False)  # [positions, head_dim / 2]
@@ -159,7 +161,7 @@ class OrtDecoder(nn.Module):
     def forward(self, input_ids, seqlens_k, total_sequence_length, query_seqlens, *past):
         m, args = self.model, self.model.args
         x = m.model.embed_tokens(input_ids)
-        presents = []
+        presents, features = [], []
         for i, layer in enumerate(m.model.layers):
             qkv = self.qkv[i](layer.input_layernorm.reference(x))
             out, k, v = GroupQueryAttention.apply(qkv, past[2 * i], past[2 * i + 1], seqlens_k, total_sequence_length,
@@ -168,7 +170,9 @@ class OrtDecoder(nn.Module):
             x = x + layer.self_attn.o_proj(out)
             gate, up = self.gate_up[i](layer.post_attention_layernorm.reference(x)).chunk(2, dim=-1)
             x = x + layer.mlp.down_proj(F.silu(gate) * up)
-        return (m.lm_head(m.model.norm.reference(x)), *presents, x)
+            if i in self.feature_layers:
+                features.append(x)
+        return (m.lm_head(m.model.norm.reference(x)), *presents, torch.cat(features, -1))
 
 
 class LoraLinear(nn.Module):
@@ -258,11 +262,13 @@ def quantize_weights(proto, bits: int):
 
 def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT_OPSET, dtype: str = "fp32",
                 progress: bool = True, weights: str = "float", layout: str = "portable",
-                adapter: str | Path | None = None, draft_weights: bool = False) -> Path:
+                adapter: str | Path | None = None, draft_weights: bool = False,
+                feature_layers: tuple[int, ...] = ()) -> Path:
     """Write OUT_DIR/model.onnx (weights in model.onnx.data when over EXTERNAL_DATA_BYTES), the tokenizer
     and config files and manifest.json. Returns the path of model.onnx. weights: "float" (the export's dtype),
     "int8" or "int4"; layout: "portable" or "ort" (module docstring); adapter: a PEFT LoRA folder, merged into the
-    weights but kept beside int4 ones (LoraLinear); draft_weights: with layout "ort", DRAFT_WEIGHTS_FILE too."""
+    weights but kept beside int4 ones (LoraLinear); draft_weights: with layout "ort", DRAFT_WEIGHTS_FILE too;
+    feature_layers: with layout "ort", two or more layers whose outputs hidden_states holds (default the last's)."""
     import onnx  # only the exporter needs it; the runtime backend does not
 
     model_dir, out_dir = resolve_model(model_dir), Path(out_dir)  # a .gguf file: its converted folder
@@ -274,6 +280,8 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
         raise ExportError(f"--layout {layout!r} not supported; choose one of {', '.join(LAYOUTS)}")
     if draft_weights and layout != "ort":
         raise ExportError("--draft-weights goes with --layout ort (the graph that outputs its hidden states)")
+    if feature_layers and layout != "ort":
+        raise ExportError("--feature-layers goes with --layout ort (the graph that outputs its hidden states)")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"--opset {opset} not supported; choose {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})")
     if out_dir.exists() and out_dir.resolve() == model_dir.resolve():
@@ -288,6 +296,10 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
     if keep_pairs:
         keep_adapter_beside_(model, adapter)
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if feature_layers and (len(feature_layers) < 2 or list(feature_layers) != sorted(set(feature_layers))
+                           or not 0 <= feature_layers[0] <= feature_layers[-1] < model.args.n_layers):
+        raise ExportError(f"--feature-layers {','.join(map(str, feature_layers))}: two or more increasing layer "
+                          f"indices below the model's {model.args.n_layers} layers")
     if layout == "ort" and model.args.head_dim % 16:
         raise ExportError(f"--layout ort: ONNX Runtime's GroupQueryAttention wants a head dimension that is a "
                           f"multiple of 16, this model's is {model.args.head_dim}; use --layout portable")
@@ -300,7 +312,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
         traced = Path(scratch) / MODEL_FILE
         try:
             with torch.no_grad():
-                graph = DecoderWithPast(model) if layout == "portable" else OrtDecoder(model)
+                graph = DecoderWithPast(model) if layout == "portable" else OrtDecoder(model, feature_layers)
                 torch.onnx.export(graph, example_inputs(model, EXPORT_DTYPES[dtype], layout), str(traced),
                                   dynamo=False, opset_version=opset, input_names=inputs, output_names=outputs,
                                   dynamic_axes=dynamic_axes(model.args.n_layers, layout), do_constant_folding=True,
@@ -339,6 +351,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
         "opset": opset, "dtype": dtype, "weights": weights, "layout": layout, "inputs": inputs, "outputs": outputs,
         "n_layers": args.n_layers, "n_kv_heads": args.n_kv_heads, "head_dim": args.head_dim,
         "vocab_size": args.vocab_size, "draft_weights": DRAFT_WEIGHTS_FILE if draft_weights else None,
+        "feature_layers": list(feature_layers) or None,
         "source_model": str(model_dir.resolve()), "adapter": str(Path(adapter).resolve()) if adapter else None,
         "npc_engine_version": npc_engine.__version__,
         "torch_version": torch.__version__, "onnx_version": onnx.__version__,
@@ -371,7 +384,8 @@ def onnxruntime_version() -> str | None:
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     try:
         path = export_onnx(args.model, args.output, args.opset, args.dtype, weights=args.weights, layout=args.layout,
-                           adapter=args.adapter, draft_weights=args.draft_weights)
+                           adapter=args.adapter, draft_weights=args.draft_weights,
+                           feature_layers=args.feature_layers)
     except (ExportError, CheckpointError) as e:
         print(f"npc-engine export-onnx: error: {e}", file=sys.stderr)
         return 2

@@ -76,8 +76,45 @@ def refeed_and_drafts(target, head: FeatureHead, prompt: list[int]) -> tuple[tor
     return predicted, drafts[0].tolist()
 
 
+def test_a_head_on_several_layers_drafts_from_the_stored_outputs_as_trained(tiny_model_dir, tmp_path):
+    """A head on both layers' outputs: the target stores them side by side, the drafter's refeed predicts the feature
+    the training-time forward (layer_features, target_features) predicts, and the head round-trips through its folder
+    (config feature_layers, fuse and per-layer norms) drafting the same tokens."""
+    target = load_model(tiny_model_dir)
+    torch.manual_seed(0)
+    head = FeatureHead(head_args(target.args), feature_layers=(0, 1)).eval()
+    with torch.no_grad():
+        for norm in head.layer_norms:
+            norm.weight.uniform_(0.5, 2.0)
+    prompt = [(7 * i + 3) % 97 for i in range(30)]
+    predicted, drafts = refeed_and_drafts(target, head, prompt)
+    assert target.feature_layers == (0, 1) and target.feature_store.shape[-1] == 2 * target.args.dim
+    tokens = torch.tensor([prompt])
+    with torch.no_grad():
+        _, stored = target.layer_features(tokens, torch.arange(len(prompt))[None], head.feature_layers)
+        before = torch.nn.functional.pad(head.target_features(stored)[:, :-1], (0, 0, 1, 0))
+        trained = head(target, tokens, before)[:, -1:]
+    assert torch.allclose(predicted, trained, atol=1e-4)
+    save_head(head, tmp_path / "layers", target_name="t", dtype=torch.float32)
+    assert json.loads((tmp_path / "layers" / "config.json").read_text())["feature_layers"] == [0, 1]
+    loaded = load_head(tmp_path / "layers", load_model(tiny_model_dir), "cpu", torch.float32)
+    assert loaded.feature_layers == (0, 1)
+    assert refeed_and_drafts(load_model(tiny_model_dir), loaded, prompt)[1] == drafts
+
+
+@pytest.mark.parametrize("layers", [[1], [1, 0], [0, 2], "0,1"])
+def test_a_head_with_unusable_feature_layers_is_refused(tiny_model_dir, tmp_path, layers):
+    target = load_model(tiny_model_dir)
+    save_head(FeatureHead(head_args(target.args), feature_layers=(0, 1)), tmp_path / "h", target_name="t")
+    config = json.loads((tmp_path / "h" / "config.json").read_text())
+    (tmp_path / "h" / "config.json").write_text(json.dumps({**config, "feature_layers": layers}))
+    with pytest.raises(CheckpointError, match="feature_layers"):
+        load_head(tmp_path / "h", target, "cpu")
+
+
 @pytest.mark.parametrize("reduced", [False, True])
-def test_the_fused_head_drafts_as_the_unfused_one(tiny_model_dir, reduced):
+@pytest.mark.parametrize("layers", [(), (0, 1)])
+def test_the_fused_head_drafts_as_the_unfused_one(tiny_model_dir, reduced, layers):
     """On the fused kernels (their PyTorch references on the CPU: the input norms, the layer with its norms folded
     into fused projections, the refeed's 17 rows and the one-row drafts with the q/k/v + RoPE kernel, the draft
     vocabulary's logits) the head predicts the unfused head's features and drafts the same tokens."""
@@ -86,7 +123,8 @@ def test_the_fused_head_drafts_as_the_unfused_one(tiny_model_dir, reduced):
     for fused in (False, True):
         target = load_model(tiny_model_dir)
         torch.manual_seed(0)
-        head = FeatureHead(head_args(target.args), torch.arange(0, 97, 2) if reduced else None).eval()
+        head = FeatureHead(head_args(target.args), torch.arange(0, 97, 2) if reduced else None,
+                           feature_layers=layers).eval()
         if fused:
             fuse_projections_(target).fused = fuse_projections_(head).fused = True
         runs.append(refeed_and_drafts(target, head, prompt))

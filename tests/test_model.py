@@ -156,19 +156,25 @@ def test_engine_loads_fp8_target(tiny_model_dir):
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_feature_store_holds_the_last_hidden_states(tiny_model_dir, fused):
+@pytest.mark.parametrize("layers", [(), (0, 1)])
+def test_feature_store_holds_the_last_hidden_states(tiny_model_dir, fused, layers):
     """With a feature store, each cached forward (several rows and one) stores the final norm's input at
-    (slot, position), in the eager and the fused forward (the kernels' references on CPU)."""
+    (slot, position), in the eager and the fused forward (the kernels' references on CPU); with feature_layers,
+    those layers' outputs side by side, as layer_features gives them for training."""
     model = load_model(tiny_model_dir)
     tokens = torch.randint(0, model.args.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(8).expand(2, 8)
     with torch.no_grad():
-        expected = model.hidden_states(tokens, positions)
+        last, expected = model.layer_features(tokens, positions, layers)
+        assert torch.equal(last, model.hidden_states(tokens, positions))
+        assert expected.shape[-1] == max(1, len(layers)) * model.args.dim
+        assert not layers or not torch.allclose(expected[..., :model.args.dim], last)
         if fused:
             fuse_projections_(model)
             model.fused = True
         cache = KVCache(model.args, 3, 64, "cpu", torch.float32)
-        model.feature_store = torch.zeros(3, 64, model.args.dim)
+        model.feature_layers = layers
+        model.feature_store = torch.zeros(3, 64, expected.shape[-1])
         slots = torch.tensor([2, 0])
         model(tokens[:, :7], positions[:, :7], cache, slots, 64)
         model(tokens[:1, 7:], positions[:1, 7:], cache, slots[:1], 64)

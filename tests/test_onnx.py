@@ -15,6 +15,7 @@ from npc_engine.cli import main
 from npc_engine.drafters import HeadDrafter, ModelDrafter, NgramDrafter
 from npc_engine.engine import Engine
 from npc_engine.engine.trees import TreeShape
+from npc_engine.errors import CheckpointError
 from npc_engine.head import load_head
 from npc_engine.loading import load_model
 from npc_engine.model import KVCache
@@ -155,24 +156,27 @@ def run_batch(engine: Engine, prompts: list[str], params: SamplingParams, prefix
 
 @pytest.mark.parametrize("draft,k,layout", [("model", 4, "portable"), ("model", None, "portable"),
                                              ("ngram", 6, "portable"), ("model", 4, "ort"), ("ngram", 6, "ort"),
-                                             ("head", 4, "ort"), ("head", None, "ort")])
+                                             ("head", 4, "ort"), ("head", None, "ort"), ("head_layers", 4, "ort")])
 def test_greedy_speculative_output_is_identical_across_backends(tiny_pair_dirs, export, draft, k, layout, tmp_path):
     """A feature head drafts on the `ort` export's hidden states: with a fixed K it proposes the very drafts it
-    proposes on the torch target (features, tokens and its cache copied with each persona prefix)."""
+    proposes on the torch target (features, tokens and its cache copied with each persona prefix); head_layers: on
+    both layers' outputs, from an export with `--feature-layers 0,1`."""
     from npc_engine.head import save_head
     from tests.test_speculative import random_head
 
     target_dir, draft_dir = tiny_pair_dirs
     target = load_model(target_dir)
     head_dir = tmp_path / "head"
-    save_head(random_head(target), head_dir, target_name="tiny", dtype=torch.float32)
+    layers = (0, 1) if draft == "head_layers" else ()
+    draft = "head" if layers else draft
+    save_head(random_head(target, feature_layers=layers), head_dir, target_name="tiny", dtype=torch.float32)
     drafter = (ModelDrafter(load_model(draft_dir), 5, 512, "cpu", torch.float32) if draft == "model"
                else HeadDrafter(load_head(head_dir, target, "cpu"), target, 5, 512, "cpu", torch.float32)
                if draft == "head" else NgramDrafter(target.args.vocab_size, "cpu"))
     torch_engine = Engine(target, drafter, Tokenizer.from_dir(target_dir), max_batch=4, max_seq=512, fixed_k=k)
     # the draft model's head dimension (8) is one GroupQueryAttention does not take: its export stays portable
     spec = {"model": str(export(draft_dir)), "head": str(head_dir)}.get(draft, draft)
-    options = {"draft_weights": True} if draft == "head" else {}
+    options = {"draft_weights": True, **({"feature_layers": layers} if layers else {})} if draft == "head" else {}
     onnx_engine = Engine.load(export(target_dir, layout=layout, **options), draft=spec, backend="onnx", max_batch=4,
                               max_seq=512, fixed_k=k)
     assert isinstance(onnx_engine.target, OnnxModel)
@@ -340,6 +344,14 @@ def test_feature_head_needs_an_export_with_hidden_states(tiny_model_dir, export,
         Engine.load(export(tiny_model_dir), draft=str(tmp_path / "head"))
     with pytest.raises(ValueError, match=f"draft_weights.safetensors, which this export lacks; {fix}"):
         Engine.load(export(tiny_model_dir, layout="ort"), draft=str(tmp_path / "head"))
+    save_head(FeatureHead(head_args(load_model(tiny_model_dir).args), feature_layers=(0, 1)), tmp_path / "layers",
+              target_name="tiny")
+    with pytest.raises(CheckpointError, match="export outputs layers last: re-export with .* --feature-layers 0,1"):
+        Engine.load(export(tiny_model_dir, layout="ort", draft_weights=True), draft=str(tmp_path / "layers"))
+    with pytest.raises(ValueError, match="--feature-layers goes with --layout ort"):
+        export_onnx(tiny_model_dir, tmp_path / "x", progress=False, feature_layers=(0, 1))
+    with pytest.raises(ValueError, match="two or more increasing layer indices"):
+        export_onnx(tiny_model_dir, tmp_path / "x", progress=False, layout="ort", feature_layers=(1, 0))
     with pytest.raises(ValueError, match="a draft tree runs the torch backend's forward"):
         Engine.load(export(tiny_model_dir, layout="ort", draft_weights=True), draft=str(tmp_path / "head"),
                     draft_tree=TreeShape(2, 4))

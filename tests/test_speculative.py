@@ -46,6 +46,8 @@ def make_engine(target_dir, drafter_kind, draft_dir=None, dtype=torch.float32, *
         drafter = ModelDrafter(load_model(draft_dir), 9, 1024, "cpu", torch.float32)
     elif drafter_kind == "head":  # random: mostly wrong drafts
         drafter = HeadDrafter(random_head(target).to(dtype), target, 9, 1024, "cpu", dtype)
+    elif drafter_kind == "head_layers":  # on both layers' outputs: the target stores them side by side
+        drafter = HeadDrafter(random_head(target, feature_layers=(0, 1)), target, 9, 1024, "cpu", torch.float32)
     elif drafter_kind == "head_reduced":  # drafts over every third id only
         drafter = HeadDrafter(random_head(target, draft_ids=torch.arange(0, target.args.vocab_size, 3)), target, 9,
                               1024, "cpu", torch.float32)
@@ -56,9 +58,10 @@ def make_engine(target_dir, drafter_kind, draft_dir=None, dtype=torch.float32, *
     return Engine(target, drafter, Tokenizer.from_dir(target_dir), max_batch=8, **kwargs)
 
 
-def random_head(target: Transformer, seed: int = 0, draft_ids: torch.Tensor | None = None) -> FeatureHead:
+def random_head(target: Transformer, seed: int = 0, draft_ids: torch.Tensor | None = None,
+                feature_layers: tuple[int, ...] = ()) -> FeatureHead:
     torch.manual_seed(seed)
-    return FeatureHead(head_args(target.args), draft_ids).eval().requires_grad_(False)
+    return FeatureHead(head_args(target.args), draft_ids, feature_layers=feature_layers).eval().requires_grad_(False)
 
 
 def run_batch(engine, prompts, params):
@@ -76,7 +79,8 @@ def run_batch(engine, prompts, params):
                                                   ("ngram", None, False), ("none", 4, False), ("model", 4, True),
                                                   ("head", 5, False), ("head", None, False), ("head", 3, True),
                                                   ("head_reduced", 4, False), ("head_reduced", None, False),
-                                                  ("head_reduced", 3, True)])
+                                                  ("head_reduced", 3, True), ("head_layers", 4, False),
+                                                  ("head_layers", 3, True)])
 def test_greedy_speculative_is_token_identical_across_batch_sizes(tiny_pair_dirs, drafter_kind, k, fused):
     """fused: the kernels' PyTorch references, which check their inputs as the GPU kernels need them."""
     target_dir, draft_dir = tiny_pair_dirs
@@ -532,3 +536,19 @@ def test_draft_cache_catches_up_after_steps_without_drafting(tiny_pair_dirs):
     fresh, fresh_slot = prefilled_reference(target_dir, draft_dir, req.ids)
     ours, theirs = engine.drafter.cache.k[:, req.slot, :, :n - 2], fresh.drafter.cache.k[:, fresh_slot, :, :n - 2]
     assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_engines_sharing_a_target_each_draft_from_their_own_feature_store(tiny_pair_dirs):
+    """Two heads on one target, one on the last layer's output and one on both layers', each in its own engine,
+    taking turns line by line (as a benchmark runs them) beside a plain engine: every line is the plain one."""
+    target_dir, _ = tiny_pair_dirs
+    params = SamplingParams(temperature=0, max_tokens=16)
+    target, tok = load_model(target_dir), Tokenizer.from_dir(target_dir)
+    plain = run_batch(make_engine(target_dir, "none"), PROMPTS[:3], params)
+    engines = [Engine(target, HeadDrafter(random_head(target, feature_layers=layers), target, 3, 256, "cpu",
+                                          torch.float32), tok, max_batch=2, max_seq=256, fixed_k=3)
+               for layers in ((), (0, 1))]
+    engines.insert(1, Engine(target, NoDrafter(), tok, max_batch=2, max_seq=256))
+    for i, prompt in enumerate(PROMPTS[:3]):
+        for engine in engines:
+            assert run_batch(engine, [prompt], params) == [plain[i]]

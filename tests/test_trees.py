@@ -82,8 +82,10 @@ def test_greedy_lines_with_draft_trees_equal_plain_lines_at_every_batch_size(tin
             accepted, steps = sum(s.accepted for s in stats), sum(s.target_forwards for s in stats)
             assert engine.drafter.planted >= accepted >= engine.drafter.planted - 4 * batch
             assert accepted >= 1.5 * steps
-    # the random head alone (nothing planted): its trees are mostly rejected, the lines the same
-    assert run_batch(make_engine(target_dir, "head", fixed_k=k, draft_tree=tree), prompts, params) == plain
+    # random heads alone (nothing planted), on the last layer and on both layers: their trees are mostly rejected,
+    # the lines the same
+    for kind in ("head", "head_layers"):
+        assert run_batch(make_engine(target_dir, kind, fixed_k=k, draft_tree=tree), prompts, params) == plain
 
 
 @pytest.mark.parametrize("tree,k", [(TreeShape(3, 8), 3), (TreeShape(4, 16), 4)])

@@ -98,3 +98,14 @@ def check_device(device: str) -> None:
     if not torch.cuda.is_available():
         reason = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
         raise ValueError(f"--device cuda: {reason} (torch {torch.__version__}); use --device cpu")
+
+
+def feature_layers(text: str) -> tuple[int, ...]:
+    """--feature-layers: comma-separated target layer indices, or "last" (the last layer's output alone: ())."""
+    if text.strip() == "last":
+        return ()
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices such as 5,12,20,29, or last; "
+                                         f"got {text!r}") from None

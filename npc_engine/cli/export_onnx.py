@@ -1,6 +1,8 @@
 """`npc-engine export-onnx`: a model folder to ONNX with explicit KV-cache inputs and outputs."""
 import argparse
 
+from npc_engine.cli.common import feature_layers
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("export-onnx", help="export a model folder to ONNX with explicit KV-cache inputs and outputs")
@@ -20,6 +22,9 @@ def add_parser(sub) -> None:
     p.add_argument("--draft-weights", action="store_true",
                    help="with --layout ort: also write the embedding, final norm and output head, unquantized, so a "
                         "feature head can draft for the export (--draft HEAD_DIR)")
+    p.add_argument("--feature-layers", type=feature_layers, default=(),
+                   help="with --layout ort: the layers whose outputs hidden_states holds side by side, those a "
+                        "feature head was trained on (its config.json's feature_layers; default: the last alone)")
     p.set_defaults(func=run)
 
 

@@ -53,8 +53,6 @@ class Engine:
                 raise ValueError("--compile (compiled layers) is for the torch backend on the CPU; on CUDA the "
                                  "engine captures graphs instead: drop --compile")
             compile_step_layers(target, drafter)
-        if not drafter.uses_features:
-            target.feature_store = None  # a feature head's store, left by an earlier engine on this target
         fused = self.device.type == "cuda" if fused_kernels is None else fused_kernels
         use_fused_kernels(target, drafter, fused)
         # An ONNX Runtime model (onnx_backend.OnnxModel) has no parameters: it states its dtype.
@@ -66,6 +64,7 @@ class Engine:
         self.slots = Slots(max_batch, n_slots)
         graphed = cuda_graphs and self.device.type == "cuda" and isinstance(target, torch.nn.Module)
         self.fw = Forwards(target, drafter, self.cache, self.device, max_batch, max_seq, graphed, draft_tree)
+        self.attach_features()
         self.prefiller, self.stepper = Prefiller(self.fw, self.slots, max_prefill_tokens), Stepper(self.fw)
         self.pipeline = Pipeline(self.fw, self.stepper) if (graphed if pipeline is None else pipeline) else None
         self.policy = DraftPolicy(drafter.drafts, drafter.prior_alpha, fixed_k,
@@ -179,7 +178,16 @@ class Engine:
         return self.pipeline.inflight if self.pipeline is not None else None
 
     @torch.no_grad()
+    def attach_features(self) -> None:
+        """Engines may share one target (a benchmark's, each with its own drafter): the target stores the features
+        this engine's feature head reads, in that head's store, or none."""
+        if self.drafter.uses_features:
+            self.drafter.attach()
+        else:
+            self.fw.target.feature_store = None
+
     def step(self) -> list[StepEvent]:
+        self.attach_features()
         events, self.pending_events = self.pending_events, []
         if self.inflight is not None and not self.can_chain():
             events += self.apply(self.pipeline.settle(self.pipeline.inflight), self.inflight.k)  # untimed: idle time
@@ -206,6 +214,7 @@ class Engine:
         """Captures ahead of serving the CUDA graphs of these batch sizes (npc_engine.engine.capture), then times
         their greedy steps for the draft policy."""
         ks = self.policy.step_lengths()
+        self.attach_features()
         captured = capture_graphs(self.fw, self.prefiller.chunk, ks, batch_sizes, sampled)
         if captured and self.drafter.drafts:
             self.policy.seed_step_times(greedy_step_seconds(self.fw, ks, batch_sizes))

@@ -20,6 +20,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from npc_engine.cli.common import feature_layers
+
 ROOT = Path(__file__).resolve().parents[2]
 PAIR_STAGES = ["prepare", "tokenizer", "pretrain", "finetune", "distill", "head", "eval"]
 STAGES = PAIR_STAGES + ["persona"]
@@ -115,6 +117,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--head-samples", type=int, default=None,
                    help="head stage with --base: sampled continuations per NPC turn of the written conversations, "
                         "beside the greedy one (default: the config's)")
+    p.add_argument("--feature-layers", type=feature_layers, default=None,
+                   help="head stage with --base: the target layers whose outputs the head reads, comma-separated, "
+                        "or last (default: about a sixth, two fifths, two thirds of the way up and the last)")
     p.add_argument("--adapter-out", type=Path, default=ROOT / "models" / "smollm2-npc-persona",
                    help="persona stage: the LoRA adapter folder written")
     p.add_argument("--epochs", type=int, default=None,
@@ -164,6 +169,8 @@ def cmd_train(args) -> int:
         config = replace(config, head_persona_chat=args.head_chats)
     if args.head_samples is not None:
         config = replace(config, head_samples=args.head_samples)
+    if args.feature_layers is not None:
+        config = replace(config, head_feature_layers=args.feature_layers)
     chosen = (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr), ("rank", args.rank),
               ("alpha", None if args.rank is None else 2 * args.rank), ("drills", None if args.drills else False))
     config = replace(config, persona=replace(config.persona, **{k: v for k, v in chosen if v is not None}))

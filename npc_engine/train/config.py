@@ -114,6 +114,9 @@ class TrainConfig:
     head_persona_chat: int = 2048
     head_samples: int = 0
     head_sample_temperature: float = 0.8
+    # the target layers whose outputs the head reads (EAGLE-3's several-layer features); None: default_feature_layers
+    # of the target, (): the last layer's alone
+    head_feature_layers: tuple[int, ...] | None = None
 
 
 DEFAULT = TrainConfig(

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from npc_engine.drafters import K_MAX, NoDrafter
 from npc_engine.engine import Engine
 from npc_engine.engine.prefill import PREFILL_CHUNK
-from npc_engine.head import FeatureHead, head_args, head_logits, save_head
+from npc_engine.head import FeatureHead, default_feature_layers, head_args, head_logits, save_head
 from npc_engine.loading import load_model
 from npc_engine.model import Transformer, compile_layers
 from npc_engine.paths import resolve_model
@@ -48,19 +48,21 @@ def features_loss(target: Transformer, logits):
     def loss(head: FeatureHead, x, y, m):
         positions = torch.arange(x.shape[1], device=x.device).expand_as(x)
         with torch.no_grad():
-            features = target.hidden_states(x, positions)
-        return two_pass_loss(head, target, x, features, m, logits)
+            features, stored = target.layer_features(x, positions, head.feature_layers)
+        return two_pass_loss(head, target, x, features, m, logits, stored)
     return loss
 
 
 def two_pass_loss(head: FeatureHead, target: Transformer, x: torch.Tensor, features: torch.Tensor, m: torch.Tensor,
-                  logits, pull_weight: float = PULL_WEIGHT) -> torch.Tensor:
-    """Mean over the two passes and the masked positions of KL(target || head) + pull_weight * the pull."""
+                  logits, stored: torch.Tensor | None = None, pull_weight: float = PULL_WEIGHT) -> torch.Tensor:
+    """Mean over the two passes and the masked positions of KL(target || head) + pull_weight * the pull. features:
+    the target's last layer's output; stored: what its feature store holds for the head (default: features)."""
     kept = m > 0  # logits only where the loss looks: the output projection is most of a step's work
     with torch.no_grad():
         teacher = F.log_softmax(logits(features[kept]), dim=-1)
         goal = unit_rms(features[kept])
-    before = F.pad(features[:, :-1], (0, 0, 1, 0))  # zeros before position 0
+    stored = features if stored is None else stored
+    before = F.pad(head.target_features(stored)[:, :-1], (0, 0, 1, 0))  # zeros before position 0
     weight, total = m.sum().clamp(min=1), 0.0
     for _ in range(2):
         predicted = head(target, x, before)
@@ -239,16 +241,22 @@ def train_base_head(ctx: Context, base: Path, adapter: Path | None, corpus: Path
     draft_ids = draft_vocabulary(replies, rows, min(cfg.draft_vocab, target.args.vocab_size), tokenizer.stop_ids)
     ctx.log(f"head: {len(replies)} greedy replies, {sum(map(len, replies)):,} tokens; {len(sampled)} sampled, "
             f"{sum(map(len, sampled)):,} tokens; draft vocabulary {len(draft_ids):,} of {target.args.vocab_size:,} ids")
+    layers = (default_feature_layers(target.args.n_layers) if cfg.head_feature_layers is None
+              else cfg.head_feature_layers)
     torch.manual_seed(ctx.seed + 3)
-    head = FeatureHead(head_args(target.args), draft_ids).to(ctx.device)
+    head = FeatureHead(head_args(target.args), draft_ids, feature_layers=layers).to(ctx.device)
     torch.nn.init.normal_(head.fc.weight, 0.0, 0.02)
-    ctx.log(f"head: {count_params(head):,} parameters on the target's features")
+    if layers:
+        torch.nn.init.normal_(head.fuse.weight, 0.0, 0.02)
+    ctx.log(f"head: {count_params(head):,} parameters on the outputs of target layers "
+            f"{', '.join(map(str, layers)) if layers else 'last'}")
     sampler = RowSampler(rows, stage.batch_size, stage.block_size, ctx.seed + 3, ctx.device)
     # the budget is the stage's: an 8.4-minute stage on the GPU once overran it by its 99 s of loading and continuations
     info = train("head", head, subset_loss(target, draft_ids.to(ctx.device)), sampler, stage, ctx,
                  prepared_s=time.perf_counter() - began)
     save_head(head, out, target_name=str(base))
     extra = {"base": str(base), "adapter": str(adapter) if adapter else None, "draft_vocab": len(draft_ids),
+             "feature_layers": list(layers),
              "replies": len(replies), "sampled_replies": len(sampled), "rows": len(rows), "persona_chat": len(chats)}
     (out / "training.json").write_text(json.dumps({**info, **extra}, indent=1) + "\n")
     return record(ctx, "head", {**info, **extra, "parameters": count_params(head)})
