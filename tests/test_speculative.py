@@ -446,6 +446,29 @@ def test_policy_measures_the_lengths_beside_its_choice_again():
     assert policy.step_seconds[(1, 4)] == pytest.approx(1.35)  # the busy measurement replaced, not averaged in
 
 
+def test_policy_on_the_cpu_chooses_by_a_line_fitted_to_noisy_step_times():
+    """fit_line (the CPU): every step time varies by -40 % to +60 % around a cost that grows slowly with K; the line
+    fitted to all drafted steps finds the best length (K = 6 at acceptance 0.75) where single measurements of the
+    lengths beside the chosen one kept the per-K table wandering among 2 to 4."""
+    import random
+    from types import SimpleNamespace
+
+    random.seed(0)
+    true_cost = {0: 1.0, 2: 1.2, 3: 1.25, 4: 1.3, 6: 1.4}
+    policy = DraftPolicy(True, 0.8, None, Calibration(), lengths=(2, 3, 4, 6), fit_line=True)
+    policy.record_step_time(1, 0, 1.0)
+    r = SimpleNamespace(k=3, acceptance=Acceptance.prior(0.8), off_steps=0, probe_wait=PROBE_FIRST, ids=[],
+                        draft_valid=0)
+    ks = []
+    for _ in range(8 * EXPLORE_EVERY):
+        policy.record_step_time(1, r.k, true_cost[r.k] * random.uniform(0.6, 1.6))
+        policy.update(r, 3, 4, policy.step_cost_fn(1))  # 3 of 4 drafts accepted each step
+        ks.append(r.k)
+    assert ks[-4 * EXPLORE_EVERY:].count(6) >= 4 * EXPLORE_EVERY - 4, ks
+    base, per_token = policy.lines[1].fit()
+    assert 1.0 < base + 6 * per_token < 1.8 and per_token >= 0
+
+
 def test_engine_switches_speculation_off_when_it_does_not_pay(tiny_pair_dirs):
     """A random draft is almost never accepted: after a few steps the engine stops drafting, and
     the measured step times it decided on are recorded."""

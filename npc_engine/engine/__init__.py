@@ -69,7 +69,7 @@ class Engine:
         self.pipeline = Pipeline(self.fw, self.stepper) if (graphed if pipeline is None else pipeline) else None
         self.policy = DraftPolicy(drafter.drafts, drafter.prior_alpha, fixed_k,
                                   calibrate(self.fw) if drafter.drafts else Calibration(), draft_lengths,
-                                  catches_up=drafter.cache is not None)
+                                  catches_up=drafter.cache is not None, fit_line=self.device.type == "cpu")
         self.stop_ids = set(tokenizer.stop_ids) if tokenizer is not None else set()
         self.waiting: deque[Request] = deque()
         self.active: dict[str, Request] = {}

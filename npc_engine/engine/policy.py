@@ -25,6 +25,39 @@ PROBE_ADMISSIONS = 16  # with speculation off, one new request in this many star
 # export chose K = 3 on 72 % of its steps, at 1.53x plain decoding against 1.64x at a fixed K = 4:
 # benchmarks/README.md, "The draft-length policy on the CPU"). The chosen length is measured every step (averaged).
 EXPLORE_EVERY = STALE_STEPS = 16
+# With fit_line (the CPU), a drafted step's cost is a line in K fitted to every drafted step's time, each step's weight
+# decaying by LINE_DECAY a step (about the last 50 steps): one step of a given K varies with the machine's load, with
+# copied drafts and with the positions a head re-feeds, and single measurements of the lengths beside the chosen one
+# had the policy choose by noise (head T on the float32 export: K = 4 measured 73 ms, K = 3 46 and K = 12 54; the
+# engine's K decoded at 1.56x plain decoding against 1.74x at a fixed K = 4: benchmarks/README.md, "Several layers'
+# features"). GPU steps replay captured graphs and keep the per-K table.
+LINE_DECAY = 0.98
+
+
+@dataclass
+class StepLine:
+    """Exponentially weighted least squares of step seconds against K: the decayed sums of w, wk, wk², wt, wkt."""
+    w: float = 0.0
+    wk: float = 0.0
+    wkk: float = 0.0
+    wt: float = 0.0
+    wkt: float = 0.0
+
+    def add(self, k: int, seconds: float) -> None:
+        d = LINE_DECAY
+        self.w, self.wk, self.wkk = d * self.w + 1, d * self.wk + k, d * self.wkk + k * k
+        self.wt, self.wkt = d * self.wt + seconds, d * self.wkt + k * seconds
+
+    def fit(self) -> tuple[float, float] | None:
+        """(seconds at K = 0 of the line, seconds per drafted token), or None before two lengths were measured."""
+        if not self.w:
+            return None
+        mean_k, mean_t = self.wk / self.w, self.wt / self.w
+        spread = self.wkk / self.w - mean_k ** 2
+        if spread < 1e-6:
+            return None
+        slope = max(0.0, (self.wkt / self.w - mean_k * mean_t) / spread)
+        return mean_t - slope * mean_k, slope
 
 
 @dataclass
@@ -114,8 +147,9 @@ class DraftPolicy:
     shape). fixed_k: always that K (no adaptation)."""
 
     def __init__(self, drafts: bool, prior_alpha: float, fixed_k: int | None, calibration: Calibration,
-                 lengths: tuple[int, ...] = DRAFT_LENGTHS, catches_up: bool = False):
+                 lengths: tuple[int, ...] = DRAFT_LENGTHS, catches_up: bool = False, fit_line: bool = False):
         self.drafts, self.fixed_k, self.calibration, self.lengths = drafts, fixed_k, calibration, lengths
+        self.lines: dict[int, StepLine] | None = {} if fit_line else None  # per batch bucket (LINE_DECAY)
         self.catches_up = catches_up  # the drafter has a cache that steps without drafting leave behind
         self.acceptance = Acceptance.prior(prior_alpha)  # over all requests: where each new one starts
         self.admitted_without_drafts = 0
@@ -180,6 +214,9 @@ class DraftPolicy:
         else the nearest measured K plus the calibrated per-token cost, else the calibration alone."""
         bucket, c = batch_bucket(batch), self.calibration
         measured = {k: t for (b, k), t in self.step_seconds.items() if b == bucket}
+        line = None if self.lines is None or bucket not in self.lines else self.lines[bucket].fit()
+        if line is not None and 0 in measured:
+            return lambda k: measured[0] if k == 0 else max(1e-9, line[0] + line[1] * k)
         per_token = c.forward_seconds * (c.draft_cost + c.verify_cost_per_token)
         if len(measured) >= 2:  # the measured slope also counts the host work of each draft step
             lo, hi = min(measured), max(measured)
@@ -206,6 +243,8 @@ class DraftPolicy:
     def record_step_time(self, batch: int, k: int, seconds: float) -> None:
         """With a draft tree, a sampled step's chain of K and a greedy tree of depth K share the key."""
         key = (batch_bucket(batch), k)
+        if self.lines is not None and k:
+            self.lines.setdefault(key[0], StepLine()).add(k, seconds)
         self.steps += 1
         old = self.step_seconds.get(key)
         if key in self.seeded or self.steps - self.measured_at.get(key, self.steps) > STALE_STEPS:
