@@ -206,10 +206,12 @@ def dev_prompts(tokenizer, corpus: Path, n: int, max_len: int = 448) -> list[lis
     return reply_prompts(tokenizer, examples(read_split(corpus, "dev"))[:4 * n], max_len, last_only=True)[:n]
 
 
-def onnx_models(folder: Path, adapter, weights: list[str], layouts: list[str], scratch: Path) -> dict[str, object]:
+def onnx_models(folder: Path, adapter, weights: list[str], layouts: list[str], scratch: Path,
+                feature_layers: tuple[int, ...] = ()) -> dict[str, object]:
     """The model folder and adapter through `export-onnx` once per --onnx-weights and --onnx-layouts choice (the
-    adapter's pairs kept in float beside quantized weights, as a user's export keeps them), run by ONNX Runtime with
-    torch's thread count: the weight-only int8 / int4 (`MatMulNBits`) CPU path."""
+    adapter's pairs kept in float beside quantized weights, as a user's export keeps them; `ort` ones with the
+    outputs of a feature head's feature_layers), run by ONNX Runtime with torch's thread count: the weight-only
+    int8 / int4 (`MatMulNBits`) CPU path."""
     from npc_engine.onnx_backend import OnnxModel
     from npc_engine.onnx_export import export_onnx
 
@@ -218,7 +220,7 @@ def onnx_models(folder: Path, adapter, weights: list[str], layouts: list[str], s
         for layout in layouts:
             out = scratch / f"onnx-{w}-{layout}"
             export_onnx(folder, out, progress=False, weights=w, layout=layout, adapter=adapter,
-                        draft_weights=layout == "ort")
+                        draft_weights=layout == "ort", feature_layers=feature_layers if layout == "ort" else ())
             models[f"onnxruntime {w}, {layout} layout"] = OnnxModel(out, "cpu", torch.get_num_threads())
     return models
 
@@ -296,9 +298,11 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path
         hf_models["transformers generate, float32"] = hf32
     for m in hf_models.values():
         m.eval().generation_config.eos_token_id = None  # no stop token: every line --new-tokens long, as ours
-    torch.manual_seed(0)
-    random_head = FeatureHead(head_args(target.args)).to(device, dtype).eval().requires_grad_(False)
     trained = load_head(head_dir, target, device, dtype) if head_dir else None
+    layers = () if trained is None else trained.feature_layers  # the exports output them: both heads read those
+    torch.manual_seed(0)
+    random_head = FeatureHead(head_args(target.args), feature_layers=layers).to(device, dtype).eval()
+    random_head.requires_grad_(False)
     heads = [(f"ours speculative, feature head{'' if copies else ', no copies'}", trained, copies)
              for copies in ([True, False] if args.head_copies == "on,off" else [args.head_copies == "on"])
              if trained is not None]
@@ -319,7 +323,7 @@ def bench_base(model_path, adapter, head_dir, device, dtype, args, scratch: Path
     drafters += [(name, target, lambda: HeadDrafter(heads[0][1], target, 2, 1024, device, dtype)) for name in trees]
     weights = list(filter(None, args.onnx_weights.split(",")))
     layouts = list(filter(None, args.onnx_layouts.split(",")))
-    for name, m in onnx_models(folder, adapter, weights, layouts, scratch).items():
+    for name, m in onnx_models(folder, adapter, weights, layouts, scratch, layers).items():
         drafters += [(f"ours autoregressive, {name}", m, NoDrafter),
                      (f"ours speculative, n-gram, {name}", m, lambda m=m: NgramDrafter(m.args.vocab_size, device))]
         if m.hidden:  # the `ort` layout: the heads draft on its hidden states

@@ -484,9 +484,8 @@ class Transformer(nn.Module):
                                              kv_len, prefix, residual=None, tree=tree)
                 x, h = add_rmsnorm(pending, h, None, eps2)
                 pending = linear(gated_linear(x, *mlp.gate_up), *linear_params(mlp.down_proj))
-            if i in store:
-                h, pending = h if pending is None else h + pending, None
-                self.store_features(h, store[i], slots, at)
+            if i in store:  # the sum apart: h and pending go on as without a store, so the numbers are the same
+                self.store_features(h if pending is None else h + pending, store[i], slots, at)
         if isinstance(logits, torch.Tensor):
             rows = torch.arange(h.shape[0], device=h.device)
             h, pending = h[rows, logits][:, None], None if pending is None else pending[rows, logits][:, None]
