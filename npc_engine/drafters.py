@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from kernels.prefix import prefix_rows
 from npc_engine.head import FeatureHead, is_head_dir, load_head
 from npc_engine.loading import CheckpointError
-from npc_engine.model import KVCache, Transformer, TreeStep
+from npc_engine.model import KVCache, Transformer, TreeStep, feature_width
 from npc_engine.sampling import probs_from_logits, sample
 
 K_MAX = 16  # the longest draft a step may verify
@@ -201,17 +201,15 @@ class HeadDrafter:
     def slot_bytes(self, max_seq: int) -> int:
         """The head's KV, the target's stored features and the head's token store."""
         return KVCache.slot_bytes(self.model.args, max_seq, self.dtype) + max_seq * (
-            self.store_width() * self.dtype.itemsize + torch.long.itemsize)
-
-    def store_width(self) -> int:
-        return max(1, len(self.model.feature_layers)) * self.model.args.dim
+            feature_width(self.model.feature_layers, self.model.args.dim) * self.dtype.itemsize + torch.long.itemsize)
 
     def allocate(self, n_slots: int, max_seq: int) -> None:
         """The head's cache, the target's feature store and the head's token store, one row per slot; attached."""
         if self.cache is None or self.cache.max_seq != max_seq or self.cache.n_slots < n_slots:
             self.cache = self.store = self.tokens = None  # freed before the larger ones are allocated
             self.cache = KVCache(self.model.args, n_slots, max_seq, self.device, self.dtype)
-            self.store = torch.zeros(n_slots, max_seq, self.store_width(), device=self.device, dtype=self.dtype)
+            width = feature_width(self.model.feature_layers, self.model.args.dim)
+            self.store = torch.zeros(n_slots, max_seq, width, device=self.device, dtype=self.dtype)
             self.tokens = torch.zeros(n_slots, max_seq, dtype=torch.long, device=self.device)
         self.attach()
 

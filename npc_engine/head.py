@@ -168,6 +168,17 @@ def head_logits(target: Transformer, features: torch.Tensor) -> torch.Tensor:
     return target.lm_head(target.model.norm(features.to(target.model.norm.weight.dtype)))
 
 
+def feature_layers_problem(layers, n_layers: int) -> str | None:
+    """What is wrong with feature layers for a target of n_layers (None: nothing; () is the last layer's alone)."""
+    if not layers:
+        return None
+    if (len(layers) < 2 or not all(isinstance(i, int) for i in layers) or list(layers) != sorted(set(layers))
+            or not 0 <= layers[0] <= layers[-1] < n_layers):
+        return (f"feature layers {','.join(map(str, layers))}: two or more increasing layer indices below the "
+                f"target's {n_layers} layers are needed")
+    return None
+
+
 def default_feature_layers(n_layers: int) -> tuple[int, ...]:
     """A low, two middle and the last layer (SmolLM2-135M's 30: 5, 12, 20, 29), as EAGLE-3 mixes low, middle and
     high features; () for a one-layer target. Against the last layer alone, at equal training on the H200:
@@ -226,10 +237,9 @@ def load_head(path: str | Path, target: Transformer, device, dtype=None) -> Feat
                               f"{args.vocab_size}")
     raw = cfg.get("feature_layers") or []
     layers = tuple(raw) if isinstance(raw, list) else (raw,)
-    if layers and (len(layers) < 2 or not all(isinstance(i, int) for i in layers)
-                   or list(layers) != sorted(set(layers)) or not 0 <= layers[0] <= layers[-1] < target.args.n_layers):
-        raise CheckpointError(f"feature head {path}: feature_layers {list(layers)} must be two or more increasing "
-                              f"layer indices of this target's {target.args.n_layers} layers")
+    problem = feature_layers_problem(layers, target.args.n_layers)
+    if problem:
+        raise CheckpointError(f"feature head {path}: config.json's feature_layers: {problem}")
     head = FeatureHead(args, draft_ids, input_norms=cfg.get("input_norms", False), feature_layers=layers)
     expected_shapes = {k: v.shape for k, v in head.state_dict().items()}
     for name, tensor in tensors.items():

@@ -360,6 +360,11 @@ class KVCache:
         return self.k[i], self.v[i]
 
 
+def feature_width(feature_layers: tuple[int, ...], dim: int) -> int:
+    """Columns of a feature store holding these layers' outputs side by side (): the last layer's alone."""
+    return max(1, len(feature_layers)) * dim
+
+
 class Transformer(nn.Module):
     # With a cache, run the fused kernels of kernels/ (Triton on CUDA, their PyTorch references elsewhere).
     fused: bool = False
@@ -444,6 +449,7 @@ class Transformer(nn.Module):
         dim = self.args.dim
         return {i: slice(n * dim, (n + 1) * dim)
                 for n, i in enumerate(self.feature_layers or (self.args.n_layers - 1,))}
+
 
     def store_features(self, x: torch.Tensor, columns: slice, slots: torch.Tensor, at: torch.Tensor) -> None:
         self.feature_store[slots[:, None], at, columns] = x.to(self.feature_store.dtype)

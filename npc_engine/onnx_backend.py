@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from npc_engine.loading import DTYPE_NAMES, read_config
-from npc_engine.model import KVCache, RMSNorm, gather_kv
+from npc_engine.model import KVCache, RMSNorm, feature_width, gather_kv
 from npc_engine.onnx_export import DRAFT_WEIGHTS_FILE, MANIFEST_FILE, MANIFEST_FORMAT
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -189,7 +189,7 @@ class OnnxModel:
         for name, tensor in inputs.items():
             self.bind(name, tensor)
         self.bind("logits", out, output=True)
-        width = max(1, len(self.feature_layers)) * self.args.dim
+        width = feature_width(self.feature_layers, self.args.dim)
         hidden = torch.empty(B, T, width, dtype=self.dtype, device=self.device) if self.hidden else None
         if hidden is not None:
             self.bind("hidden_states", hidden, output=True)

@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 import npc_engine
 from npc_engine.adapters import adapter_pairs
+from npc_engine.head import feature_layers_problem
 from npc_engine.loading import CheckpointError, load_model
 from npc_engine.model import Transformer, apply_rope, rope_cos_sin
 from npc_engine.paths import resolve_model
@@ -296,10 +297,9 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
     if keep_pairs:
         keep_adapter_beside_(model, adapter)
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    if feature_layers and (len(feature_layers) < 2 or list(feature_layers) != sorted(set(feature_layers))
-                           or not 0 <= feature_layers[0] <= feature_layers[-1] < model.args.n_layers):
-        raise ExportError(f"--feature-layers {','.join(map(str, feature_layers))}: two or more increasing layer "
-                          f"indices below the model's {model.args.n_layers} layers")
+    problem = feature_layers_problem(feature_layers, model.args.n_layers)
+    if problem:
+        raise ExportError(f"--feature-layers: {problem}")
     if layout == "ort" and model.args.head_dim % 16:
         raise ExportError(f"--layout ort: ONNX Runtime's GroupQueryAttention wants a head dimension that is a "
                           f"multiple of 16, this model's is {model.args.head_dim}; use --layout portable")

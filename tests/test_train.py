@@ -504,12 +504,13 @@ def test_persona_stage_needs_an_instruct_base(persona_run, tmp_path, capsys):
     assert "has no chat template" in capsys.readouterr().err
 
 
-def test_head_stage_on_an_instruct_base_writes_a_reduced_head_that_keeps_greedy_output(persona_run, tmp_path):
+def test_head_stage_on_an_instruct_base_writes_a_reduced_head_that_keeps_greedy_output(persona_run, tmp_path, capsys):
     """`--stages head --base B --adapter A`: a feature head for the adapted base, drafting over the N most frequent
-    ids of the target's outputs (its end-of-turn token among them), which the engine loads as the drafter and whose
-    greedy lines are the target's own."""
+    ids of the target's outputs (its end-of-turn token among them), on the default feature layers, which the engine
+    loads as the drafter and whose greedy lines are the target's own; feature layers the base lacks are refused."""
     from npc_engine.drafters import HeadDrafter
     from npc_engine.engine import Engine
+    from npc_engine.head import default_feature_layers
     from npc_engine.prompt import chat_messages
     from npc_engine.sampling import SamplingParams
     from npc_engine.train.npc_dialogue import prompt_persona
@@ -534,6 +535,12 @@ def test_head_stage_on_an_instruct_base_writes_a_reduced_head_that_keeps_greedy_
     drafted = Engine.load(base, draft=str(head_dir), dtype="float32", adapter=adapter, fixed_k=3)
     assert isinstance(drafted.drafter, HeadDrafter) and len(drafted.drafter.model.draft_ids) == 48
     assert plain.tokenizer.encode("<|im_end|>", add_special_tokens=False)[0] in drafted.drafter.model.draft_ids
+    n = plain.target.args.n_layers
+    layers = default_feature_layers(n)
+    assert len(layers) >= 2 and info["feature_layers"] == list(layers)
+    assert drafted.drafter.model.feature_layers == layers
+    assert main([*args, "--head-out", str(tmp_path / "bad"), "--feature-layers", f"0,{n}"]) == 2
+    assert f"two or more increasing layer indices below the target's {n} layers" in capsys.readouterr().err
     for i, line in enumerate(["Where do you live?", "Any news?", "What do you make?"]):
         messages = chat_messages(prompt_persona(persona(40 + i)), [Turn("player", line)])
         prompt = plain.tokenizer.encode(plain.tokenizer.chat_template.render(messages, add_generation_prompt=True),

@@ -177,7 +177,6 @@ class Engine:
     def inflight(self):
         return self.pipeline.inflight if self.pipeline is not None else None
 
-    @torch.no_grad()
     def attach_features(self) -> None:
         """Engines may share one target (a benchmark's, each with its own drafter): the target stores the features
         this engine's feature head reads, in that head's store, or none."""
@@ -186,6 +185,7 @@ class Engine:
         else:
             self.fw.target.feature_store = None
 
+    @torch.no_grad()
     def step(self) -> list[StepEvent]:
         self.attach_features()
         events, self.pending_events = self.pending_events, []

@@ -21,7 +21,14 @@ import torch.nn.functional as F
 from npc_engine.drafters import K_MAX, NoDrafter
 from npc_engine.engine import Engine
 from npc_engine.engine.prefill import PREFILL_CHUNK
-from npc_engine.head import FeatureHead, default_feature_layers, head_args, head_logits, save_head
+from npc_engine.head import (
+    FeatureHead,
+    default_feature_layers,
+    feature_layers_problem,
+    head_args,
+    head_logits,
+    save_head,
+)
 from npc_engine.loading import load_model
 from npc_engine.model import Transformer, compile_layers
 from npc_engine.paths import resolve_model
@@ -54,14 +61,13 @@ def features_loss(target: Transformer, logits):
 
 
 def two_pass_loss(head: FeatureHead, target: Transformer, x: torch.Tensor, features: torch.Tensor, m: torch.Tensor,
-                  logits, stored: torch.Tensor | None = None, pull_weight: float = PULL_WEIGHT) -> torch.Tensor:
+                  logits, stored: torch.Tensor, pull_weight: float = PULL_WEIGHT) -> torch.Tensor:
     """Mean over the two passes and the masked positions of KL(target || head) + pull_weight * the pull. features:
-    the target's last layer's output; stored: what its feature store holds for the head (default: features)."""
+    the target's last layer's output; stored: what its feature store holds for the head (Transformer.layer_features)."""
     kept = m > 0  # logits only where the loss looks: the output projection is most of a step's work
     with torch.no_grad():
         teacher = F.log_softmax(logits(features[kept]), dim=-1)
         goal = unit_rms(features[kept])
-    stored = features if stored is None else stored
     before = F.pad(head.target_features(stored)[:, :-1], (0, 0, 1, 0))  # zeros before position 0
     weight, total = m.sum().clamp(min=1), 0.0
     for _ in range(2):
@@ -243,6 +249,9 @@ def train_base_head(ctx: Context, base: Path, adapter: Path | None, corpus: Path
             f"{sum(map(len, sampled)):,} tokens; draft vocabulary {len(draft_ids):,} of {target.args.vocab_size:,} ids")
     layers = (default_feature_layers(target.args.n_layers) if cfg.head_feature_layers is None
               else cfg.head_feature_layers)
+    problem = feature_layers_problem(layers, target.args.n_layers)
+    if problem:
+        raise ValueError(f"--feature-layers: {problem}")
     torch.manual_seed(ctx.seed + 3)
     head = FeatureHead(head_args(target.args), draft_ids, feature_layers=layers).to(ctx.device)
     torch.nn.init.normal_(head.fc.weight, 0.0, 0.02)
