@@ -32,6 +32,9 @@ def main() -> int:
                     help="the base whose chat template renders the dev prompts")
     ap.add_argument("--head", required=True, help="a feature-head folder")
     ap.add_argument("--ks", default="auto,4", help="comma-separated fixed draft lengths, auto: the engine's policy")
+    ap.add_argument("--head-graphs", default="int8",
+                    help="comma-separated: the head's ONNX Runtime graph weights beside an export (int8, float), "
+                         "torch: the head on PyTorch")
     ap.add_argument("--corpus", default=str(Path(__file__).resolve().parents[2] / "shared" / "corpus"))
     ap.add_argument("--dev", type=int, default=16, help="dev-split prompts (their last NPC turn)")
     ap.add_argument("--rounds", type=int, default=2, help="timed rounds after the warm-up round")
@@ -47,10 +50,14 @@ def main() -> int:
     prompts = dev_prompts(AutoTokenizer.from_pretrained(resolve_model(Path(args.tokenizer))), Path(args.corpus),
                           args.dev)
     engines = {"plain": Engine(target, NoDrafter(), None, device, max_batch=1, max_seq=1024)}
+    graphs = args.head_graphs.split(",")
     for k in args.ks.split(","):  # one drafter (cache and feature store) per engine
-        own = HeadDrafter(drafter.model, target, 2, 1024, device, torch.float32)
-        engines[f"K = {k}"] = Engine(target, own, None, device, max_batch=1, max_seq=1024,
-                                     fixed_k=None if k == "auto" else int(k))
+        for graph in graphs:
+            own = HeadDrafter(drafter.model, target, 2, 1024, device, torch.float32,
+                              ort_weights=None if graph == "torch" else graph)
+            name = f"K = {k}" + (f", {graph}" if len(graphs) > 1 else "")
+            engines[name] = Engine(target, own, None, device, max_batch=1, max_seq=1024,
+                                   fixed_k=None if k == "auto" else int(k))
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens)
     seconds, tokens, steps, lines = Counter(), Counter(), Counter(), {}
     for rnd in range(args.rounds + 1):

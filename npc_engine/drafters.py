@@ -180,7 +180,10 @@ class HeadDrafter:
     # the next refeed, which covers them: a step accepts at most K_MAX
     guessed = K_MAX
 
-    def __init__(self, head: FeatureHead, target: Transformer, n_slots: int, max_seq: int, device, dtype):
+    def __init__(self, head: FeatureHead, target: Transformer, n_slots: int, max_seq: int, device, dtype,
+                 ort_weights: str | None = "int8"):
+        """ort_weights: the weights of the head's ONNX Runtime graph beside an ONNX export on the CPU ("int8",
+        "float"; None: the head runs on PyTorch there too)."""
         self.model, self.target, self.device, self.dtype = head, target, device, dtype
         if target.feature_layers != head.feature_layers:
             if not isinstance(target, Transformer):  # an ONNX export outputs the layers it was exported with
@@ -195,6 +198,14 @@ class HeadDrafter:
         self.copies = torch.device(device).type == "cpu"
         if head.draft_ids is not None:
             head.draft_rows(target)  # taken now: a target it cannot draft for is refused at load, not mid-line
+        # beside an ONNX export on the CPU the head's chain runs on ONNX Runtime too (npc_engine.head_ort); trees,
+        # shared-prefix rows and full-vocabulary heads stay on PyTorch
+        self.ort = None
+        if (ort_weights and not isinstance(target, Transformer) and torch.device(device).type == "cpu"
+                and head.draft_ids is not None and dtype == torch.float32):
+            from npc_engine.head_ort import OrtHead
+
+            self.ort = OrtHead(head, head.draft_rows(target), target.model.norm, ort_weights)
         self.cache = self.tokens = self.store = None
         self.allocate(n_slots, max_seq)
 
@@ -220,20 +231,46 @@ class HeadDrafter:
 
     def features_before(self, slots: torch.Tensor, input_pos: torch.Tensor,
                         prefix: torch.Tensor | None) -> torch.Tensor:
-        """The target's feature at each position before input_pos [B, T] (zeros before position 0), as the head
-        reads it (FeatureHead.target_features)."""
+        """The target's stored features at each position before input_pos [B, T] (zeros before position 0)."""
         before = (input_pos - 1).clamp(min=0)
-        stored = self.target.feature_store[prefix_rows(slots, before, prefix), before]
-        return self.model.target_features(stored) * (input_pos > 0)[..., None]
+        return self.target.feature_store[prefix_rows(slots, before, prefix), before] * (input_pos > 0)[..., None]
 
-    def run(self, tokens, input_pos, features, slots, kv_len, prefix, tree: TreeStep | None = None) -> torch.Tensor:
+    def run(self, tokens, input_pos, features, slots, kv_len, prefix,
+            tree: TreeStep | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The head over tokens [B, T] on features [B, T, ...] (the target's stored ones or the head's predicted
+        ones): (the predicted features [B, T, dim], the last position's draft logits [B, 1, len(draft_ids)] when
+        ONNX Runtime computed them with the features, else None)."""
         if tree is None:  # tree nodes are not the line's tokens: the step writes the accepted ones (engine.trees)
             self.tokens[slots[:, None], input_pos] = tokens
-        return self.model(self.target, tokens, features, input_pos, self.cache, slots, kv_len, prefix, tree)
+        if self.ort is not None and tree is None and self.ort_runs(slots, input_pos, prefix):
+            embedded = self.target.model.embed_tokens(tokens)
+            return self.ort(embedded, features, input_pos, self.cache, int(slots[0]), kv_len)
+        if features.shape[-1] != self.model.args.dim:  # the target's stored layers, side by side
+            features = self.model.target_features(features)
+        return self.model(self.target, tokens, features, input_pos, self.cache, slots, kv_len, prefix, tree), None
+
+    @staticmethod
+    def ort_runs(slots: torch.Tensor, input_pos: torch.Tensor, prefix: torch.Tensor | None) -> bool:
+        """Whether the head's graph can run these rows: in consecutive slots (it binds them as one block of the
+        cache), none reading a persona prefix's slot, each at consecutive positions (GroupQueryAttention's)."""
+        first, (B, T) = int(slots[0]), input_pos.shape
+        return ((prefix is None or not bool(prefix[:, 1].any())) and slots.tolist() == list(range(first, first + B))
+                and bool((input_pos[:, -1] - input_pos[:, 0] == T - 1).all()))
+
+    def choose(self, pick, i: int, predicted: torch.Tensor, sub: torch.Tensor | None) -> torch.Tensor:
+        """Draft i after the last predicted feature [B] (sub: run's draft logits; pick: as `draft` takes it)."""
+        head = self.model
+        if pick is not None or head.draft_ids is None:
+            logits = head.logits(self.target, predicted[:, -1]) if sub is None else head.spread(
+                sub[:, -1], self.target.args.vocab_size)
+            return logits.argmax(-1) if pick is None else pick(i, logits)
+        sub = head.draft_logits(self.target, predicted[:, -1]) if sub is None else sub[:, -1]
+        return head.draft_ids[sub.argmax(-1)]
 
     def forward(self, tokens, input_pos, cache, slots, kv_len, logits: bool = True, prefix=None):
         """The head on stored features (prefill, timing), with ModelDrafter.forward's arguments (cache: the head's)."""
-        predicted = self.run(tokens, input_pos, self.features_before(slots, input_pos, prefix), slots, kv_len, prefix)
+        predicted, _ = self.run(tokens, input_pos, self.features_before(slots, input_pos, prefix), slots, kv_len,
+                                prefix)
         return self.model.logits(self.target, predicted) if logits else None
 
     def prefill(self, tokens, input_pos, slots, kv_len, prefix=None) -> None:
@@ -243,11 +280,12 @@ class HeadDrafter:
               prefix: torch.Tensor | None, pick, copy: bool = True,
               stale: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """k >= 1 drafts after each row's last token [B] at position lengths - 1: the head's first, pick(0, logits),
-        then per position the copy `copy_after` finds or the head's own chain, pick(i, logits). Returns the drafts and
+        then per position the copy `copy_after` finds or the head's own chain, pick(i, logits) (pick None: the most
+        likely token, without full-vocabulary logits for a reduced head). Returns the drafts and
         which later ones are copies [B, k - 1] (None: no lookup). Positions before the last were all fed to the
         target, and to the head as prompt or accepted drafts."""
-        predicted, pos = self.refeed(last, lengths, slots, kv_len, prefix, stale), lengths[:, None]
-        drafts, copied = [pick(0, self.model.logits(self.target, predicted)[:, -1])], None
+        (predicted, sub), pos = self.refeed(last, lengths, slots, kv_len, prefix, stale), lengths[:, None]
+        drafts, copied = [self.choose(pick, 0, predicted, sub)], None
         if copy and self.copies and k > 1:
             tokens, count = self.copy_after(drafts[0], lengths, slots, prefix, kv_len, k - 1)
             copied = torch.arange(k - 1, device=last.device) < count[:, None]
@@ -255,8 +293,8 @@ class HeadDrafter:
         chain = copied is None or last.device.type != "cpu" or not bool(copied.all())
         for i in range(1, k):
             if chain:
-                predicted = self.run(drafts[-1][:, None], pos, predicted, slots, kv_len, prefix)
-                mine = pick(i, self.model.logits(self.target, predicted)[:, -1])
+                predicted, sub = self.run(drafts[-1][:, None], pos, predicted, slots, kv_len, prefix)
+                mine = self.choose(pick, i, predicted, sub)
                 drafts.append(mine if copied is None else torch.where(copied[:, i - 1], tokens[:, i - 1], mine))
             else:
                 drafts.append(tokens[:, i - 1])
@@ -283,16 +321,18 @@ class HeadDrafter:
         return history.gather(1, (at[:, None] + 1 + torch.arange(width, device=dev)).clamp(max=kv_len - 1)), count
 
     def refeed(self, last: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, kv_len: int,
-               prefix: torch.Tensor | None, stale: int | None = None) -> torch.Tensor:
+               prefix: torch.Tensor | None, stale: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Feeds the last token and the `stale` positions before it (whose entries may rest on guesses: the
         engine's count, default all `guessed`) on the target's features: the predicted feature [B, 1, dim] after
-        last. The engine counts the drafts its last step accepted (head Q at K = 4: 1.67 a step, so 2.67 positions fed
-        against 17): on the CPU that cut its drafting time per token by a quarter to two fifths."""
+        last, with run's draft logits. The engine counts the drafts its last step accepted (head Q at K = 4: 1.67 a
+        step, so 2.67 positions fed against 17): on the CPU that cut its drafting time per token by a quarter to two
+        fifths."""
         width = self.feeds_last + (self.guessed if stale is None else stale)
         pos = ((lengths - 1)[:, None] + torch.arange(1 - width, 1, device=lengths.device)).clamp(min=0)
         tokens = self.tokens[prefix_rows(slots, pos, prefix), pos]
         tokens[:, -1] = last
-        return self.run(tokens, pos, self.features_before(slots, pos, prefix), slots, kv_len, prefix)[:, -1:]
+        predicted, sub = self.run(tokens, pos, self.features_before(slots, pos, prefix), slots, kv_len, prefix)
+        return predicted[:, -1:], sub
 
     def draft_tree(self, last: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, width: int, depth: int,
                    nodes: int, kv_len: int, prefix: torch.Tensor | None, stale: int | None = None) -> DraftTree:
@@ -302,7 +342,7 @@ class HeadDrafter:
         expanded nodes are the tree. A child scores below its parent, so the chosen nodes hold their ancestors. The
         head feeds each level at cache positions past the row's length, its nodes seeing their ancestors only."""
         B, W, dev = len(last), width, last.device
-        predicted = self.refeed(last, lengths, slots, kv_len, prefix, stale)
+        predicted, _ = self.refeed(last, lengths, slots, kv_len, prefix, stale)
         scores, tokens = self.model.top_tokens(self.target, predicted[:, 0], W)
         scores = scores.double()  # float32 could not tell a child 1e-9 below its parent from it
         ids, features = torch.arange(W, device=dev).expand(B, W), predicted.expand(B, W, -1)
@@ -312,8 +352,8 @@ class HeadDrafter:
         all_depths = [torch.ones(W, dtype=torch.long, device=dev)]  # no host tensor: this runs inside CUDA graphs
         for d in range(1, depth):  # feed the level-d nodes, expand them to depth d + 1
             write = lengths[:, None] + (d - 1) * W + torch.arange(W, device=dev)
-            predicted = self.run(tokens, (lengths - 1 + d)[:, None].expand(B, W), features, slots, kv_len, prefix,
-                                 TreeStep(write, lengths, seen))
+            predicted, _ = self.run(tokens, (lengths - 1 + d)[:, None].expand(B, W), features, slots, kv_len,
+                                    prefix, TreeStep(write, lengths, seen))
             logp, child = self.model.top_tokens(self.target, predicted, W)
             child_scores = (scores[..., None] + logp.double() - 1e-9).flatten(1)  # [B, W * W]
             all_scores.append(child_scores)
@@ -335,8 +375,7 @@ class HeadDrafter:
                          torch.cat(all_depths)[chosen])
 
     def greedy_drafts(self, last2, lengths, slots, k, kv_len, prefix=None, stale=None) -> torch.Tensor:
-        return torch.stack(self.draft(last2[:, 1], lengths, slots, k, kv_len, prefix,
-                                      lambda i, logits: logits.argmax(-1), stale=stale)[0], 1)
+        return torch.stack(self.draft(last2[:, 1], lengths, slots, k, kv_len, prefix, None, stale=stale)[0], 1)
 
     def propose(self, seqs, slots, k, sampling, u, kv_len, prefix=None, constrain=None, stale=None):
         qs, picked = [], []

@@ -102,8 +102,11 @@ class FeatureHead(nn.Module):
         """Next-token logits over the full vocabulary; with draft_ids only those are computed, the rest DRAFT_OFF."""
         if self.draft_ids is None:
             return head_logits(target, features)
-        sub = self.draft_logits(target, features)
-        out = sub.new_full((*sub.shape[:-1], target.args.vocab_size), DRAFT_OFF)
+        return self.spread(self.draft_logits(target, features), target.args.vocab_size)
+
+    def spread(self, sub: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """Logits over draft_ids [..., len(draft_ids)] as logits over the full vocabulary, DRAFT_OFF elsewhere."""
+        out = sub.new_full((*sub.shape[:-1], vocab_size), DRAFT_OFF)
         return out.scatter_(-1, self.draft_ids.expand_as(sub), sub)
 
     def draft_logits(self, target: Transformer, features: torch.Tensor) -> torch.Tensor:

@@ -71,7 +71,7 @@ def refeed_and_drafts(target, head: FeatureHead, prompt: list[int]) -> tuple[tor
         target(torch.tensor([prompt[:-1]]), torch.arange(n - 1)[None], cache, slots, 256, logits=False)
         drafter.prefill(torch.tensor([prompt[:-1]]), torch.arange(n - 1)[None], slots, 256)
         lengths = torch.tensor([n])
-        predicted = drafter.refeed(torch.tensor([prompt[-1]]), lengths, slots, 256, None)
+        predicted, _ = drafter.refeed(torch.tensor([prompt[-1]]), lengths, slots, 256, None)
         drafts = drafter.greedy_drafts(torch.tensor([prompt[-2:]]), lengths, slots, 4, 256)
     return predicted, drafts[0].tolist()
 

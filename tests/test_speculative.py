@@ -19,6 +19,7 @@ from npc_engine.engine.policy import (
     Calibration,
     DraftPolicy,
     choose_k,
+    expected_tokens,
 )
 from npc_engine.engine.stepping import verify
 from npc_engine.head import FeatureHead, head_args
@@ -467,6 +468,27 @@ def test_policy_on_the_cpu_chooses_by_a_line_fitted_to_noisy_step_times():
     assert ks[-4 * EXPLORE_EVERY:].count(6) >= 4 * EXPLORE_EVERY - 4, ks
     base, per_token = policy.lines[1].fit()
     assert 1.0 < base + 6 * per_token < 1.8 and per_token >= 0
+
+
+def test_policy_on_the_cpu_prices_lengths_by_the_target_curve_and_their_own_steps():
+    """Step times as the float32 export with head T gave them (the target's forward jumps between 5 and 7 tokens, then
+    flattens): a length measured lately costs what it measured, whatever the line through all lengths says; one not
+    measured costs the calibrated forward over its tokens plus the line fitted to what that forward leaves of each
+    step; and the choice is as good as the best measured length."""
+    curve = Calibration(curve=((1, 0.0254), (5, 0.038), (7, 0.0417), (9, 0.0469), (13, 0.0469), (17, 0.0505)))
+    assert curve.verify_seconds(1) == 0.0254 and curve.verify_seconds(6) == pytest.approx(0.03985)
+    assert curve.verify_seconds(21) == pytest.approx(0.0541)  # past the end: the last slope
+    measured = {3: 0.0442, 4: 0.0456, 6: 0.0527, 8: 0.0587, 12: 0.059, 16: 0.0746}
+    policy = DraftPolicy(True, 0.8, None, curve, lengths=(1, 2, 3, 4, 6, 8, 12, 16), fit_line=True)
+    policy.record_step_time(1, 0, 0.037)
+    for k in [4, 4, 3, 8, 4, 8, 12, 4, 6, 8, 4, 12, 4, 8, 16, 4] * 6:
+        policy.record_step_time(1, k, measured[k])
+    cost = policy.step_cost_fn(1)
+    assert cost(4) == pytest.approx(0.0456, rel=0.01) and cost(8) == pytest.approx(0.0587, rel=0.01)
+    base, per_token = policy.lines[1].fit()
+    assert cost(1) == pytest.approx(curve.verify_seconds(2) + base + per_token)  # never measured
+    rate = {k: expected_tokens(0.757, k) / t for k, t in measured.items()}
+    assert rate[choose_k(0.757, cost, policy.lengths)] > 0.98 * max(rate.values())
 
 
 def test_engine_switches_speculation_off_when_it_does_not_pay(tiny_pair_dirs):

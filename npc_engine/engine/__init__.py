@@ -67,9 +67,12 @@ class Engine:
         self.attach_features()
         self.prefiller, self.stepper = Prefiller(self.fw, self.slots, max_prefill_tokens), Stepper(self.fw)
         self.pipeline = Pipeline(self.fw, self.stepper) if (graphed if pipeline is None else pipeline) else None
-        self.policy = DraftPolicy(drafter.drafts, drafter.prior_alpha, fixed_k,
-                                  calibrate(self.fw) if drafter.drafts else Calibration(), draft_lengths,
-                                  catches_up=drafter.cache is not None, fit_line=self.device.type == "cpu")
+        fit_line = self.device.type == "cpu"  # the policy's step costs: see npc_engine.engine.policy.LINE_DECAY
+        calibration = Calibration()
+        if drafter.drafts:
+            calibration = calibrate(self.fw, draft_lengths if fit_line and fixed_k is None else None)
+        self.policy = DraftPolicy(drafter.drafts, drafter.prior_alpha, fixed_k, calibration, draft_lengths,
+                                  catches_up=drafter.cache is not None, fit_line=fit_line)
         self.stop_ids = set(tokenizer.stop_ids) if tokenizer is not None else set()
         self.waiting: deque[Request] = deque()
         self.active: dict[str, Request] = {}

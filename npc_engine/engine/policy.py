@@ -2,7 +2,7 @@
 k tokens (calibrated at start, then the step times measured while serving), the K that maximises tokens per second,
 and probing, so speculation switched off can turn itself back on."""
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,23 +30,40 @@ EXPLORE_EVERY = STALE_STEPS = 16
 # copied drafts and with the positions a head re-feeds, and single measurements of the lengths beside the chosen one
 # had the policy choose by noise (head T on the float32 export: K = 4 measured 73 ms, K = 3 46 and K = 12 54; the
 # engine's K decoded at 1.56x plain decoding against 1.74x at a fixed K = 4: benchmarks/README.md, "Several layers'
-# features"). GPU steps replay captured graphs and keep the per-K table.
+# features"). GPU steps replay captured graphs and keep the per-K table. The line is fitted to what the target's
+# forward over the step's tokens leaves of a step's time (Calibration.verify_seconds): that forward is not linear in
+# its tokens (ONNX Runtime on this CPU, SmolLM2-135M: 32 ms for 1 token, 40-41 for 3-5, 47 for 7, 53 for 9, 57 for
+# 17), and a line through whole steps had the engine draft 6 or 8 (1.82x plain decoding) where K = 4 gave 1.94x
+# (benchmarks/README.md, "The head on ONNX Runtime"). A length's own step times, decayed the same way, outweigh the
+# line once it has more than PRIOR_STEPS of them: the line is only a prior where a length was not measured lately.
 LINE_DECAY = 0.98
+PRIOR_STEPS = 4.0
 
 
 @dataclass
 class StepLine:
-    """Exponentially weighted least squares of step seconds against K: the decayed sums of w, wk, wk², wt, wkt."""
+    """Exponentially weighted least squares of step seconds (less each step's `base`) against K: the decayed sums of
+    w, wk, wk², wt, wkt; and each K's own decayed weight and weighted seconds (`at`)."""
     w: float = 0.0
     wk: float = 0.0
     wkk: float = 0.0
     wt: float = 0.0
     wkt: float = 0.0
+    at: dict[int, list[float]] = field(default_factory=dict)
 
-    def add(self, k: int, seconds: float) -> None:
-        d = LINE_DECAY
+    def add(self, k: int, seconds: float, base: float = 0.0) -> None:
+        d, rest = LINE_DECAY, seconds - base
         self.w, self.wk, self.wkk = d * self.w + 1, d * self.wk + k, d * self.wkk + k * k
-        self.wt, self.wkt = d * self.wt + seconds, d * self.wkt + k * seconds
+        self.wt, self.wkt = d * self.wt + rest, d * self.wkt + k * rest
+        for sums in self.at.values():
+            sums[0], sums[1] = d * sums[0], d * sums[1]
+        sums = self.at.setdefault(k, [0.0, 0.0])
+        sums[0], sums[1] = sums[0] + 1, sums[1] + seconds
+
+    def cost(self, k: int, base: float, line: tuple[float, float]) -> float:
+        """A step of K: its own measured seconds, with the fitted line (plus base) counted as PRIOR_STEPS steps."""
+        w, seconds = self.at.get(k, (0.0, 0.0))
+        return (seconds + PRIOR_STEPS * (base + line[0] + line[1] * k)) / (w + PRIOR_STEPS)
 
     def fit(self) -> tuple[float, float] | None:
         """(seconds at K = 0 of the line, seconds per drafted token), or None before two lengths were measured."""
@@ -99,31 +116,47 @@ def choose_k(alpha: float, step_cost, lengths: tuple[int, ...] = DRAFT_LENGTHS) 
 
 @dataclass
 class Calibration:
-    """Seconds of one target decode forward; a draft step and each extra verified token relative to it."""
+    """Seconds of one target decode forward; a draft step and each extra verified token relative to it; with
+    `curve`, the target forward's seconds at several token counts (ascending)."""
     forward_seconds: float = 1.0
     draft_cost: float = 1.0
     verify_cost_per_token: float = 0.0
+    curve: tuple[tuple[int, float], ...] = ()
+
+    def verify_seconds(self, tokens: int) -> float:
+        """The target's forward over this many tokens, interpolated on the curve and extended by its last slope
+        past its end (0 without a curve)."""
+        if len(self.curve) < 2:
+            return self.curve[0][1] if self.curve else 0.0
+        i = next((i for i, (n, _) in enumerate(self.curve[1:-1], 1) if tokens <= n), len(self.curve) - 1)
+        (n0, t0), (n1, t1) = self.curve[i - 1], self.curve[i]
+        return max(0.0, t0 + (t1 - t0) * (tokens - n0) / (n1 - n0))
 
 
-def calibrate(fw) -> Calibration:
-    """Times one- and nine-token target forwards and a one-token draft forward on the scratch slot."""
+def calibrate(fw, lengths: tuple[int, ...] | None = None) -> Calibration:
+    """Times one- and nine-token target forwards and a one-token draft forward on the scratch slot; with lengths,
+    the target forward over each K + 1 tokens too (the curve)."""
     slots = torch.full((1,), fw.scratch_slot, device=fw.device)
     kv_len = fw.kv_len(64)
 
-    def time_target(n: int) -> float:
+    def time_target(n: int, repeats: int = 5) -> float:
         tok = torch.zeros(1, n, dtype=torch.long, device=fw.device)
         pos = torch.arange(n, device=fw.device)[None]
-        return timed(lambda: fw.forward(tok, pos, fw.cache, slots, kv_len), fw.device)
+        return timed(lambda: fw.forward(tok, pos, fw.cache, slots, kv_len), fw.device, repeats)
 
     t1, t9 = time_target(1), time_target(9)
     verify_cost_per_token = max(0.0, (t9 - t1) / 8 / t1)
+    curve: tuple[tuple[int, float], ...] = ()
+    for n in sorted({1, *(k + 1 for k in lengths)}) if lengths else ():
+        # more tokens never cost less: a measurement below the one before is this machine's noise
+        curve += ((n, max(time_target(n, 3), curve[-1][1] if curve else 0.0)),)
     if fw.drafter.host_drafts:
-        return Calibration(t1, 0.0, verify_cost_per_token)
+        return Calibration(t1, 0.0, verify_cost_per_token, curve)
     tok = torch.zeros(1, 1, dtype=torch.long, device=fw.device)
     # one-token forwards; a feature head's first draft of a step also re-feeds positions, which the measured step
     # times count once there are some
     t_draft = timed(lambda: fw.drafter.forward(tok, tok, fw.drafter.cache, slots, kv_len), fw.device)
-    return Calibration(t1, t_draft / t1, verify_cost_per_token)
+    return Calibration(t1, t_draft / t1, verify_cost_per_token, curve)
 
 
 def timed(fn, device: torch.device, repeats: int = 5) -> float:
@@ -145,6 +178,8 @@ def timed(fn, device: torch.device, repeats: int = 5) -> float:
 class DraftPolicy:
     """Draft lengths of the engine's requests, from `lengths` (a tree step's K is its depth, each depth a step
     shape). fixed_k: always that K (no adaptation)."""
+
+    request_decay = 0.9  # of a request's acceptance per drafted step
 
     def __init__(self, drafts: bool, prior_alpha: float, fixed_k: int | None, calibration: Calibration,
                  lengths: tuple[int, ...] = DRAFT_LENGTHS, catches_up: bool = False, fit_line: bool = False):
@@ -181,7 +216,7 @@ class DraftPolicy:
     def update(self, r, accepted: int, drafted: int, step_cost) -> None:
         """After a step: the acceptance rates, then r's next K (or, speculation off, a probe after r.probe_wait)."""
         if drafted:
-            r.acceptance.update(accepted, drafted, 0.9)
+            r.acceptance.update(accepted, drafted, self.request_decay)
             self.acceptance.update(accepted, drafted, 0.98)
         if self.fixed_k is not None or not self.drafts:
             return
@@ -216,7 +251,8 @@ class DraftPolicy:
         measured = {k: t for (b, k), t in self.step_seconds.items() if b == bucket}
         line = None if self.lines is None or bucket not in self.lines else self.lines[bucket].fit()
         if line is not None and 0 in measured:
-            return lambda k: measured[0] if k == 0 else max(1e-9, line[0] + line[1] * k)
+            lines = self.lines[bucket]
+            return lambda k: measured[0] if k == 0 else max(1e-9, lines.cost(k, self.verify_seconds(batch, k), line))
         per_token = c.forward_seconds * (c.draft_cost + c.verify_cost_per_token)
         if len(measured) >= 2:  # the measured slope also counts the host work of each draft step
             lo, hi = min(measured), max(measured)
@@ -232,6 +268,10 @@ class DraftPolicy:
 
         return cost
 
+    def verify_seconds(self, batch: int, k: int) -> float:
+        """The calibrated target forward over a step's tokens: batch rows of k + 1 (0 without a curve)."""
+        return self.calibration.verify_seconds(batch_bucket(batch) * (k + 1))
+
     def seed_step_times(self, seconds: dict[tuple[int, int], float]) -> None:
         """Drafted steps' costs before any is measured (replays of captured graphs: no host work); plain decoding is
         still measured first, and a step's first measurement replaces its seed."""
@@ -244,7 +284,7 @@ class DraftPolicy:
         """With a draft tree, a sampled step's chain of K and a greedy tree of depth K share the key."""
         key = (batch_bucket(batch), k)
         if self.lines is not None and k:
-            self.lines.setdefault(key[0], StepLine()).add(k, seconds)
+            self.lines.setdefault(key[0], StepLine()).add(k, seconds, self.verify_seconds(batch, k))
         self.steps += 1
         old = self.step_seconds.get(key)
         if key in self.seeded or self.steps - self.measured_at.get(key, self.steps) > STALE_STEPS:
