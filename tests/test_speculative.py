@@ -474,7 +474,7 @@ def test_policy_on_the_cpu_prices_lengths_by_the_target_curve_and_their_own_step
     """Step times as the float32 export with head T gave them (the target's forward jumps between 5 and 7 tokens, then
     flattens): a length measured lately costs what it measured, whatever the line through all lengths says; one not
     measured costs the calibrated forward over its tokens plus the line fitted to what that forward leaves of each
-    step; and the choice is as good as the best measured length."""
+    step; the choice is as good as the best measured length; and no length costs more than a longer one."""
     curve = Calibration(curve=((1, 0.0254), (5, 0.038), (7, 0.0417), (9, 0.0469), (13, 0.0469), (17, 0.0505)))
     assert curve.verify_seconds(1) == 0.0254 and curve.verify_seconds(6) == pytest.approx(0.03985)
     assert curve.verify_seconds(21) == pytest.approx(0.0541)  # past the end: the last slope
@@ -489,6 +489,10 @@ def test_policy_on_the_cpu_prices_lengths_by_the_target_curve_and_their_own_step
     assert cost(1) == pytest.approx(curve.verify_seconds(2) + base + per_token)  # never measured
     rate = {k: expected_tokens(0.757, k) / t for k, t in measured.items()}
     assert rate[choose_k(0.757, cost, policy.lengths)] > 0.98 * max(rate.values())
+    for _ in range(6):  # a slow stretch of K = 3 steps: it never costs more than K = 4 for it
+        policy.record_step_time(1, 3, 0.06)
+    cost = policy.step_cost_fn(1)
+    assert cost(3) == cost(4) < 0.06 and all(cost(a) <= cost(b) for a, b in zip(policy.lengths, policy.lengths[1:]))
 
 
 def test_engine_switches_speculation_off_when_it_does_not_pay(tiny_pair_dirs):

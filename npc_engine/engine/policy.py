@@ -252,7 +252,12 @@ class DraftPolicy:
         line = None if self.lines is None or bucket not in self.lines else self.lines[bucket].fit()
         if line is not None and 0 in measured:
             lines = self.lines[bucket]
-            return lambda k: measured[0] if k == 0 else max(1e-9, lines.cost(k, self.verify_seconds(batch, k), line))
+            costs = {k: max(1e-9, lines.cost(k, self.verify_seconds(batch, k), line)) for k in self.lengths}
+            # fewer drafts never cost more than more drafts: a few slow steps of one length must not make its shorter
+            # neighbour look dearer than the longer one
+            for shorter, longer in zip(self.lengths[-2::-1], self.lengths[:0:-1]):
+                costs[shorter] = min(costs[shorter], costs[longer])
+            return lambda k: measured[0] if k == 0 else costs[k]
         per_token = c.forward_seconds * (c.draft_cost + c.verify_cost_per_token)
         if len(measured) >= 2:  # the measured slope also counts the host work of each draft step
             lo, hi = min(measured), max(measured)
