@@ -8,7 +8,9 @@ drafter is built (a few seconds, nothing written to disk): two graphs sharing th
 stored features (several layers side by side, mixed inside), one the head's own predicted feature.
 
 `weights="int8"` stores the graph's matrices as ONNX Runtime's MatMulNBits (the export's quantizer): a quarter of the
-bytes a draft reads. Drafts only decide what the target verifies, so output is unchanged either way.
+bytes a draft reads. Drafts only decide what the target verifies, so output is unchanged either way. Head T, one draft
+on 2 threads: PyTorch 2.70 ms, this graph 1.64 ms with float32 weights, 0.83 with int8, which drafts as well (2.82
+tokens a step at K = 4 against 2.85; int4 weights lost acceptance: 2.63).
 """
 import io
 
