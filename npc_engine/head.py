@@ -32,7 +32,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -85,15 +84,12 @@ class FeatureHead(nn.Module):
         """The target's stored features [..., len(feature_layers) * dim] as the head's input feature [..., dim]."""
         if not self.feature_layers:
             return stored
-        # the layers' norms as one over [..., layers, dim]: a launch-bound GPU step pays for every kernel of four
+        # the layers' norms as one over [..., layers, dim] (a launch-bound GPU step pays for every kernel of four), in
+        # RMSNorm.reference's ops, which the head's ONNX graph (npc_engine.head_ort) exports too
         parts = stored.to(self.fuse.weight.dtype).unflatten(-1, (len(self.feature_layers), self.args.dim))
-        weight, eps = torch.stack([norm.weight for norm in self.layer_norms]), self.layer_norms[0].eps
-        if parts.dtype == torch.float32:
-            normed = F.rms_norm(parts, (self.args.dim,), None, eps) * weight
-        else:  # RMSNorm.reference's rounding: float32 inside, the weight after
-            h = parts.float()
-            normed = weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(parts.dtype)
-        return self.fuse(normed.flatten(-2))
+        weight, h = torch.stack([norm.weight for norm in self.layer_norms]), parts.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.layer_norms[0].eps)
+        return self.fuse((weight * h.to(parts.dtype)).flatten(-2))
 
     def draft_rows(self, target: Transformer) -> torch.Tensor:
         """Taken again when the output head changes (another tensor, or this one edited in place: folded norms)."""

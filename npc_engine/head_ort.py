@@ -49,8 +49,7 @@ class HeadGraph(nn.Module):
     def forward(self, embedded, features, seqlens_k, total_sequence_length, query_seqlens, past_key, past_value):
         head, layer = self.head, self.head.layer
         if self.stored:
-            parts = features.chunk(len(head.feature_layers), -1)
-            features = head.fuse(torch.cat([norm.reference(part) for norm, part in zip(head.layer_norms, parts)], -1))
+            features = head.target_features(features)
         if head.embed_norm is not None:
             embedded, features = head.embed_norm.reference(embedded), head.feature_norm.reference(features)
         x = head.fc(torch.cat([embedded, features], -1))

@@ -450,7 +450,6 @@ class Transformer(nn.Module):
         return {i: slice(n * dim, (n + 1) * dim)
                 for n, i in enumerate(self.feature_layers or (self.args.n_layers - 1,))}
 
-
     def store_features(self, x: torch.Tensor, columns: slice, slots: torch.Tensor, at: torch.Tensor) -> None:
         self.feature_store[slots[:, None], at, columns] = x.to(self.feature_store.dtype)
 
