@@ -38,6 +38,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	@# a venv made while transformers 5.25 was allowed holds the `kernels` distribution (pyproject.toml says why)
+	$(PY) -m pip uninstall -q -y kernels 2>/dev/null || true
 	touch $(STAMP)
 
 clean:
