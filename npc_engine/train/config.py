@@ -109,8 +109,8 @@ class TrainConfig:
         batch_size=4, block_size=512, lr=3e-3, max_steps=20_000, max_minutes=10, warmup_steps=20, log_every=10,
         ckpt_every=100))
     # at most this many draft ids; SmolLM2's replies and NPC lines use 10,676 distinct ids, all drafted then: 2.72
-    # tokens a step at K = 4 on the H200 against 2.57 over 8,192, the same on the CPU (benchmarks/README.md, "Every id
-    # the data uses, and a longer head")
+    # tokens a step at K = 4 on the H200 against 2.57 over 8,192, on the CPU 2.77 each, the steps no dearer
+    # (benchmarks/README.md, "Every id the data uses, and a longer head")
     draft_vocab: int = 16384
     head_replies: int = 1024
     head_reply_tokens: int = 48
